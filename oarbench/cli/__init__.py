@@ -1,0 +1,38 @@
+"""The ``oarbench`` command line: a click group of thin commands.
+
+Each command lives in its own module under :mod:`oarbench.cli` and is imported
+only when it is run (or when ``--help`` lists it), so ``oarbench evaluate``
+never pays for torch, nnU-Net or matplotlib.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from oarbench import __version__
+
+# command name -> "module:attribute" (module relative to oarbench.cli)
+_COMMANDS: dict[str, str] = {
+    "evaluate": "evaluate_cmd:evaluate",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = _COMMANDS.get(name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        module = importlib.import_module(f"oarbench.cli.{module_name}")
+        return getattr(module, attr)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="oarbench")
+def main() -> None:
+    """Benchmark CT organ-at-risk auto-contouring models (local vs federated)."""
