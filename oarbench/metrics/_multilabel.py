@@ -1,0 +1,256 @@
+"""All structures of a multi-label case in one pass.
+
+One ``find_objects`` pass over each label volume gives every structure's
+bounding box; per-structure work (overlap counts, surface distances) then runs
+only inside the union of the two boxes, which is exact: outside it both masks
+are empty.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+from scipy import ndimage
+
+from oarbench.labels import LabelMap
+from oarbench.metrics._overlap import dice_from_counts
+from oarbench.metrics._surface import (
+    SurfaceDistances,
+    assd,
+    check_spacing,
+    hausdorff,
+    msd,
+    surface_dice,
+    surface_distances_cropped,
+)
+
+__all__ = [
+    "StructureResult",
+    "evaluate_labels",
+    "STATUSES",
+    "RESULT_COLUMNS",
+    "resolve_backend",
+]
+
+#: Status of a structure in a case (docs/metrics.md, "Empty masks").
+STATUSES = ("ok", "missed", "hallucinated", "absent", "missing")
+
+#: Columns of a :class:`StructureResult` row, in table order.
+RESULT_COLUMNS = (
+    "label", "structure", "status", "dsc", "hd95", "hd", "msd", "assd", "sdsc",
+    "ref_ml", "pred_ml", "tp", "fp", "fn",
+)
+
+
+@dataclass(frozen=True)
+class StructureResult:
+    """Metrics of one structure in one case.
+
+    Distances in mm, volumes in mL, ``tp``/``fp``/``fn`` in voxels. ``sdsc`` is
+    the surface Dice at the tolerance passed to :func:`evaluate_labels`.
+    """
+
+    label: int
+    structure: str
+    status: str
+    dsc: float
+    hd95: float
+    hd: float
+    msd: float
+    assd: float
+    sdsc: float
+    ref_ml: float
+    pred_ml: float
+    tp: int
+    fp: int
+    fn: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SurfaceBackend = Callable[[np.ndarray, np.ndarray, tuple[float, ...]], SurfaceDistances]
+
+
+def _cuda_driver_present() -> bool:
+    # Cheap check before importing torch: no NVIDIA driver, no CUDA.
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+
+
+def resolve_backend(backend: str = "auto", device: str | None = None) -> tuple[str, str]:
+    """(backend, device) actually used.
+
+    ``auto`` picks ``torch`` on CUDA when torch sees a GPU, else ``numpy``;
+    ``numpy`` runs on the CPU; ``torch`` runs on ``device`` (default: CUDA when
+    available, else CPU).
+    """
+    if backend not in ("auto", "numpy", "torch"):
+        raise ValueError(f"backend must be 'auto', 'numpy' or 'torch', got {backend!r}")
+    if device not in (None, "auto", "cpu") and not str(device).startswith("cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if backend == "numpy":
+        if device not in (None, "auto", "cpu"):
+            raise ValueError(f"the numpy backend runs on the CPU only, not on {device!r}")
+        return "numpy", "cpu"
+    want_cuda = device not in (None, "auto", "cpu")
+    if backend == "auto" and device in (None, "auto") and not _cuda_driver_present():
+        return "numpy", "cpu"
+    if backend == "auto" and device == "cpu":
+        return "numpy", "cpu"
+    try:
+        import torch
+    except ImportError as exc:
+        if backend == "auto" and not want_cuda:
+            return "numpy", "cpu"
+        raise ValueError("the torch backend needs PyTorch: pip install 'oarbench[torch]'") from exc
+    has_cuda = torch.cuda.is_available()
+    if want_cuda and not has_cuda:
+        raise ValueError(f"device {device!r} requested but torch sees no CUDA GPU")
+    if backend == "auto":
+        return ("torch", "cuda") if has_cuda else ("numpy", "cpu")
+    if device in (None, "auto"):
+        return "torch", "cuda" if has_cuda else "cpu"
+    return "torch", str(device)
+
+
+def _surface_backend(backend: str, device: str) -> SurfaceBackend:
+    if backend == "numpy":
+        return surface_distances_cropped
+    from oarbench.metrics._torch import surface_distances_torch
+
+    def run(ref: np.ndarray, pred: np.ndarray, spacing: tuple[float, ...]) -> SurfaceDistances:
+        return surface_distances_torch(ref, pred, spacing, device=device)
+
+    return run
+
+
+def _as_label_array(arr: Any, name: str) -> np.ndarray:
+    if type(arr).__module__.startswith("torch"):
+        arr = arr.detach().cpu().numpy()
+    a = np.asarray(arr)
+    if a.dtype == np.bool_:
+        return a.view(np.uint8)
+    if a.dtype.kind == "f":
+        if not np.all(np.isfinite(a)) or np.any(a != np.round(a)):
+            raise ValueError(f"{name}: label values must be integers, found non-integer values")
+        if a.size and a.min() < 0:
+            raise ValueError(f"{name}: label values must be >= 0, found {a.min():g}")
+        return a.astype(np.int32 if a.max(initial=0) > 255 else np.uint8)
+    if a.dtype.kind not in "iu":
+        raise ValueError(f"{name}: label image must hold integers, got dtype {a.dtype}")
+    if a.dtype.kind == "i" and a.size and a.min() < 0:
+        raise ValueError(f"{name}: label values must be >= 0, found {a.min()}")
+    return a
+
+
+def _union(a: tuple[slice, ...] | None, b: tuple[slice, ...] | None) -> tuple[slice, ...] | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
+
+
+def _empty_result(label: int, name: str, status: str, ref_ml: float, pred_ml: float, fp: int, fn: int) -> StructureResult:
+    if status == "absent":
+        nan = math.nan
+        return StructureResult(label, name, status, nan, nan, nan, nan, nan, nan, 0.0, 0.0, 0, 0, 0)
+    inf = math.inf
+    return StructureResult(label, name, status, 0.0, inf, inf, inf, inf, 0.0, ref_ml, pred_ml, 0, fp, fn)
+
+
+def evaluate_labels(
+    reference: Any,
+    prediction: Any,
+    spacing: Any,
+    labels: LabelMap,
+    *,
+    tolerance_mm: float = 2.0,
+    backend: str = "auto",
+    device: str | None = None,
+) -> list[StructureResult]:
+    """Metrics of every structure of ``labels`` in one multi-label case.
+
+    Parameters
+    ----------
+    reference, prediction:
+        Integer label arrays of the same shape, axes (z, y, x) (2D: (y, x)),
+        0 = background. Values must be >= 0 and present in ``labels``.
+    spacing:
+        Voxel size in mm along the array axes.
+    labels:
+        Which value is which structure; one row per entry, in value order.
+    tolerance_mm:
+        Tolerance of the surface Dice (``sdsc``).
+    backend, device:
+        See :func:`resolve_backend`.
+
+    Returns
+    -------
+    list of StructureResult
+        One per structure, status per docs/metrics.md: ``ok``, ``missed``
+        (reference only), ``hallucinated`` (prediction only) or ``absent``
+        (neither).
+    """
+    ref = _as_label_array(reference, "reference")
+    pred = _as_label_array(prediction, "prediction")
+    if ref.shape != pred.shape:
+        raise ValueError(f"reference shape {ref.shape} differs from prediction shape {pred.shape}")
+    if ref.ndim not in (2, 3):
+        raise ValueError(f"label arrays must be 2D or 3D, got shape {ref.shape}")
+    sp = check_spacing(spacing, ref.ndim)
+    if tolerance_mm < 0:
+        raise ValueError(f"tolerance must be >= 0 mm, got {tolerance_mm}")
+    surface = _surface_backend(*resolve_backend(backend, device))
+
+    ref_boxes = ndimage.find_objects(ref)
+    pred_boxes = ndimage.find_objects(pred)
+    for name, boxes in (("reference", ref_boxes), ("prediction", pred_boxes)):
+        unknown = [v + 1 for v, box in enumerate(boxes) if box is not None and (v + 1) not in labels]
+        if unknown:
+            raise ValueError(
+                f"{name}: label values {unknown} are not in the label map (known: {labels.values})"
+            )
+
+    voxel_ml = float(np.prod(sp)) / 1000.0
+    results = []
+    for value, name in labels:
+        rbox = ref_boxes[value - 1] if value <= len(ref_boxes) else None
+        pbox = pred_boxes[value - 1] if value <= len(pred_boxes) else None
+        box = _union(rbox, pbox)
+        if box is None:
+            results.append(_empty_result(value, name, "absent", 0.0, 0.0, 0, 0))
+            continue
+        r = ref[box] == value
+        p = pred[box] == value
+        n_ref = int(np.count_nonzero(r))
+        n_pred = int(np.count_nonzero(p))
+        if n_pred == 0 or n_ref == 0:
+            status = "missed" if n_pred == 0 else "hallucinated"
+            results.append(_empty_result(value, name, status, n_ref * voxel_ml, n_pred * voxel_ml, n_pred, n_ref))
+            continue
+        tp = int(np.count_nonzero(r & p))
+        sd = surface(r, p, sp)
+        results.append(
+            StructureResult(
+                label=value,
+                structure=name,
+                status="ok",
+                dsc=dice_from_counts(tp, n_ref, n_pred),
+                hd95=hausdorff(sd, 95.0),
+                hd=hausdorff(sd, 100.0),
+                msd=msd(sd),
+                assd=assd(sd),
+                sdsc=surface_dice(sd, tolerance_mm),
+                ref_ml=n_ref * voxel_ml,
+                pred_ml=n_pred * voxel_ml,
+                tp=tp,
+                fp=n_pred - tp,
+                fn=n_ref - tp,
+            )
+        )
+    return results
