@@ -137,24 +137,35 @@ def neighbour_codes(mask: np.ndarray) -> np.ndarray:
     return codes
 
 
-def _surfels(mask: np.ndarray, table: np.ndarray, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (mm, corner grid) and areas of a mask's surface elements."""
+def _surfels(mask: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Corner-grid indices (n x ndim, int) and areas of a mask's surface elements."""
     codes = neighbour_codes(mask)
     full = len(table) - 1
     border = (codes != 0) & (codes != full)
     idx = np.nonzero(border)
-    points = np.stack(idx, axis=1).astype(np.float64) * spacing
-    return points, table[codes[idx]]
+    return np.stack(idx, axis=1), table[codes[idx]]
 
 
-def _nearest(points: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Euclidean distance from each point to the nearest target (inf if none)."""
+def _nearest(points: np.ndarray, targets: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Euclidean distance (mm) from each corner index to the nearest target (inf if none).
+
+    A KD-tree finds the nearest target; the distance is then recomputed from the
+    integer index difference as sqrt(sum((delta_k * spacing_k)^2)), summed over
+    the axes in order, which is bit for bit what scipy's exact EDT (and so the
+    reference library) computes.
+    """
     if len(points) == 0:
         return np.zeros(0, dtype=np.float64)
     if len(targets) == 0:
         return np.full(len(points), np.inf)
-    dist, _ = cKDTree(targets).query(points, k=1, workers=-1)
-    return dist
+    _, nearest = cKDTree(targets * spacing).query(points * spacing, k=1, workers=-1)
+    delta = (targets[nearest] - points).astype(np.float64)
+    delta *= spacing
+    np.multiply(delta, delta, out=delta)
+    total = delta[:, 0].copy()
+    for axis in range(1, delta.shape[1]):
+        total += delta[:, axis]
+    return np.sqrt(total)
 
 
 def _sorted(distances: np.ndarray, areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -173,10 +184,10 @@ def surface_distances_cropped(
         empty = np.zeros(0)
         return SurfaceDistances(empty, empty, empty, empty)
     sp = np.asarray(spacing, dtype=np.float64)
-    pts_ref, area_ref = _surfels(reference[box], table, sp)
-    pts_pred, area_pred = _surfels(prediction[box], table, sp)
-    d_rp = _nearest(pts_ref, pts_pred)
-    d_pr = _nearest(pts_pred, pts_ref)
+    pts_ref, area_ref = _surfels(reference[box], table)
+    pts_pred, area_pred = _surfels(prediction[box], table)
+    d_rp = _nearest(pts_ref, pts_pred, sp)
+    d_pr = _nearest(pts_pred, pts_ref, sp)
     return SurfaceDistances(*_sorted(d_rp, area_ref), *_sorted(d_pr, area_pred))
 
 
