@@ -1,0 +1,3 @@
+from oarbench.cli import main
+
+main()

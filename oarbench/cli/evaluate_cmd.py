@@ -1,0 +1,87 @@
+"""``oarbench evaluate``: score predictions against references, write the results table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from oarbench.cli._common import user_errors
+
+
+def print_summary(table, echo=click.echo) -> None:
+    """A readable per-structure summary: median DSC / HD95 / MSD and status counts."""
+    from oarbench.evaluate import summarise
+
+    summary = summarise(table)
+    if summary.empty:
+        echo("no rows")
+        return
+    cols = ["centre", "model", "condition", "structure", "n_ok", "n_missed", "n_hallucinated",
+            "dsc_median", "hd95_median", "msd_median"]
+    view = summary[[c for c in cols if c in summary.columns]].copy()
+    for c in ("centre", "model", "condition"):
+        if c in view and (view[c].fillna("") == view[c].iloc[0]).all():
+            view = view.drop(columns=c)
+    view = view.rename(columns={"dsc_median": "DSC", "hd95_median": "HD95 mm", "msd_median": "MSD mm",
+                                "n_ok": "ok", "n_missed": "missed", "n_hallucinated": "halluc."})
+    echo(view.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+@click.command()
+@click.argument("study", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--reference", type=click.Path(file_okay=False, path_type=Path), help="Folder of reference label maps (CASE.nii.gz).")
+@click.option("--prediction", type=click.Path(file_okay=False, path_type=Path), help="Folder of predicted label maps.")
+@click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="nnU-Net dataset.json or labels TOML (default: the 19-OAR map, docs/labels.md).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("oarbench-out"), show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Parallel processes (CPU backend).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA (torch backend) when a GPU is visible, else the numpy backend.")
+@click.option("--tolerance", type=float, default=None, help="Surface-DSC tolerance in mm [default: 2.0 or the study's].")
+@click.option("--resample-prediction", is_flag=True, help="Resample predictions on another grid onto the reference grid (nearest neighbour) instead of failing.")
+@click.option("--allow-missing", is_flag=True, help="Score reference cases without a prediction as status 'missing' instead of failing.")
+@click.option("--model", "models", multiple=True, help="With a study: only these models.")
+@click.option("--centre", "centres", multiple=True, help="With a study: only these centres.")
+@click.option("--force", is_flag=True, help="Recompute cached cases.")
+@click.option("--quiet", is_flag=True, help="No summary table.")
+@user_errors
+def evaluate(study, reference, prediction, labels_path, out, workers, device, tolerance,
+             resample_prediction, allow_missing, models, centres, force, quiet):
+    """Score predictions against references: metrics.csv, summary.csv, run.json.
+
+    Either a STUDY.toml (several centres x models, docs/study-toml.md) or
+    --reference DIR --prediction DIR.
+    """
+    from oarbench.evaluate import EvalOptions, evaluate_jobs, jobs_from_folders, jobs_from_study, write_outputs
+    from oarbench.labels import load_label_map
+
+    if study is not None:
+        if reference or prediction:
+            raise click.UsageError("give either STUDY.toml or --reference/--prediction, not both")
+        from oarbench.study import load_study
+
+        st = load_study(study)
+        labels = load_label_map(labels_path) if labels_path else st.labels
+        jobs = jobs_from_study(st, models=models, centres=centres)
+        tol = tolerance if tolerance is not None else st.tolerance_mm
+    else:
+        if not reference or not prediction:
+            raise click.UsageError("give STUDY.toml, or both --reference and --prediction")
+        labels = load_label_map(labels_path)
+        jobs = jobs_from_folders(reference, prediction)
+        tol = 2.0 if tolerance is None else tolerance
+    options = EvalOptions(labels=labels, tolerance_mm=tol, backend="auto",
+                          device=None if device == "auto" else device,
+                          resample_prediction=resample_prediction, allow_missing=allow_missing)
+    table, provenance = evaluate_jobs(jobs, options, out, workers=workers, force=force, progress=not quiet)
+    provenance["command"] = "evaluate"
+    paths = write_outputs(out, table, provenance)
+    for w in provenance["warnings"]:
+        click.echo(f"warning: {w}", err=True)
+    if not quiet:
+        print_summary(table)
+    click.echo(
+        f"{len(table)} rows ({provenance['cases_computed']} cases computed, "
+        f"{provenance['cases_from_cache']} from cache) -> {paths['metrics']}"
+    )

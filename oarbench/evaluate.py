@@ -1,0 +1,412 @@
+"""Score folders of predictions against reference label maps: the results table.
+
+One *job* is one reference folder against one prediction folder (one centre x
+model x condition). Each case's rows are cached under ``OUT/cache/`` as soon as
+they are computed, so an interrupted run resumes where it stopped; the final
+tables are written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from oarbench import __version__
+from oarbench.io import (
+    atomic_write_text,
+    check_same_grid,
+    find_cases,
+    read_volume,
+    resample_nearest,
+    same_grid,
+    sha256_file,
+)
+from oarbench.labels import LabelMap
+from oarbench.metrics import RESULT_COLUMNS, evaluate_labels, resolve_backend
+
+__all__ = [
+    "TABLE_COLUMNS",
+    "EvalOptions",
+    "Job",
+    "evaluate_case",
+    "evaluate_jobs",
+    "jobs_from_folders",
+    "jobs_from_study",
+    "summarise",
+    "write_outputs",
+]
+
+#: Columns of the tidy results table, in order.
+TABLE_COLUMNS = ("study", "centre", "model", "condition", "case") + RESULT_COLUMNS
+SUMMARY_METRICS = ("dsc", "hd95", "msd")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How cases are scored (everything that changes a number)."""
+
+    labels: LabelMap
+    tolerance_mm: float = 2.0
+    backend: str = "auto"
+    device: str | None = None
+    resample_prediction: bool = False
+    allow_missing: bool = False
+
+    def cache_key(self) -> str:
+        payload = json.dumps(
+            {
+                "labels": self.labels.labels,
+                "tolerance_mm": self.tolerance_mm,
+                "resample": self.resample_prediction,
+                "version": __version__,
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One reference folder scored against one prediction folder."""
+
+    reference: Path
+    prediction: Path
+    study: str = ""
+    centre: str = ""
+    model: str = ""
+    condition: str = "original"
+    cases: tuple[str, ...] = field(default=())
+
+    @property
+    def tag(self) -> str:
+        return "__".join(x or "-" for x in (self.study, self.centre, self.model, self.condition))
+
+
+def jobs_from_folders(reference: str | Path, prediction: str | Path, **columns: str) -> list[Job]:
+    return [Job(Path(reference), Path(prediction), **columns)]
+
+
+def jobs_from_study(study: Any, models: Iterable[str] | None = None, centres: Iterable[str] | None = None) -> list[Job]:
+    """One job per centre x model of a :class:`oarbench.study.Study`."""
+    wanted_models = set(models) if models else None
+    wanted_centres = set(centres) if centres else None
+    jobs = []
+    for centre in study.centres:
+        if wanted_centres and centre.name not in wanted_centres:
+            continue
+        for model in study.models:
+            if wanted_models and model.name not in wanted_models:
+                continue
+            jobs.append(
+                Job(
+                    reference=centre.reference,
+                    prediction=model.predictions_dir(centre.name),
+                    study=study.name,
+                    centre=centre.name,
+                    model=model.name,
+                )
+            )
+    if not jobs:
+        raise ValueError(f"{study.path}: no centre x model pairs selected")
+    return jobs
+
+
+def _missing_rows(labels: LabelMap) -> list[dict[str, Any]]:
+    nan = math.nan
+    return [
+        {
+            "label": value, "structure": name, "status": "missing",
+            "dsc": nan, "hd95": nan, "hd": nan, "msd": nan, "assd": nan, "sdsc": nan,
+            "ref_ml": nan, "pred_ml": nan, "tp": 0, "fp": 0, "fn": 0,
+        }
+        for value, name in labels
+    ]
+
+
+def evaluate_case(reference: Path, prediction: Path | None, options: EvalOptions) -> list[dict[str, Any]]:
+    """Rows (dicts of the metric columns) for one case; ``prediction=None`` means missing."""
+    if prediction is None:
+        return _missing_rows(options.labels)
+    ref = read_volume(reference)
+    pred = read_volume(prediction)
+    if not same_grid(ref, pred):
+        if options.resample_prediction and ref.array.ndim == pred.array.ndim:
+            pred = resample_nearest(pred, ref)
+        else:
+            check_same_grid(ref, pred, reference, prediction)
+    try:
+        results = evaluate_labels(
+            ref.array,
+            pred.array,
+            ref.spacing,
+            options.labels,
+            tolerance_mm=options.tolerance_mm,
+            backend=options.backend,
+            device=options.device,
+        )
+    except ValueError as exc:
+        msg = str(exc)
+        if msg.startswith("reference"):
+            raise ValueError(f"{reference}: {msg.split(': ', 1)[-1]}") from None
+        if msg.startswith("prediction"):
+            raise ValueError(f"{prediction}: {msg.split(': ', 1)[-1]}") from None
+        raise ValueError(f"{reference} vs {prediction}: {msg}") from None
+    return [r.as_dict() for r in results]
+
+
+def _file_stamp(path: Path | None) -> list[Any] | None:
+    if path is None:
+        return None
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+class _CaseCache:
+    """Per-case JSON files under ``OUT/cache/<options key>/<job tag>/CASE.json``."""
+
+    def __init__(self, out_dir: Path, options: EvalOptions, job: Job) -> None:
+        self.folder = out_dir / "cache" / options.cache_key() / job.tag
+
+    def _path(self, case: str) -> Path:
+        return self.folder / f"{case}.json"
+
+    def load(self, case: str, ref: Path, pred: Path | None) -> list[dict[str, Any]] | None:
+        path = self._path(case)
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if data.get("inputs") != [_file_stamp(ref), _file_stamp(pred)]:
+            return None
+        return data["rows"]
+
+    def store(self, case: str, ref: Path, pred: Path | None, rows: list[dict[str, Any]]) -> None:
+        payload = {"inputs": [_file_stamp(ref), _file_stamp(pred)], "rows": rows}
+        atomic_write_text(self._path(case), json.dumps(payload, allow_nan=True))
+
+
+def _pair_cases(job: Job, options: EvalOptions) -> tuple[list[tuple[str, Path, Path | None]], list[str]]:
+    refs = find_cases(job.reference)
+    if not job.prediction.is_dir():
+        if options.allow_missing:
+            preds: dict[str, Path] = {}
+        else:
+            raise ValueError(f"{job.prediction}: prediction folder not found")
+    else:
+        try:
+            preds = find_cases(job.prediction)
+        except ValueError:
+            if not options.allow_missing:
+                raise
+            preds = {}
+    if job.cases:
+        unknown = sorted(set(job.cases) - set(refs))
+        if unknown:
+            raise ValueError(f"{job.reference}: no reference for cases {unknown}")
+        refs = {c: refs[c] for c in job.cases}
+    missing = sorted(set(refs) - set(preds))
+    if missing and not options.allow_missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(
+            f"{job.prediction}: no prediction for {len(missing)} reference case(s): {shown} "
+            "(use --allow-missing to score them as status 'missing')"
+        )
+    extra = sorted(set(preds) - set(refs))
+    pairs = [(case, refs[case], preds.get(case)) for case in sorted(refs)]
+    return pairs, extra
+
+
+def _work(args: tuple[str, Path, Path | None, EvalOptions]) -> tuple[str, list[dict[str, Any]]]:
+    case, ref, pred, options = args
+    return case, evaluate_case(ref, pred, options)
+
+
+def evaluate_jobs(
+    jobs: list[Job],
+    options: EvalOptions,
+    out_dir: str | Path,
+    *,
+    workers: int = 1,
+    force: bool = False,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Score every case of every job; returns (results table, provenance).
+
+    Raises ValueError naming the file(s) on the first bad input; cases already
+    scored stay cached, so a corrected re-run resumes.
+    """
+    out_dir = Path(out_dir)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    # Backends that hold a GPU stay in this process.
+    backend, device = resolve_backend(options.backend, options.device)
+    options = replace(options, backend=backend, device=device)
+    if backend == "torch":
+        workers = 1
+
+    planned: list[tuple[Job, list[tuple[str, Path, Path | None]]]] = []
+    warnings: list[str] = []
+    for job in jobs:
+        pairs, extra = _pair_cases(job, options)
+        if extra:
+            warnings.append(f"{job.prediction}: {len(extra)} prediction(s) without a reference ignored: {', '.join(extra[:5])}")
+        planned.append((job, pairs))
+
+    rows: list[dict[str, Any]] = []
+    todo: list[tuple[Job, str, Path, Path | None]] = []
+    done: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    caches = {job.tag: _CaseCache(out_dir, options, job) for job, _ in planned}
+    for job, pairs in planned:
+        cache = caches[job.tag]
+        for case, ref, pred in pairs:
+            cached = None if force else cache.load(case, ref, pred)
+            if cached is None:
+                todo.append((job, case, ref, pred))
+            else:
+                done[(job.tag, case)] = cached
+
+    bar = _progress(len(todo), progress)
+    start = time.perf_counter()
+    try:
+        if workers == 1 or len(todo) <= 1:
+            for job, case, ref, pred in todo:
+                _, case_rows = _work((case, ref, pred, options))
+                caches[job.tag].store(case, ref, pred, case_rows)
+                done[(job.tag, case)] = case_rows
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = {pool.submit(_work, (case, ref, pred, options)): (job, case, ref, pred) for job, case, ref, pred in todo}
+                try:
+                    for fut in as_completed(futures):
+                        job, case, ref, pred = futures[fut]
+                        _, case_rows = fut.result()
+                        caches[job.tag].store(case, ref, pred, case_rows)
+                        done[(job.tag, case)] = case_rows
+                        bar.update(1)
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - start
+
+    inputs: dict[str, str] = {}
+    for job, pairs in planned:
+        for case, ref, pred in pairs:
+            for row in done[(job.tag, case)]:
+                rows.append({"study": job.study, "centre": job.centre, "model": job.model,
+                             "condition": job.condition, "case": case, **row})
+            inputs[str(ref)] = sha256_file(ref)
+            if pred is not None:
+                inputs[str(pred)] = sha256_file(pred)
+
+    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    provenance = {
+        "oarbench": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "options": {
+            "tolerance_mm": options.tolerance_mm,
+            "backend": options.backend,
+            "device": options.device,
+            "workers": workers,
+            "resample_prediction": options.resample_prediction,
+            "allow_missing": options.allow_missing,
+            "labels": {str(k): v for k, v in options.labels.labels.items()},
+        },
+        "jobs": [
+            {"study": j.study, "centre": j.centre, "model": j.model, "condition": j.condition,
+             "reference": str(j.reference), "prediction": str(j.prediction), "cases": len(p)}
+            for j, p in planned
+        ],
+        "cases_computed": len(todo),
+        "cases_from_cache": sum(len(p) for _, p in planned) - len(todo),
+        "seconds_computing": round(elapsed, 3),
+        "warnings": warnings,
+        "input_sha256": inputs,
+    }
+    return table, provenance
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled or total < 2:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return _NoBar()
+    return tqdm(total=total, unit="case", file=sys.stderr, leave=False, disable=not sys.stderr.isatty())
+
+
+def summarise(table: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS) -> pd.DataFrame:
+    """Per study x centre x model x condition x structure: status counts and
+    median, IQR and mean of each metric.
+
+    The statistics use the rows with status ok, missed and hallucinated (a
+    missed structure has DSC 0 and infinite distances, so it pulls the median
+    the way it should); absent and missing rows are counted, not used.
+    """
+    keys = ["study", "centre", "model", "condition", "structure"]
+    out = []
+    for key, group in table.groupby(keys, sort=False, dropna=False):
+        row: dict[str, Any] = dict(zip(keys, key))
+        counts = group["status"].value_counts()
+        row["n"] = len(group)
+        for status in ("ok", "missed", "hallucinated", "absent", "missing"):
+            row[f"n_{status}"] = int(counts.get(status, 0))
+        used = group[group["status"].isin(["ok", "missed", "hallucinated"])]
+        for metric in metrics:
+            values = used[metric].to_numpy(dtype=float)
+            if len(values) == 0:
+                q1 = med = q3 = mean = math.nan
+            else:
+                # Interpolating between two infinite order statistics gives NaN; the
+                # quantile is then infinite (NaN rows never reach here).
+                with np.errstate(invalid="ignore"):
+                    qs = np.quantile(values, [0.25, 0.5, 0.75], method="linear")
+                q1, med, q3 = (math.inf if math.isnan(q) else float(q) for q in qs)
+                mean = float(np.mean(values))
+            row[f"{metric}_median"] = med
+            row[f"{metric}_q1"] = q1
+            row[f"{metric}_q3"] = q3
+            row[f"{metric}_mean"] = mean
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def write_outputs(out_dir: str | Path, table: pd.DataFrame, provenance: dict[str, Any]) -> dict[str, Path]:
+    """Write metrics.csv, summary.csv and run.json atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarise(table)
+    paths = {
+        "metrics": atomic_write_text(out_dir / "metrics.csv", table.to_csv(index=False, float_format="%.10g")),
+        "summary": atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False, float_format="%.6g")),
+        "run": atomic_write_text(out_dir / "run.json", json.dumps(provenance, indent=2, default=str)),
+    }
+    return paths

@@ -1,0 +1,127 @@
+"""Study files: which centres, where their data lie, which models to score (docs/study-toml.md)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from oarbench.labels import DEFAULT_LABELS, LabelMap, load_label_map
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["Centre", "Model", "Study", "load_study"]
+
+
+@dataclass(frozen=True)
+class Centre:
+    name: str
+    images: Path | None
+    reference: Path
+    metadata: Path | None = None
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    predictions: str
+    trained_on: tuple[str, ...] = ()
+    root: Path = Path(".")
+
+    def predictions_dir(self, centre: str) -> Path:
+        """The folder holding this model's predictions for ``centre``."""
+        return _resolve(self.root, self.predictions.format(model=self.name, centre=centre))
+
+
+@dataclass(frozen=True)
+class Study:
+    """A parsed study file; ``raw`` keeps every section for the parts that need them."""
+
+    name: str
+    path: Path
+    labels: LabelMap
+    tolerance_mm: float
+    centres: tuple[Centre, ...]
+    models: tuple[Model, ...]
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    def centre(self, name: str) -> Centre:
+        for c in self.centres:
+            if c.name == name:
+                return c
+        raise ValueError(f"{self.path}: no centre named {name!r} (have {[c.name for c in self.centres]})")
+
+    def model(self, name: str) -> Model:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise ValueError(f"{self.path}: no model named {name!r} (have {[m.name for m in self.models]})")
+
+
+def _resolve(root: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else root / p
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and check a study TOML. Paths are relative to the file's folder."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: study file not found") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read study file: {exc}") from exc
+    root = path.parent
+    meta = data.get("study", {})
+    labels_spec = meta.get("labels", "default")
+    labels = DEFAULT_LABELS if labels_spec == "default" else load_label_map(_resolve(root, labels_spec))
+    structures = meta.get("structures") or []
+    if structures:
+        try:
+            labels = labels.subset(list(structures))
+        except KeyError as exc:
+            raise ValueError(f"{path}: [study] structures: {exc.args[0]}") from None
+    centres = []
+    for i, c in enumerate(data.get("centres", [])):
+        if "name" not in c or "reference" not in c:
+            raise ValueError(f"{path}: [[centres]] entry {i + 1} needs 'name' and 'reference'")
+        centres.append(
+            Centre(
+                name=str(c["name"]),
+                images=_resolve(root, c["images"]) if c.get("images") else None,
+                reference=_resolve(root, c["reference"]),
+                metadata=_resolve(root, c["metadata"]) if c.get("metadata") else None,
+            )
+        )
+    if not centres:
+        raise ValueError(f"{path}: no [[centres]] given")
+    models = []
+    for i, m in enumerate(data.get("models", [])):
+        if "name" not in m or "predictions" not in m:
+            raise ValueError(f"{path}: [[models]] entry {i + 1} needs 'name' and 'predictions'")
+        models.append(
+            Model(
+                name=str(m["name"]),
+                predictions=str(m["predictions"]),
+                trained_on=tuple(m.get("trained_on", ())),
+                root=root,
+            )
+        )
+    return Study(
+        name=str(meta.get("name", path.stem)),
+        path=path,
+        labels=labels,
+        tolerance_mm=float(meta.get("tolerance_mm", 2.0)),
+        centres=tuple(centres),
+        models=tuple(models),
+        raw=data,
+    )
