@@ -1,0 +1,104 @@
+"""``oarbench stats``: paired and cross-centre statistics of a results table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from oarbench.cli._common import user_errors
+
+
+def _parse_margins(values: tuple[str, ...]) -> dict[str, float]:
+    margins: dict[str, float] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{item!r}: expected METRIC=VALUE, e.g. dsc=0.01", param_hint="--margin")
+        try:
+            margins[name.strip().lower()] = float(value)
+        except ValueError as exc:
+            raise click.BadParameter(f"{item!r}: {value!r} is not a number", param_hint="--margin") from exc
+    return margins
+
+
+def _print_table(df) -> None:  # noqa: ANN001 - pandas DataFrame
+    """One table per comparison family; rich when installed, plain text otherwise."""
+    from oarbench.stats import format_table, summary_frame
+
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # rich is optional: plain text works everywhere
+        click.echo(format_table(df))
+        return
+    view = summary_frame(df)
+    if view.empty:
+        click.echo("(no comparisons)")
+        return
+    if not (view["non-inferiority"] != "").any():
+        view = view.drop(columns="non-inferiority")
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze into 80 columns
+        console = Console(width=220)
+    for title, block in view.groupby("family", sort=False):
+        table = Table(title=title, title_justify="left", header_style="bold")
+        cols = [c for c in block.columns if c != "family"]
+        for col in cols:
+            table.add_column(col)
+        for _, row in block.iterrows():
+            style = "bold" if str(row["verdict"]).startswith("significant") else None
+            table.add_row(*(str(row[c]) for c in cols), style=style)
+        console.print(table)
+
+
+@click.command("stats")
+@click.argument("results", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for stats.csv (created if needed).")
+@click.option("--metrics", default="dsc,hd95,msd", show_default=True,
+              help="Comma-separated metric columns (dsc, sdsc, hd95, hd, msd, assd).")
+@click.option("--correction", type=click.Choice(["holm", "fdr_bh", "bonferroni"]), default="holm",
+              show_default=True, help="multipletests method, applied within each comparison family.")
+@click.option("--zero-method", type=click.Choice(["pratt", "wilcox", "zsplit"]), default="pratt",
+              show_default=True, help="How the signed-rank test treats zero differences.")
+@click.option("--margin", "margins", multiple=True, metavar="METRIC=VALUE",
+              help="Non-inferiority margin in the metric's unit, e.g. dsc=0.01 or hd95=1.0 (mm). Repeatable.")
+@click.option("--pair", "pairs", multiple=True, metavar="A:B",
+              help="Model pair to compare, e.g. fl:local-A (A is tested for non-inferiority to B). "
+                   "Repeatable; default all pairs.")
+@click.option("--alpha", type=float, default=0.05, show_default=True, help="Significance level (adjusted p).")
+@click.option("--condition", default="original", show_default=True,
+              help="Condition rows to analyse; 'all' analyses each condition separately.")
+@click.option("--table/--no-table", "show_table", default=True, show_default=True,
+              help="Print the readable table on the terminal.")
+@user_errors
+def stats(results: Path, out_dir: Path, metrics: str, correction: str, zero_method: str,
+          margins: tuple[str, ...], pairs: tuple[str, ...], alpha: float, condition: str,
+          show_table: bool) -> None:
+    """Wilcoxon signed-rank (paired) and Mann-Whitney U (cross-centre) tests on RESULTS.csv.
+
+    Writes OUT/stats.csv; see docs/statistics.md for the conventions.
+    """
+    from oarbench.stats import read_results, run_stats, write_stats
+
+    metric_list = [m.strip().lower() for m in metrics.split(",") if m.strip()]
+    table = read_results(results)
+    df = run_stats(
+        table,
+        pairs=list(pairs) or None,
+        metrics=metric_list,
+        zero_method=zero_method,
+        correction=correction,
+        alpha=alpha,
+        margins=_parse_margins(margins),
+        condition=None if condition == "all" else condition,
+        source=str(results),
+    )
+    path = write_stats(df, out_dir / "stats.csv")
+    if show_table:
+        _print_table(df)
+    n_sig = int(df["verdict"].astype(str).str.startswith("significant").sum()) if not df.empty else 0
+    tested = int(df["p"].notna().sum()) if not df.empty else 0
+    click.echo(f"{len(df)} comparisons, {tested} tested, {n_sig} significant at adjusted p < {alpha:g} "
+               f"({correction}); wrote {path}")
