@@ -14,7 +14,7 @@ def user_errors(func: F) -> F:
     """Turn the library's ``ValueError``/``FileNotFoundError`` into a clean CLI error.
 
     The message (which names the file and the problem) goes to stderr and the
-    exit code is 2, click's usage-error code; tracebacks are kept for bugs.
+    exit code is 1 (click's ClickException); tracebacks are kept for bugs.
     """
 
     @functools.wraps(func)
