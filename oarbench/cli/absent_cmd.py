@@ -1,0 +1,91 @@
+"""``oarbench absent``: false-positive kidneys after nephrectomy (docs/absent.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from oarbench.cli._common import user_errors
+
+
+def _parse_thresholds(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise click.BadParameter(f"thresholds must be comma-separated numbers (mL), got {text!r}") from None
+
+
+@click.command()
+@click.argument("study", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--metadata", type=click.Path(dir_okay=False, path_type=Path), help="CSV with columns case, nephrectomy (none/left/right).")
+@click.option("--predictions", "predictions", multiple=True,
+              help="MODEL=DIR of predicted label maps (repeat per model); a bare DIR is model 'model'.")
+@click.option("--reference", type=click.Path(file_okay=False, path_type=Path),
+              help="Reference label maps, to warn about empty kidneys the metadata does not explain.")
+@click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path), help="dataset.json or labels TOML.")
+@click.option("--thresholds", help="Comma-separated FP volume thresholds in mL [default: 0,0.5,1,5 or the study's].")
+@click.option("--model", "models", multiple=True, help="With a study: only these models.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("oarbench-out"), show_default=True)
+@user_errors
+def absent(study, metadata, predictions, reference, labels_path, thresholds, models, out):
+    """False-positive kidneys on the removed side: absent.csv, absent_summary.csv, absent_pairs.csv, absent_cases.csv.
+
+    Either STUDY.toml (each centre's metadata, reference and every model's
+    predictions) or --metadata CSV --predictions MODEL=DIR [...].
+    """
+    from oarbench.absent import DEFAULT_THRESHOLDS_ML, analyse_absent, concat_results, read_nephrectomy, write_absent
+    from oarbench.io import find_cases
+    from oarbench.labels import load_label_map
+
+    thr = _parse_thresholds(thresholds)
+    results = []
+    if study is not None:
+        if metadata or predictions:
+            raise click.UsageError("give either STUDY.toml or --metadata/--predictions, not both")
+        from oarbench.study import load_study
+
+        st = load_study(study)
+        section = st.raw.get("absent", {}) or {}
+        if thr is None:
+            thr = tuple(float(t) for t in section.get("thresholds_ml", DEFAULT_THRESHOLDS_ML))
+        labels = load_label_map(labels_path) if labels_path else st.labels
+        for c in st.centres:
+            if c.metadata is None:
+                click.echo(f"centre {c.name}: no metadata file in the study, skipped (nephrectomy side unknown)", err=True)
+                continue
+            neph = read_nephrectomy(c.metadata, centre=c.name)
+            preds = {}
+            for m in st.models:
+                if models and m.name not in models:
+                    continue
+                folder = m.predictions_dir(c.name)
+                preds[m.name] = find_cases(folder) if folder.is_dir() else {}
+            refs = find_cases(c.reference) if c.reference.is_dir() else None
+            results.append(analyse_absent(neph, preds, references=refs, labels=labels, thresholds_ml=thr,
+                                          study=st.name, centre=c.name))
+    else:
+        if not metadata or not predictions:
+            raise click.UsageError("give STUDY.toml, or --metadata and --predictions")
+        labels = load_label_map(labels_path)
+        thr = thr or DEFAULT_THRESHOLDS_ML
+        preds = {}
+        for item in predictions:
+            name, sep, folder = item.rpartition("=")
+            name = name if sep else "model"
+            if name in preds:
+                raise click.UsageError(f"model {name!r} given twice in --predictions")
+            preds[name] = find_cases(Path(folder))
+        refs = find_cases(reference) if reference else None
+        results.append(analyse_absent(read_nephrectomy(metadata), preds, references=refs, labels=labels, thresholds_ml=thr))
+    if not results:
+        raise click.UsageError("nothing to analyse: no centre has a metadata file")
+    result = concat_results(results, thr)
+    paths = write_absent(result, out)
+    for w in result.warnings.itertuples():
+        click.echo(f"warning: {w.centre + '/' if w.centre else ''}{w.case}: {w.message}", err=True)
+    click.echo(f"{len(result.cases)} case x model rows, {len(result.fp_cases)} with a false-positive kidney")
+    for p in paths.values():
+        click.echo(f"wrote {p}")

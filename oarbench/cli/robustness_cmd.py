@@ -1,0 +1,118 @@
+"""``oarbench robustness``: run a model on perturbed images, map back, score (docs/robustness.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from oarbench.cli._common import user_errors
+
+
+def _resolve_spec(spec: str, root: Path) -> str:
+    """Make the folder of an ``nnunet:`` spec from a study file relative to the study's folder."""
+    if spec.startswith("nnunet:"):
+        rest = spec[len("nnunet:"):]
+        if not Path(rest).is_absolute():
+            return "nnunet:" + str(root / rest)
+    return spec
+
+
+@click.command()
+@click.option("--rotate", is_flag=True, help="Run the default orientation set (docs/robustness.md) unless --conditions is given.")
+@click.option("--conditions", help="Comma-separated conditions, e.g. flip_lr,prone,rot_z+10,reorient_RAS.")
+@click.option("--images", type=click.Path(file_okay=False, path_type=Path), help="Folder of CT images (CASE_0000.nii.gz).")
+@click.option("--reference", type=click.Path(file_okay=False, path_type=Path), help="Folder of reference label maps (CASE.nii.gz).")
+@click.option("--predictor", "predictor_spec", help="'nnunet:/path/to/model_folder[:fold]' or 'command:TOOL ... {input} ... {output}'.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="nnU-Net dataset.json or labels TOML (default: the 19-OAR map).")
+@click.option("--study", type=click.Path(dir_okay=False, path_type=Path), help="Study TOML (docs/study-toml.md).")
+@click.option("--model", "model_name", help="With --study: the model to test (its predictor from [robustness.predictors]).")
+@click.option("--centre", "centres", multiple=True, help="With --study: only these centres.")
+@click.option("--device", default="cpu", show_default=True, help="nnU-Net device: cpu, cuda or cuda:N.")
+@click.option("--mirroring/--no-mirroring", default=True, show_default=True, help="nnU-Net test-time mirroring.")
+@click.option("--tolerance", type=float, default=None, help="Surface-DSC tolerance in mm [default: 2.0 or the study's].")
+@click.option("--keep-work", is_flag=True, help="Keep perturbed images and raw predictions under OUT/work.")
+@user_errors
+def robustness(rotate, conditions, images, reference, predictor_spec, out, labels_path, study, model_name, centres,
+               device, mirroring, tolerance, keep_work):
+    """Robustness to orientation: robustness.csv, noise_floor.csv, robustness_summary.csv.
+
+    Either --images DIR --reference DIR --predictor SPEC, or --study STUDY.toml
+    --model NAME (every centre with images).
+    """
+    import pandas as pd
+
+    from oarbench.labels import load_label_map
+    from oarbench.robustness import (
+        DEFAULT_ROTATE_CONDITIONS,
+        RobustnessResult,
+        parse_conditions,
+        parse_predictor,
+        run_robustness,
+        summarise,
+        write_robustness,
+    )
+
+    section: dict = {}
+    if study is not None:
+        if images or reference:
+            raise click.UsageError("give either --study or --images/--reference, not both")
+        if not model_name:
+            raise click.UsageError("--study needs --model NAME")
+        from oarbench.study import load_study
+
+        st = load_study(study)
+        st.model(model_name)  # raises when unknown
+        section = st.raw.get("robustness", {}) or {}
+        if not predictor_spec:
+            spec = (section.get("predictors") or {}).get(model_name)
+            if not spec:
+                raise click.UsageError(f"{study}: no [robustness.predictors] entry for {model_name!r}; give --predictor")
+            predictor_spec = _resolve_spec(str(spec), st.root)
+        labels = load_label_map(labels_path) if labels_path else st.labels
+        tol = tolerance if tolerance is not None else st.tolerance_mm
+        jobs = []
+        for c in st.centres:
+            if centres and c.name not in centres:
+                continue
+            if c.images is None:
+                click.echo(f"centre {c.name}: no images in the study file, skipped", err=True)
+                continue
+            jobs.append((c.name, c.images, c.reference))
+        if not jobs:
+            raise click.UsageError(f"{study}: no centre with images to run")
+        study_name = st.name
+    else:
+        if not (images and reference and predictor_spec):
+            raise click.UsageError("give --images, --reference and --predictor (or --study and --model)")
+        labels = load_label_map(labels_path)
+        tol = 2.0 if tolerance is None else tolerance
+        jobs = [("", images, reference)]
+        study_name = ""
+
+    if conditions:
+        names = [n.strip() for n in conditions.split(",") if n.strip()]
+    elif section.get("conditions"):
+        names = [str(n) for n in section["conditions"]]
+    elif rotate:
+        names = list(DEFAULT_ROTATE_CONDITIONS)
+    else:
+        raise click.UsageError("give --rotate (the default set) or --conditions")
+    perts = parse_conditions(names)
+    predictor = parse_predictor(predictor_spec, device=device, use_mirroring=mirroring)
+
+    results = []
+    for centre, img_dir, ref_dir in jobs:
+        results.append(run_robustness(img_dir, ref_dir, predictor, perts, labels, out if keep_work else None,
+                                      tolerance_mm=tol, study=study_name, centre=centre,
+                                      model=model_name or "", keep_work=keep_work))
+    table = pd.concat([r.table for r in results], ignore_index=True)
+    floor = pd.concat([r.noise_floor for r in results], ignore_index=True)
+    result = RobustnessResult(table, floor, summarise(table, floor))
+    paths = write_robustness(result, out)
+    n_swaps = int(result.summary["n_laterality_swaps"].sum()) if len(result.summary) else 0
+    click.echo(f"{len(table)} rows, {table['condition'].nunique()} conditions, {n_swaps} laterality-swap rows")
+    for p in paths.values():
+        click.echo(f"wrote {p}")

@@ -1,0 +1,341 @@
+"""Predictors: image files in, label files out.
+
+A :class:`Predictor` turns CT images (nnU-Net naming, ``CASE_0000.nii.gz``)
+into label maps (``CASE.nii.gz``) on each input's grid. Two are provided:
+
+* :class:`NnUNetModelPredictor`, an nnU-Net v2 trained-model folder run in
+  process through ``nnUNetPredictor`` (CPU or CUDA, test-time mirroring on or
+  off). The network is built from the plans with
+  ``get_network_from_plans`` and handed over with ``manual_initialization``:
+  nnU-Net's own ``initialize_from_trained_model_folder`` looks the trainer up by
+  name, which imports every trainer module (and torchvision with it).
+* :class:`CommandPredictor`, any external tool from a command template
+  (``my_tool --in {input} --out {output}``), run without a shell.
+
+:func:`parse_predictor` reads the ``--predictor`` strings
+``nnunet:/path/to/model_folder[:fold]`` and ``command:TEMPLATE``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from oarbench.io import case_id, find_cases
+
+__all__ = [
+    "Predictor",
+    "PredictorError",
+    "CommandPredictor",
+    "NnUNetModelPredictor",
+    "parse_predictor",
+    "stage_inputs",
+]
+
+
+class PredictorError(ValueError):
+    """A predictor failed (non-zero exit, missing outputs). The message says why."""
+
+
+@runtime_checkable
+class Predictor(Protocol):
+    """Image files in, label files out."""
+
+    def predict(self, image_paths: list[Path], out_dir: Path) -> dict[str, Path]:
+        """Predict every image; return case id -> label file in ``out_dir``.
+
+        ``image_paths`` are named ``CASE_0000.<ext>``; each label file must be on
+        its image's grid (size, spacing, origin, direction).
+        """
+        ...
+
+
+def _image_case(path: Path) -> str:
+    cid = case_id(path, channel=True)
+    if cid is None:
+        raise ValueError(f"{path}: not an image file name")
+    return cid
+
+
+def stage_inputs(image_paths: list[Path], folder: Path) -> Path:
+    """A folder holding exactly ``image_paths`` as ``CASE_0000.nii.gz``.
+
+    When the images already are the only images of one folder with that naming,
+    that folder is returned; otherwise they are linked (or copied) into ``folder``.
+    """
+    paths = [Path(p) for p in image_paths]
+    if not paths:
+        raise ValueError("no images to predict")
+    cases = [_image_case(p) for p in paths]
+    if len(set(cases)) != len(cases):
+        raise ValueError(f"two images for the same case among {[str(p) for p in paths]}")
+    parents = {p.parent.resolve() for p in paths}
+    if len(parents) == 1 and all(p.name == f"{c}_0000.nii.gz" for p, c in zip(paths, cases)):
+        parent = parents.pop()
+        if set(find_cases(parent, images=True)) == set(cases):
+            return parent
+    folder.mkdir(parents=True, exist_ok=True)
+    for p, c in zip(paths, cases):
+        target = folder / f"{c}_0000.nii.gz"
+        if p.name.endswith(".nii.gz"):
+            try:
+                os.symlink(p.resolve(), target)
+            except OSError:
+                shutil.copyfile(p, target)
+        else:
+            from oarbench.io import read_volume, write_volume
+
+            write_volume(read_volume(p), target)
+    return folder
+
+
+def _collect_outputs(out_dir: Path, cases: list[str], what: str) -> dict[str, Path]:
+    found = find_cases(out_dir) if any(case_id(p) for p in out_dir.iterdir()) else {}
+    missing = [c for c in cases if c not in found]
+    if missing:
+        raise PredictorError(f"{what} wrote no label file for case(s) {missing} in {out_dir}")
+    return {c: found[c] for c in cases}
+
+
+def _tail(text: str, n: int = 2000) -> str:
+    text = text.strip()
+    return text if len(text) <= n else "..." + text[-n:]
+
+
+@dataclass(frozen=True)
+class CommandPredictor:
+    """An external tool run from a command template, without a shell.
+
+    The template is split like a POSIX shell would (``shlex.split``); in each
+    word ``{input}`` becomes a folder of ``CASE_0000.nii.gz`` images and
+    ``{output}`` a folder to receive ``CASE.nii.gz`` label files. No shell
+    features (pipes, ``&&``, variables): wrap them in a script, or pass
+    ``bash -c '...'`` explicitly.
+
+    Parameters
+    ----------
+    template:
+        E.g. ``"my_tool --in {input} --out {output}"``.
+    timeout_s:
+        Seconds before the tool is killed (None: no limit).
+    """
+
+    template: str
+    timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if "{input}" not in self.template or "{output}" not in self.template:
+            raise ValueError(f"command template {self.template!r} must contain {{input}} and {{output}}")
+        try:
+            words = shlex.split(self.template)
+        except ValueError as exc:
+            raise ValueError(f"command template {self.template!r}: {exc}") from exc
+        if not words:
+            raise ValueError("empty command template")
+
+    def argv(self, input_dir: Path, output_dir: Path) -> list[str]:
+        return [
+            w.replace("{input}", str(input_dir)).replace("{output}", str(output_dir))
+            for w in shlex.split(self.template)
+        ]
+
+    def predict(self, image_paths: list[Path], out_dir: Path) -> dict[str, Path]:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cases = [_image_case(Path(p)) for p in image_paths]
+        with tempfile.TemporaryDirectory(prefix=".stage-", dir=out_dir.parent) as tmp:
+            input_dir = stage_inputs([Path(p) for p in image_paths], Path(tmp) / "input")
+            argv = self.argv(input_dir, out_dir)
+            try:
+                proc = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout_s, check=False)
+            except FileNotFoundError as exc:
+                raise PredictorError(f"predictor command not found: {argv[0]!r} (template {self.template!r})") from exc
+            except subprocess.TimeoutExpired as exc:
+                raise PredictorError(f"predictor command timed out after {self.timeout_s} s: {shlex.join(argv)}") from exc
+        if proc.returncode != 0:
+            raise PredictorError(
+                f"predictor command exited with status {proc.returncode}: {shlex.join(argv)}\n"
+                f"stderr (last lines):\n{_tail(proc.stderr)}"
+            )
+        return _collect_outputs(out_dir, cases, f"predictor command {shlex.join(argv)}")
+
+    def describe(self) -> dict[str, str]:
+        return {"kind": "command", "template": self.template}
+
+
+@dataclass
+class NnUNetModelPredictor:
+    """An nnU-Net v2 trained-model folder (``plans.json``, ``dataset.json``, ``fold_N/``).
+
+    Parameters
+    ----------
+    model_folder:
+        The folder nnU-Net trains into (``.../nnUNetTrainer__nnUNetPlans__3d_fullres``).
+    folds:
+        Folds to ensemble; None = every ``fold_N`` holding the checkpoint.
+    device:
+        ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    use_mirroring:
+        Test-time mirroring (nnU-Net's default: on); off is about twice as fast.
+    checkpoint:
+        Checkpoint file name inside each fold folder.
+    tile_step_size:
+        Sliding-window step as a fraction of the patch (nnU-Net default 0.5).
+    """
+
+    model_folder: Path
+    folds: tuple[int | str, ...] | None = None
+    device: str = "cpu"
+    use_mirroring: bool = True
+    checkpoint: str = "checkpoint_final.pth"
+    tile_step_size: float = 0.5
+    _predictor: object | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.model_folder = Path(self.model_folder)
+        for name in ("plans.json", "dataset.json"):
+            if not (self.model_folder / name).is_file():
+                raise ValueError(f"{self.model_folder}: not an nnU-Net model folder (no {name})")
+        if not (self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device)):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "kind": "nnunet",
+            "model_folder": str(self.model_folder),
+            "folds": list(self.folds) if self.folds is not None else "auto",
+            "device": self.device,
+            "use_mirroring": self.use_mirroring,
+            "checkpoint": self.checkpoint,
+        }
+
+    def _fold_list(self) -> list[int | str]:
+        if self.folds is not None:
+            return list(self.folds)
+        found = []
+        for sub in sorted(self.model_folder.glob("fold_*")):
+            suffix = sub.name[len("fold_"):]
+            if (sub / self.checkpoint).is_file() and (suffix.isdigit() or suffix == "all"):
+                found.append(int(suffix) if suffix.isdigit() else suffix)
+        if not found:
+            raise ValueError(f"{self.model_folder}: no fold_*/{self.checkpoint} found")
+        return found
+
+    def _load(self) -> object:
+        if self._predictor is not None:
+            return self._predictor
+        try:
+            import torch
+            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+            from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+            from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+            from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        except ImportError as exc:
+            raise ValueError(f"the nnU-Net predictor needs nnunetv2 and torch: pip install 'oarbench[nnunet]' ({exc})") from exc
+        import json
+
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but torch sees no CUDA GPU")
+        plans = json.loads((self.model_folder / "plans.json").read_text())
+        dataset_json = json.loads((self.model_folder / "dataset.json").read_text())
+        plans_manager = PlansManager(plans)
+        parameters = []
+        trainer_name = configuration = mirror_axes = None
+        for i, fold in enumerate(self._fold_list()):
+            path = self.model_folder / f"fold_{fold}" / self.checkpoint
+            if not path.is_file():
+                raise ValueError(f"{path}: checkpoint not found")
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            if i == 0:
+                trainer_name = ckpt.get("trainer_name", "nnUNetTrainer")
+                configuration = ckpt["init_args"]["configuration"]
+                mirror_axes = ckpt.get("inference_allowed_mirroring_axes")
+            parameters.append(ckpt["network_weights"])
+        cm = plans_manager.get_configuration(configuration)
+        n_in = determine_num_input_channels(plans_manager, cm, dataset_json)
+        n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+        network = get_network_from_plans(
+            cm.network_arch_class_name,
+            cm.network_arch_init_kwargs,
+            cm.network_arch_init_kwargs_req_import,
+            n_in,
+            n_out,
+            allow_init=False,
+            deep_supervision=False,
+        )
+        try:
+            network.load_state_dict(parameters[0])
+        except RuntimeError as exc:
+            raise ValueError(
+                f"{self.model_folder}: the checkpoint does not fit the network in plans.json "
+                f"(trainer {trainer_name!r} may build a custom architecture): {str(exc).splitlines()[0]}"
+            ) from exc
+        predictor = nnUNetPredictor(
+            tile_step_size=self.tile_step_size,
+            use_gaussian=True,
+            use_mirroring=self.use_mirroring,
+            perform_everything_on_device=self.device != "cpu",
+            device=torch.device(self.device),
+            verbose=False,
+            verbose_preprocessing=False,
+            allow_tqdm=False,
+        )
+        predictor.manual_initialization(
+            network, plans_manager, cm, parameters, dataset_json, trainer_name, mirror_axes
+        )
+        self._predictor = predictor
+        return predictor
+
+    def predict(self, image_paths: list[Path], out_dir: Path) -> dict[str, Path]:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        predictor = self._load()
+        ending = predictor.dataset_json.get("file_ending", ".nii.gz")  # type: ignore[attr-defined]
+        paths = [Path(p) for p in image_paths]
+        bad = [str(p) for p in paths if not p.name.endswith("_0000" + ending)]
+        if bad:
+            raise ValueError(f"nnU-Net model expects images named CASE_0000{ending}; got {bad}")
+        cases = [_image_case(p) for p in paths]
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log):
+                predictor.predict_from_files_sequential(  # type: ignore[attr-defined]
+                    [[str(p)] for p in paths], [str(out_dir / c) for c in cases], save_probabilities=False, overwrite=True
+                )
+        except Exception as exc:  # nnU-Net raises bare exceptions/assertions
+            raise PredictorError(f"nnU-Net prediction failed ({type(exc).__name__}: {exc})\n{_tail(log.getvalue())}") from exc
+        for extra in ("dataset.json", "plans.json", "predict_from_raw_data_args.json"):
+            (out_dir / extra).unlink(missing_ok=True)
+        return _collect_outputs(out_dir, cases, f"nnU-Net model {self.model_folder}")
+
+
+def parse_predictor(spec: str, *, device: str = "cpu", use_mirroring: bool = True) -> Predictor:
+    """A predictor from a ``--predictor`` string.
+
+    ``nnunet:/path/to/model_folder`` (all folds found), ``nnunet:/path:0``
+    (fold 0), ``nnunet:/path:all`` (the ``fold_all`` model), ``nnunet:/path:0,1``
+    (ensemble); ``command:TEMPLATE`` (see :class:`CommandPredictor`).
+    """
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise ValueError(f"predictor {spec!r}: expected 'nnunet:/path/to/model_folder[:fold]' or 'command:TEMPLATE'")
+    if kind == "command":
+        return CommandPredictor(rest)
+    if kind == "nnunet":
+        folds: tuple[int | str, ...] | None = None
+        m = re.fullmatch(r"(.+):((?:\d+|all)(?:,(?:\d+|all))*)", rest)
+        folder = rest
+        if m and not Path(rest).exists():
+            folder = m.group(1)
+            folds = tuple(int(f) if f.isdigit() else f for f in m.group(2).split(","))
+        return NnUNetModelPredictor(Path(folder), folds=folds, device=device, use_mirroring=use_mirroring)
+    raise ValueError(f"predictor {spec!r}: unknown kind {kind!r} (expected 'nnunet' or 'command')")

@@ -1,0 +1,302 @@
+"""Run a predictor on perturbed images, map its output back, score it.
+
+For every condition: perturb each image, predict, map the prediction back onto
+the original (reference) grid, and score it against the untouched reference
+with :func:`oarbench.metrics.evaluate_labels`. The reference is never
+resampled. Small-angle conditions also get an interpolation noise floor: the
+reference pushed forward (nearest neighbour) and back, scored against itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from oarbench.io import Volume, atomic_write_text, check_same_grid, find_cases, read_volume, write_volume
+from oarbench.labels import DEFAULT_LABELS, LabelMap, contralateral, laterality
+from oarbench.metrics import RESULT_COLUMNS, dice, evaluate_labels
+from oarbench.robustness.predictors import Predictor
+from oarbench.robustness.transforms import Identity, Perturbation, SmallRotation, parse_conditions
+
+__all__ = [
+    "RobustnessResult",
+    "TABLE_COLUMNS",
+    "SUMMARY_COLUMNS",
+    "run_robustness",
+    "noise_floor",
+    "laterality_swaps",
+    "summarise",
+    "write_robustness",
+]
+
+#: Columns of ``robustness.csv`` / ``noise_floor.csv`` in order.
+TABLE_COLUMNS: tuple[str, ...] = (
+    "study", "centre", "model", "condition", "case", *RESULT_COLUMNS, "laterality_swap", "params",
+)
+
+#: Columns of ``robustness_summary.csv``.
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    "study", "centre", "model", "structure", "condition", "n_cases", "n_pairs_dsc", "median_delta_dsc",
+    "worst_delta_dsc", "worst_dsc_case", "n_pairs_hd95", "median_delta_hd95", "worst_delta_hd95",
+    "worst_hd95_case", "n_laterality_swaps", "median_floor_dsc", "median_floor_hd95",
+)
+
+
+@dataclass(frozen=True)
+class RobustnessResult:
+    """Tables of one robustness run.
+
+    ``table``: one row per case x structure x condition (``TABLE_COLUMNS``);
+    ``noise_floor``: the same columns for the round-tripped reference of every
+    small-angle condition; ``summary``: per structure x condition against
+    ``original`` (``SUMMARY_COLUMNS``).
+    """
+
+    table: pd.DataFrame
+    noise_floor: pd.DataFrame
+    summary: pd.DataFrame
+
+
+def _as_case_map(source: Mapping[str, Path] | str | Path, *, images: bool) -> dict[str, Path]:
+    if isinstance(source, Mapping):
+        return {str(k): Path(v) for k, v in source.items()}
+    return find_cases(Path(source), images=images)
+
+
+def laterality_swaps(reference: np.ndarray, prediction: np.ndarray, labels: LabelMap) -> dict[str, bool]:
+    """Laterality swap flag per lateral structure of ``labels``.
+
+    Rule (for each pair X_L / X_R present in the label map): the pair is
+    swapped when **both** reference sides are non-empty and
+    ``DSC(pred X_L, ref X_R) > DSC(pred X_L, ref X_L)`` and
+    ``DSC(pred X_R, ref X_L) > DSC(pred X_R, ref X_R)``: each predicted side
+    overlaps the other side's reference more than its own. Both structures of
+    a swapped pair get True. Structures without a partner in the map, and
+    pairs with an empty reference side (nephrectomy), get False.
+    """
+    names = dict((n, v) for v, n in labels)
+    out: dict[str, bool] = {}
+    for v, name in labels:
+        other = contralateral(name)
+        if laterality(name) != "L" or other not in names:
+            continue
+        vl, vr = v, names[other]
+        ref_l, ref_r = reference == vl, reference == vr
+        flag = False
+        if ref_l.any() and ref_r.any():
+            pred_l, pred_r = prediction == vl, prediction == vr
+
+            def d(a: np.ndarray, b: np.ndarray) -> float:
+                x = dice(a, b)
+                return 0.0 if math.isnan(x) else x
+
+            flag = d(ref_r, pred_l) > d(ref_l, pred_l) and d(ref_l, pred_r) > d(ref_r, pred_r)
+        out[name] = flag
+        out[other] = flag
+    return out
+
+
+def _rows(
+    ref: Volume,
+    pred: np.ndarray,
+    labels: LabelMap,
+    tolerance_mm: float,
+    base: dict[str, object],
+    params: dict[str, object],
+) -> list[dict[str, object]]:
+    results = evaluate_labels(ref.array, pred, ref.spacing, labels, tolerance_mm=tolerance_mm, backend="numpy")
+    swaps = laterality_swaps(ref.array, pred, labels)
+    params_json = json.dumps(params, sort_keys=True)
+    rows = []
+    for r in results:
+        row = dict(base)
+        row.update(r.as_dict())
+        row["laterality_swap"] = bool(swaps.get(r.structure, False))
+        row["params"] = params_json
+        rows.append(row)
+    return rows
+
+
+def _read_pair(case: str, image: Path, reference: Path) -> tuple[Volume, Volume]:
+    img = read_volume(image)
+    ref = read_volume(reference)
+    check_same_grid(ref, img, reference, image)
+    return img, ref
+
+
+def noise_floor(
+    reference: Volume, perturbation: SmallRotation, labels: LabelMap, *, tolerance_mm: float = 2.0
+) -> list[dict[str, object]]:
+    """Rows for the reference pushed forward (nearest) and back, scored against itself."""
+    forward = perturbation.apply(reference, labels=True)
+    back = perturbation.map_back(forward, reference)
+    return _rows(reference, back.array, labels, tolerance_mm, {"condition": perturbation.condition},
+                 {**perturbation.params(), "interpolation": "nearest", "noise_floor": True})
+
+
+def run_robustness(
+    images: Mapping[str, Path] | str | Path,
+    reference: Mapping[str, Path] | str | Path,
+    predictor: Predictor,
+    conditions: Iterable[str | Perturbation] | str,
+    labels: LabelMap = DEFAULT_LABELS,
+    out_dir: str | Path | None = None,
+    *,
+    tolerance_mm: float = 2.0,
+    study: str = "",
+    centre: str = "",
+    model: str = "",
+    keep_work: bool = False,
+) -> RobustnessResult:
+    """Score ``predictor`` under each condition (``original`` is always added first).
+
+    Parameters
+    ----------
+    images:
+        Folder of ``CASE_0000.<ext>`` CT images (or case -> path).
+    reference:
+        Folder of ``CASE.<ext>`` reference label maps on the images' grids (or case -> path).
+    predictor:
+        Any :class:`~oarbench.robustness.predictors.Predictor`.
+    conditions:
+        Condition names (``flip_lr``, ``rot_z+10`` ...) or perturbation objects.
+    labels:
+        Label map of reference and predictions.
+    out_dir:
+        When given, the three CSV files are written there atomically
+        (:func:`write_robustness`); perturbed images and raw predictions go to
+        ``out_dir/work`` when ``keep_work``.
+    tolerance_mm:
+        Surface-DSC tolerance in mm.
+    study, centre, model:
+        Values of those columns.
+    """
+    image_map = _as_case_map(images, images=True)
+    ref_map = _as_case_map(reference, images=False)
+    missing = sorted(set(ref_map) - set(image_map))
+    if missing:
+        raise ValueError(f"{reference}: reference cases {missing} have no image in {images}")
+    cases = sorted(ref_map)
+    if not cases:
+        raise ValueError(f"{reference}: no reference cases")
+    if isinstance(conditions, str):
+        perts: list[Perturbation] = parse_conditions(conditions)
+    else:
+        perts = []
+        for c in conditions:
+            perts.extend(parse_conditions([c]) if isinstance(c, str) else [c])
+    perts = [Identity()] + [p for p in perts if p.condition != "original"]
+    if len({p.condition for p in perts}) != len(perts):
+        raise ValueError(f"duplicate conditions in {[p.condition for p in perts]}")
+
+    base = {"study": study, "centre": centre, "model": model}
+    work_root = Path(out_dir) / "work" if (out_dir is not None and keep_work) else None
+    tmp = None
+    if work_root is None:
+        tmp = tempfile.TemporaryDirectory(prefix="oarbench-robustness-")
+        work_root = Path(tmp.name)
+    rows: list[dict[str, object]] = []
+    floor_rows: list[dict[str, object]] = []
+    try:
+        for pert in perts:
+            cdir = work_root / pert.condition
+            in_dir, pred_dir = cdir / "images", cdir / "predictions"
+            if cdir.exists():
+                shutil.rmtree(cdir)
+            in_dir.mkdir(parents=True)
+            perturbed_paths = []
+            for case in cases:
+                img, _ = _read_pair(case, image_map[case], ref_map[case])
+                path = in_dir / f"{case}_0000.nii.gz"
+                write_volume(pert.apply(img), path)
+                perturbed_paths.append(path)
+            outputs = predictor.predict(perturbed_paths, pred_dir)
+            for case in cases:
+                ref = read_volume(ref_map[case])
+                pred = read_volume(outputs[case])
+                back = pert.map_back(pred, ref)
+                rows.extend(_rows(ref, back.array, labels, tolerance_mm, {**base, "condition": pert.condition, "case": case}, pert.params()))
+                if isinstance(pert, SmallRotation):
+                    for r in noise_floor(ref, pert, labels, tolerance_mm=tolerance_mm):
+                        r.update(base)
+                        r["case"] = case
+                        floor_rows.append(r)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    floor = pd.DataFrame(floor_rows, columns=list(TABLE_COLUMNS))
+    result = RobustnessResult(table, floor, summarise(table, floor))
+    if out_dir is not None:
+        write_robustness(result, out_dir)
+    return result
+
+
+def _median(values: pd.Series) -> float:
+    v = values.to_numpy(dtype=float)
+    v = v[~np.isnan(v)]
+    return float(np.median(v)) if v.size else math.nan
+
+
+def summarise(table: pd.DataFrame, floor: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per structure x condition: change against ``original`` on the same cases.
+
+    ``delta = condition - original`` for DSC and HD95 per case. Pairs where
+    either side is NaN (status ``absent``) are left out and counted in
+    ``n_pairs_*``; an infinite HD95 (missed / hallucinated) gives an infinite
+    delta (``inf - inf`` = NaN is left out). Worst case: the smallest DSC
+    delta and the largest HD95 delta, with their case. ``median_floor_*``:
+    median noise-floor DSC / HD95 of that condition (NaN when it has none).
+    """
+    keys = ["study", "centre", "model", "structure"]
+    orig = table[table["condition"] == "original"].set_index(keys + ["case"])
+    out = []
+    for cond in [c for c in table["condition"].unique() if c != "original"]:
+        sub = table[table["condition"] == cond].set_index(keys + ["case"])
+        joined = sub.join(orig[["dsc", "hd95"]].add_suffix("_orig"), how="left").reset_index()
+        for key, g in joined.groupby(keys, sort=False):
+            row: dict[str, object] = dict(zip(keys, key))
+            row["condition"] = cond
+            row["n_cases"] = int(len(g))
+            for metric, worst in (("dsc", "min"), ("hd95", "max")):
+                with np.errstate(invalid="ignore"):
+                    delta = (g[metric].astype(float) - g[f"{metric}_orig"].astype(float)).to_numpy()
+                ok = ~np.isnan(delta)
+                row[f"n_pairs_{metric}"] = int(ok.sum())
+                row[f"median_delta_{metric}"] = float(np.median(delta[ok])) if ok.any() else math.nan
+                if ok.any():
+                    idx = int(np.argmin(np.where(ok, delta, np.inf)) if worst == "min" else np.argmax(np.where(ok, delta, -np.inf)))
+                    row[f"worst_delta_{metric}"] = float(delta[idx])
+                    row[f"worst_{metric}_case"] = str(g["case"].iloc[idx])
+                else:
+                    row[f"worst_delta_{metric}"] = math.nan
+                    row[f"worst_{metric}_case"] = ""
+            row["n_laterality_swaps"] = int(g["laterality_swap"].astype(bool).sum())
+            if floor is not None and len(floor):
+                f = floor[(floor["condition"] == cond) & (floor["structure"] == key[3])]
+                row["median_floor_dsc"] = _median(f["dsc"]) if len(f) else math.nan
+                row["median_floor_hd95"] = _median(f["hd95"]) if len(f) else math.nan
+            else:
+                row["median_floor_dsc"] = math.nan
+                row["median_floor_hd95"] = math.nan
+            out.append(row)
+    return pd.DataFrame(out, columns=list(SUMMARY_COLUMNS))
+
+
+def write_robustness(result: RobustnessResult, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``robustness.csv``, ``noise_floor.csv`` and ``robustness_summary.csv`` atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, df in (("robustness.csv", result.table), ("noise_floor.csv", result.noise_floor),
+                     ("robustness_summary.csv", result.summary)):
+        paths[name] = atomic_write_text(out / name, df.to_csv(index=False))
+    return paths

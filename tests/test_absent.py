@@ -1,0 +1,209 @@
+"""False-positive kidneys after nephrectomy, on crafted cases with analytic blob volumes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from scipy.stats import wilcoxon
+from statsmodels.stats.contingency_tables import mcnemar
+
+from oarbench.absent import absent_side_volume, analyse_absent, read_nephrectomy, write_absent
+from oarbench.io import Volume, write_volume
+from oarbench.labels import DEFAULT_LABELS
+
+SPACING = (0.5, 0.5, 0.5)  # mm
+SHAPE = (64, 96, 64)  # (z, y, x) voxels: 32 x 48 x 32 mm
+KL, KR = DEFAULT_LABELS.value("Kidney_L"), DEFAULT_LABELS.value("Kidney_R")
+
+
+def radius_for(ml: float) -> float:
+    """Radius in mm of a sphere of ``ml`` millilitres: V = 4/3 pi r^3, 1 mL = 1000 mm^3."""
+    return (3 * ml * 1000.0 / (4 * math.pi)) ** (1 / 3)
+
+
+def sphere(arr: np.ndarray, label: int, centre_mm, r_mm: float) -> None:
+    z, y, x = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    cz, cy, cx = (c / s for c, s in zip(centre_mm, SPACING))
+    inside = ((z - cz) * SPACING[0]) ** 2 + ((y - cy) * SPACING[1]) ** 2 + ((x - cx) * SPACING[2]) ** 2 <= r_mm**2
+    arr[inside] = label
+
+
+def vol(arr) -> Volume:
+    return Volume(arr, SPACING, (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+
+
+# case -> nephrectomy side; the last two have both kidneys
+META = {"c1": "left", "c2": "left", "c3": "right", "c4": "left", "c5": "right", "c6": "none", "c7": "none"}
+# Blob centre in mm (z, y, x), deliberately off the voxel lattice: a sphere centred on a voxel
+# centre is the worst case of the lattice-point count (whole symmetric shells of voxels enter
+# at once, +-1.1 % at 8 voxels radius); for a generic centre the count error averages out
+# over the boundary shell and stays well under 1 % from about 8 voxels of radius on.
+BLOB_CENTRE = (16.13, 32.07, 16.21)
+# model -> case -> blob volume (mL) on the absent side, centred at BLOB_CENTRE. Smallest blob
+# 0.3 mL: r = 4.15 mm = 8.3 voxels; largest 7 mL: r = 11.86 mm, inside the grid (y 20.1..43.9 mm)
+# and 17.9 mm from the remaining kidney (radius 5 mm): no contact
+BLOBS = {"A": {"c1": 0.3, "c2": 0.8, "c3": 7.0}, "B": {"c1": 3.0}}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("absent")
+    absent_label = {"left": KL, "right": KR}
+    for case, side in META.items():
+        ref = np.zeros(SHAPE, np.uint8)
+        if side != "left" and case != "c7":  # c7: reference Kidney_L empty although metadata says none
+            sphere(ref, KL, (16, 16, 24), 5.0)
+        if side != "right":
+            sphere(ref, KR, (16, 16, 8), 5.0)
+        if case == "c2":  # metadata says left removed, reference still draws a left kidney
+            sphere(ref, KL, (16, 16, 24), 3.0)
+        write_volume(vol(ref), root / "ref" / f"{case}.nii.gz")
+        for model, blobs in BLOBS.items():
+            pred = np.zeros(SHAPE, np.uint8)
+            # the remaining kidney, correctly labelled: must not count
+            if side == "left":
+                sphere(pred, KR, (16, 16, 8), 5.0)
+            if side == "right":
+                sphere(pred, KL, (16, 16, 24), 5.0)
+            if case in blobs:
+                sphere(pred, absent_label[side], BLOB_CENTRE, radius_for(blobs[case]))
+            write_volume(vol(pred), root / model / f"{case}.nii.gz")
+    (root / "meta.csv").write_text("case,centre,nephrectomy\n" + "".join(f"{c},X,{s}\n" for c, s in META.items()))
+    return root
+
+
+def _preds(root):
+    return {m: {c: root / m / f"{c}.nii.gz" for c in META} for m in BLOBS}
+
+
+def test_rates_volumes_components(study):
+    refs = {c: study / "ref" / f"{c}.nii.gz" for c in META}
+    res = analyse_absent(read_nephrectomy(study / "meta.csv"), _preds(study), references=refs)
+    cases = res.cases.set_index(["model", "case"])
+    assert len(res.cases) == 2 * 5  # 5 nephrectomy cases x 2 models; none-cases not analysed
+    for model, blobs in BLOBS.items():
+        for case in ("c1", "c2", "c3", "c4", "c5"):
+            row = cases.loc[(model, case)]
+            if case in blobs:
+                # the voxelised sphere is within 1 % of 4/3 pi r^3 (r >= 8.3 voxels)
+                assert row["pred_ml"] == pytest.approx(blobs[case], rel=0.01)
+                assert row["n_components"] == 1 and row["largest_ml"] == row["pred_ml"]
+                assert row["status"] == "fp"
+            else:
+                assert row["pred_ml"] == 0.0 and row["n_components"] == 0 and row["status"] == "clean"
+    s = res.summary.set_index(["model", "threshold_ml"])
+    # FP = volume > threshold. A: 0.3, 0.8, 7.0 mL in 3 of 5 -> 3/5, 2/5, 1/5, 1/5; B: 3.0 in 1 of 5
+    for t, a, b in ((0.0, 3, 1), (0.5, 2, 1), (1.0, 1, 1), (5.0, 1, 0)):
+        assert s.loc[("A", t), "fp_rate"] == a / 5 and s.loc[("B", t), "fp_rate"] == b / 5
+    vols_a = np.array([cases.loc[("A", c), "pred_ml"] for c in ("c1", "c2", "c3", "c4", "c5")])
+    assert s.loc[("A", 0.0), "median_ml"] == np.median(vols_a)  # the 0.3 mL blob
+    assert s.loc[("A", 0.0), "max_ml"] == vols_a.max()
+    assert s.loc[("A", 0.0), "q3_ml"] == np.percentile(vols_a, 75)
+    # every FP case listed for the gallery
+    assert sorted(zip(res.fp_cases["model"], res.fp_cases["case"])) == [("A", "c1"), ("A", "c2"), ("A", "c3"), ("B", "c1")]
+    # warnings: c7's empty Kidney_L without nephrectomy; c2's reference still has a left kidney
+    w = res.warnings.set_index("case")
+    assert set(w.index) == {"c7", "c2"} and "empty" in w.loc["c7", "message"]
+
+
+def test_pairs_match_statsmodels_and_scipy(study):
+    res = analyse_absent(read_nephrectomy(study / "meta.csv"), _preds(study))
+    p = res.pairs.set_index("threshold_ml")
+    row = p.loc[0.0]
+    # FP at 0 mL: A in c1, c2, c3; B in c1 -> both 1, A only 2, B only 0, neither 2
+    assert (row["fp_both"], row["fp_a_only"], row["fp_b_only"], row["fp_neither"]) == (1, 2, 0, 2)
+    # exact McNemar = two-sided binomial on 2 discordant pairs, both one way: 2 * 0.5^2 = 0.5
+    expected = mcnemar(np.array([[1, 2], [0, 2]]), exact=True).pvalue
+    assert row["mcnemar_p"] == expected == 0.5
+    assert row["mcnemar_verdict"].startswith("not testable")  # 2 discordant: smallest p 0.5
+    # 5 mL: A only in c3 (7 mL), B none
+    assert p.loc[5.0, "fp_a_only"] == 1 and p.loc[5.0, "fp_b_only"] == 0
+    va = res.cases[res.cases["model"] == "A"].sort_values("case")["pred_ml"].to_numpy()
+    vb = res.cases[res.cases["model"] == "B"].sort_values("case")["pred_ml"].to_numpy()
+    assert row["wilcoxon_n_nonzero"] == 3
+    assert row["wilcoxon_p"] == wilcoxon(va, vb, zero_method="wilcox").pvalue
+    assert row["wilcoxon_verdict"].startswith("not testable")
+
+
+def test_all_equal_models_are_not_testable(study):
+    preds = {"A": _preds(study)["A"], "A2": _preds(study)["A"]}
+    res = analyse_absent(read_nephrectomy(study / "meta.csv"), preds)
+    assert res.pairs["mcnemar_p"].isna().all() and res.pairs["wilcoxon_p"].isna().all()
+    assert (res.pairs["mcnemar_verdict"] == "not testable: no discordant cases").all()
+
+
+def test_components_use_26_connectivity():
+    arr = np.zeros((8, 8, 8), np.uint8)
+    arr[1, 1, 1] = arr[2, 2, 2] = KL  # corner-touching: one component with 26-connectivity
+    arr[5:7, 5:7, 5:7] = KL  # a separate 8-voxel cube
+    ml, n, largest = absent_side_volume(arr, KL, 0.001)
+    assert (n, ml, largest) == (2, pytest.approx(0.010), pytest.approx(0.008))
+    assert absent_side_volume(arr, KR, 0.001) == (0.0, 0, 0.0)
+
+
+def test_metadata_is_strict(tmp_path):
+    p = tmp_path / "m.csv"
+    p.write_text("case,nephrectomy\na,Left \nb,\n")
+    with pytest.raises(ValueError, match=r"row 3 .*'b'"):
+        read_nephrectomy(p)
+    p.write_text("case,side\na,left\n")
+    with pytest.raises(ValueError, match="nephrectomy"):
+        read_nephrectomy(p)
+    p.write_text("case,centre,nephrectomy\na,X,LEFT\nb,Y,right\n")
+    assert read_nephrectomy(p, centre="X") == {"a": "left"}
+
+
+def test_missing_prediction_is_counted_not_dropped(study):
+    preds = {"A": {c: f for c, f in _preds(study)["A"].items() if c != "c5"}}
+    res = analyse_absent(read_nephrectomy(study / "meta.csv"), preds)
+    s = res.summary.set_index("threshold_ml")
+    assert s.loc[0.0, "n_cases"] == 4 and s.loc[0.0, "n_missing"] == 1 and s.loc[0.0, "fp_rate"] == 3 / 4
+
+
+def test_cli_folders_and_study(study, tmp_path):
+    from oarbench.cli import main
+
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, ["absent", "--metadata", str(study / "meta.csv"), "--predictions", f"A={study / 'A'}",
+                                  "--predictions", f"B={study / 'B'}", "--reference", str(study / "ref"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    for name in ("absent.csv", "absent_summary.csv", "absent_pairs.csv", "absent_cases.csv"):
+        assert (out / name).is_file()
+    assert len(pd.read_csv(out / "absent_cases.csv")) == 4
+    assert "c7" in r.output  # the warning is shown
+    toml = tmp_path / "s.toml"
+    toml.write_text(f"""
+[study]
+name = "s"
+[[centres]]
+name = "X"
+reference = "{study / 'ref'}"
+metadata = "{study / 'meta.csv'}"
+[[models]]
+name = "A"
+predictions = "{study}/{{model}}"
+[[models]]
+name = "B"
+predictions = "{study}/{{model}}"
+[absent]
+thresholds_ml = [0, 2]
+""")
+    r2 = CliRunner().invoke(main, ["absent", str(toml), "--out", str(tmp_path / "o2")])
+    assert r2.exit_code == 0, r2.output
+    summ = pd.read_csv(tmp_path / "o2" / "absent_summary.csv")
+    assert sorted(set(summ["threshold_ml"])) == [0.0, 2.0]
+    assert summ.set_index(["model", "threshold_ml"]).loc[("A", 2.0), "n_fp"] == 1
+    bad = CliRunner().invoke(main, ["absent", "--metadata", str(tmp_path / "nope.csv"), "--predictions", str(study / "A"),
+                                    "--out", str(tmp_path / "o3")])
+    assert bad.exit_code != 0 and "not found" in bad.output
+
+
+def test_write_is_atomic_and_complete(study, tmp_path):
+    res = analyse_absent(read_nephrectomy(study / "meta.csv"), _preds(study))
+    paths = write_absent(res, tmp_path)
+    assert all(p.is_file() for p in paths.values())
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
