@@ -21,7 +21,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -320,3 +320,44 @@ def concat_results(results: Sequence[AbsentResult], thresholds_ml: Sequence[floa
     cases = pd.concat([r.cases for r in results], ignore_index=True) if results else pd.DataFrame(columns=list(CASE_COLUMNS))
     warns = pd.concat([r.warnings for r in results], ignore_index=True) if results else pd.DataFrame()
     return _assemble(cases, warns, thresholds_ml)
+
+
+def analyse_study_absent(
+    study: Any,
+    *,
+    models: Sequence[str] | None = None,
+    thresholds_ml: Sequence[float] | None = None,
+    labels: LabelMap | None = None,
+    warn: Any = None,
+) -> AbsentResult:
+    """:func:`analyse_absent` for every centre x model of a :class:`oarbench.study.Study`.
+
+    Thresholds come from the argument, else the study's ``[absent] thresholds_ml``,
+    else :data:`DEFAULT_THRESHOLDS_ML`. A centre without a metadata file is
+    skipped with a warning (the nephrectomy side is never guessed); a study in
+    which no centre has metadata is an error.
+    """
+    from oarbench.io import find_cases
+
+    section = study.raw.get("absent", {}) or {}
+    thr = tuple(float(t) for t in (thresholds_ml or section.get("thresholds_ml", DEFAULT_THRESHOLDS_ML)))
+    labels = labels or study.labels
+    results = []
+    for centre in study.centres:
+        if centre.metadata is None:
+            if warn is not None:
+                warn(f"centre {centre.name}: no metadata file in the study, skipped (nephrectomy side unknown)")
+            continue
+        neph = read_nephrectomy(centre.metadata, centre=centre.name)
+        preds = {}
+        for model in study.models:
+            if models and model.name not in models:
+                continue
+            folder = model.predictions_dir(centre.name)
+            preds[model.name] = find_cases(folder) if folder.is_dir() else {}
+        refs = find_cases(centre.reference) if centre.reference.is_dir() else None
+        results.append(analyse_absent(neph, preds, references=refs, labels=labels, thresholds_ml=thr,
+                                      study=study.name, centre=centre.name))
+    if not results:
+        raise ValueError(f"{study.path}: nothing to analyse: no centre has a metadata file")
+    return concat_results(results, thr)

@@ -16,6 +16,13 @@ from oarbench import __version__
 # command name -> "module:attribute" (module relative to oarbench.cli)
 _COMMANDS: dict[str, str] = {
     "evaluate": "evaluate_cmd:evaluate",
+    "phantoms": "phantoms_cmd:phantoms",
+    "demo": "demo_cmd:demo",
+    "robustness": "robustness_cmd:robustness",
+    "absent": "absent_cmd:absent",
+    "stats": "stats_cmd:stats",
+    "gallery": "report_cmd:gallery",
+    "report": "report_cmd:report",
 }
 
 

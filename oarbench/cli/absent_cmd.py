@@ -45,27 +45,14 @@ def absent(study, metadata, predictions, reference, labels_path, thresholds, mod
     if study is not None:
         if metadata or predictions:
             raise click.UsageError("give either STUDY.toml or --metadata/--predictions, not both")
+        from oarbench.absent import analyse_study_absent
         from oarbench.study import load_study
 
         st = load_study(study)
-        section = st.raw.get("absent", {}) or {}
-        if thr is None:
-            thr = tuple(float(t) for t in section.get("thresholds_ml", DEFAULT_THRESHOLDS_ML))
-        labels = load_label_map(labels_path) if labels_path else st.labels
-        for c in st.centres:
-            if c.metadata is None:
-                click.echo(f"centre {c.name}: no metadata file in the study, skipped (nephrectomy side unknown)", err=True)
-                continue
-            neph = read_nephrectomy(c.metadata, centre=c.name)
-            preds = {}
-            for m in st.models:
-                if models and m.name not in models:
-                    continue
-                folder = m.predictions_dir(c.name)
-                preds[m.name] = find_cases(folder) if folder.is_dir() else {}
-            refs = find_cases(c.reference) if c.reference.is_dir() else None
-            results.append(analyse_absent(neph, preds, references=refs, labels=labels, thresholds_ml=thr,
-                                          study=st.name, centre=c.name))
+        labels = load_label_map(labels_path) if labels_path else None
+        result = analyse_study_absent(st, models=models or None, thresholds_ml=thr, labels=labels,
+                                      warn=lambda msg: click.echo(msg, err=True))
+        results.append(result)
     else:
         if not metadata or not predictions:
             raise click.UsageError("give STUDY.toml, or --metadata and --predictions")
