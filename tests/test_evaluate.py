@@ -264,7 +264,8 @@ def test_interrupted_run_resumes_to_identical_outputs(tmp_path):
     ref_dir, pred_dir = tmp_path / "ref", tmp_path / "pred"
     ref = np.zeros((40, 64, 64), np.uint8)
     ref[5:35, 10:50, 10:50] = 1
-    for i in range(12):
+    n_cases = 40
+    for i in range(n_cases):
         _write(ref_dir / f"c{i:02d}.nii.gz", ref)
         _write(pred_dir / f"c{i:02d}.nii.gz", np.roll(ref, i % 4, axis=2))
     labels = tmp_path / "l.toml"
@@ -276,14 +277,14 @@ def test_interrupted_run_resumes_to_identical_outputs(tmp_path):
     cache = out / "cache"
     deadline = time.time() + 60
     while time.time() < deadline and not (cache.exists() and len(list(cache.rglob("*.json"))) >= 2):
-        time.sleep(0.02)
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "metrics.csv").exists()
     partial = len(list(cache.rglob("*.json")))
-    assert 2 <= partial < 12
+    assert 2 <= partial < n_cases
     resumed = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True, check=True)
-    assert f"{12 - partial} cases computed, {partial} from cache" in resumed.stdout
+    assert f"{n_cases - partial} cases computed, {partial} from cache" in resumed.stdout
     clean = tmp_path / "clean"
     subprocess.run(cmd + ["--out", str(clean)], capture_output=True, check=True)
     assert (out / "metrics.csv").read_bytes() == (clean / "metrics.csv").read_bytes()

@@ -36,23 +36,20 @@ def absent(study, metadata, predictions, reference, labels_path, thresholds, mod
     Either STUDY.toml (each centre's metadata, reference and every model's
     predictions) or --metadata CSV --predictions MODEL=DIR [...].
     """
-    from oarbench.absent import DEFAULT_THRESHOLDS_ML, analyse_absent, concat_results, read_nephrectomy, write_absent
+    from oarbench.absent import DEFAULT_THRESHOLDS_ML, analyse_absent, read_nephrectomy, write_absent
     from oarbench.io import find_cases
     from oarbench.labels import load_label_map
 
     thr = _parse_thresholds(thresholds)
-    results = []
     if study is not None:
         if metadata or predictions:
             raise click.UsageError("give either STUDY.toml or --metadata/--predictions, not both")
         from oarbench.absent import analyse_study_absent
         from oarbench.study import load_study
 
-        st = load_study(study)
         labels = load_label_map(labels_path) if labels_path else None
-        result = analyse_study_absent(st, models=models or None, thresholds_ml=thr, labels=labels,
+        result = analyse_study_absent(load_study(study), models=models or None, thresholds_ml=thr, labels=labels,
                                       warn=lambda msg: click.echo(msg, err=True))
-        results.append(result)
     else:
         if not metadata or not predictions:
             raise click.UsageError("give STUDY.toml, or --metadata and --predictions")
@@ -66,10 +63,7 @@ def absent(study, metadata, predictions, reference, labels_path, thresholds, mod
                 raise click.UsageError(f"model {name!r} given twice in --predictions")
             preds[name] = find_cases(Path(folder))
         refs = find_cases(reference) if reference else None
-        results.append(analyse_absent(read_nephrectomy(metadata), preds, references=refs, labels=labels, thresholds_ml=thr))
-    if not results:
-        raise click.UsageError("nothing to analyse: no centre has a metadata file")
-    result = concat_results(results, thr)
+        result = analyse_absent(read_nephrectomy(metadata), preds, references=refs, labels=labels, thresholds_ml=thr)
     paths = write_absent(result, out)
     for w in result.warnings.itertuples():
         click.echo(f"warning: {w.centre + '/' if w.centre else ''}{w.case}: {w.message}", err=True)
