@@ -1,0 +1,50 @@
+"""`oarbench demo` end to end on a reduced copy of the shipped demo study."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+from click.testing import CliRunner
+
+from oarbench.cli import main
+from oarbench.labels import DEFAULT_LABELS
+
+DEMO_TOML = Path(__file__).resolve().parents[1] / "cases" / "demo.toml"
+
+
+def _small_config(tmp_path: Path, n_test: int) -> Path:
+    text = DEMO_TOML.read_text()
+    text = re.sub(r"(?m)^test_cases_per_centre = \d+", f"test_cases_per_centre = {n_test}", text)
+    text = re.sub(r"(?m)^train_cases_per_centre = \d+", "train_cases_per_centre = 1", text)
+    path = tmp_path / "small-demo.toml"
+    path.write_text(text)
+    return path
+
+
+def test_demo_runs_every_step_and_resumes(tmp_path):
+    n_test = 6
+    config = _small_config(tmp_path, n_test)
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--config", str(config), "--workers", "1"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    res = out / "results"
+    for name in ("metrics.csv", "summary.csv", "run.json", "absent.csv", "absent_summary.csv", "stats.csv",
+                 "gallery/index.csv", "report.html"):
+        assert (res / name).is_file(), name
+    table = pd.read_csv(res / "metrics.csv")
+    # 2 centres x 3 models x n_test cases x 19 structures
+    assert len(table) == 2 * 3 * n_test * len(DEFAULT_LABELS)
+    assert set(table["model"]) == {"local-A", "local-B", "fl"} and set(table["centre"]) == {"A", "B"}
+    assert set(table["status"]) <= {"ok", "missed", "hallucinated", "absent"}
+    stats = pd.read_csv(res / "stats.csv")
+    assert {"p", "p_adjusted", "verdict"} <= set(stats.columns) and len(stats) > 0
+    html = (res / "report.html").read_text()
+    assert "<img" in html and "Liver" in html
+    # A second run finds the study and every case cached.
+    again = CliRunner().invoke(main, ["demo", "--out", str(out), "--config", str(config), "--workers", "1"],
+                               catch_exceptions=False)
+    assert again.exit_code == 0, again.output
+    assert pd.read_csv(res / "metrics.csv").equals(table)
