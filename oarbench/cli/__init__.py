@@ -23,6 +23,8 @@ _COMMANDS: dict[str, str] = {
     "stats": "stats_cmd:stats",
     "gallery": "report_cmd:gallery",
     "report": "report_cmd:report",
+    "train": "train_cmd:train",
+    "fl": "train_cmd:fl",
 }
 
 

@@ -1,0 +1,214 @@
+"""``oarbench train local`` and ``oarbench fl keys|coordinator|site|simulate`` (docs/training.md)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+
+from oarbench.cli._common import user_errors
+
+_WIDTHS = click.Choice(["default", "small", "tiny"])
+_DEVICES = click.Choice(["cpu", "cuda"])
+
+
+def _fold(value: str) -> int | str:
+    if value == "all":
+        return "all"
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"fold must be an integer or 'all', got {value!r}") from None
+
+
+def _sites(value: str) -> tuple[str, ...]:
+    sites = tuple(s.strip() for s in value.split(",") if s.strip())
+    if not sites:
+        raise click.BadParameter("give at least one site name, comma-separated (e.g. A,B)")
+    return sites
+
+
+def _storage_options(value: str | None) -> dict[str, Any]:
+    if not value:
+        return {}
+    text = Path(value).read_text() if Path(value).is_file() else value
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"--storage-options must be JSON or a JSON file: {exc}") from None
+    if not isinstance(opts, dict):
+        raise click.BadParameter("--storage-options must be a JSON object")
+    return opts
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(threadName)s %(levelname)s %(message)s")
+
+
+@click.group("train")
+def train() -> None:
+    """Train nnU-Net v2 models (needs the nnunet extra)."""
+
+
+@train.command("local")
+@click.option("--dataset", "dataset_dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="nnU-Net v2 raw dataset folder (DatasetXXX_Name with dataset.json, imagesTr, labelsTr).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Work folder; gets nnUNet_raw (a link), nnUNet_preprocessed and nnUNet_results.")
+@click.option("--configuration", default="3d_fullres", show_default=True)
+@click.option("--fold", default="all", show_default=True, help="0-4 (5-fold split) or 'all'.")
+@click.option("--epochs", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--iterations", type=click.IntRange(min=1), default=250, show_default=True,
+              help="Training iterations per epoch.")
+@click.option("--width", type=_WIDTHS, default="default", show_default=True,
+              help="Network width: as planned, or reduced for smoke tests (features per stage 16..128 / 8..64).")
+@click.option("--device", type=_DEVICES, default="cpu", show_default=True)
+@click.option("--processes", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Processes for fingerprint extraction and preprocessing (-np/-npfp).")
+@user_errors
+def local(dataset_dir: Path, out_dir: Path, configuration: str, fold: str, epochs: int, iterations: int,
+          width: str, device: str, processes: int) -> None:
+    """Plan, preprocess and train one local nnU-Net model."""
+    from oarbench.train.nnunet import train_local
+
+    summary = train_local(dataset_dir, out_dir, configuration=configuration, fold=_fold(fold), epochs=epochs,
+                          iterations=iterations, width=width, device=device, num_processes=processes)
+    click.echo(f"model folder: {summary['model_folder']} (fold {summary['fold']})")
+    click.echo(f"plan+preprocess {summary['plan_preprocess_s']:.1f} s, training {summary['train_s']:.1f} s "
+               f"({summary['s_per_iteration']:.2f} s/iteration), {summary['num_cases']} cases")
+
+
+@click.group("fl")
+def fl() -> None:
+    """Federated nnU-Net training through shared storage (needs the fl and nnunet extras)."""
+
+
+@fl.command("keys")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--sites", required=True, help="Comma-separated site names, e.g. A,B.")
+@user_errors
+def keys(out_dir: Path, sites: str) -> None:
+    """Create the federation key and Ed25519 key pairs of the coordinator and each site."""
+    from oarbench.train.exchange import generate_keys
+
+    paths = generate_keys(out_dir, list(_sites(sites)))
+    click.echo(f"wrote {len(paths)} key files to {out_dir}; give each party federation.key, its own "
+               f"<name>.ed25519 and the public/ folder")
+
+
+def _common(f):  # type: ignore[no-untyped-def]
+    options = [
+        click.option("--storage", required=True, help="fsspec URL of the shared storage (a folder, s3://...)."),
+        click.option("--storage-options", default=None, help="fsspec options as JSON (or a JSON file)."),
+        click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, exists=True,
+                                                                           path_type=Path)),
+        click.option("--sites", required=True, help="Comma-separated names of all sites."),
+        click.option("--rounds", type=click.IntRange(min=1), required=True),
+        click.option("--federation", default="oarbench", show_default=True, help="Federation name."),
+        click.option("--work", required=True, type=click.Path(file_okay=False, path_type=Path)),
+        click.option("--configuration", default="3d_fullres", show_default=True),
+        click.option("--poll", type=click.FloatRange(min=0.01), default=5.0, show_default=True,
+                     help="Seconds between storage polls."),
+        click.option("-v", "--verbose", is_flag=True, help="Log each step."),
+    ]
+    for opt in reversed(options):
+        f = opt(f)
+    return f
+
+
+def _exchange(storage: str, storage_options: str | None, keys_dir: Path, identity: str, federation: str):  # type: ignore[no-untyped-def]
+    from oarbench.train.exchange import Exchange, load_keyring
+
+    return Exchange(storage, load_keyring(keys_dir, identity), federation=federation,
+                    storage_options=_storage_options(storage_options))
+
+
+@fl.command("coordinator")
+@_common
+@click.option("--quorum", type=click.IntRange(min=1), default=None,
+              help="Aggregate this many sites after --timeout (default: wait for all).")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Seconds to wait per round.")
+@click.option("--width", type=_WIDTHS, default="default", show_default=True)
+@user_errors
+def coordinator(storage: str, storage_options: str | None, keys_dir: Path, sites: str, rounds: int,
+                federation: str, work: Path, configuration: str, poll: float, verbose: bool,
+                quorum: int | None, timeout: float | None, width: str) -> None:
+    """Merge fingerprints, publish plans, aggregate rounds; restartable."""
+    from oarbench.train.exchange import COORDINATOR
+    from oarbench.train.federated import FederationConfig, nnunet_coordinator
+
+    _logging(verbose)
+    cfg = FederationConfig(_sites(sites), rounds, quorum=quorum, timeout_s=timeout, poll_s=poll)
+    model = nnunet_coordinator(_exchange(storage, storage_options, keys_dir, COORDINATOR, federation), cfg, work,
+                               configuration=configuration, width=width)
+    click.echo(f"final federated model: {model}")
+
+
+@fl.command("site")
+@_common
+@click.option("--site", required=True, help="This site's name.")
+@click.option("--dataset", "dataset_dir", required=True,
+              type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--local-epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--iterations", type=click.IntRange(min=1), default=250, show_default=True)
+@click.option("--device", type=_DEVICES, default="cpu", show_default=True)
+@user_errors
+def site(storage: str, storage_options: str | None, keys_dir: Path, sites: str, rounds: int, federation: str,
+         work: Path, configuration: str, poll: float, verbose: bool, site: str, dataset_dir: Path,
+         local_epochs: int, iterations: int, device: str) -> None:
+    """Upload the fingerprint, train the rounds locally, keep the final model; restartable."""
+    from oarbench.train.federated import FederationConfig, nnunet_site
+
+    _logging(verbose)
+    cfg = FederationConfig(_sites(sites), rounds, poll_s=poll)
+    model = nnunet_site(_exchange(storage, storage_options, keys_dir, site, federation), cfg, dataset_dir, work,
+                        local_epochs=local_epochs, iterations=iterations, configuration=configuration,
+                        device=device)
+    click.echo(f"final federated model: {model}")
+
+
+@fl.command("simulate")
+@click.option("--storage", default=None, help="fsspec URL (default: WORK/storage).")
+@click.option("--storage-options", default=None, help="fsspec options as JSON (or a JSON file).")
+@click.option("--keys", "keys_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Key folder (default: WORK/keys, created if missing).")
+@click.option("--dataset", "datasets", multiple=True, required=True,
+              help="SITE=DIR, once per site (nnU-Net raw dataset folders).")
+@click.option("--work", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--rounds", type=click.IntRange(min=1), required=True)
+@click.option("--local-epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--iterations", type=click.IntRange(min=1), default=250, show_default=True)
+@click.option("--width", type=_WIDTHS, default="default", show_default=True)
+@click.option("--configuration", default="3d_fullres", show_default=True)
+@click.option("--device", type=_DEVICES, default="cpu", show_default=True)
+@click.option("--poll", type=click.FloatRange(min=0.01), default=0.5, show_default=True)
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors
+def simulate(storage: str | None, storage_options: str | None, keys_dir: Path | None, datasets: tuple[str, ...],
+             work: Path, rounds: int, local_epochs: int, iterations: int, width: str, configuration: str,
+             device: str, poll: float, verbose: bool) -> None:
+    """Run the coordinator and every site on this machine."""
+    from oarbench.train.exchange import generate_keys
+    from oarbench.train.federated import FederationConfig, nnunet_simulate
+
+    _logging(verbose)
+    pairs: dict[str, Path] = {}
+    for item in datasets:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"--dataset must be SITE=DIR, got {item!r}")
+        pairs[name] = Path(path)
+    keys = keys_dir or work / "keys"
+    if not (keys / "federation.key").exists():
+        generate_keys(keys, list(pairs))
+    url = storage or str(work / "storage")
+    cfg = FederationConfig(tuple(pairs), rounds, poll_s=poll)
+    models = nnunet_simulate(url, keys, pairs, work, cfg, storage_options=_storage_options(storage_options),
+                             local_epochs=local_epochs, iterations=iterations, configuration=configuration,
+                             width=width, device=device)
+    for party, folder in sorted(models.items()):
+        click.echo(f"{party}: {folder}")

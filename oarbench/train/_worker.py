@@ -1,0 +1,277 @@
+"""nnU-Net steps run in a child process: ``python -m oarbench.train._worker SPEC.json``.
+
+nnU-Net reads ``nnUNet_raw``/``nnUNet_preprocessed``/``nnUNet_results`` from
+the environment, so :mod:`oarbench.train.nnunet` starts this module with an
+explicit environment per call and never changes the caller's. The spec is a
+JSON object ``{"step": ..., "result": path, ...}``; the step writes its
+result as JSON to ``result``. Everything here runs under
+``if __name__ == "__main__"`` because nnU-Net spawns worker processes that
+re-import the main module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _load_json(path: str | Path) -> Any:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _save_json(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def _save_arrays(arrays: dict, path: str) -> None:
+    from safetensors.numpy import save_file
+
+    tmp = path + ".tmp"
+    save_file(arrays, tmp)
+    os.replace(tmp, path)
+
+
+def _load_arrays(path: str) -> dict:
+    from safetensors.numpy import load_file
+
+    return dict(load_file(path))
+
+
+def step_verify(spec: dict) -> dict:
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    verify_dataset_integrity(spec["raw_dataset"], spec["num_processes"])
+    return {"ok": True}
+
+
+def step_fingerprint(spec: dict) -> dict:
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+
+    t0 = time.perf_counter()
+    fpe = DatasetFingerprintExtractor(spec["dataset"], spec["num_processes"], verbose=False)
+    fingerprint = fpe.run(overwrite_existing=True)
+    return {"fingerprint": json.loads(json.dumps(fingerprint, default=float)), "seconds": time.perf_counter() - t0}
+
+
+def step_plan(spec: dict) -> dict:
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    planner = ExperimentPlanner(spec["dataset"], plans_name=spec.get("plans_name", "nnUNetPlans"))
+    plans = planner.plan_experiment()
+    return {"plans": json.loads(json.dumps(plans, default=float))}
+
+
+def step_preprocess(spec: dict) -> dict:
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+
+    t0 = time.perf_counter()
+    preprocess_dataset(
+        spec["dataset_id"],
+        spec["plans_name"],
+        configurations=spec["configurations"],
+        num_processes=[spec["num_processes"]] * len(spec["configurations"]),
+        verbose=False,
+        show_progress_bar=False,
+    )
+    return {"seconds": time.perf_counter() - t0}
+
+
+def _build_network(plans: dict, dataset_json: dict, configuration: str, deep_supervision: bool):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(plans)
+    cm = pm.get_configuration(configuration)
+    n_in = determine_num_input_channels(pm, cm, dataset_json)
+    n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
+    net = nnUNetTrainer.build_network_architecture(pm, cm, n_in, n_out, enable_deep_supervision=deep_supervision)
+    return net, pm, cm
+
+
+def step_init_weights(spec: dict) -> dict:
+    import torch
+
+    from oarbench.train.trainer import state_to_arrays
+
+    torch.manual_seed(int(spec["seed"]))
+    net, _, _ = _build_network(_load_json(spec["plans"]), _load_json(spec["dataset_json"]), spec["configuration"], True)
+    arrays = state_to_arrays(net.state_dict())
+    _save_arrays(arrays, spec["out"])
+    return {"tensors": len(arrays), "parameters": int(sum(a.size for a in arrays.values()))}
+
+
+def step_train(spec: dict) -> dict:
+    import torch
+
+    from oarbench.train.trainer import OarbenchTrainer, arrays_to_state, reduce_width, state_to_arrays
+
+    torch.manual_seed(int(spec.get("seed", 0)))
+    pre = Path(os.environ["nnUNet_preprocessed"]) / spec["dataset"]
+    plans = reduce_width(_load_json(pre / f"{spec['plans_name']}.json"), spec["configuration"], spec["width"])
+    dataset_json = _load_json(pre / "dataset.json")
+    fold = spec["fold"]
+    fold = fold if fold == "all" else int(fold)
+    resume_from = spec.get("resume_from")
+    plans["continue_training"] = bool(resume_from)
+    trainer = OarbenchTrainer(plans, spec["configuration"], fold, dataset_json, torch.device(spec["device"]))
+    trainer.configure(
+        num_epochs=spec["epochs"],
+        iterations_per_epoch=spec["iterations"],
+        val_iterations_per_epoch=spec["val_iterations"],
+        stop_after_epoch=spec.get("stop_after_epoch"),
+        save_every=spec.get("save_every"),
+    )
+    trainer.initialize()
+    if resume_from:
+        trainer.load_checkpoint(resume_from)
+    if spec.get("initial_weights"):
+        state = arrays_to_state(_load_arrays(spec["initial_weights"]), trainer.network)
+        trainer.network.load_state_dict(state)
+    t0 = time.perf_counter()
+    start_epoch = trainer.current_epoch
+    trainer.run_training()
+    seconds = time.perf_counter() - t0
+    iterations = (trainer.current_epoch - start_epoch) * trainer.num_iterations_per_epoch
+    if spec.get("weights_out"):
+        _save_arrays(state_to_arrays(trainer.network.state_dict()), spec["weights_out"])
+    if spec.get("validate"):
+        trainer.perform_actual_validation(False)
+    return {
+        "model_folder": trainer.output_folder_base,
+        "fold_folder": trainer.output_folder,
+        "checkpoint": str(Path(trainer.output_folder) / "checkpoint_final.pth"),
+        "epochs_done": trainer.current_epoch,
+        "seconds": seconds,
+        "iterations": iterations,
+        "num_cases": len(trainer.get_tr_and_val_datasets()[0].identifiers),
+        "step_seconds": float(getattr(trainer, "step_seconds", 0.0)),
+    }
+
+
+def step_write_model(spec: dict) -> dict:
+    """A normal nnU-Net model folder from plans, dataset.json and weights."""
+    import torch
+
+    from oarbench.train.trainer import arrays_to_state
+
+    plans = _load_json(spec["plans"])
+    dataset_json = _load_json(spec["dataset_json"])
+    configuration, fold = spec["configuration"], spec["fold"]
+    net, _, cm = _build_network(plans, dataset_json, configuration, False)
+    state = arrays_to_state(_load_arrays(spec["weights"]), net)
+    net.load_state_dict(state)
+    out = Path(spec["out"])
+    (out / f"fold_{fold}").mkdir(parents=True, exist_ok=True)
+    _save_json(plans, out / "plans.json")
+    _save_json(dataset_json, out / "dataset.json")
+    mirror = tuple(range(len(cm.patch_size)))  # nnUNetTrainer mirrors every spatial axis (2D: 0,1; 3D: 0,1,2)
+    ckpt = {
+        "network_weights": net.state_dict(),
+        "optimizer_state": None,
+        "grad_scaler_state": None,
+        "logging": None,
+        "_best_ema": None,
+        "current_epoch": int(spec.get("epochs", 0)),
+        "init_args": {"plans": plans, "configuration": configuration, "fold": fold, "dataset_json": dataset_json,
+                      "device": "cpu"},
+        "trainer_name": "nnUNetTrainer",
+        "oarbench_trainer": "federated",
+        "inference_allowed_mirroring_axes": mirror,
+    }
+    target = out / f"fold_{fold}" / "checkpoint_final.pth"
+    tmp = target.with_name(".checkpoint_final.pth.tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, target)
+    return {"model_folder": str(out)}
+
+
+def step_predict(spec: dict) -> dict:
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    model = Path(spec["model_folder"])
+    fold = spec["fold"]
+    fold = fold if fold == "all" else int(fold)
+    plans = _load_json(model / "plans.json")
+    dataset_json = _load_json(model / "dataset.json")
+    ckpt = torch.load(model / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    configuration = ckpt["init_args"]["configuration"]
+    net, pm, cm = _build_network(plans, dataset_json, configuration, False)
+    net.load_state_dict(ckpt["network_weights"])
+    device = torch.device(spec["device"])
+    predictor = nnUNetPredictor(
+        tile_step_size=0.5,
+        use_gaussian=True,
+        use_mirroring=bool(spec["mirroring"]),
+        perform_everything_on_device=device.type == "cuda",
+        device=device,
+        verbose=False,
+        verbose_preprocessing=False,
+        allow_tqdm=False,
+    )
+    predictor.manual_initialization(
+        net, pm, cm, [ckpt["network_weights"]], dataset_json, "nnUNetTrainer",
+        ckpt.get("inference_allowed_mirroring_axes"),
+    )
+    t0 = time.perf_counter()
+    predictor.predict_from_files(
+        spec["input_folder"],
+        spec["output_folder"],
+        save_probabilities=False,
+        overwrite=True,
+        num_processes_preprocessing=spec["num_processes"],
+        num_processes_segmentation_export=spec["num_processes"],
+    )
+    return {"seconds": time.perf_counter() - t0}
+
+
+def step_plan_and_preprocess(spec: dict) -> dict:
+    """verify (optional) + fingerprint + plan + preprocess in one process (nnU-Net's import costs seconds)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(spec["num_processes"])))
+    raw = Path(os.environ["nnUNet_raw"]) / spec["dataset"]
+    t0 = time.perf_counter()
+    if spec.get("verify"):
+        step_verify({"raw_dataset": str(raw), "num_processes": spec["num_processes"]})
+    fp = step_fingerprint(spec)["fingerprint"]
+    plans = step_plan(spec)["plans"]
+    step_preprocess(spec)
+    return {"fingerprint": fp, "plans": plans, "seconds": time.perf_counter() - t0}
+
+
+STEPS = {
+    "plan_and_preprocess": step_plan_and_preprocess,
+    "verify": step_verify,
+    "fingerprint": step_fingerprint,
+    "plan": step_plan,
+    "preprocess": step_preprocess,
+    "init_weights": step_init_weights,
+    "train": step_train,
+    "write_model": step_write_model,
+    "predict": step_predict,
+}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m oarbench.train._worker SPEC.json", file=sys.stderr)
+        return 2
+    spec = _load_json(argv[0])
+    result = STEPS[spec["step"]](spec)
+    _save_json(result, spec["result"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,733 @@
+"""Federated averaging over the secure storage exchange (:mod:`oarbench.train.exchange`).
+
+Round protocol (round ``r`` counts aggregations done so far):
+
+1. the coordinator publishes global weights ``round_r/global`` (round 0: the
+   initial weights);
+2. each site downloads them, trains E local epochs with its own optimizer
+   state (never shared), and uploads ``round_r/update/<site>`` with its
+   training-case count and the sha256 of the global weights it started from;
+3. the coordinator waits until every site's update is accepted or rejected,
+   or, after ``timeout_s``, until at least ``quorum`` are accepted; it
+   averages the accepted updates weighted by case count (FedAvg) and
+   publishes ``round_{r+1}/global``. After ``rounds`` aggregations the last
+   global model is final.
+
+Both sides keep no state of their own beyond storage (and the site's local
+trainer state): restarted at any time they read storage, find the last
+completed round and carry on.
+
+Shared plans: before round 0 each site uploads its nnU-Net dataset
+fingerprint (a summary: per-case spacing and shape after cropping, foreground
+intensity statistics), the coordinator merges them with
+:func:`merge_fingerprints`, plans once and publishes one signed plans file.
+
+The local training step is a plain callable (:class:`LocalTraining`), so the
+protocol runs with a tiny numpy model in tests and with nnU-Net for real.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from oarbench.train.exchange import (
+    COORDINATOR,
+    Exchange,
+    tensors_from_bytes,
+    tensors_to_bytes,
+)
+
+__all__ = [
+    "Weights",
+    "LocalTraining",
+    "FederationConfig",
+    "RoundResult",
+    "fedavg",
+    "merge_fingerprints",
+    "run_coordinator",
+    "run_site",
+    "publish_fingerprint",
+    "make_shared_plans",
+    "fetch_plans",
+    "latest_global_round",
+    "simulate",
+    "FEDERATED_DATASET",
+    "shared_dataset_header",
+    "nnunet_coordinator",
+    "nnunet_site",
+    "nnunet_simulate",
+]
+
+log = logging.getLogger(__name__)
+
+#: Named arrays: the network's state (one entry per distinct tensor).
+Weights = dict[str, np.ndarray]
+
+
+class LocalTraining(Protocol):
+    """One site's local training step.
+
+    Called with the round number and the global weights; returns the new
+    local weights (same names, shapes and dtypes) and the number of training
+    cases they were trained on.
+    """
+
+    def __call__(self, round_: int, global_weights: Weights) -> tuple[Weights, int]: ...
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Settings shared by the coordinator and the sites.
+
+    Attributes
+    ----------
+    sites: names of the sites taking part.
+    rounds: number of aggregation rounds.
+    quorum: fewest accepted updates that may be aggregated after the timeout
+        (default: all sites, i.e. wait for everyone).
+    timeout_s: seconds the coordinator waits for the updates of one round
+        before it aggregates a quorum (None: wait for all sites forever).
+    poll_s: seconds between storage polls.
+    """
+
+    sites: tuple[str, ...]
+    rounds: int
+    quorum: int | None = None
+    timeout_s: float | None = None
+    poll_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.sites:
+            raise ValueError("a federation needs at least one site")
+        if len(set(self.sites)) != len(self.sites):
+            raise ValueError(f"site names must be distinct: {self.sites}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.quorum is not None and not 1 <= self.quorum <= len(self.sites):
+            raise ValueError(f"quorum must be between 1 and {len(self.sites)}, got {self.quorum}")
+
+    @property
+    def min_sites(self) -> int:
+        return len(self.sites) if self.quorum is None else self.quorum
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What the coordinator did in one round.
+
+    Attributes
+    ----------
+    round: the round whose updates were aggregated (its result is global ``round + 1``).
+    contributors: ``(site, case count)`` of the aggregated updates.
+    rejected: reasons for refused objects.
+    global_sha256: sha256 of the published global weights (serialised).
+    seconds: wall-clock time from publishing global ``round`` to publishing ``round + 1``.
+    """
+
+    round: int
+    contributors: tuple[tuple[str, int], ...]
+    rejected: tuple[str, ...]
+    global_sha256: str
+    seconds: float
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def fedavg(updates: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> Weights:
+    """Average weights, weighted by case count (FedAvg).
+
+    ``w = sum_k n_k w_k / sum_k n_k``, accumulated in float64 and cast back to
+    each tensor's dtype (integer tensors are rounded to the nearest integer).
+
+    Raises
+    ------
+    ValueError
+        No updates, a non-positive case count, or tensors whose names or shapes differ.
+    """
+    if not updates:
+        raise ValueError("fedavg needs at least one update")
+    counts = [int(n) for _, n in updates]
+    if any(n <= 0 for n in counts):
+        raise ValueError(f"case counts must be positive, got {counts}")
+    names = set(updates[0][0])
+    for w, _ in updates[1:]:
+        if set(w) != names:
+            raise ValueError(f"updates hold different tensors: {sorted(names ^ set(w))}")
+    total = float(sum(counts))
+    out: Weights = {}
+    for name in sorted(names):
+        first = np.asarray(updates[0][0][name])
+        acc = np.zeros(first.shape, dtype=np.float64)
+        for (w, _), n in zip(updates, counts):
+            arr = np.asarray(w[name])
+            if arr.shape != first.shape:
+                raise ValueError(f"tensor {name!r}: shapes {first.shape} and {arr.shape} differ")
+            acc += arr.astype(np.float64) * (n / total)
+        if np.issubdtype(first.dtype, np.integer) or first.dtype == np.bool_:
+            acc = np.rint(acc)
+        out[name] = acc.astype(first.dtype)
+    return out
+
+
+def _check_like(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> str | None:
+    if set(update) != set(reference):
+        return f"tensor names differ from the global model: {sorted(set(update) ^ set(reference))[:5]}"
+    for k, ref in reference.items():
+        u = update[k]
+        if u.shape != ref.shape or u.dtype != ref.dtype:
+            return f"tensor {k!r}: {u.dtype}{u.shape}, global model has {ref.dtype}{ref.shape}"
+        if np.issubdtype(u.dtype, np.floating) and not np.all(np.isfinite(u)):
+            return f"tensor {k!r} holds NaN or inf"
+    return None
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def _mixture_quantile(q: float, cdfs: Sequence[tuple[np.ndarray, np.ndarray]], weights: np.ndarray) -> float:
+    """Quantile ``q`` of a weighted mixture of piecewise-linear CDFs given as (x, F(x)) knots."""
+    xs = np.unique(np.concatenate([x for x, _ in cdfs]))
+    mix = np.zeros_like(xs)
+    for (x, f), w in zip(cdfs, weights):
+        mix += w * np.interp(xs, x, f, left=0.0, right=1.0)
+    return float(np.interp(q, mix, xs))
+
+
+def merge_fingerprints(fingerprints: Mapping[str, tuple[Mapping[str, Any], int]]) -> dict[str, Any]:
+    """Merge sites' nnU-Net dataset fingerprints into one, weighted by case count.
+
+    Parameters
+    ----------
+    fingerprints:
+        site -> (fingerprint dict as nnU-Net's ``dataset_fingerprint.json``, case count).
+
+    Returns
+    -------
+    dict
+        A fingerprint in nnU-Net's format. Field by field:
+
+        * ``spacings``, ``shapes_after_crop``: per-case lists concatenated in
+          site-name order: exact (the same lists a pooled extraction gives, in
+          another case order, which the planner does not use).
+        * foreground intensity ``mean``: case-weighted mean of the site means;
+          ``std``: pooled population standard deviation from the site means,
+          standard deviations and case counts, ``sqrt(sum n_k (s_k^2 + m_k^2) / N
+          - m^2)``; ``min``/``max``: minimum/maximum. These are exact for
+          nnU-Net's sampled foreground pool, in which every case contributes
+          the same number of samples, so a site weighs in proportion to its
+          case count.
+        * ``median``, ``percentile_00_5``, ``percentile_99_5``: approximated.
+          Each site's intensity CDF is modelled as piecewise linear through
+          (min, 0), (p0.5, 0.005), (median, 0.5), (p99.5, 0.995), (max, 1);
+          the case-weighted mixture of these CDFs is inverted. Exact when all
+          sites have the same distribution; otherwise an approximation.
+        * ``median_relative_size_after_cropping``: case-weighted mean of the
+          site medians (approximation; nnU-Net only compares it with 0.75).
+    """
+    if not fingerprints:
+        raise ValueError("no fingerprints to merge")
+    sites = sorted(fingerprints)
+    counts = np.array([int(fingerprints[s][1]) for s in sites], dtype=np.float64)
+    if np.any(counts <= 0):
+        raise ValueError(f"case counts must be positive: {dict(zip(sites, counts))}")
+    w = counts / counts.sum()
+    fps = [fingerprints[s][0] for s in sites]
+    for s, fp, n in zip(sites, fps, counts):
+        if len(fp["spacings"]) != n or len(fp["shapes_after_crop"]) != n:
+            raise ValueError(
+                f"fingerprint of site {s!r} lists {len(fp['spacings'])} cases, but its case count is {int(n)}"
+            )
+    channels = [sorted(fp["foreground_intensity_properties_per_channel"], key=str) for fp in fps]
+    if any(c != channels[0] for c in channels):
+        raise ValueError(f"sites have different channels: {dict(zip(sites, channels))}")
+    intensity: dict[str, dict[str, float]] = {}
+    for ch in channels[0]:
+        st = [fp["foreground_intensity_properties_per_channel"][ch] for fp in fps]
+        means = np.array([s["mean"] for s in st], dtype=np.float64)
+        stds = np.array([s["std"] for s in st], dtype=np.float64)
+        mean = float(np.sum(w * means))
+        var = float(np.sum(w * (stds**2 + means**2)) - mean**2)
+        cdfs = []
+        for s in st:
+            x = np.array([s["min"], s["percentile_00_5"], s["median"], s["percentile_99_5"], s["max"]], float)
+            f = np.array([0.0, 0.005, 0.5, 0.995, 1.0])
+            x = np.maximum.accumulate(x)
+            x = x + np.arange(5) * 1e-9 * max(1.0, abs(float(x[-1])))  # strictly increasing knots
+            cdfs.append((x, f))
+        intensity[str(ch)] = {
+            "mean": mean,
+            "median": _mixture_quantile(0.5, cdfs, w),
+            "std": float(np.sqrt(max(var, 0.0))),
+            "min": float(min(s["min"] for s in st)),
+            "max": float(max(s["max"] for s in st)),
+            "percentile_99_5": _mixture_quantile(0.995, cdfs, w),
+            "percentile_00_5": _mixture_quantile(0.005, cdfs, w),
+        }
+    return {
+        "spacings": [list(map(float, sp)) for fp in fps for sp in fp["spacings"]],
+        "shapes_after_crop": [list(map(int, sh)) for fp in fps for sh in fp["shapes_after_crop"]],
+        "foreground_intensity_properties_per_channel": intensity,
+        "median_relative_size_after_cropping": float(
+            np.sum(w * np.array([fp["median_relative_size_after_cropping"] for fp in fps], dtype=np.float64))
+        ),
+    }
+
+
+def publish_fingerprint(exchange: Exchange, fingerprint: Mapping[str, Any], dataset_header: Mapping[str, Any],
+                        num_cases: int) -> None:
+    """Site side: upload the local fingerprint and the dataset's public header.
+
+    ``dataset_header`` carries only ``labels``, ``channel_names`` and
+    ``file_ending`` of the site's dataset.json (no file lists).
+    """
+    body = {"fingerprint": dict(fingerprint), "dataset": dict(dataset_header), "num_cases": int(num_cases)}
+    try:
+        exchange.put("fingerprint", -1, json.dumps(body, sort_keys=True).encode("utf-8"), num_cases=num_cases)
+    except FileExistsError:
+        log.info("%s: fingerprint already uploaded (restart); keeping the committed one", exchange.keyring.identity)
+
+
+def _wait(what: str, poll: Callable[[], Any], poll_s: float, timeout_s: float | None) -> Any:
+    start = time.monotonic()
+    while True:
+        got = poll()
+        if got is not None:
+            return got
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+def make_shared_plans(
+    exchange: Exchange,
+    config: FederationConfig,
+    plan: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]],
+    *,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """Coordinator side: wait for all sites' fingerprints, merge, plan once, publish signed plans.
+
+    ``plan(merged_fingerprint, dataset_header)`` returns the plans dict (for
+    nnU-Net: :func:`oarbench.train.nnunet.plan_from_fingerprint`). If plans
+    are already published (restart), they are returned unchanged.
+    """
+    existing = exchange.get("plans", -1, "plans")
+    if existing is not None:
+        return json.loads(existing.payload)
+
+    def poll() -> dict | None:
+        accepted, _ = exchange.collect("fingerprint", -1)
+        accepted = {k: v for k, v in accepted.items() if k in config.sites}
+        return accepted if len(accepted) == len(config.sites) else None
+
+    got = _wait("all sites' fingerprints", poll, config.poll_s, timeout_s)
+    bodies = {s: json.loads(r.payload) for s, r in got.items()}
+    headers = {s: b["dataset"] for s, b in bodies.items()}
+    ref = headers[config.sites[0]]
+    for s, h in headers.items():
+        for key in ("labels", "channel_names", "file_ending"):
+            if h.get(key) != ref.get(key):
+                raise ValueError(f"site {s!r} has dataset.json {key} {h.get(key)!r}, site "
+                                 f"{config.sites[0]!r} has {ref.get(key)!r}")
+    merged = merge_fingerprints({s: (b["fingerprint"], b["num_cases"]) for s, b in bodies.items()})
+    header = dict(ref, numTraining=int(sum(b["num_cases"] for b in bodies.values())))
+    plans = plan(merged, header)
+    exchange.put("plans", -1, json.dumps(plans, sort_keys=True).encode("utf-8"))
+    return plans
+
+
+def fetch_plans(exchange: Exchange, *, poll_s: float = 1.0, timeout_s: float | None = None) -> dict[str, Any]:
+    """Site side: wait for the coordinator's signed plans and return them."""
+    got = _wait("the coordinator's plans", lambda: exchange.get("plans", -1, "plans"), poll_s, timeout_s)
+    return json.loads(got.payload)
+
+
+# --------------------------------------------------------------------------- rounds
+
+
+def _global_rounds(exchange: Exchange) -> list[int]:
+    try:
+        entries = exchange.fs.ls(exchange._full(""), detail=False)
+    except FileNotFoundError:
+        return []
+    rounds = []
+    for p in entries:
+        name = p.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("round_") and name[6:].isdigit():
+            if exchange._exists(f"{name}/global/global.manifest.json"):
+                rounds.append(int(name[6:]))
+    return sorted(rounds)
+
+
+def latest_global_round(exchange: Exchange) -> int:
+    """Highest round with a committed global model, or -1 if none."""
+    rounds = _global_rounds(exchange)
+    return rounds[-1] if rounds else -1
+
+
+def _read_global(exchange: Exchange, round_: int) -> tuple[Weights, str] | None:
+    got = exchange.get("global", round_, "global")
+    if got is None:
+        return None
+    return tensors_from_bytes(got.payload), got.header.sha256
+
+
+def run_coordinator(
+    exchange: Exchange,
+    config: FederationConfig,
+    initial_weights: Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]],
+    *,
+    stop: threading.Event | None = None,
+) -> list[RoundResult]:
+    """Run (or resume) the coordinator until the final global model is published.
+
+    Returns the results of the rounds aggregated in this call (none if the
+    federation had already finished).
+
+    Raises
+    ------
+    RuntimeError
+        Fewer than the quorum of sites delivered a valid update in time.
+    """
+    if exchange.keyring.identity != COORDINATOR:
+        raise ValueError(f"the coordinator must use the {COORDINATOR!r} keys, not {exchange.keyring.identity!r}")
+    current = latest_global_round(exchange)
+    if current < 0:
+        init = initial_weights() if callable(initial_weights) else initial_weights
+        exchange.put("global", 0, tensors_to_bytes(dict(init)))
+        log.info("coordinator: published initial global model (round 0)")
+        current = 0
+    results: list[RoundResult] = []
+    while current < config.rounds:
+        started = time.monotonic()
+        read = _read_global(exchange, current)
+        if read is None:  # pragma: no cover - listed a moment ago
+            raise RuntimeError(f"global model of round {current} vanished from {exchange.url}")
+        global_w, global_sha = read
+        deadline = None if config.timeout_s is None else started + config.timeout_s
+        while True:
+            accepted, rejected = exchange.collect("update", current, parent=global_sha)
+            valid: dict[str, tuple[Weights, int]] = {}
+            for site, rec in accepted.items():
+                if site not in config.sites:
+                    rejected[rec.manifest_path] = f"{rec.manifest_path}: site {site!r} is not in this federation"
+                    continue
+                try:
+                    w = tensors_from_bytes(rec.payload)
+                except Exception as exc:  # safetensors raises its own error types
+                    rejected[rec.manifest_path] = f"{rec.manifest_path}: not a safetensors payload ({exc})"
+                    continue
+                problem = _check_like(w, global_w)
+                if problem is None and rec.header.num_cases <= 0:
+                    problem = f"case count {rec.header.num_cases} is not positive"
+                if problem:
+                    rejected[rec.manifest_path] = f"{rec.manifest_path}: {problem}"
+                    log.warning("rejected: %s", rejected[rec.manifest_path])
+                    continue
+                valid[site] = (w, rec.header.num_cases)
+            # a refused manifest is final (its slot cannot be written again); a .bin without
+            # manifest may be an upload in progress, so it does not settle that site
+            refused_sites = {p.rsplit("/", 1)[-1].split(".")[0] for p in rejected if p.endswith(".manifest.json")}
+            settled = set(valid) | (refused_sites & set(config.sites))
+            if len(valid) == len(config.sites):
+                break
+            if settled >= set(config.sites) or (deadline is not None and time.monotonic() > deadline):
+                if len(valid) >= config.min_sites:
+                    break
+                raise RuntimeError(
+                    f"round {current}: only {len(valid)} valid update(s) ({sorted(valid)}), quorum is "
+                    f"{config.min_sites}; rejected: {sorted(rejected.values())}"
+                )
+            if stop is not None and stop.is_set():
+                return results
+            time.sleep(config.poll_s)
+        order = sorted(valid)
+        new = fedavg([valid[s] for s in order])
+        total = sum(valid[s][1] for s in order)
+        header = exchange.put("global", current + 1, tensors_to_bytes(new), parent=global_sha, num_cases=total)
+        res = RoundResult(
+            round=current,
+            contributors=tuple((s, valid[s][1]) for s in order),
+            rejected=tuple(sorted(rejected.values())),
+            global_sha256=header.sha256,
+            seconds=time.monotonic() - started,
+        )
+        log.info("coordinator: round %d aggregated from %s -> global %d", current, res.contributors, current + 1)
+        results.append(res)
+        current += 1
+    return results
+
+
+def run_site(
+    exchange: Exchange,
+    config: FederationConfig,
+    train: LocalTraining,
+    *,
+    stop: threading.Event | None = None,
+    timeout_s: float | None = None,
+) -> Weights | None:
+    """Run (or resume) one site until the final global model is published; return it.
+
+    Resumes at the latest global round in storage: if this site's update for
+    that round is already committed it waits for the next one. Returns
+    ``None`` if ``stop`` is set first.
+    """
+    me = exchange.keyring.identity
+    if me not in config.sites:
+        raise ValueError(f"site {me!r} is not in this federation ({config.sites})")
+    r = max(latest_global_round(exchange), 0)
+    while True:
+        def poll() -> tuple[Weights, str] | None:
+            if stop is not None and stop.is_set():
+                return ({}, "")
+            return _read_global(exchange, r)
+
+        global_w, sha = _wait(f"global model of round {r}", poll, config.poll_s, timeout_s)
+        if stop is not None and stop.is_set():
+            return None
+        if r >= config.rounds:
+            log.info("%s: final global model (round %d) received", me, r)
+            return global_w
+        if exchange.get("update", r, me, parent=sha) is not None:
+            log.info("%s: update for round %d already committed (resumed)", me, r)
+        else:
+            local_w, n_cases = train(r, global_w)
+            problem = _check_like(local_w, global_w)
+            if problem:
+                raise ValueError(f"site {me!r}, round {r}: local training returned bad weights: {problem}")
+            exchange.put("update", r, tensors_to_bytes(local_w), parent=sha, num_cases=int(n_cases))
+            log.info("%s: uploaded update for round %d (%d cases)", me, r, n_cases)
+        r += 1
+
+
+def simulate(
+    coordinator: Exchange,
+    sites: Mapping[str, tuple[Exchange, LocalTraining]],
+    config: FederationConfig,
+    initial_weights: Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]],
+) -> tuple[list[RoundResult], dict[str, Weights]]:
+    """Run the coordinator and every site in threads of this process.
+
+    Returns the coordinator's round results and each site's final global weights.
+    Any exception in a thread stops the others and is re-raised.
+    """
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    finals: dict[str, Weights] = {}
+    results: list[RoundResult] = []
+
+    def guard(fn: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                errors.append(exc)
+                stop.set()
+
+        return run
+
+    def site_job(name: str, ex: Exchange, tr: LocalTraining) -> Callable[[], None]:
+        def job() -> None:
+            w = run_site(ex, config, tr, stop=stop)
+            if w is not None:
+                finals[name] = w
+
+        return job
+
+    threads = [threading.Thread(target=guard(lambda: results.extend(
+        run_coordinator(coordinator, config, initial_weights, stop=stop))), name="coordinator")]
+    threads += [threading.Thread(target=guard(site_job(n, ex, tr)), name=n) for n, (ex, tr) in sites.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results, finals
+
+
+# --------------------------------------------------------------------------- nnU-Net glue
+
+#: nnU-Net dataset name the coordinator plans under (sites keep their own names).
+FEDERATED_DATASET = "Dataset999_Federated"
+
+
+def _dataset_header(dataset_json: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: dataset_json[k] for k in ("labels", "channel_names", "file_ending")}
+
+
+def shared_dataset_header(exchange: Exchange, config: FederationConfig) -> dict[str, Any]:
+    """dataset.json for the federated model: the sites' common header plus the total case count."""
+    accepted, _ = exchange.collect("fingerprint", -1)
+    bodies = [json.loads(accepted[s].payload) for s in config.sites if s in accepted]
+    if not bodies:
+        raise ValueError(f"{exchange.url}: no valid fingerprints in storage")
+    return dict(bodies[0]["dataset"], numTraining=int(sum(b["num_cases"] for b in bodies)))
+
+
+def nnunet_coordinator(
+    exchange: Exchange,
+    config: FederationConfig,
+    work: str | os.PathLike[str],
+    *,
+    configuration: str = "3d_fullres",
+    width: str = "default",
+    seed: int = 0,
+    plans_timeout_s: float | None = None,
+) -> Path:
+    """The coordinator of a federated nnU-Net: shared plans, rounds, final model folder.
+
+    Returns the final model folder ``work/model`` (dataset.json, plans.json,
+    fold_all/checkpoint_final.pth). Restartable at any point.
+    """
+    from oarbench.train import nnunet as nn
+    from oarbench.train._plans import reduce_width
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    def plan(merged: dict[str, Any], header: dict[str, Any]) -> dict[str, Any]:
+        plans = nn.plan_from_fingerprint(merged, header, name=FEDERATED_DATASET)
+        return reduce_width(plans, configuration, width)
+
+    plans = make_shared_plans(exchange, config, plan, timeout_s=plans_timeout_s)
+    header = shared_dataset_header(exchange, config)
+
+    def init() -> Weights:
+        f = nn.initial_weights(plans, header, work / "initial.safetensors", configuration=configuration, seed=seed)
+        return tensors_from_bytes(f.read_bytes())
+
+    run_coordinator(exchange, config, init)
+    got = exchange.get("global", config.rounds, "global")
+    if got is None:  # pragma: no cover - run_coordinator returns only after publishing it
+        raise RuntimeError(f"{exchange.url}: final global model missing")
+    final = work / "final.safetensors"
+    final.write_bytes(got.payload)
+    return nn.write_model_folder(work / "model", plans, header, final, configuration=configuration, fold="all")
+
+
+def nnunet_site(
+    exchange: Exchange,
+    config: FederationConfig,
+    dataset_dir: str | os.PathLike[str],
+    work: str | os.PathLike[str],
+    *,
+    local_epochs: int = 1,
+    iterations: int = 250,
+    configuration: str = "3d_fullres",
+    device: str = "cpu",
+    num_processes: int = 2,
+    plans_timeout_s: float | None = None,
+) -> Path:
+    """One site of a federated nnU-Net: fingerprint, shared plans, local rounds, final model folder.
+
+    Images never leave ``dataset_dir``; the site uploads its fingerprint and
+    its encrypted weights only. Returns ``work/model`` holding the final
+    global model. Restartable at any point.
+    """
+    from oarbench.train import nnunet as nn
+
+    work = Path(work)
+    paths = nn.NnunetPaths.under(work / "nnunet").make()
+    name = nn.link_dataset(dataset_dir, paths)
+    dataset_json = json.loads((Path(paths.raw) / name / "dataset.json").read_text())
+    me = exchange.keyring.identity
+    if exchange.get("fingerprint", -1, me) is None:
+        fp = nn.extract_fingerprint(paths, name, num_processes=num_processes)
+        publish_fingerprint(exchange, fp, _dataset_header(dataset_json), len(fp["spacings"]))
+    plans = fetch_plans(exchange, poll_s=config.poll_s, timeout_s=plans_timeout_s)
+    marker = work / "preprocessed.sha256"
+    digest = hashlib.sha256(json.dumps(plans, sort_keys=True).encode()).hexdigest()
+    if not marker.is_file() or marker.read_text() != digest:
+        nn.install_plans(paths, name, plans)
+        nn.preprocess(paths, name, configurations=(configuration,), num_processes=num_processes)
+        marker.write_text(digest)
+    trainer = nn.NnunetSiteTraining(paths, name, work / "rounds", rounds=config.rounds, local_epochs=local_epochs,
+                                    iterations=iterations, configuration=configuration, device=device)
+    final = run_site(exchange, config, trainer)
+    if final is None:  # pragma: no cover - only with a stop event
+        raise RuntimeError("site stopped before the final round")
+    f = work / "final.safetensors"
+    f.write_bytes(tensors_to_bytes(final))
+    header = dict(_dataset_header(dataset_json), numTraining=int(exchange.get("global", config.rounds, "global")
+                                                                  .header.num_cases))
+    return nn.write_model_folder(work / "model", plans, header, f, configuration=configuration, fold="all")
+
+
+def nnunet_simulate(
+    url: str,
+    keys: str | os.PathLike[str],
+    datasets: Mapping[str, str | os.PathLike[str]],
+    work: str | os.PathLike[str],
+    config: FederationConfig,
+    *,
+    federation: str = "oarbench",
+    storage_options: Mapping[str, Any] | None = None,
+    local_epochs: int = 1,
+    iterations: int = 250,
+    configuration: str = "3d_fullres",
+    width: str = "default",
+    device: str = "cpu",
+    num_processes: int = 1,
+) -> dict[str, Path]:
+    """A coordinator and one site per dataset on this machine, in threads (nnU-Net steps run in child processes).
+
+    ``keys`` is a folder made by :func:`oarbench.train.exchange.generate_keys`.
+    Returns the final model folders by party (``"coordinator"`` and each site);
+    all hold the same weights.
+    """
+    from oarbench.train.exchange import load_keyring
+
+    work = Path(work)
+
+    def ex(name: str) -> Exchange:
+        return Exchange(url, load_keyring(keys, name), federation=federation, storage_options=storage_options)
+
+    jobs: dict[str, Callable[[], Path]] = {
+        COORDINATOR: lambda: nnunet_coordinator(ex(COORDINATOR), config, work / COORDINATOR,
+                                                configuration=configuration, width=width),
+    }
+    for site, ds in datasets.items():
+        jobs[site] = (lambda s=site, d=ds: nnunet_site(
+            ex(s), config, d, work / s, local_epochs=local_epochs, iterations=iterations,
+            configuration=configuration, device=device, num_processes=num_processes))
+    return _run_threads(jobs)
+
+
+def _run_threads(jobs: Mapping[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Run callables in threads; return their results by name, re-raising the first error.
+
+    A failure does not stop the other threads (they time out or finish on their own).
+    """
+    out: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def wrap(name: str, fn: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                out[name] = fn()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                log.error("%s failed: %s", name, exc)
+                errors.append(exc)
+
+        return run
+
+    threads = [threading.Thread(target=wrap(n, f), name=n) for n, f in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out

@@ -1,0 +1,483 @@
+"""nnU-Net v2 driven with explicit paths: verify, fingerprint, plan, preprocess, train, predict.
+
+Every nnU-Net step runs in a child process (``python -m
+oarbench.train._worker``) whose environment is built per call from a
+:class:`NnunetPaths`; the caller's ``os.environ`` is never changed. Inside the
+child nnU-Net is driven in-process (the trainer class is imported, the
+predictor built with ``manual_initialization``), never through nnU-Net's
+trainer lookup by name, which imports every trainer module (and so
+torchvision) and fails where torchvision is broken.
+
+Folder conventions are nnU-Net's: ``<raw>/DatasetXXX_Name/{dataset.json,
+imagesTr, labelsTr}``, ``<preprocessed>/DatasetXXX_Name/``, and model folders
+``<results>/DatasetXXX_Name/<Trainer>__<Plans>__<configuration>/`` with
+``dataset.json``, ``plans.json`` and ``fold_<f>/checkpoint_final.pth``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = [
+    "NnunetPaths",
+    "TrainResult",
+    "nnunet_env",
+    "dataset_name",
+    "link_dataset",
+    "verify_dataset",
+    "extract_fingerprint",
+    "plan_and_preprocess",
+    "plan_from_fingerprint",
+    "install_plans",
+    "preprocess",
+    "initial_weights",
+    "train",
+    "write_model_folder",
+    "predict",
+    "train_local",
+    "NnunetSiteTraining",
+]
+
+_INSTALL_HINT = "nnU-Net is not installed: pip install 'oarbench[nnunet]' (nnunetv2 and torch)"
+_DATASET_RE = re.compile(r"^Dataset(\d{3})_[A-Za-z0-9_\-]+$")
+
+
+def _require_nnunet() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("nnunetv2") is None or importlib.util.find_spec("torch") is None:
+        raise ModuleNotFoundError(_INSTALL_HINT)
+
+
+@dataclass(frozen=True)
+class NnunetPaths:
+    """nnU-Net's three folders, passed explicitly."""
+
+    raw: Path
+    preprocessed: Path
+    results: Path
+
+    @classmethod
+    def under(cls, root: str | Path) -> "NnunetPaths":
+        """``root/nnUNet_raw``, ``root/nnUNet_preprocessed``, ``root/nnUNet_results``."""
+        root = Path(root)
+        return cls(root / "nnUNet_raw", root / "nnUNet_preprocessed", root / "nnUNet_results")
+
+    def make(self) -> "NnunetPaths":
+        for p in (self.raw, self.preprocessed, self.results):
+            p.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def nnunet_env(paths: NnunetPaths, *, base: Mapping[str, str] | None = None, threads: int | None = None,
+               training: bool = False) -> dict[str, str]:
+    """Environment for one nnU-Net child process (a new dict; ``base`` defaults to a copy of os.environ).
+
+    Sets the three nnU-Net folders, ``nnUNet_def_n_proc=1``,
+    ``nnUNet_compile=false`` and ``nnUNet_n_proc_DA``: 0 for training (data
+    augmentation in the training process, no worker processes), 1 otherwise
+    (the planner passes it to ``torch.set_num_threads``, which refuses 0).
+    """
+    env = dict(os.environ if base is None else base)
+    env.update(
+        nnUNet_raw=str(Path(paths.raw).resolve()),
+        nnUNet_preprocessed=str(Path(paths.preprocessed).resolve()),
+        nnUNet_results=str(Path(paths.results).resolve()),
+        nnUNet_n_proc_DA="0" if training else "1",
+        nnUNet_def_n_proc="1",
+        nnUNet_compile="false",
+        PYTHONUNBUFFERED="1",
+    )
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _run(step: str, paths: NnunetPaths, spec: Mapping[str, Any], *, log_file: Path | None = None) -> dict[str, Any]:
+    """Run one worker step in a child process; return its JSON result."""
+    _require_nnunet()
+    with tempfile.TemporaryDirectory(prefix="oarbench-nnunet-") as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        result_path = Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(dict(spec, step=step, result=str(result_path))))
+        out = open(log_file, "a") if log_file else None
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "oarbench.train._worker", str(spec_path)],
+                env=nnunet_env(paths, training=step == "train"),
+                stdout=out if out else subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                check=False,
+            )
+        finally:
+            if out:
+                out.close()
+        if proc.returncode != 0:
+            tail = (proc.stdout or "")[-4000:] if not log_file else f"see {log_file}"
+            raise RuntimeError(f"nnU-Net step {step!r} failed (exit {proc.returncode}): {tail}")
+        return json.loads(result_path.read_text())
+
+
+def dataset_name(dataset_dir: str | Path) -> str:
+    """The nnU-Net dataset name (``DatasetXXX_Name``) of a raw dataset folder."""
+    name = Path(dataset_dir).name
+    if not _DATASET_RE.match(name):
+        raise ValueError(f"{dataset_dir}: folder name must be DatasetXXX_Name (nnU-Net v2 raw dataset)")
+    return name
+
+
+def _dataset_id(name: str) -> int:
+    return int(name[7:10])
+
+
+def _check_raw_dataset(dataset_dir: Path) -> dict[str, Any]:
+    ds = dataset_dir / "dataset.json"
+    if not ds.is_file():
+        raise FileNotFoundError(f"{ds}: dataset.json not found (expected an nnU-Net v2 raw dataset folder)")
+    try:
+        meta = json.loads(ds.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{ds}: not valid JSON ({exc})") from exc
+    for key in ("labels", "channel_names", "file_ending", "numTraining"):
+        if key not in meta:
+            raise ValueError(f"{ds}: missing required key {key!r}")
+    if "dataset" not in meta and not (dataset_dir / "imagesTr").is_dir():
+        raise FileNotFoundError(f"{dataset_dir}/imagesTr: folder not found")
+    return meta
+
+
+def link_dataset(dataset_dir: str | Path, paths: NnunetPaths) -> str:
+    """Make ``dataset_dir`` visible under ``paths.raw`` (a symlink) and return its dataset name."""
+    src = Path(dataset_dir).resolve()
+    name = dataset_name(src)
+    _check_raw_dataset(src)
+    paths.make()
+    dst = Path(paths.raw) / name
+    if dst.is_symlink() or dst.exists():
+        if dst.resolve() != src:
+            raise ValueError(f"{dst}: already holds another dataset ({dst.resolve()}), not {src}")
+    else:
+        dst.symlink_to(src, target_is_directory=True)
+    return name
+
+
+def verify_dataset(paths: NnunetPaths, name: str, *, num_processes: int = 2) -> None:
+    """nnU-Net's dataset integrity check (file names, geometry, label values)."""
+    _run("verify", paths, {"raw_dataset": str(Path(paths.raw) / name), "num_processes": num_processes})
+
+
+def extract_fingerprint(paths: NnunetPaths, name: str, *, num_processes: int = 2) -> dict[str, Any]:
+    """Compute (and store in ``preprocessed``) the dataset fingerprint; return it."""
+    return _run("fingerprint", paths, {"dataset": name, "num_processes": num_processes})["fingerprint"]
+
+
+def plan(paths: NnunetPaths, name: str, *, plans_name: str = "nnUNetPlans") -> dict[str, Any]:
+    """Run nnU-Net's default ExperimentPlanner on the stored fingerprint; return the plans."""
+    return _run("plan", paths, {"dataset": name, "plans_name": plans_name})["plans"]
+
+
+def preprocess(paths: NnunetPaths, name: str, *, plans_name: str = "nnUNetPlans",
+               configurations: tuple[str, ...] = ("3d_fullres",), num_processes: int = 2) -> float:
+    """Preprocess ``configurations`` with an existing plans file; return seconds taken."""
+    res = _run("preprocess", paths, {"dataset_id": _dataset_id(name), "plans_name": plans_name,
+                                     "configurations": list(configurations), "num_processes": num_processes})
+    return float(res["seconds"])
+
+
+def plan_and_preprocess(paths: NnunetPaths, name: str, *, configurations: tuple[str, ...] = ("3d_fullres",),
+                        num_processes: int = 2, verify: bool = True) -> dict[str, Any]:
+    """``nnUNetv2_plan_and_preprocess -d ID -c CONFIG -np N -npfp N [--verify_dataset_integrity]``."""
+    res = _run("plan_and_preprocess", paths, {
+        "dataset": name, "dataset_id": _dataset_id(name), "plans_name": "nnUNetPlans", "verify": bool(verify),
+        "configurations": list(configurations), "num_processes": num_processes})
+    return res["plans"]
+
+
+def plan_from_fingerprint(fingerprint: Mapping[str, Any], dataset_header: Mapping[str, Any], *, name: str,
+                          plans_name: str = "nnUNetPlans") -> dict[str, Any]:
+    """Plans from a (merged) fingerprint and a dataset.json header, without any image.
+
+    Used by the federated coordinator. The planner gets a raw dataset folder
+    holding only a dataset.json (reader fixed to SimpleITKIO, a placeholder
+    case list it never opens) and the fingerprint.
+    """
+    with tempfile.TemporaryDirectory(prefix="oarbench-plan-") as tmp:
+        paths = NnunetPaths.under(tmp).make()
+        raw = Path(paths.raw) / name
+        raw.mkdir()
+        ending = dataset_header["file_ending"]
+        meta = dict(dataset_header)
+        meta.setdefault("overwrite_image_reader_writer", "SimpleITKIO")
+        meta["dataset"] = {"placeholder": {"images": [f"placeholder_0000{ending}"], "label": f"placeholder{ending}"}}
+        (raw / "dataset.json").write_text(json.dumps(meta))
+        pre = Path(paths.preprocessed) / name
+        pre.mkdir()
+        (pre / "dataset_fingerprint.json").write_text(json.dumps(fingerprint))
+        return plan(paths, name, plans_name=plans_name)
+
+
+def install_plans(paths: NnunetPaths, name: str, plans: Mapping[str, Any], *, plans_name: str = "nnUNetPlans",
+                  fingerprint: Mapping[str, Any] | None = None) -> Path:
+    """Write externally made plans (e.g. the federation's) for a local dataset; return the plans file.
+
+    The plans' ``dataset_name`` is set to ``name`` and ``plans_name`` to
+    ``plans_name``; the local dataset.json is copied next to them as nnU-Net's
+    planner would. The fingerprint (local one by default) is stored too.
+    """
+    pre = Path(paths.preprocessed) / name
+    pre.mkdir(parents=True, exist_ok=True)
+    out = dict(plans, dataset_name=name, plans_name=plans_name)
+    target = pre / f"{plans_name}.json"
+    _atomic_text(target, json.dumps(out, indent=1))
+    _atomic_text(pre / "dataset.json", (Path(paths.raw) / name / "dataset.json").read_text())
+    if fingerprint is not None:
+        _atomic_text(pre / "dataset_fingerprint.json", json.dumps(fingerprint))
+    return target
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def initial_weights(plans: Mapping[str, Any], dataset_json: Mapping[str, Any], out: str | Path, *,
+                    configuration: str = "3d_fullres", width: str = "default", seed: int = 0) -> Path:
+    """Freshly initialised network weights (safetensors, one entry per distinct tensor) for the plans."""
+    from oarbench.train._plans import reduce_width
+
+    with tempfile.TemporaryDirectory(prefix="oarbench-init-") as tmp:
+        p = Path(tmp) / "plans.json"
+        d = Path(tmp) / "dataset.json"
+        p.write_text(json.dumps(reduce_width(plans, configuration, width)))
+        d.write_text(json.dumps(dataset_json))
+        _run("init_weights", NnunetPaths.under(tmp), {"plans": str(p), "dataset_json": str(d), "out": str(out),
+                                                       "configuration": configuration, "seed": seed})
+    return Path(out)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of one training call.
+
+    Attributes
+    ----------
+    model_folder: nnU-Net model folder (dataset.json, plans.json, fold_<f>/).
+    checkpoint: fold_<f>/checkpoint_final.pth.
+    epochs_done: epoch counter after training.
+    iterations: training iterations run in this call.
+    seconds: wall-clock seconds of ``run_training`` (data loading set-up, training and
+        validation iterations, checkpoints).
+    num_cases: training cases of the fold.
+    step_seconds: seconds spent in the training steps alone (forward, backward, update).
+    """
+
+    model_folder: Path
+    checkpoint: Path
+    epochs_done: int
+    iterations: int
+    seconds: float
+    num_cases: int
+    step_seconds: float = float("nan")
+
+    @property
+    def seconds_per_iteration(self) -> float:
+        """Mean seconds per training iteration (training step only)."""
+        return self.step_seconds / self.iterations if self.iterations else float("nan")
+
+
+def train(
+    paths: NnunetPaths,
+    name: str,
+    *,
+    configuration: str = "3d_fullres",
+    fold: int | str = 0,
+    epochs: int = 1000,
+    iterations: int = 250,
+    val_iterations: int | None = None,
+    width: str = "default",
+    device: str = "cpu",
+    plans_name: str = "nnUNetPlans",
+    initial_weights_file: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    stop_after_epoch: int | None = None,
+    weights_out: str | Path | None = None,
+    validate: bool = False,
+    seed: int = 0,
+    log_file: Path | None = None,
+) -> TrainResult:
+    """Train one configuration and fold with :class:`oarbench.train.trainer.OarbenchTrainer`.
+
+    Parameters
+    ----------
+    epochs, iterations, val_iterations:
+        Schedule length (nnU-Net defaults 1000, 250, 50). ``val_iterations``
+        defaults to ``max(1, iterations // 5)``.
+    width:
+        ``"default"`` (as planned), ``"small"`` or ``"tiny"`` (features per
+        stage 16..128 / 8..64), written into the model's plans.json.
+    device:
+        ``"cpu"`` or ``"cuda"``.
+    initial_weights_file, resume_from, stop_after_epoch, weights_out:
+        For federated rounds: start from these weights (safetensors), resume
+        optimizer state and epoch counter from this checkpoint, stop after this
+        epoch, write the trained weights (safetensors).
+    validate:
+        Run nnU-Net's final validation (predicts the fold's validation cases).
+    """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    spec = {
+        "dataset": name, "configuration": configuration, "fold": fold, "epochs": int(epochs),
+        "iterations": int(iterations),
+        "val_iterations": int(val_iterations if val_iterations is not None else max(1, iterations // 5)),
+        "width": width, "device": device, "plans_name": plans_name,
+        "initial_weights": str(initial_weights_file) if initial_weights_file else None,
+        "resume_from": str(resume_from) if resume_from else None,
+        "stop_after_epoch": stop_after_epoch, "weights_out": str(weights_out) if weights_out else None,
+        "validate": bool(validate), "seed": seed, "save_every": 50,
+    }
+    r = _run("train", paths, spec, log_file=log_file)
+    return TrainResult(Path(r["model_folder"]), Path(r["checkpoint"]), int(r["epochs_done"]), int(r["iterations"]),
+                       float(r["seconds"]), int(r["num_cases"]), float(r["step_seconds"]))
+
+
+def write_model_folder(out: str | Path, plans: Mapping[str, Any], dataset_json: Mapping[str, Any],
+                       weights_file: str | Path, *, configuration: str = "3d_fullres", fold: int | str = "all",
+                       width: str = "default") -> Path:
+    """Write a normal nnU-Net model folder for weights trained elsewhere (the federated model).
+
+    ``out`` gets dataset.json, plans.json (with the width applied) and
+    ``fold_<fold>/checkpoint_final.pth`` (trainer name ``nnUNetTrainer``).
+    """
+    from oarbench.train._plans import reduce_width
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="oarbench-model-") as tmp:
+        p = Path(tmp) / "plans.json"
+        d = Path(tmp) / "dataset.json"
+        p.write_text(json.dumps(reduce_width(plans, configuration, width)))
+        d.write_text(json.dumps(dataset_json))
+        _run("write_model", NnunetPaths.under(tmp), {"plans": str(p), "dataset_json": str(d),
+                                                      "weights": str(weights_file), "out": str(out),
+                                                      "configuration": configuration, "fold": fold})
+    return out
+
+
+def predict(model_folder: str | Path, input_folder: str | Path, output_folder: str | Path, *,
+            fold: int | str = "all", device: str = "cpu", mirroring: bool = False,
+            num_processes: int = 1) -> float:
+    """Predict every case in ``input_folder`` (``<case>_0000.nii.gz`` files) into ``output_folder``.
+
+    Returns the seconds taken. Output files are ``<case><file_ending>`` on
+    the input grid, as ``nnUNetv2_predict`` writes them.
+    """
+    model_folder = Path(model_folder)
+    for f in ("plans.json", "dataset.json", f"fold_{fold}/checkpoint_final.pth"):
+        if not (model_folder / f).is_file():
+            raise FileNotFoundError(f"{model_folder / f}: not found (not an nnU-Net model folder for fold {fold})")
+    if not Path(input_folder).is_dir():
+        raise FileNotFoundError(f"{input_folder}: input folder not found")
+    Path(output_folder).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="oarbench-predict-") as tmp:
+        res = _run("predict", NnunetPaths.under(tmp), {
+            "model_folder": str(model_folder.resolve()), "input_folder": str(Path(input_folder).resolve()),
+            "output_folder": str(Path(output_folder).resolve()), "fold": fold, "device": device,
+            "mirroring": bool(mirroring), "num_processes": num_processes})
+    return float(res["seconds"])
+
+
+def train_local(dataset_dir: str | Path, out: str | Path, *, configuration: str = "3d_fullres",
+                fold: int | str = "all", epochs: int = 1000, iterations: int = 250, width: str = "default",
+                device: str = "cpu", num_processes: int = 2) -> dict[str, Any]:
+    """Plan, preprocess and train one local model; ``out`` holds nnU-Net's three folders.
+
+    Returns a summary with the model folder and timings (seconds).
+    """
+    paths = NnunetPaths.under(out).make()
+    name = link_dataset(dataset_dir, paths)
+    t0 = time.perf_counter()
+    plan_and_preprocess(paths, name, configurations=(configuration,), num_processes=num_processes)
+    t_plan = time.perf_counter() - t0
+    res = train(paths, name, configuration=configuration, fold=fold, epochs=epochs, iterations=iterations,
+                width=width, device=device, log_file=Path(out) / "train.log")
+    return {"model_folder": str(res.model_folder), "fold": fold, "plan_preprocess_s": t_plan,
+            "train_s": res.seconds, "s_per_iteration": res.seconds_per_iteration, "num_cases": res.num_cases}
+
+
+@dataclass
+class NnunetSiteTraining:
+    """A federated site's local step (:class:`oarbench.train.federated.LocalTraining`) with nnU-Net.
+
+    The site's nnU-Net folders (``paths``) hold its preprocessed data under
+    the federation's plans; ``work`` holds the exchanged weight files. Each
+    round trains ``local_epochs`` epochs from the global weights; the
+    optimizer state and epoch counter stay in the site's own checkpoint, and
+    the learning-rate schedule spans ``rounds * local_epochs`` epochs.
+    """
+
+    paths: NnunetPaths
+    name: str
+    work: Path
+    rounds: int
+    local_epochs: int = 1
+    iterations: int = 250
+    configuration: str = "3d_fullres"
+    width: str = "default"
+    device: str = "cpu"
+    fold: int | str = "all"
+    seconds: list[float] = field(default_factory=list)
+
+    def __call__(self, round_: int, global_weights: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+        from safetensors.numpy import load_file
+
+        import hashlib
+
+        from oarbench.train.exchange import tensors_to_bytes
+
+        self.work.mkdir(parents=True, exist_ok=True)
+        g = self.work / f"global_{round_:05d}.safetensors"
+        u = self.work / f"update_{round_:05d}.safetensors"
+        done = self.work / f"update_{round_:05d}.json"
+        g_bytes = tensors_to_bytes(dict(global_weights))
+        g_sha = hashlib.sha256(g_bytes).hexdigest()
+        if done.is_file() and u.is_file():
+            # trained in an earlier run that stopped before uploading: reuse, do not train twice
+            info = json.loads(done.read_text())
+            if info.get("global_sha256") == g_sha:
+                return dict(load_file(str(u))), int(info["num_cases"])
+        _atomic_bytes(g, g_bytes)
+        ckpt = self._checkpoint()
+        resume = ckpt if round_ > 0 and ckpt.is_file() else None
+        res = train(self.paths, self.name, configuration=self.configuration, fold=self.fold,
+                    epochs=self.rounds * self.local_epochs, iterations=self.iterations, width=self.width,
+                    device=self.device, initial_weights_file=g, resume_from=resume,
+                    stop_after_epoch=(round_ + 1) * self.local_epochs, weights_out=u,
+                    log_file=self.work / "train.log")
+        self.seconds.append(res.seconds)
+        _atomic_text(done, json.dumps({"global_sha256": g_sha, "num_cases": res.num_cases,
+                                       "seconds": res.seconds, "step_seconds": res.step_seconds}))
+        return dict(load_file(str(u))), res.num_cases
+
+    def _checkpoint(self) -> Path:
+        return (Path(self.paths.results) / self.name / f"OarbenchTrainer__nnUNetPlans__{self.configuration}"
+                / f"fold_{self.fold}" / "checkpoint_final.pth")

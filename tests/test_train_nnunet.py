@@ -1,0 +1,211 @@
+"""nnU-Net v2 drivers on the CPU: plan/preprocess, tiny training, prediction, one real federated round.
+
+The data is a tiny nnU-Net raw dataset written here with SimpleITK (32 x 48 x
+48 voxels, three labelled spheres), so these tests do not depend on the
+phantom generator's volume sizes. Budget: about 3-4 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHAPE = (32, 48, 48)  # z, y, x
+SPACING_XYZ = (1.5, 1.5, 3.0)  # mm, SimpleITK order
+LABELS = {"background": 0, "a": 1, "b": 2, "c": 3}
+
+
+def make_dataset(root: Path, name: str, n: int, seed: int, offset: float = 0.0) -> Path:
+    """An nnU-Net v2 raw dataset of ``n`` cases: three spheres (labels 1..3) in noise."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    d = root / name
+    (d / "imagesTr").mkdir(parents=True)
+    (d / "labelsTr").mkdir()
+    zz, yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    for i in range(n):
+        lab = np.zeros(SHAPE, np.uint8)
+        for v, (cz, cy, cx) in enumerate([(16, 16, 16), (16, 32, 32), (16, 16, 34)], 1):
+            cz, cy, cx = (c + int(rng.integers(-2, 3)) for c in (cz, cy, cx))
+            lab[(zz - cz) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2 <= (5 + v) ** 2] = v
+        img = rng.normal(0, 20, SHAPE) + np.choose(lab, [-100.0, 60.0, 140.0, 220.0]) + offset
+        for arr, path in ((img.astype(np.float32), d / "imagesTr" / f"case{i:03d}_0000.nii.gz"),
+                          (lab, d / "labelsTr" / f"case{i:03d}.nii.gz")):
+            im = sitk.GetImageFromArray(arr)
+            im.SetSpacing(SPACING_XYZ)
+            im.SetOrigin((-10.0, 5.0, 2.0))
+            sitk.WriteImage(im, str(path))
+    (d / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": n, "file_ending": ".nii.gz"}))
+    return d
+
+
+def _check_predictions(pred_dir: Path, inputs: list[Path]) -> None:
+    import SimpleITK as sitk
+
+    for img_path in inputs:
+        case = img_path.name[: -len("_0000.nii.gz")]
+        out = pred_dir / f"{case}.nii.gz"
+        assert out.is_file(), out
+        ref, pred = sitk.ReadImage(str(img_path)), sitk.ReadImage(str(out))
+        assert pred.GetSize() == ref.GetSize()
+        assert np.allclose(pred.GetSpacing(), ref.GetSpacing())
+        assert np.allclose(pred.GetOrigin(), ref.GetOrigin())
+        values = set(np.unique(sitk.GetArrayFromImage(pred)).tolist())
+        assert values <= set(LABELS.values()), values
+
+
+def test_reduce_width_is_torch_free_and_copies() -> None:
+    from oarbench.train._plans import reduce_width
+
+    plans = {"configurations": {
+        "3d_fullres": {"architecture": {"arch_kwargs": {"n_stages": 5, "features_per_stage": [32, 64, 128, 256, 320]}}},
+        "3d_cascade_fullres": {"inherits_from": "3d_fullres"},
+    }}
+    tiny = reduce_width(plans, "3d_cascade_fullres", "tiny")
+    # stage i: min(8 * 2**i, 64)
+    assert tiny["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] == [8, 16, 32,
+                                                                                                        64, 64]
+    assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"][0] == 32
+    with pytest.raises(ValueError, match="width"):
+        reduce_width(plans, "3d_fullres", "huge")
+
+
+def test_state_dedup_round_trip() -> None:
+    """Aliased modules (registered twice) are sent once and restored on load."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("nnunetv2")
+    from oarbench.train.trainer import arrays_to_state, state_to_arrays
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = torch.nn.Conv1d(2, 3, 1)
+            self.dec = torch.nn.Module()
+            self.dec.enc = self.enc  # the same module again, as nnU-Net's decoder holds the encoder
+            self.head = torch.nn.Linear(3, 2)
+
+    net = Net()
+    arrays = state_to_arrays(net.state_dict())
+    assert sorted(arrays) == ["enc.bias", "enc.weight", "head.bias", "head.weight"]
+    fresh = Net()
+    state = arrays_to_state({k: v + 1 for k, v in arrays.items()}, fresh)
+    assert set(state) == set(fresh.state_dict())  # 6 keys: the aliases are back
+    fresh.load_state_dict(state)
+    np.testing.assert_allclose(fresh.dec.enc.weight.detach().numpy(), arrays["enc.weight"] + 1)
+    with pytest.raises(ValueError, match="lack"):
+        arrays_to_state({"enc.weight": arrays["enc.weight"]}, fresh)
+
+
+def test_nnunet_env_does_not_touch_caller(tmp_path: Path) -> None:
+    from oarbench.train.nnunet import NnunetPaths, nnunet_env
+
+    before = dict(os.environ)
+    env = nnunet_env(NnunetPaths.under(tmp_path), training=True)
+    assert env["nnUNet_raw"] == str((tmp_path / "nnUNet_raw").resolve())
+    assert env["nnUNet_n_proc_DA"] == "0"
+    assert dict(os.environ) == before
+
+
+@pytest.mark.slow
+@pytest.mark.nnunet
+def test_train_tiny_and_predict(tmp_path: Path) -> None:
+    pytest.importorskip("nnunetv2")
+    from click.testing import CliRunner
+
+    from oarbench.cli import main
+    from oarbench.train.nnunet import predict
+
+    ds = make_dataset(tmp_path / "raw", "Dataset501_Toy", n=4, seed=0)
+    res = CliRunner().invoke(main, ["train", "local", "--dataset", str(ds), "--out", str(tmp_path / "out"),
+                                    "--epochs", "1", "--iterations", "2", "--width", "tiny"])
+    assert res.exit_code == 0, res.output
+    model = tmp_path / "out/nnUNet_results/Dataset501_Toy/OarbenchTrainer__nnUNetPlans__3d_fullres"
+    assert f"model folder: {model}" in res.output and "4 cases" in res.output
+    for f in ("dataset.json", "plans.json", "fold_all/checkpoint_final.pth"):
+        assert (model / f).is_file(), f
+    plans = json.loads((model / "plans.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert arch["features_per_stage"] == [min(8 * 2**i, 64) for i in range(arch["n_stages"])]
+
+    import torch
+
+    ckpt = torch.load(model / "fold_all/checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == "nnUNetTrainer" and ckpt["current_epoch"] == 1
+
+    inputs = sorted((ds / "imagesTr").glob("case00[01]_0000.nii.gz"))
+    in_dir = tmp_path / "test_in"
+    in_dir.mkdir()
+    for p in inputs:
+        (in_dir / p.name).symlink_to(p)
+    predict(model, in_dir, tmp_path / "pred", fold="all")
+    _check_predictions(tmp_path / "pred", inputs)
+
+
+@pytest.mark.slow
+@pytest.mark.nnunet
+def test_federated_round_with_real_nnunet(tmp_path: Path) -> None:
+    """Two sites, one round, tiny nnU-Net, local-folder storage; then predict with the federated model."""
+    pytest.importorskip("nnunetv2")
+    from safetensors.numpy import load_file
+
+    from oarbench.train.exchange import COORDINATOR, Exchange, generate_keys, load_keyring
+    from oarbench.train.federated import FederationConfig, nnunet_simulate
+    from oarbench.train.nnunet import predict
+
+    a = make_dataset(tmp_path / "data", "Dataset501_A", n=3, seed=1)
+    b = make_dataset(tmp_path / "data", "Dataset502_B", n=4, seed=2, offset=30.0)
+    generate_keys(tmp_path / "keys", ["A", "B"])
+    bucket = tmp_path / "bucket"
+    cfg = FederationConfig(("A", "B"), rounds=1, poll_s=0.5)
+    models = nnunet_simulate(str(bucket), tmp_path / "keys", {"A": a, "B": b}, tmp_path / "work", cfg,
+                             iterations=2, width="tiny")
+
+    # every party ends with the same final weights
+    finals = {p: load_file(str(tmp_path / "work" / p / "final.safetensors")) for p in (COORDINATOR, "A", "B")}
+    for k, v in finals[COORDINATOR].items():
+        np.testing.assert_array_equal(finals["A"][k], v)
+        np.testing.assert_array_equal(finals["B"][k], v)
+    # the global model is the case-weighted mean of the two uploaded updates: (3 * A + 4 * B) / 7
+    coord = Exchange(str(bucket), load_keyring(tmp_path / "keys", COORDINATOR))
+    from oarbench.train.exchange import tensors_from_bytes
+
+    ups, rejected = coord.collect("update", 0)
+    assert rejected == {} and {s: r.header.num_cases for s, r in ups.items()} == {"A": 3, "B": 4}
+    ua, ub = (tensors_from_bytes(ups[s].payload) for s in ("A", "B"))
+    for k, v in finals[COORDINATOR].items():
+        np.testing.assert_allclose(v, ((3 * ua[k].astype(np.float64) + 4 * ub[k]) / 7).astype(v.dtype),
+                                   rtol=1e-6, atol=1e-7)
+
+    # privacy: storage holds fingerprints, plans, encrypted weights and manifests only, each smaller than
+    # one image of the study (a 32x48x48 float32 image is 294912 bytes uncompressed)
+    image_bytes = int(np.prod(SHAPE)) * 4
+    from oarbench.train.exchange import tensors_to_bytes
+
+    # ciphertext = 12-byte nonce + safetensors payload (same tensor names/shapes every round) + 16-byte tag
+    weights_bytes = len(tensors_to_bytes(finals[COORDINATOR]))
+    for rel, size in coord.list_objects():
+        kind = rel.split("/")[1]
+        assert kind in ("fingerprint", "plans", "global", "update"), rel
+        if rel.endswith(".bin") and kind in ("global", "update"):
+            assert size == weights_bytes + 28, (rel, size, weights_bytes)
+        elif rel.endswith(".bin"):
+            assert size < 20000 < image_bytes, (rel, size)
+        else:
+            assert rel.endswith(".manifest.json") and size < 2000
+        raw = (bucket / rel).read_bytes()
+        assert b"imagesTr" not in raw and b"case000" not in raw  # no file names or paths leak
+
+    model = models[COORDINATOR]
+    assert (model / "fold_all/checkpoint_final.pth").is_file()
+    inputs = [a / "imagesTr" / "case000_0000.nii.gz"]
+    in_dir = tmp_path / "test_in"
+    in_dir.mkdir()
+    (in_dir / inputs[0].name).symlink_to(inputs[0])
+    predict(model, in_dir, tmp_path / "pred", fold="all")
+    _check_predictions(tmp_path / "pred", inputs)
