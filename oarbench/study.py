@@ -125,3 +125,37 @@ def load_study(path: str | Path) -> Study:
         models=tuple(models),
         raw=data,
     )
+
+
+def _toml_str(value: str | Path) -> str:
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def study_toml_text(study: Study, *, predictions: str | None = None, name: str | None = None) -> str:
+    """A study file for ``study`` with absolute paths (the label map written as default or a path).
+
+    ``predictions`` replaces every model's predictions pattern (``{model}``,
+    ``{centre}`` filled in later); other sections of the original file are not
+    carried over.
+    """
+    lines = ["[study]", f"name = {_toml_str(name or study.name)}"]
+    labels_spec = study.raw.get("study", {}).get("labels", "default")
+    if labels_spec != "default":
+        labels_spec = str(_resolve(study.root, labels_spec).resolve())
+    lines.append(f"labels = {_toml_str(labels_spec)}")
+    lines.append(f"tolerance_mm = {study.tolerance_mm!r}")
+    structures = study.raw.get("study", {}).get("structures") or []
+    lines.append("structures = [" + ", ".join(_toml_str(s) for s in structures) + "]")
+    for c in study.centres:
+        lines += ["", "[[centres]]", f"name = {_toml_str(c.name)}"]
+        if c.images is not None:
+            lines.append(f"images = {_toml_str(c.images.resolve())}")
+        lines.append(f"reference = {_toml_str(c.reference.resolve())}")
+        if c.metadata is not None:
+            lines.append(f"metadata = {_toml_str(c.metadata.resolve())}")
+    for m in study.models:
+        pattern = predictions if predictions is not None else str(_resolve(m.root, m.predictions).resolve())
+        lines += ["", "[[models]]", f"name = {_toml_str(m.name)}",
+                  "trained_on = [" + ", ".join(_toml_str(t) for t in m.trained_on) + "]",
+                  f"predictions = {_toml_str(pattern)}"]
+    return "\n".join(lines) + "\n"

@@ -15,10 +15,18 @@ from oarbench.cli._common import user_errors
               help="Study TOML with [phantoms] and [error_model] [default: cases/demo.toml].")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--force", is_flag=True, help="Regenerate the study and recompute every step.")
+@click.option("--train", is_flag=True, help="Really train the models (nnU-Net v2: local-A, local-B, federated) instead of simulating their predictions; adds robustness.")
+@click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True, help="--train: epochs of each local model.")
+@click.option("--iterations", type=click.IntRange(min=1), default=10, show_default=True, help="--train: iterations per epoch.")
+@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True, help="--train: federated rounds (one local epoch each).")
+@click.option("--width", type=click.Choice(["tiny", "default"]), default="tiny", show_default=True, help="--train: network width.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="--train: training and inference device.")
 @user_errors
-def demo(out: Path, config: Path | None, workers: int, force: bool) -> None:
+def demo(out: Path, config: Path | None, workers: int, force: bool, train: bool, epochs: int, iterations: int,
+         rounds: int, width: str, device: str) -> None:
     """Synthetic two-centre study: evaluate, false-positive kidneys, statistics, gallery, report."""
-    from oarbench.demo import run_demo
+    from oarbench.demo import TrainSettings, run_demo
 
-    outputs = run_demo(out, config=config, workers=workers, force=force, log=click.echo)
+    settings = TrainSettings(epochs=epochs, iterations=iterations, rounds=rounds, width=width, device=device) if train else None
+    outputs = run_demo(out, config=config, workers=workers, force=force, train=settings, log=click.echo)
     click.echo(f"report: {outputs['report']}")

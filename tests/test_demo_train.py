@@ -1,0 +1,61 @@
+"""`oarbench demo --train` end to end with tiny nnU-Net schedules on a shrunken study.
+
+Trains local-A, local-B (nnU-Net v2) and the federated model (FedAvg through the
+encrypted local-folder exchange), predicts both centres' test sets, and runs the
+analysis including robustness with the trained models.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from oarbench.labels import DEFAULT_LABELS
+
+pytest.importorskip("nnunetv2")
+
+DEMO_TOML = Path(__file__).resolve().parents[1] / "cases" / "demo.toml"
+
+
+def _tiny_config(tmp_path: Path) -> Path:
+    text = DEMO_TOML.read_text()
+    text = re.sub(r"(?m)^test_cases_per_centre = \d+", "test_cases_per_centre = 2", text)
+    text = re.sub(r"(?m)^train_cases_per_centre = \d+", "train_cases_per_centre = 2", text)
+    # Half the matrix at twice the spacing: the same field of view, an eighth of the voxels.
+    text = text.replace("size_xyz = [128, 128, 64]", "size_xyz = [64, 64, 32]")
+    text = text.replace("spacing_xyz_mm = [2.8, 2.8, 4.0]", "spacing_xyz_mm = [5.6, 5.6, 8.0]")
+    text = text.replace("size_xyz = [96, 96, 44]", "size_xyz = [48, 48, 22]")
+    text = text.replace("spacing_xyz_mm = [4.0, 4.0, 6.0]", "spacing_xyz_mm = [8.0, 8.0, 12.0]")
+    assert text.count("size_xyz = [64, 64, 32]") == 1 and text.count("size_xyz = [48, 48, 22]") == 1
+    path = tmp_path / "tiny-demo.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.nnunet
+def test_demo_train_end_to_end(tmp_path):
+    from oarbench.demo import TrainSettings, run_demo
+
+    settings = TrainSettings(epochs=1, iterations=2, rounds=1, conditions=("flip_lr",), robustness_cases=1)
+    out = tmp_path / "demo"
+    outputs = run_demo(out, config=_tiny_config(tmp_path), workers=1, train=settings, log=lambda _: None)
+
+    for model in ("local-A", "local-B", "fl"):
+        folder = Path((out / "models" / model / "model_folder.txt").read_text())
+        assert (folder / "plans.json").is_file() and (folder / "fold_all" / "checkpoint_final.pth").is_file()
+    res = out / "results"
+    table = pd.read_csv(res / "metrics.csv")
+    assert len(table) == 2 * 3 * 2 * len(DEFAULT_LABELS)
+    assert set(table["model"]) == {"local-A", "local-B", "fl"}
+    # predictions of the trained models, not the simulated ones
+    preds = sorted((out / "trained" / "predictions").glob("*/*/*.nii.gz"))
+    assert len(preds) == 2 * 3 * 2
+    robustness = pd.read_csv(res / "robustness.csv")
+    assert set(robustness["condition"]) == {"original", "flip_lr"}
+    assert len(robustness) == 3 * 2 * 2 * len(DEFAULT_LABELS)  # models x centres x conditions x structures
+    assert outputs["report"].is_file()
+    assert "flip_lr" in outputs["report"].read_text()
