@@ -119,27 +119,22 @@ def run_study_robustness(study: Any, models: dict[str, Path], out_dir: Path, set
     Writes robustness.csv, noise_floor.csv and robustness_summary.csv into
     ``out_dir``; returns the combined table.
     """
-    import pandas as pd
-
     from oarbench.io import find_cases
-    from oarbench.robustness.run import RobustnessResult, run_robustness, summarise, write_robustness
+    from oarbench.robustness.run import combine, run_robustness, write_robustness
 
-    tables, floors = [], []
+    results = []
     for model in study.models:
         predictor = _predictor(models[model.name], settings)
         for centre in study.centres:
             images = find_cases(centre.images, images=True)
             refs = find_cases(centre.reference)
             cases = sorted(set(images) & set(refs))[: settings.robustness_cases]
-            result = run_robustness({c: images[c] for c in cases}, {c: refs[c] for c in cases}, predictor,
-                                    settings.conditions, study.labels, tolerance_mm=study.tolerance_mm,
-                                    study=study.name, centre=centre.name, model=model.name)
-            tables.append(result.table)
-            floors.append(result.noise_floor)
-    table = pd.concat(tables, ignore_index=True)
-    floor = pd.concat(floors, ignore_index=True)
-    write_robustness(RobustnessResult(table, floor, summarise(table, floor)), out_dir)
-    return table
+            results.append(run_robustness({c: images[c] for c in cases}, {c: refs[c] for c in cases}, predictor,
+                                          settings.conditions, study.labels, tolerance_mm=study.tolerance_mm,
+                                          study=study.name, centre=centre.name, model=model.name))
+    result = combine(results)
+    write_robustness(result, out_dir)
+    return result.table
 
 
 def run_demo(

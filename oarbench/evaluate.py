@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -62,6 +63,7 @@ class EvalOptions:
     device: str | None = None
     resample_prediction: bool = False
     allow_missing: bool = False
+    threads: int | None = None  # per case; None: the cores left per worker process
 
     def cache_key(self) -> str:
         payload = json.dumps(
@@ -154,6 +156,7 @@ def evaluate_case(reference: Path, prediction: Path | None, options: EvalOptions
             tolerance_mm=options.tolerance_mm,
             backend=options.backend,
             device=options.device,
+            threads=options.threads,
         )
     except ValueError as exc:
         msg = str(exc)
@@ -177,6 +180,10 @@ class _CaseCache:
 
     def __init__(self, out_dir: Path, options: EvalOptions, job: Job) -> None:
         self.folder = out_dir / "cache" / options.cache_key() / job.tag
+        # A killed run can leave the temporary file of an unfinished write behind.
+        if self.folder.is_dir():
+            for stale in self.folder.glob(".*.partial*"):
+                stale.unlink(missing_ok=True)
 
     def _path(self, case: str) -> Path:
         return self.folder / f"{case}.json"
@@ -253,9 +260,10 @@ def evaluate_jobs(
         raise ValueError(f"workers must be >= 1, got {workers}")
     # Backends that hold a GPU stay in this process.
     backend, device = resolve_backend(options.backend, options.device)
-    options = replace(options, backend=backend, device=device)
     if backend == "torch":
         workers = 1
+    threads = options.threads or max(1, min(2, os.cpu_count() or 1) // workers)
+    options = replace(options, backend=backend, device=device, threads=threads)
 
     planned: list[tuple[Job, list[tuple[str, Path, Path | None]]]] = []
     warnings: list[str] = []
@@ -327,6 +335,7 @@ def evaluate_jobs(
             "backend": options.backend,
             "device": options.device,
             "workers": workers,
+            "threads": threads,
             "resample_prediction": options.resample_prediction,
             "allow_missing": options.allow_missing,
             "labels": {str(k): v for k, v in options.labels.labels.items()},

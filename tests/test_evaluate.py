@@ -276,12 +276,16 @@ def test_interrupted_run_resumes_to_identical_outputs(tmp_path):
     proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     cache = out / "cache"
     deadline = time.time() + 60
-    while time.time() < deadline and not (cache.exists() and len(list(cache.rglob("*.json"))) >= 2):
+
+    def complete() -> int:  # finished cache files, not temporary ones being written
+        return len([p for p in cache.rglob("*.json") if ".partial" not in p.name]) if cache.exists() else 0
+
+    while time.time() < deadline and complete() < 2:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "metrics.csv").exists()
-    partial = len(list(cache.rglob("*.json")))
+    partial = complete()
     assert 2 <= partial < n_cases
     resumed = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True, check=True)
     assert f"{n_cases - partial} cases computed, {partial} from cache" in resumed.stdout

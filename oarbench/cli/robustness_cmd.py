@@ -42,18 +42,9 @@ def robustness(rotate, conditions, images, reference, predictor_spec, out, label
     Either --images DIR --reference DIR --predictor SPEC, or --study STUDY.toml
     --model NAME (every centre with images).
     """
-    import pandas as pd
-
     from oarbench.labels import load_label_map
-    from oarbench.robustness import (
-        DEFAULT_ROTATE_CONDITIONS,
-        RobustnessResult,
-        parse_conditions,
-        parse_predictor,
-        run_robustness,
-        summarise,
-        write_robustness,
-    )
+    from oarbench.robustness import DEFAULT_ROTATE_CONDITIONS, parse_conditions, parse_predictor, run_robustness
+    from oarbench.robustness.run import combine, write_robustness
 
     section: dict = {}
     if study is not None:
@@ -108,9 +99,8 @@ def robustness(rotate, conditions, images, reference, predictor_spec, out, label
         results.append(run_robustness(img_dir, ref_dir, predictor, perts, labels, out if keep_work else None,
                                       tolerance_mm=tol, study=study_name, centre=centre,
                                       model=model_name or "", keep_work=keep_work))
-    table = pd.concat([r.table for r in results], ignore_index=True)
-    floor = pd.concat([r.noise_floor for r in results], ignore_index=True)
-    result = RobustnessResult(table, floor, summarise(table, floor))
+    result = combine(results)
+    table = result.table
     paths = write_robustness(result, out)
     n_swaps = int(result.summary["n_laterality_swaps"].sum()) if len(result.summary) else 0
     click.echo(f"{len(table)} rows, {table['condition'].nunique()} conditions, {n_swaps} laterality-swap rows")

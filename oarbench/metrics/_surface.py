@@ -6,6 +6,7 @@ Definitions: docs/metrics.md (the reference library's, DeepMind surface-distance
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, overload
 
 import numpy as np
@@ -137,35 +138,89 @@ def neighbour_codes(mask: np.ndarray) -> np.ndarray:
     return codes
 
 
-def _surfels(mask: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Corner-grid indices (n x ndim, int) and areas of a mask's surface elements."""
+def _surfels(mask: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Surface elements of a mask: corner-grid indices (n x ndim), areas, and the
+    boolean surfel map on the corner grid."""
     codes = neighbour_codes(mask)
     full = len(table) - 1
     border = (codes != 0) & (codes != full)
     idx = np.nonzero(border)
-    return np.stack(idx, axis=1), table[codes[idx]]
+    return np.stack(idx, axis=1), table[codes[idx]], border
 
 
-def _nearest(points: np.ndarray, targets: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+def _offset_distance(delta: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """sqrt(sum_k (delta_k * spacing_k)^2) for integer offsets (rows), summed over
+    the axes in order: bit for bit what scipy's exact EDT computes."""
+    d = delta.astype(np.float64) * spacing
+    np.multiply(d, d, out=d)
+    total = d[:, 0].copy()
+    for axis in range(1, d.shape[1]):
+        total += d[:, axis]
+    return np.sqrt(total)
+
+
+#: How many of the grid offsets nearest in mm the local search tries before the KD-tree.
+LOCAL_OFFSETS = 200
+#: Threads of the KD-tree queries (scipy's ``workers``).
+KDTREE_WORKERS = 1
+
+
+@lru_cache(maxsize=32)
+def _local_offsets(spacing: tuple[float, ...], count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``count`` integer offsets nearest to the origin in mm, ascending by distance
+    (ties in a fixed order), and their distances."""
+    sp = np.asarray(spacing, dtype=np.float64)
+    # A box certainly holding the `count` nearest offsets: the ball of radius r
+    # holds at least the cube of half-side r / sqrt(ndim) (in mm).
+    radius = max(sp) * (count ** (1.0 / len(sp)))
+    half = np.ceil(radius / sp).astype(int)
+    grids = np.meshgrid(*[np.arange(-h, h + 1) for h in half], indexing="ij")
+    offsets = np.stack([g.ravel() for g in grids], axis=1)
+    dist = _offset_distance(offsets, sp)
+    order = np.lexsort(tuple(offsets[:, k] for k in reversed(range(offsets.shape[1]))) + (dist,))
+    order = order[:count]
+    offsets, dist = offsets[order], dist[order]
+    offsets.flags.writeable = False
+    dist.flags.writeable = False
+    return offsets, dist
+
+
+def _nearest(points: np.ndarray, targets: np.ndarray, target_map: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     """Euclidean distance (mm) from each corner index to the nearest target (inf if none).
 
-    A KD-tree finds the nearest target; the distance is then recomputed from the
-    integer index difference as sqrt(sum((delta_k * spacing_k)^2)), summed over
-    the axes in order, which is bit for bit what scipy's exact EDT (and so the
-    reference library) computes.
+    Exact in two stages. First the :data:`LOCAL_OFFSETS` grid offsets nearest in
+    mm are tried in ascending order of distance against
+    the target map: the first offset that lands on a target is the nearest one
+    (every closer offset was tried before). Points with no target among those offsets go to a
+    KD-tree over the targets. Every distance is computed from the integer index
+    difference as sqrt(sum((delta_k * spacing_k)^2)), as scipy's exact EDT (and
+    so the reference library) computes it.
     """
-    if len(points) == 0:
+    n = len(points)
+    if n == 0:
         return np.zeros(0, dtype=np.float64)
     if len(targets) == 0:
-        return np.full(len(points), np.inf)
-    _, nearest = cKDTree(targets * spacing).query(points * spacing, k=1, workers=-1)
-    delta = (targets[nearest] - points).astype(np.float64)
-    delta *= spacing
-    np.multiply(delta, delta, out=delta)
-    total = delta[:, 0].copy()
-    for axis in range(1, delta.shape[1]):
-        total += delta[:, axis]
-    return np.sqrt(total)
+        return np.full(n, np.inf)
+    offsets, offset_dist = _local_offsets(tuple(float(v) for v in spacing), LOCAL_OFFSETS)
+    reach = np.abs(offsets).max(axis=0)
+    padded = np.pad(target_map, [(int(r), int(r)) for r in reach])
+    strides = np.array([int(np.prod(padded.shape[k + 1 :])) for k in range(padded.ndim)], dtype=np.int64)
+    flat_map = padded.ravel()
+    dist = np.full(n, np.inf)
+    todo = np.arange(n)
+    where = (points + reach) @ strides
+    for off, d in zip(offsets @ strides, offset_dist):
+        hit = flat_map[where + off]
+        if hit.any():
+            dist[todo[hit]] = d
+            keep = ~hit
+            todo, where = todo[keep], where[keep]
+            if len(todo) == 0:
+                return dist
+    tree = cKDTree(targets * spacing, balanced_tree=False, compact_nodes=False)
+    _, nearest = tree.query(points[todo] * spacing, k=1, workers=KDTREE_WORKERS)
+    dist[todo] = _offset_distance(targets[nearest] - points[todo], spacing)
+    return dist
 
 
 def _sorted(distances: np.ndarray, areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -184,10 +239,10 @@ def surface_distances_cropped(
         empty = np.zeros(0)
         return SurfaceDistances(empty, empty, empty, empty)
     sp = np.asarray(spacing, dtype=np.float64)
-    pts_ref, area_ref = _surfels(reference[box], table)
-    pts_pred, area_pred = _surfels(prediction[box], table)
-    d_rp = _nearest(pts_ref, pts_pred, sp)
-    d_pr = _nearest(pts_pred, pts_ref, sp)
+    pts_ref, area_ref, map_ref = _surfels(reference[box], table)
+    pts_pred, area_pred, map_pred = _surfels(prediction[box], table)
+    d_rp = _nearest(pts_ref, pts_pred, map_pred, sp)
+    d_pr = _nearest(pts_pred, pts_ref, map_ref, sp)
     return SurfaceDistances(*_sorted(d_rp, area_ref), *_sorted(d_pr, area_pred))
 
 

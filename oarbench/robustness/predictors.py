@@ -230,7 +230,8 @@ class NnUNetModelPredictor:
             raise ValueError(f"{self.model_folder}: no fold_*/{self.checkpoint} found")
         return found
 
-    def _load(self) -> object:
+    def load(self) -> object:
+        """The initialised ``nnUNetPredictor`` (built once, then reused)."""
         if self._predictor is not None:
             return self._predictor
         try:
@@ -298,7 +299,7 @@ class NnUNetModelPredictor:
     def predict(self, image_paths: list[Path], out_dir: Path) -> dict[str, Path]:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        predictor = self._load()
+        predictor = self.load()
         ending = predictor.dataset_json.get("file_ending", ".nii.gz")  # type: ignore[attr-defined]
         paths = [Path(p) for p in image_paths]
         bad = [str(p) for p in paths if not p.name.endswith("_0000" + ending)]

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -289,6 +289,15 @@ def summarise(table: pd.DataFrame, floor: pd.DataFrame | None = None) -> pd.Data
                 row["median_floor_hd95"] = math.nan
             out.append(row)
     return pd.DataFrame(out, columns=list(SUMMARY_COLUMNS))
+
+
+def combine(results: Sequence[RobustnessResult]) -> RobustnessResult:
+    """One result from several runs (centres, models): tables stacked, summary recomputed."""
+    if not results:
+        raise ValueError("no robustness results to combine")
+    table = pd.concat([r.table for r in results], ignore_index=True)
+    floor = pd.concat([r.noise_floor for r in results], ignore_index=True)
+    return RobustnessResult(table, floor, summarise(table, floor))
 
 
 def write_robustness(result: RobustnessResult, out_dir: str | Path) -> dict[str, Path]:

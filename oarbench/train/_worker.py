@@ -196,33 +196,15 @@ def step_write_model(spec: dict) -> dict:
 
 
 def step_predict(spec: dict) -> dict:
-    import torch
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    # The model folder is loaded by the robustness predictor: one place builds
+    # nnU-Net's network from plans.json and the checkpoints.
+    from oarbench.robustness.predictors import NnUNetModelPredictor
 
-    model = Path(spec["model_folder"])
     fold = spec["fold"]
     fold = fold if fold == "all" else int(fold)
-    plans = _load_json(model / "plans.json")
-    dataset_json = _load_json(model / "dataset.json")
-    ckpt = torch.load(model / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-    configuration = ckpt["init_args"]["configuration"]
-    net, pm, cm = _build_network(plans, dataset_json, configuration, False)
-    net.load_state_dict(ckpt["network_weights"])
-    device = torch.device(spec["device"])
-    predictor = nnUNetPredictor(
-        tile_step_size=0.5,
-        use_gaussian=True,
-        use_mirroring=bool(spec["mirroring"]),
-        perform_everything_on_device=device.type == "cuda",
-        device=device,
-        verbose=False,
-        verbose_preprocessing=False,
-        allow_tqdm=False,
-    )
-    predictor.manual_initialization(
-        net, pm, cm, [ckpt["network_weights"]], dataset_json, "nnUNetTrainer",
-        ckpt.get("inference_allowed_mirroring_axes"),
-    )
+    predictor = NnUNetModelPredictor(
+        Path(spec["model_folder"]), folds=(fold,), device=spec["device"], use_mirroring=bool(spec["mirroring"])
+    ).load()
     t0 = time.perf_counter()
     predictor.predict_from_files(
         spec["input_folder"],
