@@ -95,20 +95,21 @@ def _predictor(folder: Path, settings: TrainSettings) -> Any:
 def predict_study(study: Any, models: dict[str, Path], out_dir: Path, settings: TrainSettings,
                   *, force: bool = False) -> Path:
     """Predict every centre's test images with every trained model into
-    ``out_dir/predictions/{model}/{centre}``; returns a study file pointing there."""
+    ``out_dir/original/{model}/{centre}``; returns a study file whose predictions pattern
+    ``out_dir/{condition}/{model}/{centre}`` also finds the robustness predictions."""
     from oarbench.io import atomic_write_text, find_cases
     from oarbench.study import study_toml_text
 
     for model in study.models:
         predictor = _predictor(models[model.name], settings)
         for centre in study.centres:
-            target = out_dir / "predictions" / model.name / centre.name
+            target = out_dir / "original" / model.name / centre.name
             images = find_cases(centre.images, images=True)
             have = set(find_cases(target)) if target.is_dir() and any(target.iterdir()) else set()
             todo = [p for c, p in sorted(images.items()) if force or c not in have]
             if todo:
                 predictor.predict(todo, target)
-    pattern = str((out_dir / "predictions").resolve()) + "/{model}/{centre}"
+    pattern = str(out_dir.resolve()) + "/{condition}/{model}/{centre}"
     return atomic_write_text(out_dir / "study.toml", study_toml_text(study, predictions=pattern,
                                                                      name=f"{study.name}-trained"))
 
@@ -131,7 +132,8 @@ def run_study_robustness(study: Any, models: dict[str, Path], out_dir: Path, set
             cases = sorted(set(images) & set(refs))[: settings.robustness_cases]
             results.append(run_robustness({c: images[c] for c in cases}, {c: refs[c] for c in cases}, predictor,
                                           settings.conditions, study.labels, tolerance_mm=study.tolerance_mm,
-                                          study=study.name, centre=centre.name, model=model.name))
+                                          study=study.name, centre=centre.name, model=model.name,
+                                          save_predictions=str(Path(model.root, model.predictions))))
     result = combine(results)
     write_robustness(result, out_dir)
     return result.table
@@ -155,6 +157,8 @@ def run_demo(
     centre and a federated one, :func:`train_models`), predict both centres'
     test sets, and the analysis adds robustness with the trained models.
     """
+    import pandas as pd
+
     from oarbench.evaluate import EvalOptions, evaluate_jobs, jobs_from_study, write_outputs
     from oarbench.phantoms import generate_study, load_demo_config
     from oarbench.study import load_study
@@ -224,7 +228,11 @@ def run_demo(
     done = step("gallery")
     from oarbench.gallery import PathResolver, build_gallery
 
-    build_gallery(table, PathResolver.from_study(study_toml), results / "gallery", k=gallery_k,
+    gallery_table = table
+    if robustness is not None:
+        # Perturbed conditions join the table so that their largest drops are drawn too.
+        gallery_table = pd.concat([table, robustness[robustness["condition"] != "original"]], ignore_index=True)
+    build_gallery(gallery_table, PathResolver.from_study(study_toml), results / "gallery", k=gallery_k,
                   source=str(results / "metrics.csv"))
     outputs["gallery"] = results / "gallery"
     done()

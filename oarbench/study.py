@@ -32,9 +32,10 @@ class Model:
     trained_on: tuple[str, ...] = ()
     root: Path = Path(".")
 
-    def predictions_dir(self, centre: str) -> Path:
-        """The folder holding this model's predictions for ``centre``."""
-        return _resolve(self.root, self.predictions.format(model=self.name, centre=centre))
+    def predictions_dir(self, centre: str, condition: str = "original") -> Path:
+        """The folder holding this model's predictions for ``centre`` (under ``condition``,
+        for patterns with a ``{condition}`` placeholder)."""
+        return _resolve(self.root, self.predictions.format(model=self.name, centre=centre, condition=condition))
 
 
 @dataclass(frozen=True)

@@ -52,10 +52,15 @@ def test_demo_train_end_to_end(tmp_path):
     assert len(table) == 2 * 3 * 2 * len(DEFAULT_LABELS)
     assert set(table["model"]) == {"local-A", "local-B", "fl"}
     # predictions of the trained models, not the simulated ones
-    preds = sorted((out / "trained" / "predictions").glob("*/*/*.nii.gz"))
+    preds = sorted((out / "trained" / "original").glob("*/*/*.nii.gz"))
     assert len(preds) == 2 * 3 * 2
+    # robustness predictions mapped back onto the reference grid, one case per centre
+    assert len(sorted((out / "trained" / "flip_lr").glob("*/*/*.nii.gz"))) == 3 * 2
     robustness = pd.read_csv(res / "robustness.csv")
     assert set(robustness["condition"]) == {"original", "flip_lr"}
     assert len(robustness) == 3 * 2 * 2 * len(DEFAULT_LABELS)  # models x centres x conditions x structures
+    index = pd.read_csv(res / "gallery" / "index.csv")
+    drops = index[index["condition"] == "flip_lr"]
+    assert len(drops) > 0 and drops["drawn"].all()
     assert outputs["report"].is_file()
     assert "flip_lr" in outputs["report"].read_text()

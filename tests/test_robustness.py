@@ -609,3 +609,22 @@ def _labels_toml(tmp_path):
     p = tmp_path / "labels.toml"
     p.write_text("[labels]\nLiver = 1\nSpleen = 2\nKidney_L = 3\nKidney_R = 4\n")
     return p
+
+
+def test_saved_mapped_back_predictions_are_on_the_reference_grid(phantom_dirs, tmp_path):
+    # The invariant predictor's prediction, mapped back after a flip, equals the reference
+    # voxel for voxel (its original prediction reproduces the reference exactly, above).
+    images, reference = phantom_dirs
+    pattern = str(tmp_path / "{model}" / "{centre}" / "{condition}")
+    run_robustness(images, reference, FunctionPredictor(lambda v: segment(v.array)), ["flip_lr", "rot90_si"],
+                   LABELS, centre="A", model="hu", save_predictions=pattern)
+    for cond in ("flip_lr", "rot90_si"):
+        for case in ("P001", "P002"):
+            saved = read_volume(tmp_path / "hu" / "A" / cond / f"{case}.nii.gz")
+            ref = read_volume(reference / f"{case}.nii.gz")
+            assert saved.spacing == ref.spacing and saved.direction == ref.direction
+            np.testing.assert_array_equal(saved.array, ref.array)
+    assert not (tmp_path / "hu" / "A" / "original").exists()
+    with pytest.raises(ValueError, match="condition"):
+        run_robustness(images, reference, FunctionPredictor(lambda v: segment(v.array)), ["flip_lr"], LABELS,
+                       save_predictions=str(tmp_path / "flat"))

@@ -34,9 +34,11 @@ def _resolve_spec(spec: str, root: Path) -> str:
 @click.option("--mirroring/--no-mirroring", default=True, show_default=True, help="nnU-Net test-time mirroring.")
 @click.option("--tolerance", type=float, default=None, help="Surface-DSC tolerance in mm [default: 2.0 or the study's].")
 @click.option("--keep-work", is_flag=True, help="Keep perturbed images and raw predictions under OUT/work.")
+@click.option("--save-predictions", default=None,
+              help="Folder pattern with {condition} (and {centre}, {model}) for the predictions mapped back onto the reference grid, e.g. 'robust/{model}/{centre}/{condition}': a gallery can then draw them.")
 @user_errors
 def robustness(rotate, conditions, images, reference, predictor_spec, out, labels_path, study, model_name, centres,
-               device, mirroring, tolerance, keep_work):
+               device, mirroring, tolerance, keep_work, save_predictions):
     """Robustness to orientation: robustness.csv, noise_floor.csv, robustness_summary.csv.
 
     Either --images DIR --reference DIR --predictor SPEC, or --study STUDY.toml
@@ -98,7 +100,8 @@ def robustness(rotate, conditions, images, reference, predictor_spec, out, label
     for centre, img_dir, ref_dir in jobs:
         results.append(run_robustness(img_dir, ref_dir, predictor, perts, labels, out if keep_work else None,
                                       tolerance_mm=tol, study=study_name, centre=centre,
-                                      model=model_name or "", keep_work=keep_work))
+                                      model=model_name or "", keep_work=keep_work,
+                                      save_predictions=save_predictions))
     result = combine(results)
     table = result.table
     paths = write_robustness(result, out)

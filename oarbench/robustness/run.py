@@ -155,6 +155,7 @@ def run_robustness(
     centre: str = "",
     model: str = "",
     keep_work: bool = False,
+    save_predictions: str | Path | None = None,
 ) -> RobustnessResult:
     """Score ``predictor`` under each condition (``original`` is always added first).
 
@@ -178,6 +179,13 @@ def run_robustness(
         Surface-DSC tolerance in mm.
     study, centre, model:
         Values of those columns.
+    keep_work:
+        Keep perturbed images and raw predictions under ``out_dir/work``.
+    save_predictions:
+        Folder pattern with ``{condition}`` (``{centre}`` and ``{model}`` are
+        filled in from the arguments): every prediction mapped back onto the
+        reference grid is written there as ``CASE.nii.gz``, so that galleries
+        can show it. ``original`` is not written (it is the plain prediction).
     """
     image_map = _as_case_map(images, images=True)
     ref_map = _as_case_map(reference, images=False)
@@ -198,6 +206,8 @@ def run_robustness(
         raise ValueError(f"duplicate conditions in {[p.condition for p in perts]}")
 
     base = {"study": study, "centre": centre, "model": model}
+    if save_predictions is not None and "{condition}" not in str(save_predictions):
+        raise ValueError(f"save_predictions {str(save_predictions)!r} needs a {{condition}} placeholder")
     work_root = Path(out_dir) / "work" if (out_dir is not None and keep_work) else None
     tmp = None
     if work_root is None:
@@ -223,6 +233,9 @@ def run_robustness(
                 ref = read_volume(ref_map[case])
                 pred = read_volume(outputs[case])
                 back = pert.map_back(pred, ref)
+                if save_predictions is not None and pert.condition != "original":
+                    folder = Path(str(save_predictions).format(condition=pert.condition, centre=centre, model=model))
+                    write_volume(back, folder / f"{case}.nii.gz")
                 rows.extend(_rows(ref, back.array, labels, tolerance_mm, {**base, "condition": pert.condition, "case": case}, pert.params()))
                 if isinstance(pert, SmallRotation):
                     for r in noise_floor(ref, pert, labels, tolerance_mm=tolerance_mm):
