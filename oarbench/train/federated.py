@@ -523,37 +523,14 @@ def simulate(
     Any exception in a thread stops the others and is re-raised.
     """
     stop = threading.Event()
-    errors: list[BaseException] = []
-    finals: dict[str, Weights] = {}
-    results: list[RoundResult] = []
-
-    def guard(fn: Callable[[], Any]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                fn()
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-                errors.append(exc)
-                stop.set()
-
-        return run
-
-    def site_job(name: str, ex: Exchange, tr: LocalTraining) -> Callable[[], None]:
-        def job() -> None:
-            w = run_site(ex, config, tr, stop=stop)
-            if w is not None:
-                finals[name] = w
-
-        return job
-
-    threads = [threading.Thread(target=guard(lambda: results.extend(
-        run_coordinator(coordinator, config, initial_weights, stop=stop))), name="coordinator")]
-    threads += [threading.Thread(target=guard(site_job(n, ex, tr)), name=n) for n, (ex, tr) in sites.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    jobs: dict[str, Callable[[], Any]] = {
+        COORDINATOR: lambda: run_coordinator(coordinator, config, initial_weights, stop=stop),
+    }
+    for name, (ex, tr) in sites.items():
+        jobs[name] = lambda ex=ex, tr=tr: run_site(ex, config, tr, stop=stop)
+    out = _run_threads(jobs, stop=stop)
+    results = list(out.pop(COORDINATOR))
+    finals = {name: w for name, w in out.items() if w is not None}
     return results, finals
 
 
@@ -705,10 +682,11 @@ def nnunet_simulate(
     return _run_threads(jobs)
 
 
-def _run_threads(jobs: Mapping[str, Callable[[], Any]]) -> dict[str, Any]:
+def _run_threads(jobs: Mapping[str, Callable[[], Any]], stop: threading.Event | None = None) -> dict[str, Any]:
     """Run callables in threads; return their results by name, re-raising the first error.
 
-    A failure does not stop the other threads (they time out or finish on their own).
+    A failure sets ``stop`` (when given) so that jobs watching it end; otherwise the
+    other threads time out or finish on their own.
     """
     out: dict[str, Any] = {}
     errors: list[BaseException] = []
@@ -720,6 +698,8 @@ def _run_threads(jobs: Mapping[str, Callable[[], Any]]) -> dict[str, Any]:
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 log.error("%s failed: %s", name, exc)
                 errors.append(exc)
+                if stop is not None:
+                    stop.set()
 
         return run
 
