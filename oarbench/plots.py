@@ -180,7 +180,7 @@ def box_plot_figure(table: pd.DataFrame, structure: str, metrics: Sequence[tuple
     models = sorted(df["model"].astype(str).unique())
     centres = sorted(df["centre"].astype(str).unique())
     groups = [(m, c) for c in centres for m in models]
-    width = max(4.0, 0.55 * len(groups) + 1.2)
+    width = max(4.0, 0.8 * len(groups) + 1.2)
     fig = _pyplot_free_figure(figsize=(width * len(metrics) / 1.6 if len(metrics) > 1 else width, 3.4))
     for n, (col, label) in enumerate(metrics):
         ax = fig.add_subplot(1, len(metrics), n + 1)
