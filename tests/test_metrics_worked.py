@@ -133,3 +133,58 @@ def test_hd95_weighted_percentile_rule():
     assert hausdorff(sd, 100) == 10.0
     # 96.8 % lies above 3/3.1 = 0.96774...: the next index
     assert hausdorff(sd, 96.8) == 10.0
+
+
+def test_mask_forms_equal_the_surface_distance_forms():
+    gt = np.zeros((6, 6), bool)
+    pred = np.zeros((6, 6), bool)
+    gt[1:3, 1:3] = True
+    pred[1:4, 1:3] = True
+    sd = compute_surface_distances(gt, pred, (2, 1))
+    from oarbench.metrics import assd, msd
+
+    assert hd95(gt, pred, (2, 1)) == hd95(sd) == 2.0
+    assert hd(gt.astype(np.uint8), pred.astype(np.uint8), (2, 1)) == 2.0
+    # MSD = mean of the directed means of the worked case above
+    assert msd(gt, pred, (2, 1)) == pytest.approx((0.09549150281252629 + 0.4472135954999579) / 2, abs=1e-15)
+    assert assd(gt, pred, (2, 1)) == assd(sd)
+
+
+def test_bad_input_raises_value_error_naming_the_problem():
+    ok = np.zeros((4, 5, 6), bool)
+    ok[1:3, 1:3, 1:3] = True
+    with pytest.raises(ValueError, match="shape"):
+        compute_surface_distances(ok, ok[:, :, :5], (1, 1, 1))
+    with pytest.raises(ValueError, match="spacing"):
+        compute_surface_distances(ok, ok, (1, 1))
+    with pytest.raises(ValueError, match="positive"):
+        compute_surface_distances(ok, ok, (1, 0, 1))
+    with pytest.raises(ValueError, match="0 and 1"):
+        compute_surface_distances(ok.astype(np.uint8) * 2, ok, (1, 1, 1))
+    with pytest.raises(ValueError, match="2D or 3D"):
+        compute_surface_distances(ok[None], ok[None], (1, 1, 1, 1))
+    from oarbench.labels import LabelMap
+    from oarbench.metrics import evaluate_labels
+
+    labels = LabelMap({1: "Liver"})
+    with pytest.raises(ValueError, match="not in the label map"):
+        evaluate_labels(ok.astype(np.uint8) * 2, ok.astype(np.uint8), (1, 1, 1), labels)
+    with pytest.raises(ValueError, match=">= 0"):
+        evaluate_labels(ok.astype(np.int8) - 1, ok.astype(np.uint8), (1, 1, 1), labels)
+
+
+def test_threads_do_not_change_the_numbers():
+    from oarbench.labels import DEFAULT_LABELS
+    from oarbench.metrics import evaluate_labels
+
+    rng = np.random.default_rng(3)
+    ref = np.zeros((20, 30, 30), np.uint8)
+    for value in range(1, 8):
+        z, y, x = rng.integers(2, 16), rng.integers(2, 24), rng.integers(2, 24)
+        ref[z : z + 4, y : y + 5, x : x + 5] = value
+    pred = np.roll(ref, 1, axis=2)
+    one = evaluate_labels(ref, pred, (2.5, 0.8, 0.8), DEFAULT_LABELS, threads=1, backend="numpy")
+    two = evaluate_labels(ref, pred, (2.5, 0.8, 0.8), DEFAULT_LABELS, threads=2, backend="numpy")
+    # repr compares every field, NaN (absent structures) included
+    assert [repr(r) for r in one] == [repr(r) for r in two]
+    assert {r.status for r in one} == {"ok", "absent"}
