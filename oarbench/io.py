@@ -7,13 +7,14 @@ is given in the same order, in mm (the reverse of ``image.GetSpacing()``), while
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -130,8 +131,7 @@ def find_cases(folder: str | Path, *, images: bool = False) -> dict[str, Path]:
             match = re.search(r"_(\d{4})$", stem)
             if match and match.group(1) != "0000":
                 continue
-        cid = case_id(path, channel=images)
-        assert cid is not None
+        cid = re.sub(r"_\d{4}$", "", stem) if images else stem
         if cid in cases:
             raise ValueError(f"{folder}: two files for case {cid!r}: {cases[cid].name} and {path.name}")
         cases[cid] = path
@@ -173,33 +173,36 @@ def _atomic_target(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
-def write_volume(volume: Volume, path: str | Path, *, compress: bool = True) -> Path:
-    """Write atomically: to a temporary file in the same folder, then rename."""
-    path = Path(path)
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield (fd, temporary path) in ``path``'s folder; rename onto ``path`` when the
+    block succeeds, remove the temporary file when it fails."""
     fd, tmp = _atomic_target(path)
-    os.close(fd)
     try:
-        sitk.WriteImage(volume.to_image(), tmp, useCompression=compress)
+        yield fd, tmp
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_volume(volume: Volume, path: str | Path, *, compress: bool = True) -> Path:
+    """Write atomically: to a temporary file in the same folder, then rename."""
+    path = Path(path)
+    with _atomic(path) as (fd, tmp):
+        os.close(fd)
+        sitk.WriteImage(volume.to_image(), tmp, useCompression=compress)
     return path
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write bytes to ``path`` atomically (temp file, fsync, rename)."""
     path = Path(path)
-    fd, tmp = _atomic_target(path)
-    try:
+    with _atomic(path) as (fd, _tmp):
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
