@@ -23,7 +23,7 @@ from oarbench.metrics._overlap import dice_from_counts
 from oarbench.metrics._surface import (
     SurfaceDistances,
     assd,
-    check_spacing,
+    check_pair,
     hausdorff,
     msd,
     surface_dice,
@@ -204,11 +204,7 @@ def evaluate_labels(
     """
     ref = _as_label_array(reference, "reference")
     pred = _as_label_array(prediction, "prediction")
-    if ref.shape != pred.shape:
-        raise ValueError(f"reference shape {ref.shape} differs from prediction shape {pred.shape}")
-    if ref.ndim not in (2, 3):
-        raise ValueError(f"label arrays must be 2D or 3D, got shape {ref.shape}")
-    sp = check_spacing(spacing, ref.ndim)
+    sp = check_pair(ref, pred, spacing)
     if tolerance_mm < 0:
         raise ValueError(f"tolerance must be >= 0 mm, got {tolerance_mm}")
     backend, device = resolve_backend(backend, device)

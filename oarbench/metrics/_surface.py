@@ -27,6 +27,7 @@ __all__ = [
     "surface_overlap",
     "as_bool_mask",
     "check_spacing",
+    "check_pair",
 ]
 
 
@@ -104,6 +105,15 @@ def check_spacing(spacing: Any, ndim: int) -> tuple[float, ...]:
     if not all(np.isfinite(s) and s > 0 for s in sp):
         raise ValueError(f"spacing must be positive and finite, got {sp}")
     return sp
+
+
+def check_pair(reference: np.ndarray, prediction: np.ndarray, spacing: Any) -> tuple[float, ...]:
+    """Check that two arrays share a 2D/3D shape; return the checked spacing."""
+    if reference.shape != prediction.shape:
+        raise ValueError(f"reference shape {reference.shape} differs from prediction shape {prediction.shape}")
+    if reference.ndim not in (2, 3):
+        raise ValueError(f"arrays must be 2D or 3D, got {reference.ndim}D with shape {reference.shape}")
+    return check_spacing(spacing, reference.ndim)
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
@@ -263,12 +273,7 @@ def compute_surface_distances(reference: Any, prediction: Any, spacing: Any) -> 
     """
     ref = as_bool_mask(reference, "reference")
     pred = as_bool_mask(prediction, "prediction")
-    if ref.shape != pred.shape:
-        raise ValueError(f"reference shape {ref.shape} differs from prediction shape {pred.shape}")
-    if ref.ndim not in (2, 3):
-        raise ValueError(f"masks must be 2D or 3D, got {ref.ndim}D with shape {ref.shape}")
-    sp = check_spacing(spacing, ref.ndim)
-    return surface_distances_cropped(ref, pred, sp)
+    return surface_distances_cropped(ref, pred, check_pair(ref, pred, spacing))
 
 
 def _resolve(sd_or_ref: Any, prediction: Any, spacing: Any) -> SurfaceDistances:

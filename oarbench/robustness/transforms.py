@@ -169,6 +169,15 @@ def _placeholder(shape: tuple[int, ...]) -> np.ndarray:
     return np.broadcast_to(np.zeros((), dtype=np.uint8), shape)
 
 
+def _permuted_grid(volume: Volume, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spacing and size (x, y, z) of the grid after the signed axis permutation ``q``,
+    and the index shift ``k`` that keeps indices non-negative (``j = Q i + k``)."""
+    abs_q = np.abs(q)
+    s_new = abs_q @ _spacing_xyz(volume)
+    n_new = abs_q @ _size_xyz(volume)
+    return s_new, n_new, np.where(q.sum(axis=1) < 0, n_new - 1, 0.0)
+
+
 def _move_grid(volume: Volume, r: np.ndarray, centre: np.ndarray, what: str, *, header_only: bool = False) -> Volume:
     """Apply ``T(p) = c + R (p - c)`` losslessly (``R`` maps the grid onto a grid).
 
@@ -177,12 +186,7 @@ def _move_grid(volume: Volume, r: np.ndarray, centre: np.ndarray, what: str, *, 
     """
     d = physical_matrix(volume)
     q = _signed_permutation(d.T @ r @ d, what)
-    s = _spacing_xyz(volume)
-    n = _size_xyz(volume)
-    abs_q = np.abs(q)
-    s_new = abs_q @ s
-    n_new = abs_q @ n
-    k = np.where(q.sum(axis=1) < 0, n_new - 1, 0.0)
+    s_new, n_new, k = _permuted_grid(volume, q)
     origin = centre + r @ (np.asarray(volume.origin, float) - centre) - d @ (s_new * k)
     array = _placeholder(tuple(int(v) for v in n_new[::-1])) if header_only else _permute_array(volume.array, q)
     return Volume(array, tuple(float(v) for v in s_new[::-1]), tuple(float(v) for v in origin), volume.direction)
@@ -476,11 +480,7 @@ class Reorient:
         # new index j relates to old index i through  D_new S_new j + o_new = D S i + o
         q = _signed_permutation(d_new.T @ d, self.condition)  # j = Q i + k (up to scale by spacing)
         s = _spacing_xyz(volume)
-        n = _size_xyz(volume)
-        abs_q = np.abs(q)
-        s_new = abs_q @ s
-        n_new = abs_q @ n
-        k = np.where(q.sum(axis=1) < 0, n_new - 1, 0.0)
+        s_new, n_new, k = _permuted_grid(volume, q)
         # physical position of new index 0: the old index i0 with Q i0 + k = 0
         i0 = q.T @ (-k)
         origin = np.asarray(volume.origin, float) + d @ (s * i0)
