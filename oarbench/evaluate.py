@@ -15,7 +15,6 @@ import os
 import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
@@ -24,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from oarbench import __version__
+from oarbench.executors import Executor, LocalExecutor
 from oarbench.io import (
     atomic_write_text,
     check_same_grid,
@@ -249,9 +249,12 @@ def evaluate_jobs(
     workers: int = 1,
     force: bool = False,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Score every case of every job; returns (results table, provenance).
 
+    One task per case runs on ``executor`` (default: a
+    :class:`~oarbench.executors.LocalExecutor` of ``workers`` processes).
     Raises ValueError naming the file(s) on the first bad input; cases already
     scored stay cached, so a corrected re-run resumes.
     """
@@ -260,8 +263,9 @@ def evaluate_jobs(
         raise ValueError(f"workers must be >= 1, got {workers}")
     # Backends that hold a GPU stay in this process.
     backend, device = resolve_backend(options.backend, options.device)
-    if backend == "torch":
-        workers = 1
+    if executor is None:
+        executor = LocalExecutor(1 if backend == "torch" else workers)
+    workers = executor.workers
     threads = options.threads or max(1, min(2, os.cpu_count() or 1) // workers)
     options = replace(options, backend=backend, device=device, threads=threads)
 
@@ -288,27 +292,16 @@ def evaluate_jobs(
 
     bar = _progress(len(todo), progress)
     start = time.perf_counter()
+
+    def finished(i: int, result: tuple[str, list[dict[str, Any]]]) -> None:
+        job, case, ref, pred = todo[i]
+        caches[job.tag].store(case, ref, pred, result[1])
+        done[(job.tag, case)] = result[1]
+        bar.update(1)
+
     try:
-        if workers == 1 or len(todo) <= 1:
-            for job, case, ref, pred in todo:
-                _, case_rows = _work((case, ref, pred, options))
-                caches[job.tag].store(case, ref, pred, case_rows)
-                done[(job.tag, case)] = case_rows
-                bar.update(1)
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = {pool.submit(_work, (case, ref, pred, options)): (job, case, ref, pred) for job, case, ref, pred in todo}
-                try:
-                    for fut in as_completed(futures):
-                        job, case, ref, pred = futures[fut]
-                        _, case_rows = fut.result()
-                        caches[job.tag].store(case, ref, pred, case_rows)
-                        done[(job.tag, case)] = case_rows
-                        bar.update(1)
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+        executor.map(_work, [(case, ref, pred, options) for _, case, ref, pred in todo],
+                     on_result=finished, name="evaluate")
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
@@ -334,6 +327,7 @@ def evaluate_jobs(
             "tolerance_mm": options.tolerance_mm,
             "backend": options.backend,
             "device": options.device,
+            "executor": type(executor).__name__,
             "workers": workers,
             "threads": threads,
             "resample_prediction": options.resample_prediction,

@@ -25,3 +25,24 @@ def user_errors(func: F) -> F:
             raise click.ClickException(str(exc)) from exc
 
     return wrapper  # type: ignore[return-value]
+
+
+def executor_options(func: F) -> F:
+    """``--executor``, ``--scheduler`` and ``--resources`` (``--workers`` is each command's own)."""
+    func = click.option("--resources", "resources", multiple=True, metavar="NAME=N",
+                        help="Dask worker resources each task needs, e.g. GPU=1 (with --executor dask).")(func)
+    func = click.option("--scheduler", metavar="ADDRESS",
+                        help="Address of a running Dask scheduler, e.g. tcp://host:8786 (with --executor dask); "
+                             "without it a local Dask cluster of --workers processes is started.")(func)
+    func = click.option("--executor", "executor_kind", type=click.Choice(["local", "dask"]), default="local",
+                        show_default=True,
+                        help="local: this machine's processes; dask: a Dask cluster (docs/scale.md).")(func)
+    return func
+
+
+def open_executor(kind: str, workers: int, scheduler: str | None, resources: tuple[str, ...]) -> Any:
+    """The executor of the CLI options; prints the cluster and dashboard address for Dask."""
+    from oarbench.executors import make_executor
+
+    return make_executor(kind, workers=workers, scheduler=scheduler, resources=list(resources),
+                         echo=lambda msg: click.echo(msg, err=True))

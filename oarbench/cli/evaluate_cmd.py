@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from oarbench.cli._common import user_errors
+from oarbench.cli._common import executor_options, open_executor, user_errors
 
 
 def print_summary(table, echo=click.echo) -> None:
@@ -35,7 +35,8 @@ def print_summary(table, echo=click.echo) -> None:
 @click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path),
               help="nnU-Net dataset.json or labels TOML (default: the 19-OAR map, docs/labels.md).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("oarbench-out"), show_default=True)
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Parallel processes (CPU backend).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Parallel processes (CPU backend), or workers of a local Dask cluster.")
+@executor_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA (torch backend) when a GPU is visible, else the numpy backend.")
 @click.option("--tolerance", type=float, default=None, help="Surface-DSC tolerance in mm [default: 2.0 or the study's].")
@@ -47,7 +48,7 @@ def print_summary(table, echo=click.echo) -> None:
 @click.option("--quiet", is_flag=True, help="No summary table.")
 @user_errors
 def evaluate(study, reference, prediction, labels_path, out, workers, device, tolerance,
-             resample_prediction, allow_missing, models, centres, force, quiet):
+             resample_prediction, allow_missing, models, centres, force, quiet, executor_kind, scheduler, resources):
     """Score predictions against references: metrics.csv, summary.csv, run.json.
 
     Either a STUDY.toml (several centres x models, docs/study-toml.md) or
@@ -74,7 +75,15 @@ def evaluate(study, reference, prediction, labels_path, out, workers, device, to
     options = EvalOptions(labels=labels, tolerance_mm=tol, backend="auto",
                           device=None if device == "auto" else device,
                           resample_prediction=resample_prediction, allow_missing=allow_missing)
-    table, provenance = evaluate_jobs(jobs, options, out, workers=workers, force=force, progress=not quiet)
+    executor = None
+    if executor_kind != "local" or scheduler or resources:
+        executor = open_executor(executor_kind, workers, scheduler, resources)
+    try:
+        table, provenance = evaluate_jobs(jobs, options, out, workers=workers, force=force, progress=not quiet,
+                                          executor=executor)
+    finally:
+        if executor is not None:
+            executor.close()
     provenance["command"] = "evaluate"
     paths = write_outputs(out, table, provenance)
     for w in provenance["warnings"]:

@@ -1,0 +1,295 @@
+"""Where per-case work runs: one seam, two engines.
+
+``evaluate``, ``robustness`` and ``absent`` cut their work into small tasks
+(one case, or one case x condition) and hand them to an :class:`Executor`::
+
+    results = executor.map(fn, tasks, on_result=store)
+
+``fn`` is a picklable top-level function and every task a small tuple of paths
+and options: workers read the images they need themselves, so nothing large
+passes through a scheduler. Results come back in task order; ``on_result(i,
+result)`` is called in this process as each task finishes (to cache it and move
+the progress bar), in whatever order they finish.
+
+* :class:`LocalExecutor` (the default): this process (``workers=1``) or a
+  process pool on this machine; needs nothing beyond the core install.
+* :class:`DaskExecutor`: a Dask ``distributed`` cluster, either an existing
+  scheduler (``address='tcp://host:8786'``) or a ``LocalCluster`` of
+  ``workers`` processes started here. Tasks can ask for worker resources
+  (``{"GPU": 1}``). A worker that dies loses only the task it was running:
+  Dask runs that task again on another worker.
+
+The numbers cannot depend on the engine: both call the same ``fn`` on the same
+tasks, and the caller assembles the results in task order.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+__all__ = [
+    "Executor",
+    "LocalExecutor",
+    "DaskExecutor",
+    "make_executor",
+    "parse_resources",
+    "DASK_INSTALL_HINT",
+]
+
+DASK_INSTALL_HINT = "the dask executor needs dask and distributed: pip install 'oarbench[dask]'"
+
+OnResult = Callable[[int, Any], None]
+
+
+class Executor(Protocol):
+    """Run ``fn(task)`` for every task; results in task order."""
+
+    #: How many tasks run at once (for sizing threads per task).
+    workers: int
+
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], *, on_result: OnResult | None = None,
+            name: str = "task") -> list[Any]: ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """This process (``workers=1``) or a pool of ``workers`` processes on this machine.
+
+    The first task that raises stops the run: the tasks not yet started are
+    cancelled and the exception propagates (finished tasks have already been
+    handed to ``on_result``).
+    """
+
+    def __init__(self, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
+
+    def __repr__(self) -> str:
+        return f"LocalExecutor(workers={self.workers})"
+
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], *, on_result: OnResult | None = None,
+            name: str = "task") -> list[Any]:
+        results: list[Any] = [None] * len(tasks)
+        if self.workers == 1 or len(tasks) <= 1:
+            for i, task in enumerate(tasks):
+                results[i] = fn(task)
+                if on_result is not None:
+                    on_result(i, results[i])
+            return results
+        with ProcessPoolExecutor(max_workers=min(self.workers, len(tasks))) as pool:
+            futures = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
+            pending = set(futures)
+            try:
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in sorted(finished, key=futures.__getitem__):
+                        i = futures[fut]
+                        results[i] = fut.result()
+                        if on_result is not None:
+                            on_result(i, results[i])
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+        return results
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "LocalExecutor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _import_distributed() -> Any:
+    try:
+        import distributed
+    except ImportError:
+        raise ValueError(DASK_INSTALL_HINT) from None
+    return distributed
+
+
+def parse_resources(items: Sequence[str] | str | None) -> dict[str, float]:
+    """``["GPU=1", "MEM=4e9"]`` or ``"GPU=1,MEM=4e9"`` -> ``{"GPU": 1.0, "MEM": 4e9}``."""
+    if not items:
+        return {}
+    if isinstance(items, str):
+        items = [items]
+    out: dict[str, float] = {}
+    for item in items:
+        for part in str(item).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            name, sep, value = part.partition("=")
+            name = name.strip()
+            try:
+                amount = float(value) if sep else 0.0
+            except ValueError:
+                amount = 0.0
+            if not name or not (amount > 0 and amount != float("inf")):
+                raise ValueError(f"resource {part!r}: expected NAME=AMOUNT with a positive amount, e.g. GPU=1")
+            out[name] = amount
+    return out
+
+
+class DaskExecutor:
+    """Tasks on a Dask ``distributed`` cluster.
+
+    Parameters
+    ----------
+    address:
+        Scheduler address of a running cluster (``tcp://host:8786``). ``None``
+        starts a ``distributed.LocalCluster`` of ``workers`` processes (one
+        thread each) on this machine, closed again by :meth:`close`.
+    workers:
+        Worker processes of the local cluster (ignored with ``address``).
+    resources:
+        Worker resources every task asks for, e.g. ``{"GPU": 1}``: on a cluster
+        the tasks then run only on workers started with ``--resources GPU=1``;
+        a local cluster gives each of its workers these resources.
+    max_in_flight:
+        At most this many tasks are on the cluster at once; more are submitted
+        as these finish, so that the scheduler's memory does not grow with the
+        number of cases.
+    echo:
+        Where the cluster's address and dashboard link are printed (stderr by
+        default; ``None`` prints nothing).
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        workers: int = 1,
+        resources: Mapping[str, float] | None = None,
+        max_in_flight: int = 2000,
+        echo: Callable[[str], None] | None = lambda msg: print(msg, file=sys.stderr),
+    ) -> None:
+        distributed = _import_distributed()
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        self.resources = dict(resources or {})
+        self.max_in_flight = max_in_flight
+        self._cluster = None
+        if address:
+            try:
+                self._client = distributed.Client(address, timeout="20s")
+            except (OSError, TimeoutError) as exc:
+                raise ValueError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
+        else:
+            self._cluster = distributed.LocalCluster(
+                n_workers=workers,
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:0",
+                resources=self.resources or None,
+                silence_logs=40,  # logging.ERROR
+            )
+            self._client = distributed.Client(self._cluster)
+        info = self._client.scheduler_info()
+        threads = sum(int(w.get("nthreads", 1)) for w in info.get("workers", {}).values())
+        self.workers = max(1, threads or workers)
+        self.address = str(self._client.scheduler.address)
+        self.dashboard = self._client.dashboard_link if _has_dashboard() else None
+        if echo is not None:
+            kind = "Dask scheduler" if address else f"Dask LocalCluster ({workers} worker processes)"
+            echo(f"{kind} at {self.address}; dashboard: {self.dashboard or 'not served (pip install bokeh)'}")
+
+    def __repr__(self) -> str:
+        return f"DaskExecutor(address={self.address!r}, workers={self.workers})"
+
+    @property
+    def client(self) -> Any:
+        return self._client
+
+    def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], *, on_result: OnResult | None = None,
+            name: str = "task") -> list[Any]:
+        distributed = _import_distributed()
+        results: list[Any] = [None] * len(tasks)
+        if not tasks:
+            return results
+        run = uuid.uuid4().hex[:8]
+        indices: dict[str, int] = {}
+        next_task = 0
+        queue = distributed.as_completed()
+
+        def submit_one() -> None:
+            nonlocal next_task
+            i = next_task
+            key = f"{name}-{run}-{i}"
+            fut = self._client.submit(fn, tasks[i], key=key, pure=False, resources=self.resources or None)
+            indices[fut.key] = i
+            queue.add(fut)
+            next_task += 1
+
+        while next_task < min(len(tasks), self.max_in_flight):
+            submit_one()
+        try:
+            for fut in queue:
+                i = indices.pop(fut.key)
+                results[i] = fut.result()  # re-raises the task's exception here
+                fut.release()
+                if on_result is not None:
+                    on_result(i, results[i])
+                if next_task < len(tasks):
+                    submit_one()
+        except BaseException:
+            pending = list(getattr(queue, "futures", ()))
+            if pending:
+                self._client.cancel(pending)
+            raise
+        return results
+
+    def close(self) -> None:
+        client, cluster = self._client, self._cluster
+        self._client = self._cluster = None
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+
+    def __enter__(self) -> "DaskExecutor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _has_dashboard() -> bool:
+    try:
+        import bokeh  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_executor(
+    kind: str = "local",
+    *,
+    workers: int = 1,
+    scheduler: str | None = None,
+    resources: Mapping[str, float] | Sequence[str] | str | None = None,
+    echo: Callable[[str], None] | None = lambda msg: print(msg, file=sys.stderr),
+) -> Executor:
+    """The executor the CLI options describe (``--executor``, ``--workers``, ``--scheduler``, ``--resources``)."""
+    res = dict(resources) if isinstance(resources, Mapping) else parse_resources(resources)
+    if kind == "local":
+        if scheduler:
+            raise ValueError("--scheduler needs --executor dask")
+        if res:
+            raise ValueError("--resources needs --executor dask")
+        return LocalExecutor(workers)
+    if kind == "dask":
+        return DaskExecutor(scheduler, workers=workers, resources=res, echo=echo)
+    raise ValueError(f"unknown executor {kind!r}: expected 'local' or 'dask'")

@@ -1,0 +1,276 @@
+"""The executor seam on a real Dask cluster: same numbers as the local executor.
+
+A ``distributed.LocalCluster`` of worker processes (one per module), and in one
+test a ``dask scheduler`` + ``dask worker`` pair started as subprocesses; all
+on 127.0.0.1. Marked ``dask`` and grouped so that CI runs them on one xdist
+worker; each uses a handful of small cases.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from click.testing import CliRunner
+
+from oarbench.executors import LocalExecutor, parse_resources
+
+distributed = pytest.importorskip("distributed")
+
+pytestmark = [pytest.mark.dask, pytest.mark.xdist_group("dask")]
+
+SPACING_XYZ = (0.9, 0.8, 2.5)
+
+
+def _write(path: Path, arr: np.ndarray) -> Path:
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing(SPACING_XYZ)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def _study(root: Path, n: int, shape=(12, 20, 24)) -> tuple[Path, Path, Path]:
+    """n cases, each prediction shifted by i % 3 voxels (different numbers per case)."""
+    ref_dir, pred_dir = root / "ref", root / "pred"
+    for i in range(n):
+        ref = np.zeros(shape, np.uint8)
+        ref[2:9, 3:12, 3:14] = 1
+        ref[4:8, 13:17, 4:8] = 2
+        ref[4:8, 13:17, 15:19] = 3
+        _write(ref_dir / f"case{i:02d}.nii.gz", ref)
+        _write(pred_dir / f"case{i:02d}.nii.gz", np.roll(ref, i % 3, axis=2))
+    labels = root / "labels.toml"
+    labels.write_text("[labels]\nLiver = 1\nKidney_L = 2\nKidney_R = 3\n")
+    return ref_dir, pred_dir, labels
+
+
+def _cli(args: list[str]):
+    from oarbench.cli import main
+
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from oarbench.executors import DaskExecutor
+
+    ex = DaskExecutor(workers=2, echo=None)
+    try:
+        yield ex
+    finally:
+        ex.close()
+
+
+# --- the seam itself ----------------------------------------------------------------------------
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def _fail_on_three(x: int) -> int:
+    if x == 3:
+        raise ValueError("case 3: bad input")
+    return x
+
+
+def test_parse_resources() -> None:
+    assert parse_resources(["GPU=1", "MEM=4e9,FOO=0.5"]) == {"GPU": 1.0, "MEM": 4e9, "FOO": 0.5}
+    assert parse_resources(None) == {}
+    for bad in ("GPU", "GPU=0", "=1", "GPU=x", "GPU=-1"):
+        with pytest.raises(ValueError, match="NAME=AMOUNT"):
+            parse_resources([bad])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_local_executor_order_callbacks_errors(workers: int) -> None:
+    seen: list[tuple[int, int]] = []
+    ex = LocalExecutor(workers)
+    assert ex.map(_square, list(range(7)), on_result=lambda i, r: seen.append((i, r))) == [i * i for i in range(7)]
+    assert sorted(seen) == [(i, i * i) for i in range(7)]
+    with pytest.raises(ValueError, match="case 3: bad input"):
+        ex.map(_fail_on_three, list(range(6)))
+
+
+def test_dask_executor_order_callbacks_errors_window(cluster) -> None:
+    seen: list[tuple[int, int]] = []
+    assert cluster.map(_square, list(range(25)), on_result=lambda i, r: seen.append((i, r))) == [i * i for i in range(25)]
+    assert sorted(seen) == [(i, i * i) for i in range(25)]
+    # fewer tasks in flight than tasks: the window refills as tasks finish
+    small = type(cluster).__new__(type(cluster))
+    small.__dict__.update(cluster.__dict__, max_in_flight=3)
+    assert small.map(_square, list(range(10))) == [i * i for i in range(10)]
+    with pytest.raises(ValueError, match="case 3: bad input"):
+        cluster.map(_fail_on_three, list(range(6)))
+
+
+def test_missing_dask_is_one_line_error(monkeypatch) -> None:
+    import builtins
+
+    real = builtins.__import__
+
+    def no_distributed(name, *args, **kwargs):
+        if name == "distributed" or name.startswith("distributed."):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_distributed)
+    from oarbench.executors import make_executor
+
+    with pytest.raises(ValueError, match=r"pip install 'oarbench\[dask\]'"):
+        make_executor("dask", workers=1)
+
+
+# --- evaluate -----------------------------------------------------------------------------------
+
+
+def test_evaluate_byte_identical_local_vs_dask(tmp_path, cluster) -> None:
+    from oarbench.evaluate import EvalOptions, evaluate_jobs, jobs_from_folders, write_outputs
+    from oarbench.labels import load_label_map
+
+    ref_dir, pred_dir, labels = _study(tmp_path, 6)
+    local = _cli(["evaluate", "--reference", str(ref_dir), "--prediction", str(pred_dir), "--labels", str(labels),
+                  "--out", str(tmp_path / "local"), "--workers", "2", "--quiet"])
+    assert local.exit_code == 0, local.output
+    options = EvalOptions(labels=load_label_map(labels))
+    table, prov = evaluate_jobs(jobs_from_folders(ref_dir, pred_dir), options, tmp_path / "dask", executor=cluster,
+                                progress=False)
+    write_outputs(tmp_path / "dask", table, prov)
+    assert prov["cases_computed"] == 6 and prov["options"]["executor"] == "DaskExecutor"
+    local_csv = (tmp_path / "local" / "metrics.csv").read_bytes()
+    assert (tmp_path / "dask" / "metrics.csv").read_bytes() == local_csv
+    assert (tmp_path / "dask" / "summary.csv").read_bytes() == (tmp_path / "local" / "summary.csv").read_bytes()
+    # shifted by 1 voxel along x (0.9 mm): the Liver DSC of case01 is 2 * (7*9*10) / (2 * 7*9*11) = 10/11
+    t = table.set_index(["case", "structure"])
+    assert t.loc[("case01", "Liver"), "dsc"] == pytest.approx(10 / 11)
+    # resume on Dask: a second run takes everything from the cache
+    _, again = evaluate_jobs(jobs_from_folders(ref_dir, pred_dir), options, tmp_path / "dask", executor=cluster,
+                             progress=False)
+    assert again["cases_computed"] == 0 and again["cases_from_cache"] == 6
+
+
+def test_evaluate_cli_local_cluster_prints_dashboard(tmp_path) -> None:
+    ref_dir, pred_dir, labels = _study(tmp_path, 3)
+    result = _cli(["evaluate", "--reference", str(ref_dir), "--prediction", str(pred_dir), "--labels", str(labels),
+                   "--out", str(tmp_path / "out"), "--executor", "dask", "--workers", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "Dask LocalCluster (1 worker processes) at tcp://127.0.0.1:" in result.output
+    assert "dashboard:" in result.output
+    assert "3 cases computed" in result.output
+
+
+def test_cli_executor_option_errors(tmp_path) -> None:
+    ref_dir, pred_dir, labels = _study(tmp_path, 1)
+    base = ["evaluate", "--reference", str(ref_dir), "--prediction", str(pred_dir), "--labels", str(labels),
+            "--out", str(tmp_path / "o")]
+    r = _cli(base + ["--scheduler", "tcp://127.0.0.1:1"])
+    assert r.exit_code == 1 and "--scheduler needs --executor dask" in r.output
+    r = _cli(base + ["--executor", "dask", "--resources", "GPU"])
+    assert r.exit_code == 1 and "NAME=AMOUNT" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_killed_worker_loses_only_its_task(tmp_path, cluster) -> None:
+    """SIGKILL one worker process mid-run: Dask reruns its task elsewhere, the output is identical."""
+    from oarbench.evaluate import EvalOptions, evaluate_jobs, jobs_from_folders, write_outputs
+    from oarbench.labels import load_label_map
+
+    n = 16
+    ref_dir, pred_dir, labels = _study(tmp_path, n, shape=(40, 64, 64))
+    options = EvalOptions(labels=load_label_map(labels))
+    jobs = jobs_from_folders(ref_dir, pred_dir)
+    client = cluster.client
+    pids_before = set(client.run(os.getpid).values())
+    out = tmp_path / "killed"
+    killed: list[int] = []
+    done_at_kill: list[int] = []
+
+    def complete() -> int:
+        cache = out / "cache"
+        return len([p for p in cache.rglob("*.json") if ".partial" not in p.name]) if cache.exists() else 0
+
+    def killer() -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline and complete() < 2:
+            time.sleep(0.005)
+        pid = sorted(pids_before)[0]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+        done_at_kill.append(complete())
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    table, prov = evaluate_jobs(jobs, options, out, executor=cluster, progress=False)
+    thread.join()
+    assert killed, "no worker was killed"
+    assert done_at_kill[0] < n, "the worker was killed after the run had finished"
+    write_outputs(out, table, prov)
+    assert prov["cases_computed"] == n
+    # the nanny restarted the killed worker: a new process took its place
+    deadline = time.time() + 30
+    while time.time() < deadline and len(client.scheduler_info()["workers"]) < 2:
+        time.sleep(0.1)
+    assert killed[0] not in set(client.run(os.getpid).values())
+    clean = tmp_path / "clean"
+    t2, p2 = evaluate_jobs(jobs, options, clean, workers=1, progress=False)
+    write_outputs(clean, t2, p2)
+    assert (out / "metrics.csv").read_bytes() == (clean / "metrics.csv").read_bytes()
+
+
+# --- a scheduler and a worker started as separate processes ----------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_scheduler_and_worker_subprocesses(tmp_path) -> None:
+    dask_cli = shutil.which("dask", path=str(Path(sys.executable).parent)) or shutil.which("dask")
+    if dask_cli is None:
+        pytest.skip("the dask command is not installed")
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", "127.0.0.1:0", "--no-show"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]
+    try:
+        procs.append(subprocess.Popen([dask_cli, "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
+                                       "--nworkers", "1", "--resources", "GPU=1", "--no-dashboard"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+        client = distributed.Client(address, timeout="30s")
+        client.wait_for_workers(1, timeout=60)
+        client.close()
+        ref_dir, pred_dir, labels = _study(tmp_path, 4)
+        base = ["evaluate", "--reference", str(ref_dir), "--prediction", str(pred_dir), "--labels", str(labels),
+                "--quiet"]
+        r = _cli(base + ["--out", str(tmp_path / "remote"), "--executor", "dask", "--scheduler", address,
+                         "--resources", "GPU=1"])
+        assert r.exit_code == 0, r.output
+        assert f"Dask scheduler at {address}" in r.output and "4 cases computed" in r.output
+        r = _cli(base + ["--out", str(tmp_path / "local")])
+        assert r.exit_code == 0, r.output
+        assert (tmp_path / "remote" / "metrics.csv").read_bytes() == (tmp_path / "local" / "metrics.csv").read_bytes()
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
