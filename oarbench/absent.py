@@ -127,6 +127,7 @@ def analyse_absent(
     thresholds_ml: Sequence[float] = DEFAULT_THRESHOLDS_ML,
     study: str = "",
     centre: str = "",
+    executor: Any = None,
 ) -> AbsentResult:
     """Analyse every nephrectomy case for every model.
 
@@ -145,6 +146,11 @@ def analyse_absent(
     thresholds_ml:
         Thresholds of the false-positive rates, in mL (FP: volume > threshold).
 
+    executor:
+        An :class:`~oarbench.executors.Executor` that runs one task per case
+        (its reference and every model's prediction, read where the task
+        runs); default: this process.
+
     A nephrectomy case without a prediction file gets status ``missing``
     (counted in ``n_missing``, left out of the rates).
     """
@@ -161,11 +167,29 @@ def analyse_absent(
     rows: list[dict[str, object]] = []
     warn_rows: list[dict[str, object]] = []
     ref_ml: dict[str, float] = {}
+    # One task per case: the reference's kidney voxel counts and each model's absent-side volume.
+    values = {side: value for side, (_, value) in side_label.items()}
+    ref_files = dict(references) if references is not None else {}
+    task_cases = sorted(set(ref_files) | {c for c, side in nephrectomy.items() if side != "none"})
+    tasks = []
+    for case in task_cases:
+        side = nephrectomy.get(case)
+        preds = []
+        if side is not None and side != "none":
+            preds = [(model, str(files[case]), values[side]) for model, files in predictions.items()
+                     if files.get(case) is not None]
+        ref = ref_files.get(case)
+        tasks.append((None if ref is None else str(ref), values, preds))
+    if executor is None:
+        from oarbench.executors import LocalExecutor
+
+        executor = LocalExecutor(1)
+    measured = dict(zip(task_cases, executor.map(_absent_case, tasks, name="absent")))
     if references is not None:
-        for case, path in sorted(references.items()):
-            ref = read_volume(path)
+        for case in sorted(references):
+            counts, voxel_ml = measured[case][0]
             for side, (name, value) in side_label.items():
-                n = int(np.count_nonzero(ref.array == value))
+                n = counts[side]
                 listed = nephrectomy.get(case)
                 if n == 0 and listed != side:
                     msg = (f"reference {name} is empty but the metadata says nephrectomy="
@@ -177,7 +201,7 @@ def analyse_absent(
                     warn_rows.append({"study": study, "centre": centre, "case": case, "structure": name, "message": msg})
                     log.warning("%s: %s", case, msg)
                 if listed == side:
-                    ref_ml[case] = n * ref.voxel_volume_ml
+                    ref_ml[case] = n * voxel_ml
     for model, files in predictions.items():
         for case, side in sorted(nephrectomy.items()):
             if side == "none":
@@ -191,14 +215,30 @@ def analyse_absent(
             if path is None:
                 row.update(status="missing", pred_ml=math.nan, n_components=0, largest_ml=math.nan, prediction="")
             else:
-                vol = read_volume(path)
-                ml, ncomp, largest = absent_side_volume(vol.array, value, vol.voxel_volume_ml)
+                ml, ncomp, largest = measured[case][1][model]
                 row.update(status="fp" if ml > 0 else "clean", pred_ml=ml, n_components=ncomp,
                            largest_ml=largest, prediction=str(path))
             rows.append(row)
     cases = pd.DataFrame(rows, columns=list(CASE_COLUMNS))
     warnings_df = pd.DataFrame(warn_rows, columns=["study", "centre", "case", "structure", "message"])
     return _assemble(cases, warnings_df, thresholds_ml)
+
+
+def _absent_case(
+    task: tuple[str | None, dict[str, int], list[tuple[str, str, int]]],
+) -> tuple[tuple[dict[str, int], float] | None, dict[str, tuple[float, int, float]]]:
+    """One case: (reference kidney voxel counts per side and voxel mL, or None;
+    model -> absent-side (mL, components, largest mL))."""
+    ref_path, values, preds = task
+    ref_counts = None
+    if ref_path is not None:
+        ref = read_volume(ref_path)
+        ref_counts = ({side: int(np.count_nonzero(ref.array == v)) for side, v in values.items()}, ref.voxel_volume_ml)
+    out = {}
+    for model, path, value in preds:
+        vol = read_volume(path)
+        out[model] = absent_side_volume(vol.array, value, vol.voxel_volume_ml)
+    return ref_counts, out
 
 
 def _assemble(cases: pd.DataFrame, warnings_df: pd.DataFrame, thresholds_ml: Sequence[float]) -> AbsentResult:
@@ -329,6 +369,7 @@ def analyse_study_absent(
     thresholds_ml: Sequence[float] | None = None,
     labels: LabelMap | None = None,
     warn: Any = None,
+    executor: Any = None,
 ) -> AbsentResult:
     """:func:`analyse_absent` for every centre x model of a :class:`oarbench.study.Study`.
 
@@ -357,7 +398,7 @@ def analyse_study_absent(
             preds[model.name] = find_cases(folder) if folder.is_dir() else {}
         refs = find_cases(centre.reference) if centre.reference.is_dir() else None
         results.append(analyse_absent(neph, preds, references=refs, labels=labels, thresholds_ml=thr,
-                                      study=study.name, centre=centre.name))
+                                      study=study.name, centre=centre.name, executor=executor))
     if not results:
         raise ValueError(f"{study.path}: nothing to analyse: no centre has a metadata file")
     return concat_results(results, thr)

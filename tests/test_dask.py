@@ -274,3 +274,74 @@ def test_scheduler_and_worker_subprocesses(tmp_path) -> None:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+# --- robustness: one task per case x condition ---------------------------------------------------
+
+
+class _HUPredictor:
+    """A picklable in-process predictor (the HU rule of the robustness tests)."""
+
+    def predict(self, image_paths, out_dir):
+        from oarbench.io import read_volume, write_volume
+        from tests.test_robustness import segment
+
+        out = {}
+        for p in image_paths:
+            vol = read_volume(p)
+            case = Path(p).name[: -len("_0000.nii.gz")]
+            out[case] = write_volume(vol.with_array(np.asarray(segment(vol.array), dtype=np.uint8)),
+                                     Path(out_dir) / f"{case}.nii.gz")
+        return out
+
+    def describe(self):
+        return {"kind": "hu-rule"}
+
+
+def test_robustness_byte_identical_local_vs_dask(tmp_path, cluster) -> None:
+    from oarbench.robustness import run_robustness
+    from oarbench.robustness.run import write_robustness
+    from tests.test_robustness import LABELS, make_phantom, write_case
+    from oarbench.robustness.transforms import Reorient
+
+    ct, ref = make_phantom()
+    write_case(tmp_path, "P001", ct, ref)
+    ras = Reorient("ASR")
+    write_case(tmp_path, "P002", ras.apply(ct), ras.apply(ref))
+    images, reference = tmp_path / "images", tmp_path / "reference"
+    conds = ["flip_lr", "rot_z+10"]
+    seq = run_robustness(images, reference, _HUPredictor(), conds, LABELS)
+    saved = str(tmp_path / "saved" / "{condition}")
+    dask = run_robustness(images, reference, _HUPredictor(), conds, LABELS, executor=cluster, save_predictions=saved)
+    # 3 conditions (original added) x 2 cases tasks; rows in condition, case order as the sequential run
+    assert len(dask.table) == 3 * 2 * len(LABELS) and len(dask.noise_floor) == 2 * len(LABELS)
+    write_robustness(seq, tmp_path / "seq")
+    write_robustness(dask, tmp_path / "dask")
+    for name in ("robustness.csv", "noise_floor.csv", "robustness_summary.csv"):
+        assert (tmp_path / "dask" / name).read_bytes() == (tmp_path / "seq" / name).read_bytes(), name
+    assert sorted(p.name for p in (tmp_path / "saved" / "flip_lr").iterdir()) == ["P001.nii.gz", "P002.nii.gz"]
+    # the HU rule is exact on the unperturbed phantom (an independent check that the tasks really ran)
+    orig = dask.table[dask.table["condition"] == "original"]
+    assert (orig["dsc"] == 1.0).all()
+
+
+# --- absent: one task per case ---------------------------------------------------------------------
+
+from tests.test_absent import BLOBS, META, _preds, study  # noqa: E402,F401  (study: the absent fixture)
+
+
+def test_absent_identical_local_vs_dask(study, cluster, tmp_path) -> None:  # noqa: F811
+    from oarbench.absent import analyse_absent, read_nephrectomy, write_absent
+
+    refs = {c: study / "ref" / f"{c}.nii.gz" for c in META}
+    neph = read_nephrectomy(study / "meta.csv")
+    seq = analyse_absent(neph, _preds(study), references=refs)
+    dask = analyse_absent(neph, _preds(study), references=refs, executor=cluster)
+    write_absent(seq, tmp_path / "seq")
+    paths = write_absent(dask, tmp_path / "dask")
+    for path in paths.values():
+        assert path.read_bytes() == (tmp_path / "seq" / path.name).read_bytes(), path.name
+    # an independent check: model B's only blob is 3 mL (voxelised sphere within 1 %)
+    b = dask.cases.set_index(["model", "case"]).loc[("B", "c1")]
+    assert b["status"] == "fp" and b["pred_ml"] == pytest.approx(BLOBS["B"]["c1"], rel=0.01)
+    assert set(dask.warnings["case"]) == {"c2", "c7"}

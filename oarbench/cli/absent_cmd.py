@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from oarbench.cli._common import user_errors
+from oarbench.cli._common import executor_options, open_executor, user_errors
 
 
 def _parse_thresholds(text: str | None) -> tuple[float, ...] | None:
@@ -29,18 +29,42 @@ def _parse_thresholds(text: str | None) -> tuple[float, ...] | None:
 @click.option("--thresholds", help="Comma-separated FP volume thresholds in mL [default: 0,0.5,1,5 or the study's].")
 @click.option("--model", "models", multiple=True, help="With a study: only these models.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("oarbench-out"), show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Parallel per-case tasks (processes, or workers of a local Dask cluster).")
+@executor_options
 @user_errors
-def absent(study, metadata, predictions, reference, labels_path, thresholds, models, out):
+def absent(study, metadata, predictions, reference, labels_path, thresholds, models, out, workers, executor_kind,
+           scheduler, resources):
     """False-positive kidneys on the removed side: absent.csv, absent_summary.csv, absent_pairs.csv, absent_cases.csv.
 
     Either STUDY.toml (each centre's metadata, reference and every model's
     predictions) or --metadata CSV --predictions MODEL=DIR [...].
     """
-    from oarbench.absent import DEFAULT_THRESHOLDS_ML, analyse_absent, read_nephrectomy, write_absent
+    from oarbench.absent import write_absent
+
+    thr = _parse_thresholds(thresholds)
+    if study is not None and (metadata or predictions):
+        raise click.UsageError("give either STUDY.toml or --metadata/--predictions, not both")
+    if study is None and not (metadata and predictions):
+        raise click.UsageError("give STUDY.toml, or --metadata and --predictions")
+    executor = open_executor(executor_kind, workers, scheduler, resources)
+    try:
+        result = _analyse(study, metadata, predictions, reference, labels_path, thr, models, executor)
+    finally:
+        executor.close()
+    paths = write_absent(result, out)
+    for w in result.warnings.itertuples():
+        click.echo(f"warning: {w.centre + '/' if w.centre else ''}{w.case}: {w.message}", err=True)
+    click.echo(f"{len(result.cases)} case x model rows, {len(result.fp_cases)} with a false-positive kidney")
+    for p in paths.values():
+        click.echo(f"wrote {p}")
+
+
+def _analyse(study, metadata, predictions, reference, labels_path, thr, models, executor):
+    from oarbench.absent import DEFAULT_THRESHOLDS_ML, analyse_absent, read_nephrectomy
     from oarbench.io import find_cases
     from oarbench.labels import load_label_map
 
-    thr = _parse_thresholds(thresholds)
     if study is not None:
         if metadata or predictions:
             raise click.UsageError("give either STUDY.toml or --metadata/--predictions, not both")
@@ -48,8 +72,8 @@ def absent(study, metadata, predictions, reference, labels_path, thresholds, mod
         from oarbench.study import load_study
 
         labels = load_label_map(labels_path) if labels_path else None
-        result = analyse_study_absent(load_study(study), models=models or None, thresholds_ml=thr, labels=labels,
-                                      warn=lambda msg: click.echo(msg, err=True))
+        return analyse_study_absent(load_study(study), models=models or None, thresholds_ml=thr, labels=labels,
+                                    warn=lambda msg: click.echo(msg, err=True), executor=executor)
     else:
         if not metadata or not predictions:
             raise click.UsageError("give STUDY.toml, or --metadata and --predictions")
@@ -63,10 +87,5 @@ def absent(study, metadata, predictions, reference, labels_path, thresholds, mod
                 raise click.UsageError(f"model {name!r} given twice in --predictions")
             preds[name] = find_cases(Path(folder))
         refs = find_cases(reference) if reference else None
-        result = analyse_absent(read_nephrectomy(metadata), preds, references=refs, labels=labels, thresholds_ml=thr)
-    paths = write_absent(result, out)
-    for w in result.warnings.itertuples():
-        click.echo(f"warning: {w.centre + '/' if w.centre else ''}{w.case}: {w.message}", err=True)
-    click.echo(f"{len(result.cases)} case x model rows, {len(result.fp_cases)} with a false-positive kidney")
-    for p in paths.values():
-        click.echo(f"wrote {p}")
+    return analyse_absent(read_nephrectomy(metadata), preds, references=refs, labels=labels, thresholds_ml=thr,
+                          executor=executor)

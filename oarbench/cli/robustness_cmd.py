@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from oarbench.cli._common import user_errors
+from oarbench.cli._common import executor_options, open_executor, user_errors
 
 
 def _resolve_spec(spec: str, root: Path) -> str:
@@ -36,9 +36,13 @@ def _resolve_spec(spec: str, root: Path) -> str:
 @click.option("--keep-work", is_flag=True, help="Keep perturbed images and raw predictions under OUT/work.")
 @click.option("--save-predictions", default=None,
               help="Folder pattern with {condition} (and {centre}, {model}) for the predictions mapped back onto the reference grid, e.g. 'robust/{model}/{centre}/{condition}': a gallery can then draw them.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Parallel case x condition tasks (processes, or workers of a local Dask cluster); "
+                   "1 with the local executor: one predictor call per condition.")
+@executor_options
 @user_errors
 def robustness(rotate, conditions, images, reference, predictor_spec, out, labels_path, study, model_name, centres,
-               device, mirroring, tolerance, keep_work, save_predictions):
+               device, mirroring, tolerance, keep_work, save_predictions, workers, executor_kind, scheduler, resources):
     """Robustness to orientation: robustness.csv, noise_floor.csv, robustness_summary.csv.
 
     Either --images DIR --reference DIR --predictor SPEC, or --study STUDY.toml
@@ -96,12 +100,19 @@ def robustness(rotate, conditions, images, reference, predictor_spec, out, label
     perts = parse_conditions(names)
     predictor = parse_predictor(predictor_spec, device=device, use_mirroring=mirroring)
 
+    executor = None
+    if executor_kind != "local" or workers > 1 or scheduler or resources:
+        executor = open_executor(executor_kind, workers, scheduler, resources)
     results = []
-    for centre, img_dir, ref_dir in jobs:
-        results.append(run_robustness(img_dir, ref_dir, predictor, perts, labels, out if keep_work else None,
-                                      tolerance_mm=tol, study=study_name, centre=centre,
-                                      model=model_name or "", keep_work=keep_work,
-                                      save_predictions=save_predictions))
+    try:
+        for centre, img_dir, ref_dir in jobs:
+            results.append(run_robustness(img_dir, ref_dir, predictor, perts, labels, out if keep_work else None,
+                                          tolerance_mm=tol, study=study_name, centre=centre,
+                                          model=model_name or "", keep_work=keep_work,
+                                          save_predictions=save_predictions, executor=executor))
+    finally:
+        if executor is not None:
+            executor.close()
     result = combine(results)
     table = result.table
     paths = write_robustness(result, out)

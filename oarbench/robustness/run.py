@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,9 @@ from oarbench.labels import DEFAULT_LABELS, LabelMap, contralateral, laterality
 from oarbench.metrics import RESULT_COLUMNS, dice, evaluate_labels
 from oarbench.robustness.predictors import Predictor
 from oarbench.robustness.transforms import Identity, Perturbation, SmallRotation, parse_conditions
+
+if TYPE_CHECKING:
+    from oarbench.executors import Executor
 
 __all__ = [
     "RobustnessResult",
@@ -132,6 +135,68 @@ def _read_pair(case: str, image: Path, reference: Path) -> tuple[Volume, Volume]
     return img, ref
 
 
+def _save_folder(pattern: str | Path | None, pert: Perturbation, centre: str, model: str) -> str | None:
+    if pattern is None or pert.condition == "original":
+        return None
+    return str(pattern).format(condition=pert.condition, centre=centre, model=model)
+
+
+@dataclass(frozen=True)
+class _CaseCondition:
+    """One robustness task: paths and small objects only (workers read the images)."""
+
+    case: str
+    image: str
+    reference: str
+    perturbation: Perturbation
+    predictor: Predictor
+    labels: LabelMap
+    tolerance_mm: float
+    base: dict[str, object]
+    work_dir: str | None
+    save_folder: str | None
+
+
+#: Predictors already loaded in this (worker) process, so that a model is loaded once per worker.
+_LOADED: dict[str, Predictor] = {}
+
+
+def _worker_predictor(predictor: Predictor) -> Predictor:
+    describe = getattr(predictor, "describe", None)
+    if describe is None:
+        return predictor
+    key = json.dumps(describe(), sort_keys=True, default=str)
+    return _LOADED.setdefault(key, predictor)
+
+
+def _run_case_condition(task: _CaseCondition) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+    """Perturb one image, predict, map back, score: (rows, noise-floor rows)."""
+    case, pert = task.case, task.perturbation
+    img, ref = _read_pair(case, Path(task.image), Path(task.reference))
+    with tempfile.TemporaryDirectory(prefix="oarbench-robustness-") as tmp:
+        root = Path(task.work_dir) if task.work_dir is not None else Path(tmp)
+        if root.exists():
+            shutil.rmtree(root)
+        in_dir = root / "images"
+        in_dir.mkdir(parents=True)
+        path = in_dir / f"{case}_0000.nii.gz"
+        write_volume(pert.apply(img), path)
+        outputs = _worker_predictor(task.predictor).predict([path], root / "predictions")
+        pred = read_volume(outputs[case])
+    back = pert.map_back(pred, ref)
+    if task.save_folder is not None:
+        write_volume(back, Path(task.save_folder) / f"{case}.nii.gz")
+    base = {**task.base, "condition": pert.condition, "case": case}
+    rows = _rows(ref, back.array, task.labels, task.tolerance_mm, base, pert.params())
+    floor: list[dict[str, object]] = []
+    if isinstance(pert, SmallRotation):
+        for r in noise_floor(ref, pert, task.labels, tolerance_mm=task.tolerance_mm):
+            r.update(task.base)
+            r["case"] = case
+            floor.append(r)
+    return rows, floor
+
+
 def noise_floor(
     reference: Volume, perturbation: SmallRotation, labels: LabelMap, *, tolerance_mm: float = 2.0
 ) -> list[dict[str, object]]:
@@ -156,6 +221,7 @@ def run_robustness(
     model: str = "",
     keep_work: bool = False,
     save_predictions: str | Path | None = None,
+    executor: "Executor | None" = None,
 ) -> RobustnessResult:
     """Score ``predictor`` under each condition (``original`` is always added first).
 
@@ -186,6 +252,12 @@ def run_robustness(
         filled in from the arguments): every prediction mapped back onto the
         reference grid is written there as ``CASE.nii.gz``, so that galleries
         can show it. ``original`` is not written (it is the plain prediction).
+    executor:
+        ``None`` (default): this process, the predictor called once per
+        condition on all cases. Else an :class:`~oarbench.executors.Executor`
+        that runs one task per case x condition (perturb, predict, map back,
+        score) where its workers are; each worker reads its own image and
+        reference. The rows are the same either way.
     """
     image_map = _as_case_map(images, images=True)
     ref_map = _as_case_map(reference, images=False)
@@ -215,36 +287,50 @@ def run_robustness(
         work_root = Path(tmp.name)
     rows: list[dict[str, object]] = []
     floor_rows: list[dict[str, object]] = []
-    try:
-        for pert in perts:
-            cdir = work_root / pert.condition
-            in_dir, pred_dir = cdir / "images", cdir / "predictions"
-            if cdir.exists():
-                shutil.rmtree(cdir)
-            in_dir.mkdir(parents=True)
-            perturbed_paths = []
-            for case in cases:
-                img, _ = _read_pair(case, image_map[case], ref_map[case])
-                path = in_dir / f"{case}_0000.nii.gz"
-                write_volume(pert.apply(img), path)
-                perturbed_paths.append(path)
-            outputs = predictor.predict(perturbed_paths, pred_dir)
-            for case in cases:
-                ref = read_volume(ref_map[case])
-                pred = read_volume(outputs[case])
-                back = pert.map_back(pred, ref)
-                if save_predictions is not None and pert.condition != "original":
-                    folder = Path(str(save_predictions).format(condition=pert.condition, centre=centre, model=model))
-                    write_volume(back, folder / f"{case}.nii.gz")
-                rows.extend(_rows(ref, back.array, labels, tolerance_mm, {**base, "condition": pert.condition, "case": case}, pert.params()))
-                if isinstance(pert, SmallRotation):
-                    for r in noise_floor(ref, pert, labels, tolerance_mm=tolerance_mm):
-                        r.update(base)
-                        r["case"] = case
-                        floor_rows.append(r)
-    finally:
+    if executor is not None:
         if tmp is not None:
             tmp.cleanup()
+        keep = work_root if (out_dir is not None and keep_work) else None
+        tasks = [
+            _CaseCondition(case, str(image_map[case]), str(ref_map[case]), pert, predictor, labels, tolerance_mm,
+                           base, None if keep is None else str(keep / pert.condition / case),
+                           _save_folder(save_predictions, pert, centre, model))
+            for pert in perts for case in cases
+        ]
+        for case_rows, case_floor in executor.map(_run_case_condition, tasks, name="robustness"):
+            rows.extend(case_rows)
+            floor_rows.extend(case_floor)
+    else:
+        try:
+            for pert in perts:
+                cdir = work_root / pert.condition
+                in_dir, pred_dir = cdir / "images", cdir / "predictions"
+                if cdir.exists():
+                    shutil.rmtree(cdir)
+                in_dir.mkdir(parents=True)
+                perturbed_paths = []
+                for case in cases:
+                    img, _ = _read_pair(case, image_map[case], ref_map[case])
+                    path = in_dir / f"{case}_0000.nii.gz"
+                    write_volume(pert.apply(img), path)
+                    perturbed_paths.append(path)
+                outputs = predictor.predict(perturbed_paths, pred_dir)
+                for case in cases:
+                    ref = read_volume(ref_map[case])
+                    pred = read_volume(outputs[case])
+                    back = pert.map_back(pred, ref)
+                    if save_predictions is not None and pert.condition != "original":
+                        folder = Path(str(save_predictions).format(condition=pert.condition, centre=centre, model=model))
+                        write_volume(back, folder / f"{case}.nii.gz")
+                    rows.extend(_rows(ref, back.array, labels, tolerance_mm, {**base, "condition": pert.condition, "case": case}, pert.params()))
+                    if isinstance(pert, SmallRotation):
+                        for r in noise_floor(ref, pert, labels, tolerance_mm=tolerance_mm):
+                            r.update(base)
+                            r["case"] = case
+                            floor_rows.append(r)
+        finally:
+            if tmp is not None:
+                tmp.cleanup()
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     floor = pd.DataFrame(floor_rows, columns=list(TABLE_COLUMNS))
     result = RobustnessResult(table, floor, summarise(table, floor))
