@@ -25,6 +25,7 @@ _COMMANDS: dict[str, str] = {
     "report": "report_cmd:report",
     "train": "train_cmd:train",
     "fl": "train_cmd:fl",
+    "dicom": "dicom_cmd:dicom",
 }
 
 

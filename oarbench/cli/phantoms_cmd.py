@@ -18,14 +18,21 @@ from oarbench.cli._common import user_errors
 @click.option("--cases-per-centre", type=click.IntRange(min=1), default=None,
               help="Test cases per centre (default: [phantoms] test_cases_per_centre).")
 @click.option("--force", is_flag=True, help="Replace a study already in --out.")
+@click.option("--format", "fmt", type=click.Choice(["nnunet", "dicom"]), default="nnunet", show_default=True,
+              help="nnunet: NIfTI datasets, metadata, predictions, study.toml; dicom: CT series + RTSTRUCT per "
+                   "patient, in each centre's own structure names (docs/dicom.md).")
 @user_errors
 def phantoms(out_dir: Path, seed: int | None, config_path: Path | None, cases_per_centre: int | None,
-             force: bool) -> None:
+             force: bool, fmt: str) -> None:
     """Generate synthetic paediatric CT of two centres as nnU-Net raw datasets, with
-    metadata, simulated predictions of the configured models and a ready study.toml."""
+    metadata, simulated predictions of the configured models and a ready study.toml
+    (or, with --format dicom, as DICOM CT + RTSTRUCT as a hospital holds them)."""
     from oarbench.phantoms import generate_study, load_demo_config
 
     config = load_demo_config(config_path).with_overrides(seed=seed, cases_per_centre=cases_per_centre)
+    if fmt == "dicom":
+        _dicom(out_dir, config, force)
+        return
     paths = generate_study(out_dir, config, force=force)
     ph = config.phantoms
     if not paths.generated:
@@ -40,3 +47,20 @@ def phantoms(out_dir: Path, seed: int | None, config_path: Path | None, cases_pe
         names = ", ".join(m.name for m in config.models)
         click.echo(f"  predictions of {names}: {paths.predictions} (injected errors: {paths.injected_errors.name})")
     click.echo(f"  study file: {paths.study_toml}")
+
+
+def _dicom(out_dir: Path, config, force: bool) -> None:
+    try:
+        from oarbench.dicom.phantoms import generate_dicom_study
+    except ImportError as exc:
+        raise click.ClickException(str(exc)) from exc
+    manifest = out_dir / "dicom_manifest.csv"
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise click.ClickException(f"{out_dir}: not empty; use --force to write the DICOM study into it anyway")
+    try:
+        path = generate_dicom_study(out_dir, config)
+    except ImportError as exc:
+        raise click.ClickException(str(exc)) from exc
+    n = sum(1 for _ in open(path, encoding="utf-8")) - 1
+    click.echo(f"wrote {n} synthetic patients (seed {config.phantoms.seed}) as DICOM CT + RTSTRUCT to {out_dir} "
+               f"({manifest.name} lists them)")

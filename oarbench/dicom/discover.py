@@ -1,0 +1,186 @@
+"""Walk a folder tree of DICOM files in any layout; group images by series and pair
+each RTSTRUCT with the CT series it was drawn on.
+
+Pairing (docs/dicom.md): an RTSTRUCT names the series it references in
+``ReferencedFrameOfReferenceSequence > RTReferencedStudySequence >
+RTReferencedSeriesSequence``; that series is used when it is in the tree. Otherwise
+the frame of reference is used when exactly one image series of the tree shares it.
+An RTSTRUCT that neither rule pairs is reported, never attached by guess.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from oarbench.dicom._deps import require_pydicom
+
+__all__ = ["DicomFile", "Series", "StructureSet", "Inventory", "scan"]
+
+RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+@dataclass(frozen=True)
+class DicomFile:
+    """Header facts of one file (no pixel data). ``patient_id`` stays in memory: it is never written."""
+
+    path: Path
+    modality: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    frame_of_reference_uid: str
+    patient_id: str
+
+
+@dataclass
+class Series:
+    """The image files of one SeriesInstanceUID."""
+
+    uid: str
+    files: list[DicomFile] = field(default_factory=list)
+
+    @property
+    def modality(self) -> str:
+        return self.files[0].modality
+
+    @property
+    def frame_of_reference_uid(self) -> str:
+        return self.files[0].frame_of_reference_uid
+
+    @property
+    def study_instance_uid(self) -> str:
+        return self.files[0].study_instance_uid
+
+    @property
+    def first_path(self) -> Path:
+        return min(f.path for f in self.files)
+
+
+@dataclass(frozen=True)
+class StructureSet:
+    """One RTSTRUCT file and the series / frame of reference it references."""
+
+    file: DicomFile
+    referenced_series: tuple[str, ...]
+    referenced_frames: tuple[str, ...]
+
+
+@dataclass
+class Inventory:
+    """What a folder tree holds: image series, RTSTRUCTs, and how they pair."""
+
+    root: Path
+    series: dict[str, Series]
+    structures: list[StructureSet]
+    pairs: dict[str, list[StructureSet]]  # series uid -> its RTSTRUCTs
+    unpaired: list[tuple[StructureSet, str]]  # RTSTRUCTs that match no series, with the reason
+    not_dicom: int
+    other: list[DicomFile]  # DICOM files that are neither images of a series nor RTSTRUCT (SEG, RTPLAN, ...)
+
+
+def _walk(root: Path) -> Iterable[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield Path(dirpath) / name
+
+
+def _read_header(path: Path):
+    pydicom = require_pydicom()
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (pydicom.errors.InvalidDicomError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError):
+        return None
+
+
+def _str(ds, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def _referenced(ds) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    series: list[str] = []
+    frames: list[str] = []
+    for ref_frame in ds.get("ReferencedFrameOfReferenceSequence", []) or []:
+        uid = _str(ref_frame, "FrameOfReferenceUID")
+        if uid:
+            frames.append(uid)
+        for study in ref_frame.get("RTReferencedStudySequence", []) or []:
+            for ser in study.get("RTReferencedSeriesSequence", []) or []:
+                uid = _str(ser, "SeriesInstanceUID")
+                if uid:
+                    series.append(uid)
+    for roi in ds.get("StructureSetROISequence", []) or []:
+        uid = _str(roi, "ReferencedFrameOfReferenceUID")
+        if uid and uid not in frames:
+            frames.append(uid)
+    return tuple(dict.fromkeys(series)), tuple(dict.fromkeys(frames))
+
+
+def scan(root: str | Path, progress: Callable[[int], None] | None = None) -> Inventory:
+    """Read the header of every file under ``root`` (recursively; hidden files and
+    folders are skipped; files that are not DICOM are counted, not read further).
+
+    Raises ValueError when ``root`` is no folder or holds no DICOM file.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{root}: DICOM folder not found")
+    series: dict[str, Series] = {}
+    structures: list[StructureSet] = []
+    other: list[DicomFile] = []
+    seen_sop: dict[str, Path] = {}
+    not_dicom = 0
+    for n, path in enumerate(_walk(root), 1):
+        if progress is not None:
+            progress(n)
+        ds = _read_header(path)
+        if ds is None or "SOPInstanceUID" not in ds:
+            not_dicom += 1
+            continue
+        f = DicomFile(path=path, modality=_str(ds, "Modality").upper(), sop_class_uid=_str(ds, "SOPClassUID"),
+                      sop_instance_uid=_str(ds, "SOPInstanceUID"),
+                      series_instance_uid=_str(ds, "SeriesInstanceUID"),
+                      study_instance_uid=_str(ds, "StudyInstanceUID"),
+                      frame_of_reference_uid=_str(ds, "FrameOfReferenceUID"), patient_id=_str(ds, "PatientID"))
+        if f.sop_instance_uid in seen_sop:
+            # the same object twice in an export (copies): keep the first
+            continue
+        seen_sop[f.sop_instance_uid] = path
+        if f.modality == "RTSTRUCT" or f.sop_class_uid == RTSTRUCT_SOP_CLASS:
+            ref_series, ref_frames = _referenced(ds)
+            structures.append(StructureSet(f, ref_series, ref_frames))
+        elif f.sop_class_uid != SEG_SOP_CLASS and f.modality != "SEG" and "Rows" in ds:
+            if not f.series_instance_uid:
+                raise ValueError(f"{path}: image without SeriesInstanceUID")
+            series.setdefault(f.series_instance_uid, Series(f.series_instance_uid)).files.append(f)
+        else:
+            other.append(f)
+    if not series and not structures:
+        raise ValueError(f"{root}: no DICOM images or RTSTRUCTs found ({not_dicom} other files)")
+
+    pairs: dict[str, list[StructureSet]] = {}
+    unpaired: list[tuple[StructureSet, str]] = []
+    for ss in sorted(structures, key=lambda s: str(s.file.path)):
+        target = next((uid for uid in ss.referenced_series if uid in series), None)
+        if target is None:
+            frames = set(ss.referenced_frames) | ({ss.file.frame_of_reference_uid} - {""})
+            candidates = sorted(uid for uid, s in series.items() if s.frame_of_reference_uid in frames)
+            if len(candidates) == 1:
+                target = candidates[0]
+            elif len(candidates) > 1:
+                unpaired.append((ss, f"its frame of reference holds {len(candidates)} image series and it names "
+                                     "none of them"))
+                continue
+            else:
+                refs = ", ".join(ss.referenced_series) or "none"
+                unpaired.append((ss, f"references series {refs}, which is not in {root}"))
+                continue
+        pairs.setdefault(target, []).append(ss)
+    return Inventory(root, series, structures, pairs, unpaired, not_dicom, other)

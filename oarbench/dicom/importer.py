@@ -1,0 +1,370 @@
+"""``oarbench dicom import``: a tree of CT series + RTSTRUCTs -> an nnU-Net v2 raw dataset.
+
+Layout written under ``DATASET_DIR``::
+
+    imagesTr/CASE_0000.nii.gz    CT in HU on the DICOM grid
+    labelsTr/CASE.nii.gz         the label map (values of --labels, default 19-OAR map)
+    dataset.json                 nnU-Net v2 (channel CT, labels, numTraining, file_ending)
+    import.csv                   one row per case x ROI: names, mapping, voxels, mL, overlaps, off-image points
+    metadata.csv                 case, centre, age, sex, position, patient_position (study TOML form)
+    cases.csv                    case -> StudyInstanceUID, SeriesInstanceUID, FrameOfReferenceUID, RTSTRUCT SOPInstanceUID
+    .oarbench-import/CASE.json   per-case record: a rerun skips cases whose inputs and settings are unchanged
+
+One case is one (CT series, RTSTRUCT) pair. Case ids are pseudonyms ``PREFIX_0001``,
+``PREFIX_0002``, ... numbered in the order of the series UIDs and kept across reruns
+through cases.csv; no patient name or id is written anywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io as _stdio
+import json
+import math
+import re
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from oarbench.dicom.ct import SeriesGeometry, read_ct, read_geometry
+from oarbench.dicom.discover import Inventory, StructureSet, scan
+from oarbench.dicom.names import AMBIGUOUS, Aliases, NameResolver
+from oarbench.dicom.rtstruct import Grid, RoiMask, rasterise, read_rtstruct
+from oarbench.io import Volume, atomic_write_text, write_volume
+from oarbench.labels import LabelMap
+
+__all__ = ["ImportOptions", "ImportResult", "import_dicom", "IMPORT_COLUMNS", "METADATA_COLUMNS", "CASES_COLUMNS",
+           "position_of", "age_years"]
+
+RULES_VERSION = 1  # bump when a rule changes so that reruns recompute
+RECORDS = ".oarbench-import"
+IMPORT_COLUMNS = ("case", "roi_number", "roi_name", "structure", "rule", "label", "voxels", "ml", "overlap_ml",
+                  "lost_ml", "contours", "skipped_contours", "points", "points_off_image", "note")
+METADATA_COLUMNS = ("case", "centre", "age", "sex", "position", "patient_position")
+CASES_COLUMNS = ("case", "study_instance_uid", "series_instance_uid", "frame_of_reference_uid",
+                 "rtstruct_sop_instance_uid")
+_POSITIONS = {"HFS": "supine", "FFS": "supine", "HFP": "prone", "FFP": "prone",
+              "HFDR": "decubitus", "HFDL": "decubitus", "FFDR": "decubitus", "FFDL": "decubitus"}
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    labels: LabelMap
+    aliases: Aliases = field(default_factory=Aliases)
+    centre: str = "local"
+    case_prefix: str = "case"
+    force: bool = False
+
+
+@dataclass
+class ImportResult:
+    out: Path
+    cases: list[str]
+    computed: int
+    from_cache: int
+    rows: list[dict]
+    warnings: list[str]
+    overlap_ml: float
+
+    @property
+    def unmapped(self) -> dict[str, int]:
+        """ROI name -> number of cases, for names that were not mapped (unmapped or ambiguous)."""
+        out: dict[str, int] = {}
+        for r in self.rows:
+            if r["structure"] in ("unmapped", AMBIGUOUS):
+                out[r["roi_name"]] = out.get(r["roi_name"], 0) + 1
+        return out
+
+
+def position_of(code: str) -> str:
+    """``supine`` / ``prone`` / ``decubitus`` from a PatientPosition code, ``unknown`` otherwise."""
+    return _POSITIONS.get(code.strip().upper(), "unknown")
+
+
+def age_years(patient_age: str, birth_date: str = "", study_date: str = "") -> float | None:
+    """Age in years from PatientAge (``nnnY``/``M``/``W``/``D``), else from the birth and study dates."""
+    m = re.fullmatch(r"\s*(\d{1,3})\s*([YMWD])\s*", patient_age or "", re.IGNORECASE)
+    if m:
+        n, unit = int(m.group(1)), m.group(2).upper()
+        return round(n / {"Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}[unit], 2)
+    try:
+        b = date(int(birth_date[:4]), int(birth_date[4:6]), int(birth_date[6:8]))
+        s = date(int(study_date[:4]), int(study_date[4:6]), int(study_date[6:8]))
+    except (ValueError, TypeError):
+        return None
+    return round((s - b).days / 365.25, 2) if s >= b else None
+
+
+@dataclass(frozen=True)
+class _Job:
+    case: str
+    series_uid: str
+    sop_uids: tuple[str, ...]
+    geometry: SeriesGeometry
+    rtstruct: StructureSet
+    fingerprint: str
+
+
+def _csv_text(rows: list[dict], columns: tuple[str, ...]) -> str:
+    buf = _stdio.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    return buf.getvalue()
+
+
+def _read_cases_csv(path: Path) -> dict[tuple[str, str], str]:
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, csv.Error) as exc:
+        raise ValueError(f"{path}: cannot read cases table: {exc}") from exc
+    out = {}
+    for r in rows:
+        try:
+            out[(r["series_instance_uid"], r["rtstruct_sop_instance_uid"])] = r["case"]
+        except KeyError as exc:
+            raise ValueError(f"{path}: cases table without column {exc}") from exc
+    return out
+
+
+def _settings_key(options: ImportOptions) -> str:
+    a = options.aliases
+    settings = {"rules": RULES_VERSION, "labels": options.labels.labels, "centre": options.centre,
+                "aliases": [a.exact, a.patterns, a.centre_exact, a.centre_patterns]}
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def _plan(inventory: Inventory, out: Path, options: ImportOptions, warn: Callable[[str], None]) -> list[_Job]:
+    """Check every paired series completely, then give each (series, RTSTRUCT) a case id."""
+    for ss, why in inventory.unpaired:
+        warn(f"{ss.file.path}: RTSTRUCT not imported: {why}")
+    for uid, s in sorted(inventory.series.items()):
+        if uid not in inventory.pairs and s.modality == "CT":
+            warn(f"series {uid} ({s.first_path.parent}): CT without an RTSTRUCT, not imported")
+    errors: list[str] = []
+    geometries: dict[str, SeriesGeometry] = {}
+    for uid in sorted(inventory.pairs):
+        s = inventory.series[uid]
+        try:
+            geometries[uid] = read_geometry(uid, [f.path for f in s.files])
+        except ValueError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ValueError("\n".join(errors))
+    if not geometries:
+        raise ValueError(f"{inventory.root}: no CT series with an RTSTRUCT found "
+                         f"({len(inventory.series)} image series, {len(inventory.structures)} RTSTRUCTs)")
+
+    known = _read_cases_csv(out / "cases.csv")
+    used = set(known.values())
+    pattern = re.compile(rf"{re.escape(options.case_prefix)}_(\d+)")
+    next_n = 1 + max((int(m.group(1)) for c in used if (m := pattern.fullmatch(c))), default=0)
+    settings = _settings_key(options)
+    jobs = []
+    for uid in sorted(geometries):
+        for ss in sorted(inventory.pairs[uid], key=lambda x: x.file.sop_instance_uid):
+            key = (uid, ss.file.sop_instance_uid)
+            case = known.get(key)
+            if case is None:
+                case = f"{options.case_prefix}_{next_n:04d}"
+                next_n += 1
+            geo = geometries[uid]
+            fp = hashlib.sha256("\n".join([settings, *geo.sop_uids, ss.file.sop_instance_uid]).encode()).hexdigest()
+            jobs.append(_Job(case, uid, tuple(geo.sop_uids), geo, ss, fp))
+    return jobs
+
+
+def _header_facts(path: Path) -> dict[str, Any]:
+    from oarbench.dicom._deps import require_pydicom
+
+    ds = require_pydicom().dcmread(path, stop_before_pixels=True)
+    g = lambda k: str(ds.get(k, "") or "").strip()  # noqa: E731
+    sex = g("PatientSex").upper()
+    return {"age": age_years(g("PatientAge"), g("PatientBirthDate"), g("StudyDate") or g("SeriesDate")),
+            "sex": sex if sex in ("M", "F", "O") else "unknown",
+            "patient_position": g("PatientPosition").upper() or "unknown",
+            "study_instance_uid": g("StudyInstanceUID"), "frame_of_reference_uid": g("FrameOfReferenceUID")}
+
+
+def _run_case(job: _Job, out: Path, options: ImportOptions) -> dict:
+    """Convert one (series, RTSTRUCT) pair; returns the case record (also written as JSON)."""
+    ct = read_ct(job.geometry)
+    facts = _header_facts(job.geometry.slices[0].path)
+    grid = Grid.of(ct)
+    rs_path = job.rtstruct.file.path
+    rois, _ = read_rtstruct(rs_path)
+    ct_frame = facts["frame_of_reference_uid"]
+    resolver = NameResolver(options.labels, options.aliases, options.centre)
+    matches = resolver.resolve_all([r.name for r in rois])
+    rows: list[dict] = []
+    masks: dict[int, RoiMask] = {}
+    for roi, match in zip(rois, matches):
+        row: dict[str, Any] = {"case": job.case, "roi_number": roi.number, "roi_name": roi.name,
+                               "structure": match.structure, "rule": match.rule, "label": "", "note": ""}
+        if roi.frame_of_reference_uid and ct_frame and roi.frame_of_reference_uid != ct_frame:
+            if match.mapped:
+                raise ValueError(f"{rs_path}: ROI {roi.name!r} is drawn in frame of reference "
+                                 f"{roi.frame_of_reference_uid}, the CT series {job.series_uid} is in {ct_frame}")
+            row["note"] = "other frame of reference"
+            rows.append(row)
+            continue
+        try:
+            mask = rasterise(roi, grid, rs_path)
+        except ValueError as exc:
+            if match.mapped:
+                raise
+            row["note"] = str(exc).replace(f"{rs_path}: ", "")
+            rows.append(row)
+            continue
+        row.update(voxels=int(mask.indices.size), contours=mask.contours, skipped_contours=mask.skipped_contours,
+                   points=mask.points, points_off_image=mask.points_off_image)
+        if match.mapped:
+            row["label"] = options.labels.value(match.structure)
+            masks[roi.number] = mask
+        rows.append(row)
+
+    # Overlaps: the structure with fewer voxels keeps a shared voxel (ties: lower label value).
+    voxel_ml = ct.voxel_volume_ml
+    flat = np.zeros(ct.array.size, np.uint16 if options.labels.max_value > 255 else np.uint8)
+    count = np.zeros(ct.array.size, np.uint8)
+    for m in masks.values():
+        count[m.indices] += 1
+    by_number = {r["roi_number"]: r for r in rows}
+    order = sorted(masks, key=lambda n: (-masks[n].indices.size, -int(by_number[n]["label"])))
+    for n in order:  # largest first; smaller structures overwrite
+        flat[masks[n].indices] = by_number[n]["label"]
+    for n, m in masks.items():
+        r = by_number[n]
+        shared = int(np.count_nonzero(count[m.indices] > 1))
+        kept = int(np.count_nonzero(flat[m.indices] == r["label"]))
+        r["overlap_ml"] = round(shared * voxel_ml, 4)
+        r["lost_ml"] = round((m.indices.size - kept) * voxel_ml, 4)
+    for r in rows:
+        if r.get("voxels", "") != "":
+            r["ml"] = round(r["voxels"] * voxel_ml, 4)
+    overlap_ml = float(np.count_nonzero(count > 1)) * voxel_ml
+    labels = ct.with_array(flat.reshape(ct.array.shape))
+    write_volume(ct, out / "imagesTr" / f"{job.case}_0000.nii.gz")
+    write_volume(labels, out / "labelsTr" / f"{job.case}.nii.gz")
+    position = facts["patient_position"]
+    record = {
+        "fingerprint": job.fingerprint,
+        "case": job.case,
+        "rows": rows,
+        "overlap_ml": round(overlap_ml, 4),
+        "metadata": {"case": job.case, "centre": options.centre,
+                     "age": "" if facts["age"] is None else facts["age"], "sex": facts["sex"],
+                     "position": position_of(position), "patient_position": position},
+        "uids": {"case": job.case, "study_instance_uid": facts["study_instance_uid"] or job.geometry.series_uid,
+                 "series_instance_uid": job.series_uid, "frame_of_reference_uid": ct_frame,
+                 "rtstruct_sop_instance_uid": job.rtstruct.file.sop_instance_uid},
+    }
+    atomic_write_text(out / RECORDS / f"{job.case}.json", json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _cached(job: _Job, out: Path) -> dict | None:
+    path = out / RECORDS / f"{job.case}.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if record.get("fingerprint") != job.fingerprint:
+        return None
+    if not (out / "imagesTr" / f"{job.case}_0000.nii.gz").is_file() or not (out / "labelsTr" / f"{job.case}.nii.gz").is_file():
+        return None
+    return record
+
+
+def _dataset_json(out: Path, labels: LabelMap, n: int) -> str:
+    data = {"name": out.name, "description": "imported from DICOM CT + RTSTRUCT by oarbench dicom import",
+            "channel_names": {"0": "CT"}, "labels": labels.to_dataset_json_labels(), "numTraining": n,
+            "file_ending": ".nii.gz"}
+    return json.dumps(data, indent=2) + "\n"
+
+
+def import_dicom(dicom_dir: str | Path, out: str | Path, options: ImportOptions, *, workers: int = 1,
+                 progress: bool = False, warn: Callable[[str], None] | None = None) -> ImportResult:
+    """Import every (CT series, RTSTRUCT) pair under ``dicom_dir`` into the dataset ``out``.
+
+    All series are checked before anything is converted; any problem raises one
+    ValueError listing every bad series. Cases already imported with the same inputs
+    and settings are kept (``options.force`` recomputes them).
+    """
+    out = Path(out)
+    warnings: list[str] = []
+
+    def _warn(msg: str) -> None:
+        warnings.append(msg)
+        if warn is not None:
+            warn(msg)
+
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", options.case_prefix):
+        raise ValueError(f"case prefix {options.case_prefix!r} must be letters, digits and '-', starting with a letter")
+    inventory = scan(dicom_dir)
+    jobs = _plan(inventory, out, options, _warn)
+    records: dict[str, dict] = {}
+    todo = []
+    for job in jobs:
+        rec = None if options.force else _cached(job, out)
+        if rec is not None:
+            records[job.case] = rec
+        else:
+            todo.append(job)
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="dicom import", unit="case")
+    try:
+        if workers > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = {job.case: pool.submit(_run_case, job, out, options) for job in todo}
+                for case, fut in futures.items():
+                    records[case] = fut.result()
+                    if bar is not None:
+                        bar.update()
+        else:
+            for job in todo:
+                records[job.case] = _run_case(job, out, options)
+                if bar is not None:
+                    bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+
+    cases = [j.case for j in jobs]
+    rows = [r for c in cases for r in records[c]["rows"]]
+    known = _read_cases_csv(out / "cases.csv")
+    current = {(j.series_uid, j.rtstruct.file.sop_instance_uid) for j in jobs}
+    uid_rows = [records[c]["uids"] for c in cases]
+    # cases imported by an earlier run from files that are not in this tree stay listed
+    kept = [{"case": c, "series_instance_uid": k[0], "rtstruct_sop_instance_uid": k[1]}
+            for k, c in known.items() if k not in current]
+    if kept:
+        old = {r["case"]: r for r in _read_rows(out / "cases.csv")}
+        uid_rows = [old[k["case"]] for k in kept] + uid_rows
+    atomic_write_text(out / "import.csv", _csv_text(rows, IMPORT_COLUMNS))
+    atomic_write_text(out / "metadata.csv", _csv_text([records[c]["metadata"] for c in cases], METADATA_COLUMNS))
+    atomic_write_text(out / "cases.csv", _csv_text(sorted(uid_rows, key=lambda r: r["case"]), CASES_COLUMNS))
+    n_images = len(list((out / "imagesTr").glob("*_0000.nii.gz")))
+    atomic_write_text(out / "dataset.json", _dataset_json(out, options.labels, n_images))
+    overlap = sum(float(records[c]["overlap_ml"]) for c in cases)
+    return ImportResult(out, cases, len(todo), len(jobs) - len(todo), rows, warnings,
+                        0.0 if math.isnan(overlap) else overlap)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
