@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,13 @@ def parties(tmp_path: Path, keys: Path) -> dict[str, Exchange]:
         name: Exchange(url, load_keyring(keys, name))
         for name in (COORDINATOR, "A", "B")
     }
+
+
+def _bin(root: Path, slot: str) -> Path:
+    """The one ciphertext file of a slot (its name is unique to the write)."""
+    found = sorted(root.glob(slot + ".*.bin"))
+    assert len(found) == 1, found
+    return found[0]
 
 
 def _payload() -> bytes:
@@ -81,7 +89,7 @@ def _only_rejection(coord: Exchange, round_: int = 0, parent: str | None = None)
 def test_tampered_byte_rejected(parties: dict[str, Exchange], caplog: pytest.LogCaptureFixture) -> None:
     coord, a = parties[COORDINATOR], parties["A"]
     a.put("update", 0, _payload(), num_cases=3)
-    obj = Path(a.root) / "round_00000/update/A.bin"
+    obj = _bin(Path(a.root), "round_00000/update/A")
     data = bytearray(obj.read_bytes())
     data[40] ^= 0x01
     obj.write_bytes(bytes(data))
@@ -96,7 +104,7 @@ def test_tampered_byte_with_rewritten_hash_fails_signature(parties: dict[str, Ex
 
     coord, a = parties[COORDINATOR], parties["A"]
     a.put("update", 0, _payload(), num_cases=3)
-    obj = Path(a.root) / "round_00000/update/A.bin"
+    obj = _bin(Path(a.root), "round_00000/update/A")
     man = Path(a.root) / "round_00000/update/A.manifest.json"
     data = bytearray(obj.read_bytes())
     data[-1] ^= 0x80
@@ -151,8 +159,8 @@ def test_replay_from_other_round_rejected(parties: dict[str, Exchange]) -> None:
     a.put("update", 0, _payload(), num_cases=3)
     root = Path(a.root)
     (root / "round_00001/update").mkdir(parents=True)
-    for ext in (".bin", ".manifest.json"):
-        (root / f"round_00001/update/A{ext}").write_bytes((root / f"round_00000/update/A{ext}").read_bytes())
+    ext = ".manifest.json"
+    (root / f"round_00001/update/A{ext}").write_bytes((root / f"round_00000/update/A{ext}").read_bytes())
     assert "replay: object is for round 0, expected round 1" in _only_rejection(coord, round_=1)
 
 
@@ -176,8 +184,7 @@ def test_copied_manifest_in_other_slot_rejected(parties: dict[str, Exchange]) ->
     coord, a = parties[COORDINATOR], parties["A"]
     a.put("update", 0, _payload(), num_cases=3)
     root = Path(a.root) / "round_00000/update"
-    for ext in (".bin", ".manifest.json"):
-        (root / f"A2{ext}").write_bytes((root / f"A{ext}").read_bytes())
+    (root / "A2.manifest.json").write_bytes((root / "A.manifest.json").read_bytes())
     accepted, rejected = coord.collect("update", 0)
     assert list(accepted) == ["A"]
     assert len(rejected) == 1 and "not the one it was found in" in next(iter(rejected.values()))
@@ -194,7 +201,7 @@ def test_missing_manifest_rejected(parties: dict[str, Exchange]) -> None:
 def test_truncated_object_rejected(parties: dict[str, Exchange]) -> None:
     coord, a = parties[COORDINATOR], parties["A"]
     a.put("update", 0, _payload(), num_cases=3)
-    obj = Path(a.root) / "round_00000/update/A.bin"
+    obj = _bin(Path(a.root), "round_00000/update/A")
     obj.write_bytes(obj.read_bytes()[:-10])
     assert "truncated" in _only_rejection(coord)
 
@@ -231,11 +238,11 @@ def test_s3_round_trip_and_create_only(keys: Path) -> None:
             a._create("round_00000/update/A.manifest.json", b"{}")
         accepted, rejected = coord.collect("update", 0, parent=g.sha256)
         assert rejected == {} and accepted["A"].header.num_cases == 5
-        rels = [r for r, _ in coord.list_objects()]
-        assert rels == [
-            "round_00000/global/global.bin",
+        rels = [re.sub(r"\.[0-9a-f]{32}\.bin$", ".ID.bin", r) for r, _ in coord.list_objects()]
+        assert rels == [  # the losing duplicate write removed its own ciphertext
+            "round_00000/global/global.ID.bin",
             "round_00000/global/global.manifest.json",
-            "round_00000/update/A.bin",
+            "round_00000/update/A.ID.bin",
             "round_00000/update/A.manifest.json",
         ]
     finally:

@@ -7,6 +7,7 @@ tests/test_train_nnunet.py.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from oarbench.train.federated import (  # noqa: E402
 )
 
 FAST = 0.02  # poll interval in seconds
+ONE = {"A": 1, "B": 1}  # pinned case counts
+HEADER = {"labels": {"background": 0, "Liver": 1}, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}
 
 
 @pytest.fixture()
@@ -78,6 +81,9 @@ def test_published_global_equals_weighted_mean_of_fixed_updates(fed: dict[str, E
     g0 = coord.put("global", 0, tensors_to_bytes(init))
     fed["A"].put("update", 0, tensors_to_bytes(up_a), parent=g0.sha256, num_cases=3)
     fed["B"].put("update", 0, tensors_to_bytes(up_b), parent=g0.sha256, num_cases=5)
+    # the case counts come from the sites' signed fingerprints (3 and 5 cases)
+    publish_fingerprint(fed["A"], _fp([[3, 1, 1]] * 3, [[10, 20, 20]] * 3, 10, 2, 0, 1, 10, 19, 20, 1.0), HEADER, 3)
+    publish_fingerprint(fed["B"], _fp([[2, 1, 1]] * 5, [[12, 20, 20]] * 5, 30, 4, 5, 6, 30, 50, 60, 0.5), HEADER, 5)
     results = run_coordinator(coord, FederationConfig(("A", "B"), rounds=1, poll_s=FAST), init)
     assert results[0].contributors == (("A", 3), ("B", 5))
     got = fed["A"].get("global", 1, "global")
@@ -95,7 +101,8 @@ def test_simulate_three_rounds(fed: dict[str, Exchange]) -> None:
     # each round: global += (2 * 1 + 6 * 4) / 8 = 3.25, so after 3 rounds from 0: 9.75
     a, b = AddConstant(1.0, 2), AddConstant(4.0, 6)
     cfg = FederationConfig(("A", "B"), rounds=3, poll_s=FAST)
-    results, finals = simulate(fed[COORDINATOR], {"A": (fed["A"], a), "B": (fed["B"], b)}, cfg, _init)
+    results, finals = simulate(fed[COORDINATOR], {"A": (fed["A"], a), "B": (fed["B"], b)}, cfg, _init,
+                               case_counts={"A": 2, "B": 6})
     assert [r.round for r in results] == [0, 1, 2]
     assert a.calls == b.calls == 3
     for site in ("A", "B"):
@@ -109,12 +116,12 @@ def test_quorum_after_timeout(fed: dict[str, Exchange]) -> None:
     cfg = FederationConfig(("A", "B"), rounds=1, quorum=1, timeout_s=0.3, poll_s=FAST)
     t = threading.Thread(target=run_site, args=(fed["A"], cfg, AddConstant(2.0, 5)), kwargs={"timeout_s": 20})
     t.start()
-    results = run_coordinator(coord, cfg, _init)
+    results = run_coordinator(coord, cfg, _init, case_counts={"A": 5, "B": 1})
     t.join()
     assert results[0].contributors == (("A", 5),)
     cfg_all = FederationConfig(("A", "B"), rounds=2, timeout_s=0.2, poll_s=FAST)
     with pytest.raises(RuntimeError, match="quorum is 2"):
-        run_coordinator(coord, cfg_all, _init)
+        run_coordinator(coord, cfg_all, _init, case_counts={"A": 5, "B": 1})
 
 
 def test_rejected_update_never_aggregated(fed: dict[str, Exchange]) -> None:
@@ -124,13 +131,14 @@ def test_rejected_update_never_aggregated(fed: dict[str, Exchange]) -> None:
                  num_cases=1)
     fed["B"].put("update", 0, tensors_to_bytes({k: v + 100 for k, v in _init().items()}), parent=g0.sha256,
                  num_cases=1)
-    obj = Path(coord.root) / "round_00000/update/B.bin"
+    obj = next((Path(coord.root) / "round_00000/update").glob("B.*.bin"))
     data = bytearray(obj.read_bytes())
     data[20] ^= 0xFF
     obj.write_bytes(bytes(data))
     with pytest.raises(RuntimeError, match="sha256 mismatch"):
-        run_coordinator(coord, FederationConfig(("A", "B"), rounds=1, poll_s=FAST), _init)
-    results = run_coordinator(coord, FederationConfig(("A", "B"), rounds=1, quorum=1, poll_s=FAST), _init)
+        run_coordinator(coord, FederationConfig(("A", "B"), rounds=1, poll_s=FAST), _init, case_counts=ONE)
+    results = run_coordinator(coord, FederationConfig(("A", "B"), rounds=1, quorum=1, poll_s=FAST), _init,
+                              case_counts=ONE)
     assert results[0].contributors == (("A", 1),)
     assert any("sha256 mismatch" in r for r in results[0].rejected)
     g1 = fed["A"].get("global", 1, "global")
@@ -145,13 +153,13 @@ def test_update_with_wrong_shapes_rejected(fed: dict[str, Exchange]) -> None:
     fed["A"].put("update", 0, tensors_to_bytes({"w": np.zeros((3, 3), np.float32), "b": np.zeros(4)}),
                  parent=g0.sha256, num_cases=1)
     with pytest.raises(RuntimeError, match="global model has float32"):
-        run_coordinator(coord, FederationConfig(("A",), rounds=1, poll_s=FAST), _init)
+        run_coordinator(coord, FederationConfig(("A",), rounds=1, poll_s=FAST), _init, case_counts=ONE)
 
 
 def test_restart_resumes_from_last_completed_round(fed: dict[str, Exchange]) -> None:
     a, b = AddConstant(1.0, 1), AddConstant(3.0, 1)
     cfg1 = FederationConfig(("A", "B"), rounds=1, poll_s=FAST)
-    simulate(fed[COORDINATOR], {"A": (fed["A"], a), "B": (fed["B"], b)}, cfg1, _init)
+    simulate(fed[COORDINATOR], {"A": (fed["A"], a), "B": (fed["B"], b)}, cfg1, _init, case_counts=ONE)
     # round 0 done: global 1 = 0 + (1 + 3) / 2 = 2. A also uploads its round-1 update, then "crashes".
     cfg2 = FederationConfig(("A", "B"), rounds=2, poll_s=FAST)
     from oarbench.train.exchange import tensors_from_bytes
@@ -164,7 +172,8 @@ def test_restart_resumes_from_last_completed_round(fed: dict[str, Exchange]) -> 
     def never_called() -> dict:
         raise AssertionError("a resumed coordinator must not publish initial weights again")
 
-    results, finals = simulate(fed[COORDINATOR], {"A": (fed["A"], a), "B": (fed["B"], b)}, cfg2, never_called)
+    results, finals = simulate(fed[COORDINATOR], {"A": (fed["A"], a), "B": (fed["B"], b)}, cfg2, never_called,
+                               case_counts=ONE)
     assert [r.round for r in results] == [1]
     assert a.calls == calls_before  # A's committed update was reused, not retrained
     # global 2 = 2 + (1 + 3) / 2 = 4
@@ -236,7 +245,9 @@ def test_privacy_only_summaries_and_encrypted_weights_in_storage(fed: dict[str, 
     stems = set()
     for rel, size in objects:
         stem, ext = rel.split(".", 1)
-        assert ext in ("bin", "manifest.json"), rel
+        if ext != "manifest.json":
+            assert re.fullmatch(r"[0-9a-f]{32}\.bin", ext), rel
+            ext = "bin"
         stems.add(stem)
         if ext == "manifest.json":
             assert size < 2000

@@ -40,9 +40,20 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from oarbench.train.aggregate import (
+    MAX_CASES,
+    AggregationRules,
+    RejectedUpdate,
+    Weights,
+    check_case_count,
+    check_fingerprint_body,
+    check_update,
+    fedavg,
+)
 from oarbench.train.exchange import (
     COORDINATOR,
     Exchange,
+    RejectedObject,
     tensors_from_bytes,
     tensors_to_bytes,
 )
@@ -53,6 +64,7 @@ __all__ = [
     "FederationConfig",
     "RoundResult",
     "fedavg",
+    "pinned_case_counts",
     "merge_fingerprints",
     "run_coordinator",
     "run_site",
@@ -69,10 +81,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Named arrays: the network's state (one entry per distinct tensor).
-Weights = dict[str, np.ndarray]
-
 
 class LocalTraining(Protocol):
     """One site's local training step.
@@ -144,51 +152,11 @@ class RoundResult:
 # --------------------------------------------------------------------------- aggregation
 
 
-def fedavg(updates: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> Weights:
-    """Average weights, weighted by case count (FedAvg).
-
-    ``w = sum_k n_k w_k / sum_k n_k``, accumulated in float64 and cast back to
-    each tensor's dtype (integer tensors are rounded to the nearest integer).
-
-    Raises
-    ------
-    ValueError
-        No updates, a non-positive case count, or tensors whose names or shapes differ.
-    """
-    if not updates:
-        raise ValueError("fedavg needs at least one update")
-    counts = [int(n) for _, n in updates]
-    if any(n <= 0 for n in counts):
-        raise ValueError(f"case counts must be positive, got {counts}")
-    names = set(updates[0][0])
-    for w, _ in updates[1:]:
-        if set(w) != names:
-            raise ValueError(f"updates hold different tensors: {sorted(names ^ set(w))}")
-    total = float(sum(counts))
-    out: Weights = {}
-    for name in sorted(names):
-        first = np.asarray(updates[0][0][name])
-        acc = np.zeros(first.shape, dtype=np.float64)
-        for (w, _), n in zip(updates, counts):
-            arr = np.asarray(w[name])
-            if arr.shape != first.shape:
-                raise ValueError(f"tensor {name!r}: shapes {first.shape} and {arr.shape} differ")
-            acc += arr.astype(np.float64) * (n / total)
-        if np.issubdtype(first.dtype, np.integer) or first.dtype == np.bool_:
-            acc = np.rint(acc)
-        out[name] = acc.astype(first.dtype)
-    return out
-
-
-def _check_like(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> str | None:
-    if set(update) != set(reference):
-        return f"tensor names differ from the global model: {sorted(set(update) ^ set(reference))[:5]}"
-    for k, ref in reference.items():
-        u = update[k]
-        if u.shape != ref.shape or u.dtype != ref.dtype:
-            return f"tensor {k!r}: {u.dtype}{u.shape}, global model has {ref.dtype}{ref.shape}"
-        if np.issubdtype(u.dtype, np.floating) and not np.all(np.isfinite(u)):
-            return f"tensor {k!r} holds NaN or inf"
+def _site_check(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> str | None:
+    try:
+        check_update(update, reference, AggregationRules())
+    except RejectedUpdate as exc:
+        return str(exc)
     return None
 
 
@@ -309,6 +277,34 @@ def _wait(what: str, poll: Callable[[], Any], poll_s: float, timeout_s: float | 
         time.sleep(poll_s)
 
 
+def _fingerprint_bodies(exchange: Exchange, sites: Sequence[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Accepted fingerprint messages of ``sites`` that pass :func:`check_fingerprint_body`; reasons for the rest."""
+    accepted, rejected = exchange.collect("fingerprint", -1)
+    bodies: dict[str, dict[str, Any]] = {}
+    bad: dict[str, str] = {}
+    for site, rec in accepted.items():
+        if site not in sites:
+            continue
+        try:
+            body = json.loads(rec.payload.decode("utf-8"))
+            check_fingerprint_body(body, rec.header.num_cases)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            bad[site] = f"{rec.manifest_path}: invalid fingerprint: {exc}"
+            continue
+        bodies[site] = body
+    return bodies, bad
+
+
+def pinned_case_counts(exchange: Exchange, sites: Sequence[str]) -> dict[str, int]:
+    """Case count of each site's accepted fingerprint: its FedAvg weight in every round.
+
+    A site without a valid fingerprint in storage is missing from the result
+    (its updates are then refused).
+    """
+    bodies, _ = _fingerprint_bodies(exchange, sites)
+    return {s: int(b["num_cases"]) for s, b in bodies.items()}
+
+
 def make_shared_plans(
     exchange: Exchange,
     config: FederationConfig,
@@ -321,18 +317,25 @@ def make_shared_plans(
     ``plan(merged_fingerprint, dataset_header)`` returns the plans dict (for
     nnU-Net: :func:`oarbench.train.nnunet.plan_from_fingerprint`). If plans
     are already published (restart), they are returned unchanged.
+
+    Raises
+    ------
+    ValueError
+        A site's signed fingerprint is malformed (the site cannot replace it:
+        the first committed object of a slot stands), or sites disagree on
+        labels or channels.
     """
     existing = exchange.get("plans", -1, "plans")
     if existing is not None:
         return json.loads(existing.payload)
 
     def poll() -> dict | None:
-        accepted, _ = exchange.collect("fingerprint", -1)
-        accepted = {k: v for k, v in accepted.items() if k in config.sites}
-        return accepted if len(accepted) == len(config.sites) else None
+        bodies, bad = _fingerprint_bodies(exchange, config.sites)
+        if bad:
+            raise ValueError("; ".join(sorted(bad.values())))
+        return bodies if len(bodies) == len(config.sites) else None
 
-    got = _wait("all sites' fingerprints", poll, config.poll_s, timeout_s)
-    bodies = {s: json.loads(r.payload) for s, r in got.items()}
+    bodies = _wait("all sites' fingerprints", poll, config.poll_s, timeout_s)
     headers = {s: b["dataset"] for s, b in bodies.items()}
     ref = headers[config.sites[0]]
     for s, h in headers.items():
@@ -341,9 +344,16 @@ def make_shared_plans(
                 raise ValueError(f"site {s!r} has dataset.json {key} {h.get(key)!r}, site "
                                  f"{config.sites[0]!r} has {ref.get(key)!r}")
     merged = merge_fingerprints({s: (b["fingerprint"], b["num_cases"]) for s, b in bodies.items()})
-    header = dict(ref, numTraining=int(sum(b["num_cases"] for b in bodies.values())))
+    header = {k: ref[k] for k in ("labels", "channel_names", "file_ending")}
+    header["numTraining"] = int(sum(b["num_cases"] for b in bodies.values()))
     plans = plan(merged, header)
-    exchange.put("plans", -1, json.dumps(plans, sort_keys=True).encode("utf-8"))
+    try:
+        exchange.put("plans", -1, json.dumps(plans, sort_keys=True).encode("utf-8"))
+    except FileExistsError:  # a second coordinator process committed first: its plans stand
+        got = exchange.get("plans", -1, "plans")
+        if got is None:  # pragma: no cover - committed a moment ago
+            raise
+        return json.loads(got.payload)
     return plans
 
 
@@ -357,6 +367,7 @@ def fetch_plans(exchange: Exchange, *, poll_s: float = 1.0, timeout_s: float | N
 
 
 def _global_rounds(exchange: Exchange) -> list[int]:
+    """Round numbers that have a global manifest in storage (not yet verified)."""
     try:
         entries = exchange.fs.ls(exchange._full(""), detail=False)
     except FileNotFoundError:
@@ -364,16 +375,27 @@ def _global_rounds(exchange: Exchange) -> list[int]:
     rounds = []
     for p in entries:
         name = p.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("round_") and name[6:].isdigit():
+        if name.startswith("round_") and name[6:].isdigit() and len(name) <= 13:
             if exchange._exists(f"{name}/global/global.manifest.json"):
                 rounds.append(int(name[6:]))
     return sorted(rounds)
 
 
-def latest_global_round(exchange: Exchange) -> int:
-    """Highest round with a committed global model, or -1 if none."""
-    rounds = _global_rounds(exchange)
-    return rounds[-1] if rounds else -1
+def latest_global_round(exchange: Exchange, max_round: int | None = None) -> int:
+    """Highest round (at most ``max_round``) whose global model passes every check, or -1 if none.
+
+    A global manifest that fails verification (planted, altered, unsigned) is
+    logged and skipped, so it can neither end a federation early nor stop it.
+    """
+    for r in reversed(_global_rounds(exchange)):
+        if max_round is not None and r > max_round:
+            continue
+        try:
+            if exchange.get("global", r, "global") is not None:
+                return r
+        except RejectedObject as exc:
+            exchange._log_once(logging.WARNING, str(exc))
+    return -1
 
 
 def _read_global(exchange: Exchange, round_: int) -> tuple[Weights, str] | None:
@@ -383,14 +405,33 @@ def _read_global(exchange: Exchange, round_: int) -> tuple[Weights, str] | None:
     return tensors_from_bytes(got.payload), got.header.sha256
 
 
+def _publish_global(exchange: Exchange, round_: int, weights: Mapping[str, np.ndarray], **kw: Any) -> str:
+    """Publish global ``round_``; if another coordinator process committed it first, keep theirs."""
+    try:
+        return exchange.put("global", round_, tensors_to_bytes(dict(weights)), **kw).sha256
+    except FileExistsError:
+        got = exchange.get("global", round_, "global")
+        if got is None:  # pragma: no cover - committed a moment ago
+            raise
+        log.warning("coordinator: global model of round %d was committed by another process; keeping it", round_)
+        return got.header.sha256
+
+
 def run_coordinator(
     exchange: Exchange,
     config: FederationConfig,
     initial_weights: Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]],
     *,
     stop: threading.Event | None = None,
+    case_counts: Mapping[str, int] | None = None,
+    rules: AggregationRules | None = None,
 ) -> list[RoundResult]:
     """Run (or resume) the coordinator until the final global model is published.
+
+    Each site's FedAvg weight is pinned: to ``case_counts`` where given, else
+    to the case count of its accepted fingerprint in storage; an update
+    claiming another count, or failing a rule of
+    :mod:`oarbench.train.aggregate`, is refused.
 
     Returns the results of the rounds aggregated in this call (none if the
     federation had already finished).
@@ -402,22 +443,25 @@ def run_coordinator(
     """
     if exchange.keyring.identity != COORDINATOR:
         raise ValueError(f"the coordinator must use the {COORDINATOR!r} keys, not {exchange.keyring.identity!r}")
-    current = latest_global_round(exchange)
+    rules = rules or AggregationRules()
+    current = latest_global_round(exchange, config.rounds)
     if current < 0:
         init = initial_weights() if callable(initial_weights) else initial_weights
-        exchange.put("global", 0, tensors_to_bytes(dict(init)))
+        _publish_global(exchange, 0, init)
         log.info("coordinator: published initial global model (round 0)")
         current = 0
     results: list[RoundResult] = []
     while current < config.rounds:
         started = time.monotonic()
-        read = _read_global(exchange, current)
-        if read is None:  # pragma: no cover - listed a moment ago
+        got = exchange.get("global", current, "global")
+        if got is None:  # pragma: no cover - listed a moment ago
             raise RuntimeError(f"global model of round {current} vanished from {exchange.url}")
-        global_w, global_sha = read
+        global_w, global_sha = tensors_from_bytes(got.payload), got.header.sha256
+        cap = len(got.payload) + 64 * 1024  # an update has the global model's tensors: about its size
         deadline = None if config.timeout_s is None else started + config.timeout_s
         while True:
-            accepted, rejected = exchange.collect("update", current, parent=global_sha)
+            pinned = dict(case_counts) if case_counts is not None else pinned_case_counts(exchange, config.sites)
+            accepted, rejected = exchange.collect("update", current, parent=global_sha, max_size=cap)
             valid: dict[str, tuple[Weights, int]] = {}
             for site, rec in accepted.items():
                 if site not in config.sites:
@@ -428,14 +472,14 @@ def run_coordinator(
                 except Exception as exc:  # safetensors raises its own error types
                     rejected[rec.manifest_path] = f"{rec.manifest_path}: not a safetensors payload ({exc})"
                     continue
-                problem = _check_like(w, global_w)
-                if problem is None and rec.header.num_cases <= 0:
-                    problem = f"case count {rec.header.num_cases} is not positive"
-                if problem:
-                    rejected[rec.manifest_path] = f"{rec.manifest_path}: {problem}"
-                    log.warning("rejected: %s", rejected[rec.manifest_path])
+                try:
+                    n = check_case_count(site, rec.header.num_cases, pinned, rules)
+                    check_update(w, global_w, rules)
+                except RejectedUpdate as exc:
+                    rejected[rec.manifest_path] = f"{rec.manifest_path}: {exc}"
+                    exchange._log_once(logging.WARNING, rejected[rec.manifest_path])
                     continue
-                valid[site] = (w, rec.header.num_cases)
+                valid[site] = (w, n)
             # a refused manifest is final (its slot cannot be written again); a .bin without
             # manifest may be an upload in progress, so it does not settle that site
             refused_sites = {p.rsplit("/", 1)[-1].split(".")[0] for p in rejected if p.endswith(".manifest.json")}
@@ -453,14 +497,14 @@ def run_coordinator(
                 return results
             time.sleep(config.poll_s)
         order = sorted(valid)
-        new = fedavg([valid[s] for s in order])
+        new = fedavg([valid[s] for s in order], max_cases=rules.max_cases)
         total = sum(valid[s][1] for s in order)
-        header = exchange.put("global", current + 1, tensors_to_bytes(new), parent=global_sha, num_cases=total)
+        sha = _publish_global(exchange, current + 1, new, parent=global_sha, num_cases=min(total, MAX_CASES))
         res = RoundResult(
             round=current,
             contributors=tuple((s, valid[s][1]) for s in order),
             rejected=tuple(sorted(rejected.values())),
-            global_sha256=header.sha256,
+            global_sha256=sha,
             seconds=time.monotonic() - started,
         )
         log.info("coordinator: round %d aggregated from %s -> global %d", current, res.contributors, current + 1)
@@ -486,7 +530,7 @@ def run_site(
     me = exchange.keyring.identity
     if me not in config.sites:
         raise ValueError(f"site {me!r} is not in this federation ({config.sites})")
-    r = max(latest_global_round(exchange), 0)
+    r = max(latest_global_round(exchange, config.rounds), 0)
     while True:
         def poll() -> tuple[Weights, str] | None:
             if stop is not None and stop.is_set():
@@ -503,11 +547,14 @@ def run_site(
             log.info("%s: update for round %d already committed (resumed)", me, r)
         else:
             local_w, n_cases = train(r, global_w)
-            problem = _check_like(local_w, global_w)
+            problem = _site_check(local_w, global_w)
             if problem:
                 raise ValueError(f"site {me!r}, round {r}: local training returned bad weights: {problem}")
-            exchange.put("update", r, tensors_to_bytes(local_w), parent=sha, num_cases=int(n_cases))
-            log.info("%s: uploaded update for round %d (%d cases)", me, r, n_cases)
+            try:
+                exchange.put("update", r, tensors_to_bytes(local_w), parent=sha, num_cases=int(n_cases))
+                log.info("%s: uploaded update for round %d (%d cases)", me, r, n_cases)
+            except FileExistsError:  # another process of this site committed first: that update stands
+                log.warning("%s: update for round %d was committed by another process; keeping it", me, r)
         r += 1
 
 
@@ -516,15 +563,20 @@ def simulate(
     sites: Mapping[str, tuple[Exchange, LocalTraining]],
     config: FederationConfig,
     initial_weights: Mapping[str, np.ndarray] | Callable[[], Mapping[str, np.ndarray]],
+    *,
+    case_counts: Mapping[str, int] | None = None,
+    rules: AggregationRules | None = None,
 ) -> tuple[list[RoundResult], dict[str, Weights]]:
     """Run the coordinator and every site in threads of this process.
 
-    Returns the coordinator's round results and each site's final global weights.
-    Any exception in a thread stops the others and is re-raised.
+    ``case_counts`` pins the sites' FedAvg weights (default: their fingerprints
+    in storage). Returns the coordinator's round results and each site's final
+    global weights. Any exception in a thread stops the others and is re-raised.
     """
     stop = threading.Event()
     jobs: dict[str, Callable[[], Any]] = {
-        COORDINATOR: lambda: run_coordinator(coordinator, config, initial_weights, stop=stop),
+        COORDINATOR: lambda: run_coordinator(coordinator, config, initial_weights, stop=stop,
+                                             case_counts=case_counts, rules=rules),
     }
     for name, (ex, tr) in sites.items():
         jobs[name] = lambda ex=ex, tr=tr: run_site(ex, config, tr, stop=stop)
@@ -546,11 +598,12 @@ def _dataset_header(dataset_json: Mapping[str, Any]) -> dict[str, Any]:
 
 def shared_dataset_header(exchange: Exchange, config: FederationConfig) -> dict[str, Any]:
     """dataset.json for the federated model: the sites' common header plus the total case count."""
-    accepted, _ = exchange.collect("fingerprint", -1)
-    bodies = [json.loads(accepted[s].payload) for s in config.sites if s in accepted]
+    got, _ = _fingerprint_bodies(exchange, config.sites)
+    bodies = [got[s] for s in config.sites if s in got]
     if not bodies:
         raise ValueError(f"{exchange.url}: no valid fingerprints in storage")
-    return dict(bodies[0]["dataset"], numTraining=int(sum(b["num_cases"] for b in bodies)))
+    header = {k: bodies[0]["dataset"][k] for k in ("labels", "channel_names", "file_ending")}
+    return dict(header, numTraining=int(sum(b["num_cases"] for b in bodies)))
 
 
 def nnunet_coordinator(

@@ -1,0 +1,291 @@
+"""Federated averaging and the guards every site update passes first.
+
+One module for every federated engine (the shared-storage coordinator of
+:mod:`oarbench.train.federated` and the Flower server of
+:mod:`oarbench.train.flower`), so both average the same way and refuse the
+same updates.
+
+Rules (documented in docs/training.md, "What a dishonest site can and cannot do"):
+
+* **Case counts are pinned.** A site's FedAvg weight is the case count of
+  its accepted fingerprint (the per-case lists it sent for planning), never a
+  number it claims later; an update claiming another count is refused. Counts
+  are integers in ``1 .. rules.max_cases``.
+* **Same tensors.** An update holds exactly the global model's tensor names,
+  shapes and dtypes.
+* **Finite and bounded.** Every floating value is finite and
+  ``|w| <= rules.max_abs_weight``.
+* **Norm near the previous global's.** With ``||.||`` the Euclidean norm
+  over all floating tensors together, an update ``u`` trained from the
+  global model ``g`` is refused unless
+  ``||g|| / r <= ||u|| <= r * ||g||`` with ``r = rules.max_norm_ratio``
+  (default 10). The rule cannot scale an all-zero global model; then only
+  the absolute bound applies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "MAX_CASES",
+    "Weights",
+    "AggregationRules",
+    "RejectedUpdate",
+    "Aggregate",
+    "fedavg",
+    "check_update",
+    "check_case_count",
+    "check_fingerprint_body",
+    "aggregate",
+    "weights_norm",
+]
+
+#: Largest case count a site may report.
+MAX_CASES = 1_000_000
+
+#: Named arrays: the network's state (one entry per distinct tensor).
+Weights = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class AggregationRules:
+    """Limits an update must keep to be averaged (see the module docstring).
+
+    Attributes
+    ----------
+    max_norm_ratio: ``r``: the update's norm lies within ``[||g|| / r, r ||g||]``.
+    max_abs_weight: largest absolute value of any floating weight.
+    max_cases: largest case count of a site.
+    """
+
+    max_norm_ratio: float = 10.0
+    max_abs_weight: float = 1e6
+    max_cases: int = MAX_CASES
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.max_norm_ratio) and self.max_norm_ratio >= 1.0):
+            raise ValueError(f"max_norm_ratio must be a finite number >= 1, got {self.max_norm_ratio}")
+        if not (math.isfinite(self.max_abs_weight) and self.max_abs_weight > 0):
+            raise ValueError(f"max_abs_weight must be a positive finite number, got {self.max_abs_weight}")
+        if not 1 <= self.max_cases <= MAX_CASES:
+            raise ValueError(f"max_cases must be between 1 and {MAX_CASES}, got {self.max_cases}")
+
+
+class RejectedUpdate(ValueError):
+    """A site update failed a guard; it must not be averaged."""
+
+
+def _is_float(arr: np.ndarray) -> bool:
+    return bool(np.issubdtype(arr.dtype, np.floating))
+
+
+def weights_norm(weights: Mapping[str, np.ndarray]) -> float:
+    """Euclidean norm over all floating tensors together (float64 accumulation)."""
+    total = 0.0
+    for v in weights.values():
+        a = np.asarray(v)
+        if _is_float(a):
+            a64 = a.astype(np.float64, copy=False).ravel()
+            total += float(np.dot(a64, a64))
+    return math.sqrt(total)
+
+
+def check_case_count(site: str, claimed: Any, pinned: Mapping[str, int], rules: AggregationRules) -> int:
+    """The FedAvg weight of ``site``: its pinned count; refuse a missing pin or a different claim."""
+    if site not in pinned:
+        raise RejectedUpdate(f"site {site!r} has no accepted fingerprint that pins its case count")
+    n = pinned[site]
+    if type(n) is not int or not 1 <= n <= rules.max_cases:
+        raise RejectedUpdate(f"site {site!r}: pinned case count {n!r} is not an integer in 1..{rules.max_cases}")
+    if claimed is not None and (type(claimed) is not int or claimed != n):
+        raise RejectedUpdate(f"site {site!r} claims {claimed!r} cases, its fingerprint has {n}")
+    return n
+
+
+def check_update(update: Mapping[str, np.ndarray], global_weights: Mapping[str, np.ndarray],
+                 rules: AggregationRules) -> None:
+    """Raise :class:`RejectedUpdate` unless ``update`` keeps every rule relative to ``global_weights``."""
+    if set(update) != set(global_weights):
+        diff = sorted(set(update) ^ set(global_weights))
+        raise RejectedUpdate(f"tensor names differ from the global model: {diff[:5]}")
+    for k, ref in global_weights.items():
+        u = np.asarray(update[k])
+        ref = np.asarray(ref)
+        if u.shape != ref.shape or u.dtype != ref.dtype:
+            raise RejectedUpdate(f"tensor {k!r}: {u.dtype}{u.shape}, global model has {ref.dtype}{ref.shape}")
+        if _is_float(u) and u.size:
+            if not np.all(np.isfinite(u)):
+                raise RejectedUpdate(f"tensor {k!r} holds NaN or inf")
+            biggest = float(np.max(np.abs(u)))
+            if biggest > rules.max_abs_weight:
+                raise RejectedUpdate(f"tensor {k!r} holds |w| = {biggest:.3g} > {rules.max_abs_weight:.3g}")
+    g = weights_norm(global_weights)
+    if g > 0:
+        n = weights_norm(update)
+        r = rules.max_norm_ratio
+        if not g / r <= n <= g * r:
+            raise RejectedUpdate(
+                f"update norm {n:.4g} is outside [{g / r:.4g}, {g * r:.4g}] (previous global norm {g:.4g} "
+                f"divided/multiplied by {r:g})"
+            )
+
+
+def fedavg(updates: Sequence[tuple[Mapping[str, np.ndarray], int]], *, max_cases: int = MAX_CASES) -> Weights:
+    """Average weights, weighted by case count (FedAvg).
+
+    ``w = sum_k n_k w_k / sum_k n_k``, accumulated in float64 and cast back to
+    each tensor's dtype (integer tensors are rounded to the nearest integer).
+
+    Raises
+    ------
+    ValueError
+        No updates, a case count that is not an integer in ``1..max_cases``,
+        or tensors whose names or shapes differ.
+    """
+    if not updates:
+        raise ValueError("fedavg needs at least one update")
+    counts = [n for _, n in updates]
+    if any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= max_cases
+           for n in counts):
+        shown = [n if isinstance(n, (int, np.integer)) and abs(n) < 10**12 else "(huge)" for n in counts]
+        raise ValueError(f"case counts must be positive integers up to {max_cases}, got {shown}")
+    counts = [int(n) for n in counts]
+    names = set(updates[0][0])
+    for w, _ in updates[1:]:
+        if set(w) != names:
+            raise ValueError(f"updates hold different tensors: {sorted(names ^ set(w))}")
+    total = float(sum(counts))
+    out: Weights = {}
+    for name in sorted(names):
+        first = np.asarray(updates[0][0][name])
+        acc = np.zeros(first.shape, dtype=np.float64)
+        for (w, _), n in zip(updates, counts):
+            arr = np.asarray(w[name])
+            if arr.shape != first.shape:
+                raise ValueError(f"tensor {name!r}: shapes {first.shape} and {arr.shape} differ")
+            acc += arr.astype(np.float64) * (n / total)
+        if np.issubdtype(first.dtype, np.integer) or first.dtype == np.bool_:
+            acc = np.rint(acc)
+        out[name] = acc.astype(first.dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """Result of :func:`aggregate`.
+
+    Attributes
+    ----------
+    weights: the new global weights.
+    contributors: ``(site, case count)`` of the averaged updates, by site name.
+    rejected: reason by site for every refused update.
+    """
+
+    weights: Weights
+    contributors: tuple[tuple[str, int], ...]
+    rejected: Mapping[str, str] = field(default_factory=dict)
+
+
+def aggregate(
+    updates: Mapping[str, tuple[Mapping[str, np.ndarray], int | None]],
+    global_weights: Mapping[str, np.ndarray],
+    pinned: Mapping[str, int],
+    rules: AggregationRules | None = None,
+    *,
+    min_updates: int = 1,
+) -> Aggregate:
+    """Check every site's update, then FedAvg the accepted ones with their pinned case counts.
+
+    Parameters
+    ----------
+    updates: site -> (weights, claimed case count or None).
+    global_weights: the global model the updates were trained from.
+    pinned: site -> case count of its accepted fingerprint.
+    rules: the limits (default :class:`AggregationRules`).
+    min_updates: fewest accepted updates; fewer raise ``ValueError``.
+    """
+    rules = rules or AggregationRules()
+    valid: list[tuple[str, Mapping[str, np.ndarray], int]] = []
+    rejected: dict[str, str] = {}
+    for site in sorted(updates):
+        w, claimed = updates[site]
+        try:
+            n = check_case_count(site, claimed, pinned, rules)
+            check_update(w, global_weights, rules)
+        except RejectedUpdate as exc:
+            rejected[site] = str(exc)
+            continue
+        valid.append((site, w, n))
+    if len(valid) < max(1, min_updates):
+        raise ValueError(f"only {len(valid)} acceptable update(s), need {max(1, min_updates)}; "
+                         f"rejected: {rejected}")
+    new = fedavg([(w, n) for _, w, n in valid], max_cases=rules.max_cases)
+    return Aggregate(new, tuple((s, n) for s, _, n in valid), rejected)
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+_INTENSITY_KEYS = ("mean", "median", "std", "min", "max", "percentile_99_5", "percentile_00_5")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_fingerprint_body(body: Any, claimed: int | None = None, rules: AggregationRules | None = None) -> int:
+    """Validate a site's fingerprint message; return its case count.
+
+    ``body`` is ``{"fingerprint": ..., "dataset": {labels, channel_names,
+    file_ending}, "num_cases": n}``. Checks every field the merge reads: per-case
+    ``spacings`` (3 positive finite numbers) and ``shapes_after_crop`` (3
+    positive integers) with exactly ``n`` entries, finite intensity statistics,
+    ``1 <= n <= rules.max_cases`` and, where given, ``n == claimed``.
+
+    Raises
+    ------
+    ValueError
+        What is wrong, without echoing the whole body.
+    """
+    rules = rules or AggregationRules()
+    if not isinstance(body, dict) or set(body) != {"fingerprint", "dataset", "num_cases"}:
+        raise ValueError("fingerprint message must be an object with keys fingerprint, dataset, num_cases")
+    n = body["num_cases"]
+    if type(n) is not int or not 1 <= n <= rules.max_cases:
+        raise ValueError(f"num_cases must be an integer in 1..{rules.max_cases}")
+    if claimed is not None and claimed != n:
+        raise ValueError(f"num_cases {n} differs from the signed header's {claimed}")
+    ds = body["dataset"]
+    if not isinstance(ds, dict) or not {"labels", "channel_names", "file_ending"} <= set(ds):
+        raise ValueError("dataset header must hold labels, channel_names and file_ending")
+    if not isinstance(ds["labels"], dict) or not isinstance(ds["channel_names"], dict) \
+            or not isinstance(ds["file_ending"], str):
+        raise ValueError("dataset header: labels and channel_names must be objects, file_ending a string")
+    fp = body["fingerprint"]
+    if not isinstance(fp, dict):
+        raise ValueError("fingerprint must be an object")
+    sp, sh = fp.get("spacings"), fp.get("shapes_after_crop")
+    if not isinstance(sp, list) or not isinstance(sh, list) or len(sp) != n or len(sh) != n:
+        raise ValueError(f"spacings and shapes_after_crop must list exactly num_cases = {n} cases")
+    for s in sp:
+        if not isinstance(s, list) or len(s) != 3 or not all(_finite(v) and v > 0 for v in s):
+            raise ValueError("every spacing must be 3 positive finite numbers")
+    for s in sh:
+        if not isinstance(s, list) or len(s) != 3 or not all(type(v) is int and 0 < v < 2**31 for v in s):
+            raise ValueError("every shape after cropping must be 3 positive integers")
+    props = fp.get("foreground_intensity_properties_per_channel")
+    if not isinstance(props, dict) or not props:
+        raise ValueError("foreground_intensity_properties_per_channel must be a non-empty object")
+    for ch, st in props.items():
+        if not isinstance(st, dict) or not all(_finite(st.get(k)) for k in _INTENSITY_KEYS):
+            raise ValueError(f"channel {str(ch)[:20]!r}: intensity statistics must be finite numbers "
+                             f"({', '.join(_INTENSITY_KEYS)})")
+        if st["std"] < 0:
+            raise ValueError(f"channel {str(ch)[:20]!r}: negative std")
+    if not _finite(fp.get("median_relative_size_after_cropping")):
+        raise ValueError("median_relative_size_after_cropping must be a finite number")
+    return n
