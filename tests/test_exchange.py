@@ -255,13 +255,14 @@ def test_cli_keys_and_clean_errors(tmp_path: Path) -> None:
     from oarbench.cli import main
 
     runner = CliRunner()
-    res = runner.invoke(main, ["fl", "keys", "--out", str(tmp_path / "k"), "--sites", "A,B"])
-    assert res.exit_code == 0, res.output
+    for args in (["keys", "--name", "A"], ["keys", "--name", "B"], ["federation"]):
+        res = runner.invoke(main, ["fl", *args, "--out", str(tmp_path / "k")])
+        assert res.exit_code == 0, res.output
     assert (tmp_path / "k" / "federation.key").is_file() and (tmp_path / "k" / "public" / "B.pub").is_file()
-    again = runner.invoke(main, ["fl", "keys", "--out", str(tmp_path / "k"), "--sites", "A"])
+    again = runner.invoke(main, ["fl", "federation", "--out", str(tmp_path / "k")])
     assert again.exit_code != 0 and "refusing to overwrite" in again.output
-    bad = runner.invoke(main, ["fl", "keys", "--out", str(tmp_path / "k2"), "--sites", "A,coordinator"])
-    assert bad.exit_code != 0 and "distinct" in bad.output
+    bad = runner.invoke(main, ["fl", "keys", "--out", str(tmp_path / "k2"), "--name", "A/../B"])
+    assert bad.exit_code != 0 and "letters, digits" in bad.output
     # a site whose private key is not in the folder: a clean error naming the file, no traceback
     missing = runner.invoke(main, ["fl", "site", "--storage", str(tmp_path / "s"), "--keys", str(tmp_path / "k"),
                                    "--sites", "A,B,C", "--rounds", "1", "--work", str(tmp_path / "w"),

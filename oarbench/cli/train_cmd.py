@@ -88,16 +88,30 @@ def fl() -> None:
 
 
 @fl.command("keys")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--sites", required=True, help="Comma-separated site names, e.g. A,B.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="This party's key folder.")
+@click.option("--name", required=True, help="This party's name: 'coordinator' or the site name.")
 @user_errors
-def keys(out_dir: Path, sites: str) -> None:
-    """Create the federation key and Ed25519 key pairs of the coordinator and each site."""
-    from oarbench.train.exchange import generate_keys
+def keys(out_dir: Path, name: str) -> None:
+    """Create this party's own Ed25519 key pair; share only public/NAME.pub."""
+    from oarbench.train.exchange import generate_party_key
 
-    paths = generate_keys(out_dir, list(_sites(sites)))
-    click.echo(f"wrote {len(paths)} key files to {out_dir}; give each party federation.key, its own "
-               f"<name>.ed25519 and the public/ folder")
+    paths = generate_party_key(out_dir, name)
+    click.echo(f"private key {paths[name]} (mode 0600, never leaves this party); "
+               f"give {paths[name + '.pub']} to the other parties")
+
+
+@fl.command("federation")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The coordinator's key folder.")
+@user_errors
+def federation_cmd(out_dir: Path) -> None:
+    """Coordinator: create the federation key and the random federation id."""
+    from oarbench.train.exchange import create_federation
+
+    paths = create_federation(out_dir)
+    click.echo(f"wrote {paths['federation']} (secret, mode 0600) and {paths['federation.id']}; give both to "
+               f"every site over a confidential channel, with public/coordinator.pub")
 
 
 def _common(f):  # type: ignore[no-untyped-def]

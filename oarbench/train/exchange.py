@@ -656,21 +656,55 @@ class Exchange:
             federation_id=self.keyring.federation_id,
         )
         slot = object_slot(kind, round_, name)
+        manifest_rel = slot + ".manifest.json"
         duplicate = f"{self.url}/{slot}: duplicate upload refused, the slot is already committed"
-        if self._exists(slot + ".manifest.json"):
+        if self._exists(manifest_rel) and not self._clear_foreign_manifest(manifest_rel):
             raise FileExistsError(duplicate)
         object_rel = f"{slot}.{secrets.token_hex(16)}.bin"
         ciphertext, manifest = self.seal(header, payload, object_rel)
         self._create(object_rel, ciphertext)
+        data = json.dumps(manifest, indent=1).encode("utf-8")
+        for attempt in (0, 1):
+            try:
+                self._create(manifest_rel, data)
+                return header
+            except FileExistsError as exc:
+                if attempt == 0 and self._clear_foreign_manifest(manifest_rel):
+                    continue
+                try:  # another writer committed first: remove our own, never-referenced ciphertext
+                    self.fs.rm_file(self._full(object_rel))
+                except OSError as rm_exc:  # pragma: no cover - storage refused the delete
+                    log.warning("%s/%s: could not remove unused object: %s", self.url, object_rel, rm_exc)
+                raise FileExistsError(duplicate) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _clear_foreign_manifest(self, manifest_rel: str) -> bool:
+        """Remove a manifest in one of this party's slots that this party did not sign; True if removed.
+
+        Only this party can sign manifests for its own slots, so a manifest there that
+        is not a well-formed manifest signed by this party was planted (or is garbage)
+        and no reader would ever accept it. A manifest this party signed (another of
+        its processes committed first) is never touched.
+        """
+        where = f"{self.url}/{manifest_rel}"
         try:
-            self._create(slot + ".manifest.json", json.dumps(manifest, indent=1).encode("utf-8"))
-        except FileExistsError as exc:
-            try:  # another writer committed first: remove our own, never-referenced ciphertext
-                self.fs.rm_file(self._full(object_rel))
-            except OSError as rm_exc:  # pragma: no cover - storage refused the delete
-                log.warning("%s/%s: could not remove unused object: %s", self.url, object_rel, rm_exc)
-            raise FileExistsError(duplicate) from exc
-        return header
+            raw = self._read(manifest_rel, limit=MAX_MANIFEST_BYTES)
+        except FileNotFoundError:
+            return True
+        try:
+            header, manifest, signature = self._parse_manifest(raw, where)
+            mine = header.sender == self.keyring.identity and self.keyring.verify(
+                self.keyring.identity, _canonical(manifest), signature)
+        except RejectedObject:
+            mine = False
+        if mine:
+            return False
+        log.warning("%s: removing a manifest this party did not sign from its own slot", where)
+        try:
+            self.fs.rm_file(self._full(manifest_rel))
+        except FileNotFoundError:
+            pass
+        return True
 
     # -- reading -----------------------------------------------------------------------------
 

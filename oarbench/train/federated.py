@@ -260,10 +260,18 @@ def publish_fingerprint(exchange: Exchange, fingerprint: Mapping[str, Any], data
     ``file_ending`` of the site's dataset.json (no file lists).
     """
     body = {"fingerprint": dict(fingerprint), "dataset": dict(dataset_header), "num_cases": int(num_cases)}
+    me = exchange.keyring.identity
     try:
         exchange.put("fingerprint", -1, json.dumps(body, sort_keys=True).encode("utf-8"), num_cases=num_cases)
     except FileExistsError:
-        log.info("%s: fingerprint already uploaded (restart); keeping the committed one", exchange.keyring.identity)
+        try:
+            exchange.get("fingerprint", -1, me)
+        except RejectedObject as exc:
+            raise RuntimeError(
+                f"site {me!r}: its fingerprint slot holds an object it did not write ({exc}); the coordinator "
+                f"never uses it, but the slot must be cleared in storage before this site can take part"
+            ) from None
+        log.info("%s: fingerprint already uploaded (restart); keeping the committed one", me)
 
 
 def _wait(what: str, poll: Callable[[], Any], poll_s: float, timeout_s: float | None) -> Any:
