@@ -23,15 +23,14 @@ import numpy as np
 import pandas as pd
 
 from oarbench import __version__
+from oarbench import storage
 from oarbench.executors import Executor, LocalExecutor
 from oarbench.io import (
-    atomic_write_text,
     check_same_grid,
     find_cases,
     read_volume,
     resample_nearest,
     same_grid,
-    sha256_file,
 )
 from oarbench.labels import LabelMap
 from oarbench.metrics import RESULT_COLUMNS, evaluate_labels, resolve_backend
@@ -80,10 +79,10 @@ class EvalOptions:
 
 @dataclass(frozen=True)
 class Job:
-    """One reference folder scored against one prediction folder."""
+    """One reference folder scored against one prediction folder (paths or fsspec URLs)."""
 
-    reference: Path
-    prediction: Path
+    reference: storage.Location
+    prediction: storage.Location
     study: str = ""
     centre: str = ""
     model: str = ""
@@ -96,7 +95,7 @@ class Job:
 
 
 def jobs_from_folders(reference: str | Path, prediction: str | Path, **columns: str) -> list[Job]:
-    return [Job(Path(reference), Path(prediction), **columns)]
+    return [Job(storage.as_location(reference), storage.as_location(prediction), **columns)]
 
 
 def jobs_from_study(study: Any, models: Iterable[str] | None = None, centres: Iterable[str] | None = None) -> list[Job]:
@@ -168,33 +167,28 @@ def evaluate_case(reference: Path, prediction: Path | None, options: EvalOptions
     return [r.as_dict() for r in results]
 
 
-def _file_stamp(path: Path | None) -> list[Any] | None:
-    if path is None:
-        return None
-    st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+def _file_stamp(path: storage.Location | None) -> list[Any] | None:
+    return storage.stamp(path)
 
 
 class _CaseCache:
     """Per-case JSON files under ``OUT/cache/<options key>/<job tag>/CASE.json``."""
 
-    def __init__(self, out_dir: Path, options: EvalOptions, job: Job) -> None:
-        self.folder = out_dir / "cache" / options.cache_key() / job.tag
+    def __init__(self, out_dir: storage.Location, options: EvalOptions, job: Job) -> None:
+        self.folder = storage.join(out_dir, "cache", options.cache_key(), job.tag)
         # A killed run can leave the temporary file of an unfinished write behind.
-        if self.folder.is_dir():
+        if isinstance(self.folder, Path) and self.folder.is_dir():
             for stale in self.folder.glob(".*.partial*"):
                 stale.unlink(missing_ok=True)
 
-    def _path(self, case: str) -> Path:
-        return self.folder / f"{case}.json"
+    def _path(self, case: str) -> storage.Location:
+        return storage.join(self.folder, f"{case}.json")
 
     def load(self, case: str, ref: Path, pred: Path | None) -> list[dict[str, Any]] | None:
         path = self._path(case)
-        if not path.is_file():
-            return None
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            data = json.loads(storage.read_text(path))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return None
         if data.get("inputs") != [_file_stamp(ref), _file_stamp(pred)]:
             return None
@@ -202,12 +196,12 @@ class _CaseCache:
 
     def store(self, case: str, ref: Path, pred: Path | None, rows: list[dict[str, Any]]) -> None:
         payload = {"inputs": [_file_stamp(ref), _file_stamp(pred)], "rows": rows}
-        atomic_write_text(self._path(case), json.dumps(payload, allow_nan=True))
+        storage.write_text(self._path(case), json.dumps(payload, allow_nan=True))
 
 
 def _pair_cases(job: Job, options: EvalOptions) -> tuple[list[tuple[str, Path, Path | None]], list[str]]:
     refs = find_cases(job.reference)
-    if not job.prediction.is_dir():
+    if not storage.is_dir(job.prediction):
         if options.allow_missing:
             preds: dict[str, Path] = {}
         else:
@@ -258,7 +252,7 @@ def evaluate_jobs(
     Raises ValueError naming the file(s) on the first bad input; cases already
     scored stay cached, so a corrected re-run resumes.
     """
-    out_dir = Path(out_dir)
+    out_dir = storage.as_location(out_dir)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     # Backends that hold a GPU stay in this process.
@@ -312,9 +306,9 @@ def evaluate_jobs(
             for row in done[(job.tag, case)]:
                 rows.append({"study": job.study, "centre": job.centre, "model": job.model,
                              "condition": job.condition, "case": case, **row})
-            inputs[str(ref)] = sha256_file(ref)
+            inputs[str(ref)] = storage.sha256(ref)
             if pred is not None:
-                inputs[str(pred)] = sha256_file(pred)
+                inputs[str(pred)] = storage.sha256(pred)
 
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     provenance = {
@@ -403,13 +397,21 @@ def summarise(table: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS) -> 
 
 
 def write_outputs(out_dir: str | Path, table: pd.DataFrame, provenance: dict[str, Any]) -> dict[str, Path]:
-    """Write metrics.csv, summary.csv and run.json atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write metrics.csv, summary.csv and run.json atomically, and metrics.parquet
+    (partitioned by centre / model / condition, :mod:`oarbench.tables`) where
+    pyarrow is installed."""
+    out_dir = storage.as_location(out_dir)
+    if isinstance(out_dir, Path):
+        out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(table)
     paths = {
-        "metrics": atomic_write_text(out_dir / "metrics.csv", table.to_csv(index=False, float_format="%.10g")),
-        "summary": atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False, float_format="%.6g")),
-        "run": atomic_write_text(out_dir / "run.json", json.dumps(provenance, indent=2, default=str)),
+        "metrics": storage.write_text(storage.join(out_dir, "metrics.csv"), table.to_csv(index=False, float_format="%.10g")),
+        "summary": storage.write_text(storage.join(out_dir, "summary.csv"), summary.to_csv(index=False, float_format="%.6g")),
+        "run": storage.write_text(storage.join(out_dir, "run.json"), json.dumps(provenance, indent=2, default=str)),
     }
+    from oarbench.tables import have_pyarrow, write_parquet
+
+    if have_pyarrow():
+        paths["parquet"] = storage.join(out_dir, "metrics.parquet")
+        write_parquet(table, paths["parquet"])
     return paths

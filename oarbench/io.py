@@ -116,15 +116,19 @@ def find_cases(folder: str | Path, *, images: bool = False) -> dict[str, Path]:
     ``CASE``; further channels (``_0001``, ...) are not oarbench's business and
     are left out. Raises ValueError when the folder does not exist, holds no
     images, or two files claim the same case id.
+
+    ``folder`` may be an fsspec URL (``s3://bucket/study/labelsTs``); the
+    values are then URL strings (:mod:`oarbench.storage`).
     """
-    folder = Path(folder)
-    if not folder.is_dir():
+    from oarbench import storage
+
+    folder = storage.as_location(folder)  # type: ignore[assignment]
+    if not storage.is_dir(folder):
         raise ValueError(f"{folder}: folder not found")
     cases: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith("."):
-            continue
-        stem = case_id(path)
+    for path in storage.list_files(folder):
+        fname = storage.name(path)
+        stem = case_id(fname)
         if stem is None:
             continue
         if images:
@@ -133,8 +137,8 @@ def find_cases(folder: str | Path, *, images: bool = False) -> dict[str, Path]:
                 continue
         cid = re.sub(r"_\d{4}$", "", stem) if images else stem
         if cid in cases:
-            raise ValueError(f"{folder}: two files for case {cid!r}: {cases[cid].name} and {path.name}")
-        cases[cid] = path
+            raise ValueError(f"{folder}: two files for case {cid!r}: {storage.name(cases[cid])} and {fname}")
+        cases[cid] = path  # type: ignore[assignment]
     if not cases:
         raise ValueError(f"{folder}: no images found ({', '.join(IMAGE_SUFFIXES)})")
     return cases
@@ -144,8 +148,19 @@ def read_volume(path: str | Path, *, allow_4d: bool = False) -> Volume:
     """Read an image file into a :class:`Volume`.
 
     Raises ValueError naming the file when it is missing, unreadable, corrupt, or
-    not 2D/3D.
+    not 2D/3D. ``path`` may be an fsspec URL: the file is copied to a temporary
+    local file and read from there.
     """
+    from oarbench import storage
+
+    if storage.is_remote(path):
+        if not storage.is_file(str(path)):
+            raise ValueError(f"{path}: file not found")
+        with storage.local_copy(str(path)) as local:
+            try:
+                return read_volume(local, allow_4d=allow_4d)
+            except ValueError as exc:
+                raise ValueError(str(exc).replace(str(local), str(path))) from None
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: file not found")

@@ -263,6 +263,10 @@ def _load(obj: Any, name: str) -> pd.DataFrame | None:
     if isinstance(obj, pd.DataFrame):
         return obj
     path = Path(obj)
+    if path.suffix == ".parquet":
+        from oarbench.tables import read_table
+
+        return read_table(path)
     if not path.is_file():
         raise ValueError(f"{path}: {name} file not found")
     try:

@@ -489,13 +489,22 @@ def rank_sum_test(
 
 
 def read_results(path: str | Path) -> pd.DataFrame:
-    """Read a results CSV (``inf`` for failed distances, empty for NaN).
+    """Read a results CSV (``inf`` for failed distances, empty for NaN), or a
+    ``metrics.parquet`` dataset (:func:`oarbench.tables.read_table`).
 
     Raises
     ------
     FileNotFoundError, ValueError
         naming ``path`` when it is missing, unreadable or lacks the required columns.
     """
+    if str(path).rstrip("/").endswith(".parquet"):
+        from oarbench.tables import read_table
+
+        table = read_table(path)
+        missing = [c for c in _REQUIRED if c not in table.columns]
+        if missing:
+            raise ValueError(f"{path}: missing required column(s) {', '.join(missing)}")
+        return table
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: results table not found")

@@ -304,7 +304,7 @@ def test_robustness_byte_identical_local_vs_dask(tmp_path, cluster) -> None:
     from tests.test_robustness import LABELS, make_phantom, write_case
     from oarbench.robustness.transforms import Reorient
 
-    ct, ref = make_phantom()
+    ct, ref = make_phantom(shape=(16, 32, 40))
     write_case(tmp_path, "P001", ct, ref)
     ras = Reorient("ASR")
     write_case(tmp_path, "P002", ras.apply(ct), ras.apply(ref))
@@ -345,3 +345,83 @@ def test_absent_identical_local_vs_dask(study, cluster, tmp_path) -> None:  # no
     b = dask.cases.set_index(["model", "case"]).loc[("B", "c1")]
     assert b["status"] == "fp" and b["pred_ml"] == pytest.approx(BLOBS["B"]["c1"], rel=0.01)
     assert set(dask.warnings["case"]) == {"c2", "c7"}
+
+
+# --- inputs and outputs on S3 (moto on loopback) ----------------------------------------------------
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """An S3 endpoint on 127.0.0.1 (moto server mode); credentials and endpoint from the environment,
+    as a user would pass them, so that worker processes started afterwards see them too."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    if not fs.exists("bucket"):  # moto keeps its buckets for the whole test process
+        fs.mkdir("bucket")
+    try:
+        yield fs
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+
+
+def test_s3_inputs_and_outputs_on_dask(tmp_path, s3) -> None:
+    from oarbench.tables import read_table
+
+    ref_dir, pred_dir, labels = _study(tmp_path, 4)
+    s3.put(str(ref_dir), "bucket/study/ref", recursive=True)
+    s3.put(str(pred_dir), "bucket/study/pred", recursive=True)
+    base = ["--labels", str(labels), "--quiet"]
+    local = _cli(["evaluate", "--reference", str(ref_dir), "--prediction", str(pred_dir),
+                  "--out", str(tmp_path / "local")] + base)
+    assert local.exit_code == 0, local.output
+    r = _cli(["evaluate", "--reference", "s3://bucket/study/ref", "--prediction", "s3://bucket/study/pred",
+              "--out", "s3://bucket/results", "--executor", "dask", "--workers", "1"] + base)
+    assert r.exit_code == 0, r.output
+    assert "4 cases computed, 0 from cache" in r.output
+    s3.invalidate_cache()
+    assert s3.cat("bucket/results/metrics.csv") == (tmp_path / "local" / "metrics.csv").read_bytes()
+    assert sorted(s3.ls("bucket/results/metrics.parquet")) == ["bucket/results/metrics.parquet/centre=_"]
+    remote = read_table("s3://bucket/results/metrics.parquet")
+    assert remote.equals(read_table(tmp_path / "local" / "metrics.parquet"))
+    # resume: the per-case cache lives in the bucket too
+    again = _cli(["evaluate", "--reference", "s3://bucket/study/ref", "--prediction", "s3://bucket/study/pred",
+                  "--out", "s3://bucket/results"] + base)
+    assert again.exit_code == 0 and "0 cases computed, 4 from cache" in again.output
+    # file:// URLs are local paths
+    r = _cli(["evaluate", "--reference", ref_dir.as_uri(), "--prediction", pred_dir.as_uri(),
+              "--out", (tmp_path / "fileurl").as_uri()] + base)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "fileurl" / "metrics.csv").read_bytes() == (tmp_path / "local" / "metrics.csv").read_bytes()
+    # a missing remote folder is a clear error naming the URL
+    r = _cli(["evaluate", "--reference", "s3://bucket/nothing", "--prediction", "s3://bucket/study/pred",
+              "--out", str(tmp_path / "x")] + base)
+    assert r.exit_code == 1 and "s3://bucket/nothing: folder not found" in r.output and "Traceback" not in r.output
+
+
+def test_s3_absent_and_robustness_inputs(tmp_path, s3, study, cluster) -> None:  # noqa: F811
+    from oarbench.absent import analyse_absent, read_nephrectomy, write_absent
+    from oarbench.io import find_cases
+
+    s3.put(str(study / "ref"), "bucket/absent/ref", recursive=True)
+    s3.put(str(study / "A"), "bucket/absent/A", recursive=True)
+    neph = read_nephrectomy(study / "meta.csv")
+    remote = analyse_absent(neph, {"A": find_cases("s3://bucket/absent/A")},
+                            references=find_cases("s3://bucket/absent/ref"))
+    local = analyse_absent(neph, {"A": _preds(study)["A"]}, references={c: study / "ref" / f"{c}.nii.gz" for c in META})
+    cols = [c for c in remote.cases.columns if c != "prediction"]
+    assert remote.cases[cols].equals(local.cases[cols])
+    assert remote.cases["prediction"].str.startswith("s3://bucket/absent/A/").all()
+    write_absent(remote, tmp_path / "out")

@@ -22,9 +22,8 @@ def _parse_thresholds(text: str | None) -> tuple[float, ...] | None:
 @click.argument("study", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--metadata", type=click.Path(dir_okay=False, path_type=Path), help="CSV with columns case, nephrectomy (none/left/right).")
 @click.option("--predictions", "predictions", multiple=True,
-              help="MODEL=DIR of predicted label maps (repeat per model); a bare DIR is model 'model'.")
-@click.option("--reference", type=click.Path(file_okay=False, path_type=Path),
-              help="Reference label maps, to warn about empty kidneys the metadata does not explain.")
+              help="MODEL=DIR of predicted label maps (repeat per model; DIR a path or URL); a bare DIR is model 'model'.")
+@click.option("--reference", help="Reference label maps (a path or URL), to warn about empty kidneys the metadata does not explain.")
 @click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path), help="dataset.json or labels TOML.")
 @click.option("--thresholds", help="Comma-separated FP volume thresholds in mL [default: 0,0.5,1,5 or the study's].")
 @click.option("--model", "models", multiple=True, help="With a study: only these models.")
@@ -85,7 +84,7 @@ def _analyse(study, metadata, predictions, reference, labels_path, thr, models, 
             name = name if sep else "model"
             if name in preds:
                 raise click.UsageError(f"model {name!r} given twice in --predictions")
-            preds[name] = find_cases(Path(folder))
+            preds[name] = find_cases(folder)
         refs = find_cases(reference) if reference else None
     return analyse_absent(read_nephrectomy(metadata), preds, references=refs, labels=labels, thresholds_ml=thr,
                           executor=executor)

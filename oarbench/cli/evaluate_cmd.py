@@ -30,11 +30,11 @@ def print_summary(table, echo=click.echo) -> None:
 
 @click.command()
 @click.argument("study", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--reference", type=click.Path(file_okay=False, path_type=Path), help="Folder of reference label maps (CASE.nii.gz).")
-@click.option("--prediction", type=click.Path(file_okay=False, path_type=Path), help="Folder of predicted label maps.")
+@click.option("--reference", help="Folder of reference label maps (CASE.nii.gz): a path or URL (s3://..., file://...).")
+@click.option("--prediction", help="Folder of predicted label maps: a path or URL.")
 @click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path),
               help="nnU-Net dataset.json or labels TOML (default: the 19-OAR map, docs/labels.md).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("oarbench-out"), show_default=True)
+@click.option("--out", default="oarbench-out", show_default=True, help="Output folder: a path or URL (s3://...).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Parallel processes (CPU backend), or workers of a local Dask cluster.")
 @executor_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,

@@ -12,6 +12,10 @@ from oarbench.cli._common import user_errors
 def _read_table(path: Path, what: str):  # -> pandas.DataFrame
     import pandas as pd
 
+    if path.suffix == ".parquet":
+        from oarbench.tables import read_table
+
+        return read_table(path)
     try:
         return pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -19,7 +23,7 @@ def _read_table(path: Path, what: str):  # -> pandas.DataFrame
 
 
 @click.command()
-@click.argument("results", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("results", type=click.Path(exists=True, path_type=Path))
 @click.option("--study", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Study TOML giving images/reference per centre and predictions per model.")
 @click.option("--images", type=str, help="CT folder (CASE_0000.nii.gz); may contain {centre}.")
 @click.option("--reference", type=str, help="Reference label folder (CASE.nii.gz); may contain {centre}.")
@@ -30,7 +34,8 @@ def _read_table(path: Path, what: str):  # -> pandas.DataFrame
 @user_errors
 def gallery(results: Path, study: Path | None, images: str | None, reference: str | None, predictions: str | None,
             out_dir: Path, k: int, ncols: int) -> None:
-    """Draw failure-case montages (OUT/gallery/STRUCTURE.png, index.csv, index.html) from RESULTS.csv."""
+    """Draw failure-case montages (OUT/gallery/STRUCTURE.png, index.csv, index.html) from RESULTS.csv
+    (or a metrics.parquet dataset)."""
     from oarbench.gallery import PathResolver, build_gallery
 
     folders = (images, reference, predictions)
@@ -56,14 +61,16 @@ def gallery(results: Path, study: Path | None, images: str | None, reference: st
 def report(folder: Path, out_file: Path | None, no_box_plots: bool) -> None:
     """Build one self-contained HTML report from an analysis FOLDER.
 
-    Reads FOLDER/metrics.csv (required) and, where present, stats.csv,
-    robustness.csv, absent.csv, gallery/ and run.json.
+    Reads FOLDER/metrics.csv (or, without it, FOLDER/metrics.parquet) and,
+    where present, stats.csv, robustness.csv, absent.csv, gallery/ and run.json.
     """
     from oarbench.report import build_report
 
     metrics = folder / "metrics.csv"
     if not metrics.is_file():
-        raise ValueError(f"{folder}: no metrics.csv (run `oarbench evaluate` first)")
+        metrics = folder / "metrics.parquet"
+        if not metrics.is_dir():
+            raise ValueError(f"{folder}: no metrics.csv or metrics.parquet (run `oarbench evaluate` first)")
     optional = {
         "stats": folder / "stats.csv",
         "robustness": folder / "robustness.csv",

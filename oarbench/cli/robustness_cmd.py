@@ -21,8 +21,8 @@ def _resolve_spec(spec: str, root: Path) -> str:
 @click.command()
 @click.option("--rotate", is_flag=True, help="Run the default orientation set (docs/robustness.md) unless --conditions is given.")
 @click.option("--conditions", help="Comma-separated conditions, e.g. flip_lr,prone,rot_z+10,reorient_RAS.")
-@click.option("--images", type=click.Path(file_okay=False, path_type=Path), help="Folder of CT images (CASE_0000.nii.gz).")
-@click.option("--reference", type=click.Path(file_okay=False, path_type=Path), help="Folder of reference label maps (CASE.nii.gz).")
+@click.option("--images", help="Folder of CT images (CASE_0000.nii.gz): a path or URL (s3://..., file://...).")
+@click.option("--reference", help="Folder of reference label maps (CASE.nii.gz): a path or URL.")
 @click.option("--predictor", "predictor_spec", help="'nnunet:/path/to/model_folder[:fold]' or 'command:TOOL ... {input} ... {output}'.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
 @click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path),

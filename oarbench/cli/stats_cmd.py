@@ -53,7 +53,7 @@ def _print_table(df) -> None:  # noqa: ANN001 - pandas DataFrame
 
 
 @click.command("stats")
-@click.argument("results", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("results", type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for stats.csv (created if needed).")
 @click.option("--metrics", default="dsc,hd95,msd", show_default=True,
@@ -76,7 +76,7 @@ def _print_table(df) -> None:  # noqa: ANN001 - pandas DataFrame
 def stats(results: Path, out_dir: Path, metrics: str, correction: str, zero_method: str,
           margins: tuple[str, ...], pairs: tuple[str, ...], alpha: float, condition: str,
           show_table: bool) -> None:
-    """Wilcoxon signed-rank (paired) and Mann-Whitney U (cross-centre) tests on RESULTS.csv.
+    """Wilcoxon signed-rank (paired) and Mann-Whitney U (cross-centre) tests on RESULTS.csv (or metrics.parquet).
 
     Writes OUT/stats.csv; see docs/statistics.md for the conventions.
     """

@@ -25,6 +25,7 @@ from oarbench.labels import DEFAULT_LABELS, LabelMap, contralateral, laterality
 from oarbench.metrics import RESULT_COLUMNS, dice, evaluate_labels
 from oarbench.robustness.predictors import Predictor
 from oarbench.robustness.transforms import Identity, Perturbation, SmallRotation, parse_conditions
+from oarbench.storage import as_location
 
 if TYPE_CHECKING:
     from oarbench.executors import Executor
@@ -70,8 +71,8 @@ class RobustnessResult:
 
 def _as_case_map(source: Mapping[str, Path] | str | Path, *, images: bool) -> dict[str, Path]:
     if isinstance(source, Mapping):
-        return {str(k): Path(v) for k, v in source.items()}
-    return find_cases(Path(source), images=images)
+        return {str(k): as_location(v) for k, v in source.items()}  # type: ignore[misc]
+    return find_cases(source, images=images)
 
 
 def laterality_swaps(reference: np.ndarray, prediction: np.ndarray, labels: LabelMap) -> dict[str, bool]:
@@ -172,7 +173,7 @@ def _worker_predictor(predictor: Predictor) -> Predictor:
 def _run_case_condition(task: _CaseCondition) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
     """Perturb one image, predict, map back, score: (rows, noise-floor rows)."""
     case, pert = task.case, task.perturbation
-    img, ref = _read_pair(case, Path(task.image), Path(task.reference))
+    img, ref = _read_pair(case, as_location(task.image), as_location(task.reference))  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory(prefix="oarbench-robustness-") as tmp:
         root = Path(task.work_dir) if task.work_dir is not None else Path(tmp)
         if root.exists():

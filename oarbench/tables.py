@@ -1,0 +1,167 @@
+"""The results table on disk: ``metrics.csv`` and ``metrics.parquet``.
+
+``metrics.parquet`` is a Hive-partitioned Parquet dataset
+(``centre=A/model=M/condition=original/part-0.parquet``), written by pyarrow
+through fsspec, so that a consortium-sized table can be read one centre, model
+or condition at a time (``pyarrow.dataset``, Dask, Spark, DuckDB). It holds the
+same rows and values as ``metrics.csv``; :func:`read_table` reads either into
+the same DataFrame (same columns, order, dtypes and values).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+__all__ = ["PARTITION_COLUMNS", "PARQUET_INSTALL_HINT", "have_pyarrow", "write_parquet", "read_table"]
+
+#: Partition columns of ``metrics.parquet``, outermost first.
+PARTITION_COLUMNS = ("centre", "model", "condition")
+PARQUET_INSTALL_HINT = "metrics.parquet needs pyarrow: pip install 'oarbench[dask]'"
+# Row order of the table is kept in a column of the files (partitioning reorders rows).
+_ORDER = "_row"
+# An empty centre/model (folder mode) is stored as this partition value, never as a null.
+_EMPTY = "_"
+
+
+def have_pyarrow() -> bool:
+    try:
+        import pyarrow  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow
+        import pyarrow.dataset  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise ValueError(PARQUET_INSTALL_HINT) from None
+    return pyarrow
+
+
+def _fs(url: str | Path) -> tuple[Any, str]:
+    import fsspec
+
+    return fsspec.core.url_to_fs(str(url))
+
+
+def write_parquet(table: pd.DataFrame, url: str | Path, partition_cols: Sequence[str] = PARTITION_COLUMNS) -> str:
+    """Write ``table`` as a partitioned Parquet dataset at ``url`` (a folder; local path or fsspec URL).
+
+    The dataset is written to a temporary folder beside ``url`` and moved into
+    place, replacing an older dataset, so that readers never see half of it.
+    """
+    pa = _pyarrow()
+    import pyarrow.parquet as pq
+
+    for col in partition_cols:
+        if col not in table.columns:
+            raise ValueError(f"{url}: the table has no column {col!r} to partition by")
+    fs, path = _fs(url)
+    path = path.rstrip("/")
+    t = table.copy()
+    t[_ORDER] = range(len(t))
+    for col in partition_cols:
+        values = t[col].astype(str)
+        if (values == _EMPTY).any():
+            raise ValueError(f"{url}: {col} value {_EMPTY!r} is reserved for an empty {col}")
+        t[col] = values.where(values != "", _EMPTY)
+    arrow = pa.Table.from_pandas(t, preserve_index=False)
+
+    def write(target: str) -> None:
+        pq.write_to_dataset(arrow, target, partition_cols=list(partition_cols), filesystem=fs,
+                            basename_template="part-{i}.parquet", existing_data_behavior="overwrite_or_ignore")
+
+    if not _is_local(fs):
+        # An object store has no folder to rename: replace the old objects by the new ones.
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+        write(path)
+        return str(url)
+    parent, name = posixpath.split(path)
+    tmp = posixpath.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+    old = posixpath.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
+    fs.makedirs(tmp, exist_ok=True)
+    try:
+        write(tmp)
+        if fs.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        for leftover in (tmp, old):
+            if fs.exists(leftover):
+                fs.rm(leftover, recursive=True)
+    return str(url)
+
+
+def _is_local(fs: Any) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def _read_parquet(url: str | Path, columns: Sequence[str] | None) -> pd.DataFrame:
+    pa = _pyarrow()
+    import pyarrow.dataset as ds
+
+    fs, path = _fs(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{url}: results table not found")
+    try:
+        dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+        arrow = dataset.to_table()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"{url}: cannot read the results table as Parquet ({exc})") from exc
+    df = arrow.to_pandas()
+    partition = [f.name for f in dataset.partitioning.schema] if dataset.partitioning is not None else []
+    for col in partition:
+        df[col] = df[col].astype(str).where(df[col].astype(str) != _EMPTY, "")
+    if _ORDER in df.columns:
+        df = df.sort_values(_ORDER, kind="stable").drop(columns=_ORDER)
+    order = [c for c in (columns or ()) if c in df.columns]
+    order += [c for c in df.columns if c not in order]
+    return _text_keys(df[order].reset_index(drop=True))
+
+
+def read_table(url: str | Path, *, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read a results table: a CSV file or a ``.parquet`` dataset (folder), local or fsspec URL.
+
+    ``columns``: the preferred column order for a Parquet dataset (its
+    partition columns are read back last otherwise); the default is the order
+    of the results table (``oarbench.evaluate.TABLE_COLUMNS``).
+    """
+    text = str(url).rstrip("/")
+    if text.endswith(".parquet"):
+        if columns is None:
+            from oarbench.evaluate import TABLE_COLUMNS
+
+            columns = TABLE_COLUMNS
+        return _read_parquet(url, columns)
+    fs, path = _fs(url)
+    if not fs.isfile(path):
+        raise FileNotFoundError(f"{url}: results table not found")
+    try:
+        with fs.open(path, "rb") as fh:
+            df = pd.read_csv(fh)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{url}: cannot read the results table as CSV ({exc})") from exc
+    return _text_keys(df)
+
+
+#: Text columns of the results table: an empty cell is the empty string, never NaN.
+_TEXT = ("study", "centre", "model", "condition", "case", "structure", "status")
+
+
+def _text_keys(df: pd.DataFrame) -> pd.DataFrame:
+    for col in _TEXT:
+        if col in df.columns:
+            df[col] = df[col].where(df[col].notna(), "").astype(str)
+    return df
