@@ -230,6 +230,8 @@ def test_clinical_spellings_resolve(name, expected):
 def test_unknown_or_sideless_names_stay_unmapped(name):
     m = NameResolver(DEFAULT_LABELS).resolve(name)
     assert m.structure == "unmapped" and not m.mapped
+    sideless = name in ("Nier", "Niere", "Lunge", "Kidney")
+    assert m.rule == ("paired organ without a side" if sideless else "no rule matches")
     assert clinical_name(name) is None or clinical_name(name) not in DEFAULT_LABELS.names
 
 
@@ -304,6 +306,18 @@ def test_import_tables_pseudonyms_pairing_and_resume(tmp_path):
     res2 = import_dicom(src, out, ImportOptions(DEFAULT_LABELS, centre="A"))
     assert res2.computed == 0 and res2.from_cache == 2
     assert {r["case"] for r in _rows(out / "cases.csv")} == {c1, c2}
+
+
+def test_two_rtstructs_on_one_series_are_two_cases(tmp_path):
+    s = ct_series(tmp_path / "in" / "ct")
+    rtstruct(tmp_path / "in" / "rs1.dcm", s, {"Lever": [square(10.5, -19.5, 14.5, -16.5, 32.5)]})
+    rtstruct(tmp_path / "in" / "rs2.dcm", s, {"Leber": [square(10.5, -19.5, 12.5, -16.5, 32.5)]})
+    res = import_dicom(tmp_path / "in", tmp_path / "out", ImportOptions(DEFAULT_LABELS))
+    assert len(res.cases) == 2
+    table = _rows(tmp_path / "out" / "cases.csv")
+    assert {r["series_instance_uid"] for r in table} == {s["series"]}
+    assert len({r["rtstruct_sop_instance_uid"] for r in table}) == 2
+    assert sorted(int(r["voxels"]) for r in res.rows) == [4, 8]  # 2 or 4 columns x 2 rows
 
 
 def test_unpaired_rtstruct_is_reported(tmp_path):
@@ -385,7 +399,7 @@ def test_round_trip_export_import_on_oblique_anisotropic_phantom_with_holes(tmp_
     from scipy import ndimage
 
     from oarbench.dicom.export import export_predictions, write_ct_series
-    from oarbench.io import Volume, write_volume
+    from oarbench.io import write_volume
     from oarbench.metrics import compute_surface_distances, dice, hd95
     from oarbench.phantoms import CentreProtocol, CaseSpec, render_case
 
@@ -433,6 +447,14 @@ def test_round_trip_export_import_on_oblique_anisotropic_phantom_with_holes(tmp_
     seg = hd.seg.segread(seg_path)
     assert pydicom.uid.UID(seg.SOPInstanceUID).is_valid
     assert [seg.get_segment_description(i).segment_label for i in seg.segment_numbers] == present
+    # the SEG holds the label map: segment i is the i-th structure present
+    sop_order = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in ct_paths]
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=sop_order, combine_segments=True,
+                                               skip_overlap_checks=True)
+    lut = np.zeros(max(DEFAULT_LABELS.values) + 1, np.int64)
+    for i, name in enumerate(present, 1):
+        lut[DEFAULT_LABELS.value(name)] = i
+    assert np.array_equal(pixels, lut[lab])
 
     # import the exported RTSTRUCT with its CT (a fresh folder: CT + RTSTRUCT only)
     back_dir = tmp_path / "back"

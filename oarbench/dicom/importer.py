@@ -23,7 +23,6 @@ import io as _stdio
 import json
 import math
 import re
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -35,7 +34,8 @@ from oarbench.dicom.ct import SeriesGeometry, read_ct, read_geometry
 from oarbench.dicom.discover import Inventory, StructureSet, scan
 from oarbench.dicom.names import AMBIGUOUS, Aliases, NameResolver
 from oarbench.dicom.rtstruct import Grid, RoiMask, rasterise, read_rtstruct
-from oarbench.io import Volume, atomic_write_text, write_volume
+from oarbench.executors import LocalExecutor
+from oarbench.io import atomic_write_text, write_volume
 from oarbench.labels import LabelMap
 
 __all__ = ["ImportOptions", "ImportResult", "import_dicom", "IMPORT_COLUMNS", "METADATA_COLUMNS", "CASES_COLUMNS",
@@ -272,6 +272,10 @@ def _run_case(job: _Job, out: Path, options: ImportOptions) -> dict:
     return record
 
 
+def _run_task(task: tuple[_Job, Path, ImportOptions]) -> dict:
+    return _run_case(*task)
+
+
 def _cached(job: _Job, out: Path) -> dict | None:
     path = out / RECORDS / f"{job.case}.json"
     if not path.is_file():
@@ -327,19 +331,14 @@ def import_dicom(dicom_dir: str | Path, out: str | Path, options: ImportOptions,
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="dicom import", unit="case")
+    def _done(i: int, record: dict) -> None:
+        records[todo[i].case] = record
+        if bar is not None:
+            bar.update()
+
     try:
-        if workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = {job.case: pool.submit(_run_case, job, out, options) for job in todo}
-                for case, fut in futures.items():
-                    records[case] = fut.result()
-                    if bar is not None:
-                        bar.update()
-        else:
-            for job in todo:
-                records[job.case] = _run_case(job, out, options)
-                if bar is not None:
-                    bar.update()
+        LocalExecutor(workers).map(_run_task, [(job, out, options) for job in todo], on_result=_done,
+                                   name="dicom import")
     finally:
         if bar is not None:
             bar.close()

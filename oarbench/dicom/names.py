@@ -143,6 +143,13 @@ def clinical_name(name: str) -> str | None:
     return stem if side is None else None
 
 
+def _sideless(name: str) -> bool:
+    """True for a paired organ named without a side (``Nier``, ``Kidney``, ``Lungs``)."""
+    word = "".join(t for t in re.split(r"[\s_\-.,/()]+", _fold(name.strip())) if t)
+    return _CLINICAL_TABLE.get(word) in _LATERAL or word in ("kidney", "kidneys", "lung", "lungs", "adrenal",
+                                                              "adrenals", "nieren", "lungen", "longen")
+
+
 @dataclass(frozen=True)
 class Aliases:
     """User aliases: exact names and regular expressions (``re.fullmatch``, case-insensitive),
@@ -272,6 +279,8 @@ class NameResolver:
         clinical = clinical_name(name)
         if clinical is not None and clinical in self._names:
             return NameMatch(name, clinical, "Dutch/German spelling")
+        if _sideless(name):
+            return NameMatch(name, UNMAPPED, "paired organ without a side")
         return NameMatch(name, UNMAPPED, "no rule matches")
 
     def resolve_all(self, names: list[str]) -> list[NameMatch]:
