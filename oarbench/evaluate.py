@@ -260,7 +260,8 @@ def evaluate_jobs(
     if executor is None:
         executor = LocalExecutor(1 if backend == "torch" else workers)
     workers = executor.workers
-    threads = options.threads or max(1, min(2, os.cpu_count() or 1) // workers)
+    # numpy: the cores shared among the worker processes; torch: the device's own default.
+    threads = options.threads or (None if backend == "torch" else max(1, min(2, os.cpu_count() or 1) // workers))
     options = replace(options, backend=backend, device=device, threads=threads)
 
     planned: list[tuple[Job, list[tuple[str, Path, Path | None]]]] = []

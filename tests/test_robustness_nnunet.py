@@ -1,4 +1,4 @@
-"""The nnU-Net v2 predictor end to end on CPU, with a randomly initialised small network.
+"""The nnU-Net v2 predictor end to end on CPU (and on CUDA where a GPU exists), with a randomly initialised small network.
 
 The model folder (plans.json, dataset.json, fold_0/checkpoint_final.pth) is built here by
 hand: a 3-stage PlainConvUNet with 4-8-16 features and random weights. That tests the
@@ -101,8 +101,14 @@ def model_folder(tmp_path_factory):
     return root
 
 
-def test_nnunet_predictor_end_to_end_on_cpu(model_folder, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_nnunet_predictor_end_to_end(model_folder, tmp_path, device):
+    import torch
+
     from oarbench.robustness import parse_predictor, run_robustness
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA run skipped: torch sees no CUDA GPU on this machine")
 
     rng = np.random.default_rng(3)
     # 20 x 18 x 22 voxels at (2.5, 2, 1.5) mm: not the plans' spacing, so nnU-Net resamples
@@ -115,7 +121,7 @@ def test_nnunet_predictor_end_to_end_on_cpu(model_folder, tmp_path):
     write_volume(Volume(ct, spacing, origin, direction), images / "T001_0000.nii.gz")
     write_volume(Volume(ref, spacing, origin, direction), reference / "T001.nii.gz")
 
-    pred = parse_predictor(f"nnunet:{model_folder}:0", device="cpu", use_mirroring=False)
+    pred = parse_predictor(f"nnunet:{model_folder}:0", device=device, use_mirroring=False)
     outputs = pred.predict([images / "T001_0000.nii.gz"], tmp_path / "pred")
     out = read_volume(outputs["T001"])
     img = read_volume(images / "T001_0000.nii.gz")

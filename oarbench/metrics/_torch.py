@@ -41,6 +41,8 @@ results come back to the host as numpy arrays. torch is imported lazily.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,7 +53,7 @@ from oarbench.metrics._tables import contour_length_table, surfel_area_table
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["surface_distances_torch", "import_torch"]
+__all__ = ["surface_distances_torch", "surface_distances_in_box", "import_torch", "label_statistics_torch", "LabelStatistics"]
 
 INSTALL_HINT = "the torch backend needs PyTorch: pip install 'oarbench[torch]'"
 
@@ -418,23 +420,41 @@ def surface_distances_torch(
     if ref.ndim not in (2, 3):
         raise ValueError(f"masks must be 2D or 3D, got {ref.ndim}D with shape {tuple(ref.shape)}")
     sp = check_spacing(spacing, ref.ndim)
-    table_np = contour_length_table(sp) if ref.ndim == 2 else surfel_area_table(sp)
-    table = torch.as_tensor(np.array(table_np), dtype=torch.float64, device=dev)
-    full = len(table_np) - 1
-
-    empty = np.zeros(0)
     box = _bounding_box(ref | pred)
     if box is None:
+        empty = np.zeros(0)
         return SurfaceDistances(empty, empty, empty, empty)
+    return surface_distances_in_box(ref[box], pred[box], sp)
+
+
+@lru_cache(maxsize=64)
+def _area_table(spacing: tuple[float, ...], device: str) -> "torch.Tensor":
+    """Surfel areas (3D) or contour lengths (2D) by neighbour code, on ``device``."""
+    torch = import_torch()
+    table = contour_length_table(spacing) if len(spacing) == 2 else surfel_area_table(spacing)
+    return torch.as_tensor(np.array(table), dtype=torch.float64, device=torch.device(device))
+
+
+def surface_distances_in_box(ref: "torch.Tensor", pred: "torch.Tensor", sp: tuple[float, ...]) -> SurfaceDistances:
+    """:func:`surface_distances_torch` of two boolean tensors already cut to a box.
+
+    No checks: ``ref`` and ``pred`` are boolean tensors of one shape on one
+    device, ``sp`` a checked spacing. The box need not be tight; a tight one
+    (the union of both masks' boxes) is fastest.
+    """
+    empty = np.zeros(0)
+    table = _area_table(sp, str(ref.device))
+    full = len(table) - 1
     surfel_grids = []
     surfel_idx = []
     surfel_areas = []
-    for mask in (ref[box], pred[box]):
+    for mask in (ref, pred):
         codes = neighbour_codes_torch(mask)
         border = (codes != 0) & (codes != full)
+        idx = border.nonzero()
         surfel_grids.append(border)
-        surfel_idx.append(border.nonzero())
-        surfel_areas.append(table[codes[border].long()])
+        surfel_idx.append(idx)
+        surfel_areas.append(table[codes[tuple(idx.T)].long()])
 
     out = []
     for this, other in ((0, 1), (1, 0)):
@@ -448,3 +468,74 @@ def surface_distances_torch(
         offsets = _nearest_offsets(idx, surfel_grids[other], sp)
         out += list(_sorted(_distances(offsets, sp), areas))
     return SurfaceDistances(*out)
+
+
+# --------------------------------------------------------------------------------------
+# Multi-label statistics on the device: one upload of both volumes, every structure's
+# bounding box and voxel counts from a few histogram passes.
+
+
+@dataclass(frozen=True)
+class LabelStatistics:
+    """Per-label bounding boxes and voxel counts of a reference/prediction pair.
+
+    ``ref_boxes[v - 1]`` / ``pred_boxes[v - 1]`` follow :func:`scipy.ndimage.find_objects`
+    (None where value ``v`` is absent); ``n_ref[v]``, ``n_pred[v]`` and ``tp[v]`` are
+    voxel counts of value ``v`` (index 0: background).
+    """
+
+    ref_boxes: list
+    pred_boxes: list
+    n_ref: np.ndarray
+    n_pred: np.ndarray
+    tp: np.ndarray
+
+
+def _boxes_from_projections(projections: list[np.ndarray], n_values: int) -> list:
+    """find_objects-style boxes from per-axis (extent x values) voxel counts."""
+    first_last = []
+    for counts in projections:
+        present = counts > 0
+        any_v = present.any(axis=0)
+        first = np.argmax(present, axis=0)
+        last = counts.shape[0] - 1 - np.argmax(present[::-1], axis=0)
+        first_last.append((any_v, first, last))
+    boxes: list = []
+    for v in range(1, n_values):
+        if not first_last[0][0][v]:
+            boxes.append(None)
+            continue
+        boxes.append(tuple(slice(int(f[v]), int(l_[v]) + 1) for _, f, l_ in first_last))
+    # find_objects' list ends at the largest value present
+    while boxes and boxes[-1] is None:
+        boxes.pop()
+    return boxes
+
+
+def label_statistics_torch(reference: "torch.Tensor", prediction: "torch.Tensor") -> LabelStatistics:
+    """Boxes and counts of every label value of two integer label tensors on one device.
+
+    One histogram of ``(ref, pred)`` value pairs gives the voxel counts and the
+    true positives of every value; one histogram of ``(index along axis, value)``
+    per axis and volume gives the bounding boxes. Exact (integer counts); the
+    volumes never leave the device, only the small histograms do.
+    """
+    torch = import_torch()
+    n_values = int(max(int(reference.max()), int(prediction.max()))) + 1
+    ref = reference.to(torch.int64)
+    pred = prediction.to(torch.int64)
+    pairs = torch.bincount((ref * n_values + pred).reshape(-1), minlength=n_values * n_values)
+    pairs = pairs.reshape(n_values, n_values).cpu().numpy()
+    n_ref, n_pred, tp = pairs.sum(axis=1), pairs.sum(axis=0), np.diagonal(pairs).copy()
+    boxes = []
+    for vol in (ref, pred):
+        projections = []
+        for axis in range(vol.ndim):
+            extent = vol.shape[axis]
+            shape = [1] * vol.ndim
+            shape[axis] = extent
+            index = torch.arange(extent, device=vol.device, dtype=torch.int64).reshape(shape) * n_values
+            hist = torch.bincount((vol + index).reshape(-1), minlength=extent * n_values)
+            projections.append(hist.reshape(extent, n_values).cpu().numpy())
+        boxes.append(_boxes_from_projections(projections, n_values))
+    return LabelStatistics(boxes[0], boxes[1], n_ref, n_pred, tp)
