@@ -220,7 +220,9 @@ def test_overlap_rule_smaller_structure_wins_and_volume_is_reported(tmp_path):
     ("Rückenmark", "SpinalCord"), ("Rueckenmark", "SpinalCord"), ("Wervels", "Vertebrae"),
     ("Wirbelkörper", "Vertebrae"), ("Wirbelkoerper", "Vertebrae"), ("Dünndarm", "Bowel"), ("Hart", "Heart"),
     ("Herz", "Heart"), ("Long links", "Lung_L"), ("Lunge re.", "Lung_R"), ("Vena cava inferior", "VenaCava_I"),
-    ("L_Kidney", "Kidney_L"), ("IVC", "VenaCava_I"), ("Liver", "Liver"),
+    ("L_Kidney", "Kidney_L"), ("IVC", "VenaCava_I"), ("Liver", "Liver"), ("Small_Intestine", "Bowel"),
+    ("Vena_Cava_Inferior", "VenaCava_I"), ("Vertebral Bodies", "Vertebrae"), ("Adrenal_Gland_R", "Glnd_Adrenal_R"),
+    ("Lt Lung", "Lung_L"),
 ])
 def test_clinical_spellings_resolve(name, expected):
     assert NameResolver(DEFAULT_LABELS).resolve(name).structure == expected
@@ -367,7 +369,7 @@ def test_phantoms_as_dicom_import_to_valid_nnunet_dataset(tmp_path):
     rows = _rows(out / "import.csv")
     # every ROI of both centres (Dutch and German names) mapped; 19 structures minus those too small to draw
     assert all(r["structure"] != "unmapped" for r in rows)
-    assert {r["rule"] for r in rows} >= {"Dutch/German spelling"}
+    assert {r["rule"] for r in rows} >= {"built-in clinical spelling"}
     assert {r["position"] for r in _rows(out / "metadata.csv")} == {"prone"}
     assert {r["patient_position"] for r in _rows(out / "metadata.csv")} == {"HFP"}
     ids = {m["patient_id"] for m in manifest}
@@ -528,3 +530,85 @@ def test_labels_map_other_than_default(tmp_path):
     rtstruct(tmp_path / "in" / "rs.dcm", s, {"Tumour": [square(10.5, -19.5, 14.5, -16.5, 32.5)]})
     res = import_dicom(tmp_path / "in", tmp_path / "out", ImportOptions(LabelMap({1: "Tumour"})))
     assert res.rows[0]["structure"] == "Tumour" and res.rows[0]["label"] == 1
+
+
+# --------------------------------------------------------------------------- more bad input, each naming the file
+
+
+def _flat(tmp_path, **kw):
+    return ct_series(tmp_path / "ct", names=["a.dcm", "b.dcm", "c.dcm", "d.dcm"], **kw)
+
+
+@pytest.mark.parametrize("kind", ["duplicate", "single", "pixel_spacing", "orientation"])
+def test_more_series_errors_name_the_files(tmp_path, kind):
+    if kind == "duplicate":
+        s = _flat(tmp_path, positions=[(0.0, 0.0, z) for z in (0.0, 2.5, 2.5, 5.0)])
+        pattern = r"two slices at position 2\.50 mm: [bc]\.dcm and [bc]\.dcm"
+    elif kind == "single":
+        s = ct_series(tmp_path / "ct", positions=[(0.0, 0.0, 0.0)])
+        pattern = "a single slice"
+    elif kind == "pixel_spacing":
+        s = _flat(tmp_path)
+        import pydicom
+
+        ds = pydicom.dcmread(s["paths"][2])
+        ds.PixelSpacing = [1.5, 1.2]
+        ds.save_as(s["paths"][2])
+        pattern = r"mixed PixelSpacing: a\.dcm .* vs c\.dcm"
+    else:
+        s = _flat(tmp_path)
+        import pydicom
+
+        ds = pydicom.dcmread(s["paths"][1])
+        ds.ImageOrientationPatient = [0, 1, 0, 1, 0, 0]
+        ds.save_as(s["paths"][1])
+        pattern = r"mixed ImageOrientationPatient: a\.dcm .* vs b\.dcm"
+    with pytest.raises(ValueError, match=pattern) as err:
+        read_geometry(s["series"], s["paths"])
+    assert s["series"] in str(err.value)
+
+
+def test_rtstruct_errors_name_the_file_and_roi(tmp_path):
+    s = ct_series(tmp_path / "in" / "ct")
+    tilted = np.array([[10.5, -19.5, 30.0], [14.5, -19.5, 32.5], [14.5, -16.5, 35.0]])
+    rtstruct(tmp_path / "in" / "rs.dcm", s, {"Lever": [tilted]})
+    with pytest.raises(ValueError, match=r"rs\.dcm: ROI 'Lever' contour 1 is not in a slice plane"):
+        import_dicom(tmp_path / "in", tmp_path / "out", ImportOptions(DEFAULT_LABELS))
+    # the same contour in an ROI that is not imported is only a note
+    rtstruct(tmp_path / "in" / "rs.dcm", s, {"Lever": [square(10.5, -19.5, 14.5, -16.5, 32.5)], "BODY": [tilted]})
+    res = import_dicom(tmp_path / "in", tmp_path / "out", ImportOptions(DEFAULT_LABELS))
+    body = next(r for r in res.rows if r["roi_name"] == "BODY")
+    assert body["structure"] == "unmapped" and "is not in a slice plane" in body["note"]
+
+
+def test_rtstruct_in_another_frame_of_reference_is_refused(tmp_path):
+    s = ct_series(tmp_path / "in" / "ct")
+    rtstruct(tmp_path / "in" / "rs.dcm", s, {"Lever": [square(10.5, -19.5, 14.5, -16.5, 32.5)]},
+             frame_uid="1.2.826.0.1.99")
+    with pytest.raises(ValueError, match=r"rs\.dcm: ROI 'Lever' is drawn in frame of reference 1\.2\.826\.0\.1\.99"):
+        import_dicom(tmp_path / "in", tmp_path / "out", ImportOptions(DEFAULT_LABELS))
+
+
+def test_folder_without_dicom_is_an_error(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "readme.txt").write_text("x")
+    res = CliRunner().invoke(main, ["dicom", "import", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                                    "--quiet"])
+    assert res.exit_code == 1 and "no DICOM images or RTSTRUCTs found (1 other files)" in res.output
+
+
+def test_cli_import_with_aliases_and_labels(tmp_path):
+    s = ct_series(tmp_path / "in" / "ct")
+    rtstruct(tmp_path / "in" / "rs.dcm", s, {"GTV_1": [square(10.5, -19.5, 14.5, -16.5, 32.5)],
+                                             "Lever": [square(10.5, -19.5, 12.5, -16.5, 35.0)]})
+    (tmp_path / "a.toml").write_text('[centre.X.patterns]\n"gtv_\\\\d+" = "GTV"\n', encoding="utf-8")
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "Liver": 1, "GTV": 2}}))
+    res = CliRunner().invoke(main, ["dicom", "import", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                                    "--quiet", "--centre", "X", "--aliases", str(tmp_path / "a.toml"),
+                                    "--labels", str(tmp_path / "dataset.json"), "--case-prefix", "siteX"])
+    assert res.exit_code == 0, res.output
+    rows = {r["roi_name"]: r for r in _rows(tmp_path / "o" / "import.csv")}
+    assert rows["GTV_1"]["structure"] == "GTV" and rows["GTV_1"]["label"] == "2"
+    assert rows["Lever"]["structure"] == "Liver" and rows["Lever"]["case"] == "siteX_0001"
+    assert json.loads((tmp_path / "o" / "dataset.json").read_text())["labels"] == \
+        {"background": 0, "Liver": 1, "GTV": 2}

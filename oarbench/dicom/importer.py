@@ -316,7 +316,13 @@ def import_dicom(dicom_dir: str | Path, out: str | Path, options: ImportOptions,
 
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", options.case_prefix):
         raise ValueError(f"case prefix {options.case_prefix!r} must be letters, digits and '-', starting with a letter")
-    inventory = scan(dicom_dir)
+    if progress:
+        from tqdm.auto import tqdm
+
+        with tqdm(desc="reading DICOM headers", unit="file") as scan_bar:
+            inventory = scan(dicom_dir, progress=lambda _n: scan_bar.update())
+    else:
+        inventory = scan(dicom_dir)
     jobs = _plan(inventory, out, options, _warn)
     records: dict[str, dict] = {}
     todo = []

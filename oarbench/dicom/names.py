@@ -9,9 +9,10 @@ Resolution order for one ROI name (the first step that decides wins):
 3. the name itself when the label map holds it;
 4. the built-in aliases of :func:`oarbench.labels.canonical_name` (``L_Kidney``,
    ``kidney_left``, ``IVC``, ...);
-5. the built-in Dutch and German clinical spellings of the 19 default organs
+5. the built-in clinical spellings of the 19 default organs: Dutch and German
    (``Lever``/``Leber``, ``Nier links``/``Niere li.``, ``Speiseröhre``/``Speiseroehre``,
-   ...), with and without umlauts.
+   ...), with and without umlauts, and English ones beyond step 4 (``Small_Intestine``,
+   ``Vena_Cava_Inferior``, ``Vertebral_Bodies``, ...).
 
 A name that no step maps to a structure of the label map is *unmapped*. Nothing is
 guessed: unmapped and ambiguous names are reported, and so are two ROIs of one
@@ -89,6 +90,25 @@ _CLINICAL_ORGANS: dict[str, str] = {
     "untereholvene": "VenaCava_I",
     "hauptschlagader": "A_Aorta",
 }
+# English spellings beyond oarbench.labels.canonical_name (same normalisation as above).
+_ENGLISH_EXTRA: dict[str, str] = {
+    "smallintestine": "Bowel",
+    "intestinesmall": "Bowel",
+    "smallbowel": "Bowel",
+    "venacavainferior": "VenaCava_I",
+    "vcinf": "VenaCava_I",
+    "vertebralbody": "Vertebrae",
+    "vertebralbodies": "Vertebrae",
+    "vertebralcolumn": "Vertebrae",
+    "gallbladder": "Gallbladder",
+    "gb": "Gallbladder",
+    "aortaabdominal": "A_Aorta",
+    "abdominalaorta": "A_Aorta",
+    "adrenalgland": "Glnd_Adrenal",
+    "suprarenalgland": "Glnd_Adrenal",
+    "kidneys": "Kidney",
+    "lungs": "Lung",
+}
 _CLINICAL_SIDES = {
     "links": "L", "li": "L", "l": "L", "lks": "L", "left": "L", "lt": "L", "sin": "L", "sinister": "L",
     "rechts": "R", "re": "R", "r": "R", "rts": "R", "right": "R", "rt": "R", "dex": "R", "dexter": "R",
@@ -116,10 +136,12 @@ def _spellings(word: str) -> set[str]:
 _CLINICAL_TABLE: dict[str, str] = {
     spelling: stem for word, stem in _CLINICAL_ORGANS.items() for spelling in _spellings(word)
 }
+_CLINICAL_TABLE.update(_ENGLISH_EXTRA)
 
 
 def clinical_name(name: str) -> str | None:
-    """TG-263 name for a Dutch or German clinical spelling, or ``None``.
+    """TG-263 name for a Dutch or German clinical spelling (or an English one beyond
+    :func:`oarbench.labels.canonical_name`, such as ``Small_Intestine``), or ``None``.
 
     ``"Nier links"``, ``"Niere li."`` -> ``"Kidney_L"``; ``"Speiseröhre"``,
     ``"Speiseroehre"``, ``"Speiserohre"`` -> ``"Esophagus"``. A lateral organ without a
@@ -146,8 +168,8 @@ def clinical_name(name: str) -> str | None:
 def _sideless(name: str) -> bool:
     """True for a paired organ named without a side (``Nier``, ``Kidney``, ``Lungs``)."""
     word = "".join(t for t in re.split(r"[\s_\-.,/()]+", _fold(name.strip())) if t)
-    return _CLINICAL_TABLE.get(word) in _LATERAL or word in ("kidney", "kidneys", "lung", "lungs", "adrenal",
-                                                              "adrenals", "nieren", "lungen", "longen")
+    return _CLINICAL_TABLE.get(word) in _LATERAL or word in ("kidney", "lung", "adrenal", "adrenals", "nieren",
+                                                              "lungen", "longen", "bijnieren", "nebennieren")
 
 
 @dataclass(frozen=True)
@@ -278,7 +300,7 @@ class NameResolver:
             return NameMatch(name, canon, "built-in alias")
         clinical = clinical_name(name)
         if clinical is not None and clinical in self._names:
-            return NameMatch(name, clinical, "Dutch/German spelling")
+            return NameMatch(name, clinical, "built-in clinical spelling")
         if _sideless(name):
             return NameMatch(name, UNMAPPED, "paired organ without a side")
         return NameMatch(name, UNMAPPED, "no rule matches")
