@@ -279,38 +279,56 @@ def _min_p(m: int) -> float:
     return min(1.0, 2.0 ** (1 - m)) if m > 0 else 1.0
 
 
+#: Columns of :attr:`AbsentResult.pairs`.
+PAIR_COLUMNS = ("model_a", "model_b", "threshold_ml", "n_cases", "fp_both", "fp_a_only", "fp_b_only",
+                "fp_neither", "mcnemar_p", "mcnemar_p_adjusted", "mcnemar_verdict", "median_diff_ml",
+                "wilcoxon_n_nonzero", "wilcoxon_p_method", "wilcoxon_p", "wilcoxon_p_adjusted",
+                "wilcoxon_verdict", "correction", "family_size")
+
+
 def compare_models(
-    cases: pd.DataFrame, thresholds_ml: Sequence[float] = DEFAULT_THRESHOLDS_ML, *, alpha: float = _ALPHA
+    cases: pd.DataFrame, thresholds_ml: Sequence[float] = DEFAULT_THRESHOLDS_ML, *, alpha: float = _ALPHA,
+    correction: str = "holm",
 ) -> pd.DataFrame:
     """Paired comparison of every model pair on the cases both predicted.
 
     Per threshold: McNemar's exact test (binomial on the discordant pairs,
     ``statsmodels.stats.contingency_tables.mcnemar(exact=True)``) on FP yes/no;
-    per pair (repeated on each threshold row): Wilcoxon's signed-rank test
-    (``scipy.stats.wilcoxon``, zero differences dropped) on the volumes.
-    Verdicts: ``not testable`` when there are no discordant pairs / non-zero
-    differences, or too few for any p-value below ``alpha`` (with m of them
-    the smallest two-sided exact p is 2 / 2^m, so m <= 5 can never reach
-    0.05); else ``different`` (p < alpha) or ``no evidence of a difference``.
-    The p-value is reported whenever there is at least one informative pair.
+    per pair (repeated on each threshold row): the Wilcoxon signed-rank test of
+    :func:`oarbench.stats.signed_rank_test` on the volumes, the same code as
+    ``oarbench stats`` (exact or exact-permutation p-values, zero differences
+    ranked (``pratt``), not testable with fewer than 6 non-zero differences).
+    All p-values of the analysis (every pair's McNemar tests at every threshold
+    and every pair's Wilcoxon test, counted once) form one family, corrected with
+    ``correction`` (:func:`statsmodels.stats.multitest.multipletests`).
+    Verdicts use the adjusted p: ``not testable`` when there are no discordant
+    pairs / too few non-zero differences (with m discordant pairs the smallest
+    two-sided exact p is 2 / 2^m, so m <= 5 can never reach 0.05); else
+    ``different`` (adjusted p < alpha) or ``no evidence of a difference``.
     """
-    from scipy.stats import wilcoxon
     from statsmodels.stats.contingency_tables import mcnemar
+    from statsmodels.stats.multitest import multipletests
+
+    from oarbench.stats.ranktests import signed_rank_test
 
     ok = cases[cases["status"] != "missing"]
     wide = ok.pivot_table(index=["centre", "case"], columns="model", values="pred_ml", aggfunc="first")
     models = sorted(wide.columns)
     out = []
-    for a, b in itertools.combinations(models, 2):
+    wilcoxon_p: list[float] = []
+    for pair_index, (a, b) in enumerate(itertools.combinations(models, 2)):
         pair = wide[[a, b]].dropna()
         va, vb = pair[a].to_numpy(float), pair[b].to_numpy(float)
         diff = va - vb
         m_w = int(np.count_nonzero(diff))
         if m_w == 0:
-            w_p, w_verdict = math.nan, "not testable: all volumes equal"
+            w = None
+            w_p, w_method, w_reason = math.nan, "", "not testable: all volumes equal"
         else:
-            w_p = float(wilcoxon(va, vb, zero_method="wilcox").pvalue)
-            w_verdict = _verdict(w_p, m_w, alpha, "non-zero differences")
+            w = signed_rank_test(diff, zero_method="pratt")
+            w_p, w_method = w.p, w.p_method
+            w_reason = "" if w.testable else f"not testable: {w.reason}"
+        wilcoxon_p.append(w_p)
         for t in thresholds_ml:
             fa, fb = va > t, vb > t
             n11 = int(np.count_nonzero(fa & fb))
@@ -318,21 +336,36 @@ def compare_models(
             n01 = int(np.count_nonzero(~fa & fb))
             n00 = int(np.count_nonzero(~fa & ~fb))
             m = n10 + n01
-            if m == 0:
-                p, verdict = math.nan, "not testable: no discordant cases"
-            else:
-                p = float(mcnemar(np.array([[n11, n10], [n01, n00]]), exact=True).pvalue)
-                verdict = _verdict(p, m, alpha, "discordant cases")
+            p = math.nan if m == 0 else float(mcnemar(np.array([[n11, n10], [n01, n00]]), exact=True).pvalue)
             out.append({
                 "model_a": a, "model_b": b, "threshold_ml": float(t), "n_cases": int(len(pair)),
                 "fp_both": n11, "fp_a_only": n10, "fp_b_only": n01, "fp_neither": n00,
-                "mcnemar_p": p, "mcnemar_verdict": verdict,
+                "mcnemar_p": p, "_m": m, "_pair": pair_index,
                 "median_diff_ml": float(np.median(diff)) if diff.size else math.nan,
-                "wilcoxon_n_nonzero": m_w, "wilcoxon_p": w_p, "wilcoxon_verdict": w_verdict,
+                "wilcoxon_n_nonzero": m_w, "wilcoxon_p_method": w_method, "wilcoxon_p": w_p, "_w_reason": w_reason,
             })
-    return pd.DataFrame(out, columns=["model_a", "model_b", "threshold_ml", "n_cases", "fp_both", "fp_a_only",
-                                      "fp_b_only", "fp_neither", "mcnemar_p", "mcnemar_verdict", "median_diff_ml",
-                                      "wilcoxon_n_nonzero", "wilcoxon_p", "wilcoxon_verdict"])
+    # one family: McNemar p of every row, Wilcoxon p of every pair once
+    family = [r["mcnemar_p"] for r in out] + wilcoxon_p
+    finite = [i for i, p in enumerate(family) if not math.isnan(p)]
+    adjusted = [math.nan] * len(family)
+    if finite:
+        adj = multipletests(np.array([family[i] for i in finite]), method=correction)[1]
+        for i, v in zip(finite, adj):
+            adjusted[i] = float(v)
+    for i, r in enumerate(out):
+        r["mcnemar_p_adjusted"] = adjusted[i]
+        r["wilcoxon_p_adjusted"] = adjusted[len(out) + r.pop("_pair")]
+        m = r.pop("_m")
+        if m == 0:
+            r["mcnemar_verdict"] = "not testable: no discordant cases"
+        else:
+            r["mcnemar_verdict"] = _verdict(r["mcnemar_p_adjusted"], m, alpha, "discordant cases")
+        reason = r.pop("_w_reason")
+        r["wilcoxon_verdict"] = reason or ("different" if r["wilcoxon_p_adjusted"] < alpha
+                                           else "no evidence of a difference")
+        r["correction"] = correction
+        r["family_size"] = len(finite)
+    return pd.DataFrame(out, columns=list(PAIR_COLUMNS))
 
 
 def _verdict(p: float, m: int, alpha: float, what: str) -> str:

@@ -43,12 +43,13 @@ __all__ = [
     "evaluate_jobs",
     "jobs_from_folders",
     "jobs_from_study",
+    "read_patients",
     "summarise",
     "write_outputs",
 ]
 
 #: Columns of the tidy results table, in order.
-TABLE_COLUMNS = ("study", "centre", "model", "condition", "case") + RESULT_COLUMNS
+TABLE_COLUMNS = ("study", "centre", "model", "condition", "case", "patient") + RESULT_COLUMNS
 SUMMARY_METRICS = ("dsc", "hd95", "msd")
 
 
@@ -88,6 +89,7 @@ class Job:
     model: str = ""
     condition: str = "original"
     cases: tuple[str, ...] = field(default=())
+    patients: tuple[tuple[str, str], ...] = field(default=())  # (case, patient); default: the case
 
     @property
     def tag(self) -> str:
@@ -98,14 +100,41 @@ def jobs_from_folders(reference: str | Path, prediction: str | Path, **columns: 
     return [Job(storage.as_location(reference), storage.as_location(prediction), **columns)]
 
 
+def read_patients(path: str | Path | None) -> tuple[tuple[str, str], ...]:
+    """``(case, patient)`` pairs from a metadata CSV's ``case`` and ``patient`` columns.
+
+    No file or no ``patient`` column: empty (every case is its own patient). An empty patient
+    cell falls back to the case.
+    """
+    if path is None:
+        return ()
+    path = Path(path)
+    try:
+        meta = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the metadata CSV ({exc})") from None
+    if "patient" not in meta.columns:
+        return ()
+    if "case" not in meta.columns:
+        raise ValueError(f"{path}: metadata has a 'patient' column but no 'case' column")
+    pairs = {}
+    for case, patient in zip(meta["case"].str.strip(), meta["patient"].str.strip()):
+        if case in pairs and pairs[case] != (patient or case):
+            raise ValueError(f"{path}: case {case!r} is listed with two patients")
+        pairs[case] = patient or case
+    return tuple(sorted(pairs.items()))
+
+
 def jobs_from_study(study: Any, models: Iterable[str] | None = None, centres: Iterable[str] | None = None) -> list[Job]:
-    """One job per centre x model of a :class:`oarbench.study.Study`."""
+    """One job per centre x model of a :class:`oarbench.study.Study` (patients from the
+    centre's metadata ``patient`` column, where given)."""
     wanted_models = set(models) if models else None
     wanted_centres = set(centres) if centres else None
     jobs = []
     for centre in study.centres:
         if wanted_centres and centre.name not in wanted_centres:
             continue
+        patients = read_patients(centre.metadata)
         for model in study.models:
             if wanted_models and model.name not in wanted_models:
                 continue
@@ -116,6 +145,7 @@ def jobs_from_study(study: Any, models: Iterable[str] | None = None, centres: It
                     study=study.name,
                     centre=centre.name,
                     model=model.name,
+                    patients=patients,
                 )
             )
     if not jobs:
@@ -303,10 +333,12 @@ def evaluate_jobs(
 
     inputs: dict[str, str] = {}
     for job, pairs in planned:
+        patient_of = dict(job.patients)
         for case, ref, pred in pairs:
             for row in done[(job.tag, case)]:
                 rows.append({"study": job.study, "centre": job.centre, "model": job.model,
-                             "condition": job.condition, "case": case, **row})
+                             "condition": job.condition, "case": case, "patient": patient_of.get(case, case),
+                             **row})
             inputs[str(ref)] = storage.sha256(ref)
             if pred is not None:
                 inputs[str(pred)] = storage.sha256(pred)
@@ -361,20 +393,28 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="case", file=sys.stderr, leave=False, disable=not sys.stderr.isatty())
 
 
-def summarise(table: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS) -> pd.DataFrame:
+def summarise(table: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS, bootstrap: Any = "default") -> pd.DataFrame:
     """Per study x centre x model x condition x structure: status counts and
-    median, IQR and mean of each metric.
+    median, IQR and mean of each metric, with bootstrap 95 % intervals of the
+    median and the mean that resample patients (:func:`oarbench.stats.cluster_bootstrap_ci`).
 
     The statistics use the rows with status ok, missed and hallucinated (a
     missed structure has DSC 0 and infinite distances, so it pulls the median
     the way it should); absent and missing rows are counted, not used.
+    ``bootstrap``: a :class:`oarbench.stats.BootstrapOptions` (default: 2000
+    resamples, seed 12345), or ``None`` for no intervals.
     """
+    from oarbench.stats.bootstrap import BootstrapOptions, cluster_bootstrap_ci
+
+    boot = BootstrapOptions() if isinstance(bootstrap, str) else bootstrap
     keys = ["study", "centre", "model", "condition", "structure"]
     out = []
     for key, group in table.groupby(keys, sort=False, dropna=False):
         row: dict[str, Any] = dict(zip(keys, key))
         counts = group["status"].value_counts()
+        patients = group["patient"] if "patient" in group.columns else group["case"]
         row["n"] = len(group)
+        row["n_patients"] = int(patients.nunique())
         for status in ("ok", "missed", "hallucinated", "absent", "missing"):
             row[f"n_{status}"] = int(counts.get(status, 0))
         used = group[group["status"].isin(["ok", "missed", "hallucinated"])]
@@ -393,6 +433,12 @@ def summarise(table: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS) -> 
             row[f"{metric}_q1"] = q1
             row[f"{metric}_q3"] = q3
             row[f"{metric}_mean"] = mean
+            clusters = (used["patient"] if "patient" in used.columns else used["case"]).astype(str).to_numpy()
+            for stat in ("median", "mean"):
+                lo = hi = math.nan
+                if boot is not None and len(values):
+                    lo, hi = cluster_bootstrap_ci(values, clusters, stat, boot)
+                row[f"{metric}_{stat}_ci_low"], row[f"{metric}_{stat}_ci_high"] = lo, hi
         out.append(row)
     return pd.DataFrame(out)
 

@@ -16,7 +16,7 @@ def sd_lib():
     """The reference library (DeepMind surface-distance 0.1), with the NumPy 2 shim.
 
     surface-distance 0.1 uses ``np.Inf`` on its empty-mask path, which NumPy 2
-    removed; METRICS.md documents the shim.
+    removed; docs/metrics.md documents the shim.
     """
     sd = pytest.importorskip("surface_distance")
     if not hasattr(np, "Inf"):

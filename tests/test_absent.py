@@ -8,8 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from scipy import stats as st
 from scipy.stats import wilcoxon
 from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.multitest import multipletests
 
 from oarbench.absent import absent_side_volume, analyse_absent, read_nephrectomy, write_absent
 from oarbench.io import Volume, write_volume
@@ -125,8 +127,48 @@ def test_pairs_match_statsmodels_and_scipy(study):
     va = res.cases[res.cases["model"] == "A"].sort_values("case")["pred_ml"].to_numpy()
     vb = res.cases[res.cases["model"] == "B"].sort_values("case")["pred_ml"].to_numpy()
     assert row["wilcoxon_n_nonzero"] == 3
-    assert row["wilcoxon_p"] == wilcoxon(va, vb, zero_method="wilcox").pvalue
-    assert row["wilcoxon_verdict"].startswith("not testable")
+    # the signed-rank code of oarbench stats: 3 non-zero differences are too few for any test
+    # (smallest exact two-sided p 2/2**3 = 0.25), so no p-value, and scipy's asymptotic
+    # zero-dropping p (what this analysis used before) is not reported
+    assert math.isnan(row["wilcoxon_p"]) and row["wilcoxon_verdict"].startswith("not testable")
+    assert not math.isnan(wilcoxon(va, vb, zero_method="wilcox").pvalue)
+    # the family: McNemar at each of the 4 thresholds with a discordant pair (0, 0.5, 1, 5 mL)
+    assert (p["correction"] == "holm").all()
+    tested = p["mcnemar_p"].dropna().to_numpy()
+    np.testing.assert_allclose(p["mcnemar_p_adjusted"].dropna(), multipletests(tested, method="holm")[1])
+
+
+def test_absent_volume_test_is_the_exact_signed_rank_of_stats():
+    from oarbench.absent import compare_models
+    from oarbench.stats import signed_rank_test
+
+    # 8 cases: model A's FP volumes exceed B's on 7 of them, one tie at 0 mL
+    va = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    vb = np.array([0.0, 0.5, 0.1, 0.2, 0.3, 0.4, 0.6, 9.0])
+    rows = []
+    for i in range(8):
+        rows.append(dict(centre="X", case=f"c{i}", model="A", status="ok", pred_ml=va[i]))
+        rows.append(dict(centre="X", case=f"c{i}", model="B", status="ok", pred_ml=vb[i]))
+    out = compare_models(pd.DataFrame(rows), thresholds_ml=(0.0,))
+    ref = signed_rank_test(va - vb, zero_method="pratt")
+    # a zero difference: the exact permutation path, not scipy's asymptotic default
+    assert ref.p_method == "exact-permutation" and out.loc[0, "wilcoxon_p_method"] == "exact-permutation"
+    assert out.loc[0, "wilcoxon_p"] == ref.p
+    # brute force over the 2**7 sign patterns of the 7 non-zero differences (pratt: zero ranked)
+    import itertools
+    d = va - vb
+    r = st.rankdata(np.abs(d))
+    nz = d != 0
+    obs = r[d > 0].sum()
+    stats_all = [sum(rk for rk, s in zip(r[nz], signs) if s) for signs in itertools.product((0, 1), repeat=7)]
+    p_le = np.mean([x <= obs + 1e-9 for x in stats_all])
+    p_ge = np.mean([x >= obs - 1e-9 for x in stats_all])
+    assert out.loc[0, "wilcoxon_p"] == pytest.approx(min(1, 2 * min(p_le, p_ge)), abs=1e-12)
+    # one McNemar test and one Wilcoxon test form the family: Holm over both
+    fam = np.array([out.loc[0, "mcnemar_p"], out.loc[0, "wilcoxon_p"]])
+    adj = multipletests(fam[~np.isnan(fam)], method="holm")[1]
+    assert out.loc[0, "wilcoxon_p_adjusted"] == pytest.approx(adj[-1])
+    assert out.loc[0, "family_size"] == (~np.isnan(fam)).sum()
 
 
 def test_all_equal_models_are_not_testable(study):

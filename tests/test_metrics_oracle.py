@@ -147,7 +147,7 @@ def _sphere(shape, spacing, centre_mm, radius_mm):
 
 @pytest.mark.slow
 def test_two_spheres_converge_to_closed_form(sd_lib):
-    # MeshMetrics' analytic case (METRICS.md): A radius 30 mm at the origin, B radius 20 mm
+    # MeshMetrics' analytic case (docs/metrics.md): A radius 30 mm at the origin, B radius 20 mm
     # at (0, 0, 9) mm. Closed form: HD 19.0, HD95 18.3014, MSD 9.775, ASSD 10.2077.
     exact = {"hd": 19.0, "hd95": 18.3014, "msd": 9.775, "assd": 10.2077}
     errors = {}

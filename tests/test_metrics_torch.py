@@ -58,7 +58,7 @@ def assert_same_distances(a, b, atol: float) -> None:
             assert np.max(np.abs(x[finite] - y[finite])) <= atol, (name, np.max(np.abs(x[finite] - y[finite])))
 
 
-# --- the worked cases of METRICS.md ------------------------------------------------
+# --- the worked cases of docs/metrics.md ------------------------------------------------
 
 
 def test_2d_single_pixels_two_apart(device):
@@ -85,7 +85,7 @@ def test_2d_single_pixels_two_apart(device):
 
 
 def test_2d_two_by_two_square_vs_three_by_two(device):
-    # Values of METRICS.md (the reference library's own test of this case).
+    # Values of docs/metrics.md (the reference library's own test of this case).
     gt = np.zeros((6, 6), bool)
     pred = np.zeros((6, 6), bool)
     gt[1:3, 1:3] = True
@@ -120,7 +120,7 @@ def test_3d_single_voxels_two_apart(device):
 
 
 def test_3d_slabs_touching_the_border(device):
-    # Values of METRICS.md (the reference library's own test of this case).
+    # Values of docs/metrics.md (the reference library's own test of this case).
     gt = np.zeros((100, 100, 100), bool)
     pred = np.zeros((100, 100, 100), bool)
     gt[0:50, :, :] = True

@@ -40,7 +40,7 @@ def _print_table(df) -> None:  # noqa: ANN001 - pandas DataFrame
         view = view.drop(columns="non-inferiority")
     console = Console()
     if not console.is_terminal:  # piped or captured: do not squeeze into 80 columns
-        console = Console(width=220)
+        console = Console(width=320)
     for title, block in view.groupby("family", sort=False):
         table = Table(title=title, title_justify="left", header_style="bold")
         cols = [c for c in block.columns if c != "family"]
@@ -67,38 +67,72 @@ def _print_table(df) -> None:  # noqa: ANN001 - pandas DataFrame
 @click.option("--pair", "pairs", multiple=True, metavar="A:B",
               help="Model pair to compare, e.g. fl:local-A (A is tested for non-inferiority to B). "
                    "Repeatable; default all pairs.")
-@click.option("--alpha", type=float, default=0.05, show_default=True, help="Significance level (adjusted p).")
+@click.option("--alpha", type=float, default=0.05, show_default=True,
+              help="Two-sided significance level (adjusted p).")
+@click.option("--ni-alpha", type=float, default=0.025, show_default=True,
+              help="One-sided level of the non-inferiority test; the interval shown is the two-sided "
+                   "1 - 2 * ni-alpha interval (0.025: 95 %).")
+@click.option("--unit", type=click.Choice(["patient", "scan"]), default="patient", show_default=True,
+              help="Unit of analysis: average each patient's scans per structure (patient column of the "
+                   "table; default the case), or test every scan (warns when a patient has several).")
+@click.option("--family", type=click.Choice(["comparison", "study"]), default="comparison", show_default=True,
+              help="Correction family: one per centre x model pair (or model x centre pair), or every test "
+                   "of the run.")
+@click.option("--n-resamples", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="Bootstrap resamples (of patients) for the intervals of the median and mean difference; "
+                   "0: none.")
+@click.option("--seed", type=int, default=12345, show_default=True, help="Seed of the bootstrap.")
+@click.option("--bootstrap-method", type=click.Choice(["percentile", "bca"]), default="percentile",
+              show_default=True, help="Bootstrap interval (bca only where every value is finite).")
 @click.option("--condition", default="original", show_default=True,
               help="Condition rows to analyse; 'all' analyses each condition separately.")
 @click.option("--table/--no-table", "show_table", default=True, show_default=True,
               help="Print the readable table on the terminal.")
 @user_errors
 def stats(results: Path, out_dir: Path, metrics: str, correction: str, zero_method: str,
-          margins: tuple[str, ...], pairs: tuple[str, ...], alpha: float, condition: str,
+          margins: tuple[str, ...], pairs: tuple[str, ...], alpha: float, ni_alpha: float, unit: str,
+          family: str, n_resamples: int, seed: int, bootstrap_method: str, condition: str,
           show_table: bool) -> None:
     """Wilcoxon signed-rank (paired) and Mann-Whitney U (cross-centre) tests on RESULTS.csv (or metrics.parquet).
 
-    Writes OUT/stats.csv; see docs/statistics.md for the conventions.
+    Writes OUT/stats.csv and OUT/one_arm_absent.csv (pairs where only one model says the organ
+    is absent); see docs/statistics.md for the conventions.
     """
-    from oarbench.stats import read_results, run_stats, write_stats
+    import warnings
+
+    from oarbench.stats import BootstrapOptions, one_arm_absent, read_results, run_stats, write_stats
 
     metric_list = [m.strip().lower() for m in metrics.split(",") if m.strip()]
     table = read_results(results)
-    df = run_stats(
-        table,
-        pairs=list(pairs) or None,
-        metrics=metric_list,
-        zero_method=zero_method,
-        correction=correction,
-        alpha=alpha,
-        margins=_parse_margins(margins),
-        condition=None if condition == "all" else condition,
-        source=str(results),
-    )
+    boot = BootstrapOptions(n_resamples=n_resamples, seed=seed, method=bootstrap_method)
+    cond = None if condition == "all" else condition
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = run_stats(
+            table,
+            pairs=list(pairs) or None,
+            metrics=metric_list,
+            zero_method=zero_method,
+            correction=correction,
+            alpha=alpha,
+            margins=_parse_margins(margins),
+            ni_alpha=ni_alpha,
+            condition=cond,
+            unit=unit,
+            family=family,
+            bootstrap=boot if n_resamples else None,
+            source=str(results),
+        )
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            click.echo(f"warning: {w.message}", err=True)
     path = write_stats(df, out_dir / "stats.csv")
+    absent_rows = one_arm_absent(table, pairs=list(pairs) or None, condition=cond, source=str(results))
+    write_stats(absent_rows, out_dir / "one_arm_absent.csv")
     if show_table:
         _print_table(df)
     n_sig = int(df["verdict"].astype(str).str.startswith("significant").sum()) if not df.empty else 0
     tested = int(df["p"].notna().sum()) if not df.empty else 0
     click.echo(f"{len(df)} comparisons, {tested} tested, {n_sig} significant at adjusted p < {alpha:g} "
-               f"({correction}); wrote {path}")
+               f"({correction}, {family} family, unit {unit}); {len(absent_rows)} one-arm-absent pair(s) "
+               f"listed apart; wrote {path}")
