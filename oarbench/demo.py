@@ -226,26 +226,30 @@ def run_demo(
     done()
 
     done = step("gallery")
-    from oarbench.gallery import PathResolver, build_gallery
+    from oarbench.gallery import FailureCriteria, PathResolver, build_gallery
 
     gallery_table = table
     if robustness is not None:
         # Perturbed conditions join the table so that their largest drops are drawn too.
         gallery_table = pd.concat([table, robustness[robustness["condition"] != "original"]], ignore_index=True)
-    build_gallery(gallery_table, PathResolver.from_study(study_toml), results / "gallery", k=gallery_k,
+    criteria = FailureCriteria(k=gallery_k)
+    build_gallery(gallery_table, PathResolver.from_study(study_toml), results / "gallery", criteria=criteria,
                   source=str(results / "metrics.csv"))
     outputs["gallery"] = results / "gallery"
     done()
 
     done = step("report")
-    from oarbench.report import build_report
+    from oarbench.report import ReportOptions, build_report
 
     outputs["report"] = build_report(
         results,
         table,
         stats=stats,
-        absent=outputs.get("absent"),
+        absent=absent.cases,
+        absent_pairs=absent.pairs,
         robustness=robustness,
+        noise_floor=results / "noise_floor.csv" if (robustness is not None and (results / "noise_floor.csv").is_file()) else None,
+        options=ReportOptions(criteria=criteria, trained_on={m.name: m.trained_on for m in study.models if m.trained_on}),
         gallery_dir=results / "gallery",
         provenance={**provenance, "demo_step_seconds": timings},
         title="oarbench demo: synthetic two-centre paediatric study",

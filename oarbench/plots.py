@@ -133,22 +133,51 @@ def tile_figure(tile: "Tile", *, legend: bool = True, size_in: float = 3.0) -> "
     return fig
 
 
-def montage_figure(tiles: Sequence["Tile"], *, ncols: int = 4, title: str = "", tile_in: float = 2.6) -> "Figure":
-    """A grid of tiles (row-major, in the given order) with one shared legend."""
+def _chars_per_line(width_in: float, fontsize: float) -> int:
+    """Characters of DejaVu Sans at ``fontsize`` pt that fit in ``width_in`` inches (a safe underestimate)."""
+    return max(8, int(width_in * 72.0 / (0.62 * fontsize)))
+
+
+def montage_figure(tiles: Sequence["Tile"], *, ncols: int = 4, title: str = "", tile_in: float = 2.6,
+                   fontsize: float = 7.0) -> "Figure":
+    """A grid of tiles (row-major, in the given order) with one shared legend.
+
+    The layout is computed, not left to ``tight_layout``: tile titles are
+    wrapped to the tile's width, each row of tiles gets the height its longest
+    title needs, and the figure title and legend have their own band at the
+    top, so no text is clipped or overlaps another tile.
+    """
+    import textwrap
+
     if not tiles:
         raise ValueError("montage_figure needs at least one tile")
     ncols = max(1, min(ncols, len(tiles)))
     nrows = math.ceil(len(tiles) / ncols)
-    head_in = 0.45
-    fig = _pyplot_free_figure(figsize=(ncols * tile_in, nrows * tile_in * 1.25 + head_in))
+    gap, margin = 0.2, 0.1
+    width = ncols * tile_in + (ncols - 1) * gap + 2 * margin
+    wrap = _chars_per_line(tile_in, fontsize)
+    from oarbench.gallery.slices import tile_title
+
+    titles = [tile_title(tile.meta, width=wrap) if tile.meta else "\n".join(textwrap.wrap(tile.title, wrap)) for tile in tiles]
+    line_in = fontsize * 1.25 / 72.0
+    row_title_in = [max(t.count("\n") + 1 for t in titles[r * ncols:(r + 1) * ncols]) * line_in + 0.12 for r in range(nrows)]
+    head_lines = textwrap.wrap(title, _chars_per_line(width - 2 * margin, 10.0)) if title else []
+    head_in = margin + len(head_lines) * 10.0 * 1.3 / 72.0 + 0.3  # title lines + legend band
+    height = head_in + sum(row_title_in) + nrows * tile_in + (nrows - 1) * gap + margin
+    fig = _pyplot_free_figure(figsize=(width, height))
+    top = height - head_in
     for n, tile in enumerate(tiles):
-        ax = fig.add_subplot(nrows, ncols, n + 1)
-        draw_tile(ax, tile)
-    top = 1 - head_in / (nrows * tile_in * 1.25 + head_in)
-    if title:
-        fig.suptitle(title, fontsize=10, y=0.995)
-    fig.legend(handles=_legend_handles(), loc="upper right", ncol=2, fontsize=8, frameon=False, bbox_to_anchor=(1, 1 - 0.2 * (1 - top)))
-    fig.tight_layout(rect=(0, 0, 1, top))
+        r, c = divmod(n, ncols)
+        top_of_row = top - sum(row_title_in[:r]) - r * (tile_in + gap)
+        bottom = top_of_row - row_title_in[r] - tile_in
+        left = margin + c * (tile_in + gap)
+        ax = fig.add_axes((left / width, bottom / height, tile_in / width, tile_in / height))
+        draw_tile(ax, tile, title=False, fontsize=fontsize)
+        ax.set_title(titles[n], fontsize=fontsize, pad=4)
+    if head_lines:
+        fig.text(0.5, 1 - margin / height, "\n".join(head_lines), ha="center", va="top", fontsize=10)
+    fig.legend(handles=_legend_handles(), loc="upper center", ncol=2, fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, (height - head_in + 0.3) / height))
     return fig
 
 
@@ -158,7 +187,7 @@ def box_plot_figure(table: pd.DataFrame, structure: str, metrics: Sequence[tuple
     Uses condition ``original`` rows with status ``ok`` (finite values); the
     number of ``missed``/``hallucinated`` rows left out is written under each
     box (x tick label). Boxes are told apart by grey fill and hatch per model (print-safe),
-    x labels say ``model`` and ``centre``.
+    explained by a legend; x labels say ``model`` and ``centre``.
 
     Parameters
     ----------
@@ -170,7 +199,7 @@ def box_plot_figure(table: pd.DataFrame, structure: str, metrics: Sequence[tuple
         ``(column, axis label)`` pairs; default DSC, HD95 (mm) and MSD (mm).
     """
     if metrics is None:
-        metrics = (("dsc", "DSC (1)"), ("hd95", "HD95 (mm)"), ("msd", "MSD (mm)"))
+        metrics = (("dsc", "DSC"), ("hd95", "HD95 (mm)"), ("msd", "MSD (mm)"))
     metrics = [m for m in metrics if m[0] in table.columns]
     if not metrics:
         raise ValueError("box_plot_figure: the table has none of the metric columns to plot")
@@ -181,7 +210,7 @@ def box_plot_figure(table: pd.DataFrame, structure: str, metrics: Sequence[tuple
     centres = sorted(df["centre"].astype(str).unique())
     groups = [(m, c) for c in centres for m in models]
     width = max(4.0, 0.8 * len(groups) + 1.2)
-    fig = _pyplot_free_figure(figsize=(width * len(metrics) / 1.6 if len(metrics) > 1 else width, 3.4))
+    fig = _pyplot_free_figure(figsize=(width * len(metrics) / 1.6 if len(metrics) > 1 else width, 4.0))
     for n, (col, label) in enumerate(metrics):
         ax = fig.add_subplot(1, len(metrics), n + 1)
         data, left_out = [], []
@@ -213,8 +242,17 @@ def box_plot_figure(table: pd.DataFrame, structure: str, metrics: Sequence[tuple
         if col == "dsc":
             ax.set_ylim(-0.02, 1.02)
     fig.suptitle(f"{structure} (condition original, status ok; m/h = missed/hallucinated rows not drawn)", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.legend(handles=_model_handles(models), loc="upper center", ncol=min(len(models), 6), fontsize=7,
+               frameon=False, bbox_to_anchor=(0.5, 0.93), title="model (fill and hatch)", title_fontsize=7)
+    fig.tight_layout(rect=(0, 0, 1, 0.8 if len(models) <= 6 else 0.74))
     return fig
+
+
+def _model_handles(models: Sequence[str]) -> list[Any]:
+    from matplotlib.patches import Patch
+
+    return [Patch(facecolor=_GREYS[i % len(_GREYS)], hatch=_HATCHES[i % len(_HATCHES)], edgecolor="black", label=m)
+            for i, m in enumerate(models)]
 
 
 def figure_png_bytes(fig: "Figure", *, dpi: int = 100) -> bytes:

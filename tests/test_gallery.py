@@ -22,7 +22,10 @@ from click.testing import CliRunner  # noqa: E402
 
 from oarbench.gallery import (  # noqa: E402
     ABDOMEN_WINDOW,
+    BONE_WINDOW,
+    BRAIN_WINDOW,
     LUNG_WINDOW,
+    FailureCriteria,
     PathResolver,
     build_gallery,
     choose_slice,
@@ -74,33 +77,34 @@ def crafted_table() -> pd.DataFrame:
 
 
 def test_select_failures_picks_exactly_the_expected_rows():
-    # Derivations (k = 2):
-    # (Liver, m1, A) ok/original DSC sorted: .50(c8) .89(c7) .90 .91 .92 .93 .94 .95
-    #   lowest 2: c8, c7. Quartiles (linear, n=8): Q1 at h=1.75 -> .89 + .75*.01 = .8975,
+    # Criteria: DSC < .85, HD95 > 10 mm, drop > .05, Tukey f = 1.5, at most k = 2 per rule and group.
+    # (Liver, m1, A) ok/original DSC: .95 .94 .93 .92 .91 .90 .89(c7) .50(c8); HD95 2 3 4 5 6 7 30(c7) 8(c8).
+    #   DSC < .85: c8 only. HD95 > 10: c7 only.
+    #   Quartiles (linear, n=8) of DSC sorted .50 .89 .90 ... .95: Q1 at h=1.75 -> .89 + .75*.01 = .8975,
     #   Q3 at h=5.25 -> .93 + .25*.01 = .9325; IQR .035; fence .8975 - .0525 = .845 -> c8 only.
-    # HD95 sorted: 2 3 4 5 6 7 8(c8) 30(c7); highest 2: c7, c8. Q1 = 3.75, Q3 = 7.25, IQR 3.5,
-    #   fence 7.25 + 5.25 = 12.5 -> c7 only.
-    # c9 missed, c10 hallucinated (any status but ok never ranks); c11 absent: nothing.
-    # flip_lr drops (original - condition): c1 .35, c2 .04, c3 -.02, c4 .92 (missed, DSC 0), c11 NaN.
-    #   top 2: c4, c1. rot180_si: c2 .10 (its own condition, own top k).
-    # (Liver, m2, A) DSC .80 .85 .90 -> lowest 2: c1, c2; HD95 5 4 3 -> highest 2: c1, c2.
-    #   Tukey n=3: Q1 .825, Q3 .875, fence .75 -> none; HD95 Q1 3.5, Q3 4.5, fence 6 -> none.
-    #   c3 laterality swap. flip_lr c1 drop 0 -> not a drop.
-    # (Liver, m1, B) one row: lowest and highest; IQR 0 and nothing strictly outside.
+    #   HD95 sorted 2 3 4 5 6 7 8 30: Q1 = 3.75, Q3 = 7.25, IQR 3.5, fence 7.25 + 5.25 = 12.5 -> c7 only.
+    # c9 missed, c10 hallucinated (never ranked); c11 absent: nothing.
+    # flip_lr drops (original - condition): c1 .35, c2 .04 (<= .05), c3 -.02, c4 .92 (missed, DSC 0), c11 NaN
+    #   -> c4, c1. rot180_si: c2 .10 (its own condition, own cap).
+    # (Liver, m2, A) DSC .80(c1) .85(c2) .90(c3): below .85 strictly: c1 only; HD95 5 4 3: none above 10.
+    #   Tukey n=3: Q1 .825, Q3 .875, fence .75 -> none; HD95 fence 6 -> none. c3 laterality swap.
+    #   flip_lr c1 drop 0 -> not a drop.
+    # (Liver, m1, B) b1 DSC .70 < .85 and HD95 12 > 10; one row: IQR 0, nothing strictly outside.
+    # The good rows c1..c6 of (m1, A) and c2 of m2 are never selected: the k worst are not taken blindly.
     expected = {
-        ("A", "m1", "original", "c7"): "lowest_dsc;highest_hd95;outlier_hd95",
-        ("A", "m1", "original", "c8"): "lowest_dsc;highest_hd95;outlier_dsc",
+        ("A", "m1", "original", "c7"): "high_hd95;outlier_hd95",
+        ("A", "m1", "original", "c8"): "low_dsc;outlier_dsc",
         ("A", "m1", "original", "c9"): "missed",
         ("A", "m1", "original", "c10"): "hallucinated",
         ("A", "m1", "flip_lr", "c1"): "robustness_drop",
         ("A", "m1", "flip_lr", "c4"): "missed;robustness_drop",
         ("A", "m1", "rot180_si", "c2"): "robustness_drop",
-        ("A", "m2", "original", "c1"): "lowest_dsc;highest_hd95",
-        ("A", "m2", "original", "c2"): "lowest_dsc;highest_hd95",
+        ("A", "m2", "original", "c1"): "low_dsc",
         ("A", "m2", "original", "c3"): "laterality_swap",
-        ("B", "m1", "original", "b1"): "lowest_dsc;highest_hd95",
+        ("B", "m1", "original", "b1"): "low_dsc;high_hd95",
     }
-    sel = select_failures(crafted_table(), k=2)
+    crit = FailureCriteria(dsc_below=0.85, hd95_above=10.0, drop_above=0.05, k=2)
+    sel = select_failures(crafted_table(), crit)
     got = {(r.centre, r.model, r.condition, r.case): r.reason for r in sel.itertuples()}
     assert got == expected
     drops = {(r.condition, r.case): r.dsc_drop for r in sel.itertuples() if not math.isnan(r.dsc_drop)}
@@ -109,21 +113,43 @@ def test_select_failures_picks_exactly_the_expected_rows():
     assert len(sel) == len(expected)  # deduplicated: one row per key
 
 
-def test_select_failures_k1_and_ties_broken_by_case_name():
-    t = pd.DataFrame([_row("z", 0.5, 4.0), _row("a", 0.5, 4.0), _row("m", 0.9, 1.0)])
-    sel = select_failures(t, k=1)
-    # DSC tie .5/.5 and HD95 tie 4/4: the case name decides, "a" before "z".
+def test_select_failures_cap_k_worst_first_ties_by_case_name():
+    t = pd.DataFrame([_row("z", 0.5, 40.0), _row("a", 0.5, 40.0), _row("m", 0.6, 30.0), _row("ok", 0.95, 1.0)])
+    crit = FailureCriteria(k=1, tukey_factor=None)
+    sel = select_failures(t, crit)
+    # DSC tie .5/.5 and HD95 tie 40/40: the case name decides, "a" before "z"; "m" fails too but the cap is 1.
     assert list(sel["case"]) == ["a"]
-    assert sel.loc[0, "reason"] == "lowest_dsc;highest_hd95"
+    assert sel.loc[0, "reason"] == "low_dsc;high_hd95"
+    everything = select_failures(t, FailureCriteria(k=None, tukey_factor=None))
+    assert sorted(everything["case"]) == ["a", "m", "z"]
 
 
-def test_select_failures_without_condition_or_swap_columns():
-    t = crafted_table()
-    t = t[t["condition"] == "original"].drop(columns=["condition", "laterality_swap"])
-    sel = select_failures(t, k=2)
-    assert set(sel["condition"]) == {"original"}
-    assert "laterality_swap" not in ";".join(sel["reason"])
-    assert ("m2", "c3") not in set(zip(sel["model"], sel["case"]))
+def test_select_failures_takes_nothing_when_nothing_failed():
+    # Perfect and good rows only: the old "k lowest" rule picked DSC 1.000 / HD95 0.0 rows; now nothing is taken.
+    # DSC 1 .98 .97 .96 .95: Q1 .96, Q3 .98, fence .93; HD95 0 1 2 3 4: Q1 1, Q3 3, fence 6 -> no outlier either.
+    t = pd.DataFrame([_row(f"c{i}", d, h) for i, (d, h) in enumerate(zip([1.0, 0.98, 0.97, 0.96, 0.95], [0, 1, 2, 3, 4]))])
+    sel = select_failures(t)
+    assert sel.empty and {"reason", "dsc_drop"} <= set(sel.columns)
+    # A perfect row can never be an outlier (DSC 1 is never below Q1, HD95 0 never above Q3), even among failures.
+    t2 = pd.DataFrame([_row("p", 1.0, 0.0)] + [_row(f"b{i}", 0.3, 30.0) for i in range(4)])
+    assert "p" not in set(select_failures(t2, FailureCriteria(k=None))["case"])
+    # The default thresholds are strict: DSC exactly 0.7 and HD95 exactly 10 mm do not fail, just beyond them do.
+    t = pd.DataFrame([_row("a", 0.7, 10.0), _row("b", 0.6999, 10.001)])
+    sel = select_failures(t, FailureCriteria(tukey_factor=None))
+    assert list(sel["case"]) == ["b"] and sel.loc[0, "reason"] == "low_dsc;high_hd95"
+    # Rules can be switched off one by one.
+    off = FailureCriteria(dsc_below=None, hd95_above=None, tukey_factor=None)
+    assert select_failures(t, off).empty
+
+
+def test_failure_criteria_check_and_describe():
+    with pytest.raises(ValueError, match="k must be"):
+        FailureCriteria(k=0)
+    with pytest.raises(ValueError, match="dsc_below"):
+        FailureCriteria(dsc_below=-1)
+    text = FailureCriteria(dsc_below=0.8, hd95_above=15, drop_above=None).describe()
+    assert "DSC < 0.8" in text and "HD95 > 15 mm" in text and "drops" not in text
+    assert FailureCriteria.from_dict(FailureCriteria(k=None).as_dict()) == FailureCriteria(k=None)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -132,14 +158,29 @@ def test_select_failures_without_condition_or_swap_columns():
 ])
 def test_select_failures_bad_tables_raise(bad, message):
     with pytest.raises(ValueError, match=message):
-        select_failures(bad(crafted_table()), k=2)
-    with pytest.raises(ValueError, match="k must be"):
-        select_failures(crafted_table(), k=0)
+        select_failures(bad(crafted_table()))
+
+
+def test_select_failures_without_condition_or_swap_columns():
+    t = crafted_table()
+    t = t[t["condition"] == "original"].drop(columns=["condition", "laterality_swap"])
+    sel = select_failures(t, FailureCriteria(dsc_below=0.85, k=2))
+    assert set(sel["condition"]) == {"original"}
+    assert "laterality_swap" not in ";".join(sel["reason"])
+    assert ("m2", "c3") not in set(zip(sel["model"], sel["case"]))
 
 
 def test_windows():
     assert window_for("Lung_L") == LUNG_WINDOW and window_for("Lung_R") == LUNG_WINDOW
-    assert window_for("Liver") == ABDOMEN_WINDOW
+    # lung lobes as TG-263 and TotalSegmentator write them, and the airways
+    for name in ("Lung_LUL", "Lung_RML", "lung_upper_lobe_left", "lung_lower_lobe_right", "Trachea"):
+        assert window_for(name) == LUNG_WINDOW, name
+    for name in ("Vertebrae", "vertebrae_L3", "rib_left_4", "Femur_Head_L", "sacrum"):
+        assert window_for(name) == BONE_WINDOW, name
+    assert window_for("Brain") == BRAIN_WINDOW
+    for name in ("Liver", "SpinalCord", "Heart", "Kidney_L", "Esophagus"):
+        assert window_for(name) == ABDOMEN_WINDOW, name
+    assert (BONE_WINDOW.vmin, BONE_WINDOW.vmax) == (-500.0, 1300.0)
     assert (LUNG_WINDOW.vmin, LUNG_WINDOW.vmax) == (-1350.0, 150.0)
     assert (ABDOMEN_WINDOW.vmin, ABDOMEN_WINDOW.vmax) == (-160.0, 240.0)
 
@@ -414,3 +455,98 @@ def test_coronal_superior_is_up():
     orange = np.argwhere(_near(ax_px, ORANGE))
     mid = ax_px.shape[0] / 2
     assert blue[:, 0].max() < mid < orange[:, 0].min()
+
+
+# --------------------------------------------------------------------------- montage and box-plot layout
+
+
+def _text_boxes(fig):
+    """Window extents (pixels) of every visible, non-empty text of a drawn figure."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    from matplotlib.text import Text
+
+    texts = [t for t in fig.findobj(match=Text) if t.get_visible() and str(t.get_text()).strip()]
+    return [(t, t.get_window_extent(renderer)) for t in texts]
+
+
+def test_montage_titles_are_never_clipped_nor_overlap_other_tiles():
+    from oarbench.plots import montage_figure
+
+    ref = np.zeros((10, 40, 40), bool)
+    ref[3:7, 10:30, 10:30] = True
+    long_meta = dict(case="patient_with_a_very_long_identifier_000123", structure="lung_lower_lobe_right_extra_long",
+                     model="a-model-with-a-long-name", centre="Hospital-Universitario-Centre", condition="rot_z+10",
+                     status="hallucinated", dsc=0.1234, hd95=87.5,
+                     reason="low_dsc;high_hd95;outlier_dsc;outlier_hd95;robustness_drop")
+    tiles = [make_tile(np.zeros(ref.shape), ref, np.roll(ref, k, axis=2), (2.5, 0.8, 0.8), structure="Liver",
+                       meta=long_meta if k % 2 else dict(case=f"c{k}", structure="Liver", model="m", centre="A", dsc=0.9,
+                                                         hd95=3.0))
+             for k in range(1, 6)]
+    fig = montage_figure(tiles, ncols=3, title="lung_lower_lobe_right_extra_long: failure cases (5) " * 3)
+    boxes = _text_boxes(fig)
+    W, H = fig.bbox.width, fig.bbox.height
+    for t, bb in boxes:
+        assert bb.x0 >= -0.5 and bb.y0 >= -0.5 and bb.x1 <= W + 0.5 and bb.y1 <= H + 0.5, (t.get_text(), bb, W, H)
+    titles = [(ax.title, ax.title.get_window_extent()) for ax in fig.axes]
+    assert len(titles) == 5
+    for i, (t, bb) in enumerate(titles):
+        # the whole title is shown: every part of the case and structure name is in it
+        assert "patient_with_a_very_long" in t.get_text().replace("\n", "") or "c" in t.get_text()
+        for j, ax in enumerate(fig.axes):
+            assert not bb.overlaps(ax.get_window_extent()), (i, j)  # no title runs into any image
+        for j, (_, other) in enumerate(titles):
+            if j != i:
+                assert not bb.overlaps(other), (i, j)
+        # and no title overlaps the figure title or the legend band above the first row
+    top_texts = [bb for t, bb in boxes if t not in [tt for tt, _ in titles] and bb.y0 > max(b.y1 for _, b in titles) - 1]
+    assert top_texts, "figure title and legend are above every tile title"
+    long = [t.get_text() for t, _ in titles if "patient" in t.get_text()]
+    assert long and all("lung_lower_lobe_right" in x.replace("\n", "") or "lung_lower_lobe_right_extra_long"[:20]
+                        in x.replace("\n", "") for x in long)
+
+
+def test_box_plot_has_a_legend_for_the_hatches_and_plain_dsc_label():
+    from oarbench.plots import box_plot_figure
+
+    rows = [dict(centre=c, model=m, condition="original", case=f"{c}{i}", structure="Liver", status="ok",
+                 dsc=0.9 - 0.01 * i, hd95=3.0 + i, msd=1.0) for m in ("fl", "local-A") for c in ("A", "B") for i in range(4)]
+    fig = box_plot_figure(pd.DataFrame(rows), "Liver")
+    assert fig.axes[0].get_ylabel() == "DSC"
+    legends = fig.legends
+    assert legends, "no figure legend"
+    labels = [t.get_text() for t in legends[-1].get_texts()]
+    assert labels == ["fl", "local-A"]
+    hatches = [p.get_hatch() or "" for p in legends[-1].get_patches()]
+    boxes = [p for p in fig.axes[0].patches]
+    # each legend entry carries the hatch of its model's boxes (box order: centre A fl, A local-A, B fl, B local-A)
+    assert hatches == [boxes[0].get_hatch() or "", boxes[1].get_hatch() or ""] and hatches[0] != hatches[1]
+    for t, bb in _text_boxes(fig):
+        assert bb.x0 >= -0.5 and bb.x1 <= fig.bbox.width + 0.5 and bb.y1 <= fig.bbox.height + 0.5, t.get_text()
+
+
+def test_cli_gallery_says_no_failures_and_records_its_rules(tmp_path):
+    from oarbench.cli import main
+
+    paths = write_lr_case(tmp_path, np.random.default_rng(6))
+    results = tmp_path / "metrics.csv"
+    pd.DataFrame([dict(study="s", centre="A", model="m1", condition="original", case="case1", structure="Kidney_L",
+                       label=3, status="ok", dsc=0.0, hd95=40.0, msd=30.0)]).to_csv(results, index=False)
+    args = ["gallery", str(results), "--images", str(paths["images"]), "--reference", str(paths["reference"]),
+            "--predictions", str(tmp_path / "preds/{model}/{centre}")]
+    # with both threshold rules off, the one bad row does not fail anything else
+    res = CliRunner().invoke(main, args + ["--out", str(tmp_path / "o1"), "--dsc-below", "off", "--hd95-above", "off"])
+    assert res.exit_code == 0, res.output
+    assert "no failures" in res.output
+    assert pd.read_csv(tmp_path / "o1" / "gallery" / "index.csv").empty
+    assert "No failures" in (tmp_path / "o1" / "gallery" / "index.html").read_text()
+    import json
+
+    rules = json.loads((tmp_path / "o1" / "gallery" / "selection.json").read_text())
+    assert rules["dsc_below"] is None and rules["hd95_above"] is None and rules["drop_above"] == 0.1
+    res = CliRunner().invoke(main, args + ["--out", str(tmp_path / "o2"), "--dsc-below", "0.5"])
+    assert res.exit_code == 0, res.output
+    index = pd.read_csv(tmp_path / "o2" / "gallery" / "index.csv")
+    assert list(index["reason"]) == ["low_dsc;high_hd95"]
+    res = CliRunner().invoke(main, args + ["--out", str(tmp_path / "o3"), "--dsc-below", "abc"])
+    assert res.exit_code != 0 and "number or 'off'" in res.output

@@ -15,7 +15,17 @@ pytest.importorskip("matplotlib")
 
 from click.testing import CliRunner  # noqa: E402
 
-from oarbench.report import build_report, quantile_inf, robustness_deltas, summary_table  # noqa: E402
+from oarbench.gallery import FailureCriteria  # noqa: E402
+from oarbench.report import (  # noqa: E402
+    ReportOptions,
+    build_report,
+    headline_table,
+    noise_floor_table,
+    quantile_inf,
+    robustness_deltas,
+    summary_table,
+    suspicious_values,
+)
 
 inf, nan = math.inf, math.nan
 
@@ -140,8 +150,9 @@ def test_report_is_self_contained_marks_significance_and_escapes(tmp_path):
     assert len(sig) == 1
     assert ">0.01 *</td>" in text and "0.2 *" not in text
     # sections
-    for anchor in ("study", "summary", "stats", "robustness", "absent", "gallery", "provenance"):
-        assert f"id='{anchor}'" in text
+    for anchor in ("headline", "accuracy", "summary", "explanations", "stats", "robustness", "absent", "failures",
+                   "gallery", "provenance", "s-Liver", "s-Kidney_L"):
+        assert f"id='{anchor}'" in text, anchor
     assert "options.tolerance_mm" in text and "ab" * 32 in text
     # summary row of Liver m1 A: DSC median [Q1–Q3] over ok+missed = 0.800 [0.400–0.850]
     assert "0.800 [0.400–0.850]" in text
@@ -211,3 +222,180 @@ def test_report_marks_exactly_the_significant_rows_of_the_stats_module(tmp_path)
     text = build_report(tmp_path, table, stats=stats, box_plots=False).read_text()
     sig = [a for t, a in _parse(text).tags if t == "td" and "sig" in a.get("class", "").split()]
     assert len(sig) == expected
+
+
+# --------------------------------------------------------------------------- paper layout
+
+
+def _sections(text: str) -> dict[str, str]:
+    """Section id -> its HTML (between <section id=...> and </section>)."""
+    out = {}
+    for part in text.split("<section id='")[1:]:
+        sid, rest = part.split("'", 1)
+        out[sid] = rest.split("</section>", 1)[0]
+    return out
+
+
+def test_headline_table_per_case_mean_dsc_within_and_cross():
+    rows = []
+    # m1 at A: case a1 structures DSC .9 and .7 -> mean .8; a2: .6 and missed (0) -> .3; a3 absent only -> no score.
+    rows += [_row("a1", "ok", 0.9, 3.0, 1.0), _row("a1", "ok", 0.7, 3.0, 1.0, structure="Spleen", label=2)]
+    rows += [_row("a2", "ok", 0.6, 3.0, 1.0), _row("a2", "missed", 0.0, inf, inf, structure="Spleen", label=2)]
+    rows += [_row("a3", "absent", nan, nan, nan)]
+    # m1 at B: one case, DSC 1.0
+    rows += [_row("b1", "ok", 1.0, 0.0, 0.0, centre="B")]
+    h = headline_table(pd.DataFrame(rows), trained_on={"m1": ["A"]}).set_index("centre")
+    # per-case means [.8, .3]: median .55, Q1 .3 + .25 * .5 = .425, Q3 .675
+    assert h.loc["A", "n_cases"] == 2 and h.loc["A", "n_missed"] == 1
+    assert (h.loc["A", "dsc_median"], h.loc["A", "dsc_q1"], h.loc["A", "dsc_q3"]) == pytest.approx((0.55, 0.425, 0.675))
+    assert h.loc["A", "setting"] == "within" and h.loc["B", "setting"] == "cross"
+    assert set(headline_table(pd.DataFrame(rows))["setting"]) == {""}
+
+
+def test_suspicious_values_follow_from_real_masks():
+    from oarbench.metrics import dice, hd, hd95
+
+    # 1. a 10-voxel cube and the same cube plus one voxel on its face, 3 mm voxels: DSC < 1 but almost every
+    #    surface element coincides, so HD95 = 0 (HD = 3 mm, the one voxel).
+    a = np.zeros((20, 20, 20), bool)
+    a[5:15, 5:15, 5:15] = True
+    b = a.copy()
+    b[15, 9, 9] = True
+    d1, h1, hmax = dice(a, b), hd95(a, b, (3, 3, 3)), hd(a, b, (3, 3, 3))
+    assert d1 < 1 and h1 == 0.0 and hmax == 3.0
+    # 2. reference = a 4-voxel cube plus a 2-voxel cube 25 voxels away (an island); prediction = the main cube.
+    #    The island is 8 of 72 voxels (DSC 2*64/136 = .941) but a large share of the surface, so HD95 is its distance.
+    r = np.zeros((40, 40, 40), bool)
+    r[5:9, 5:9, 5:9] = True
+    p = r.copy()
+    r[33:35, 33:35, 33:35] = True
+    d2, h2 = dice(r, p), hd95(r, p, (1, 1, 1))
+    assert d2 == pytest.approx(128 / 136) and h2 > 20
+    rows = [
+        dict(_row("cube", "ok", d1, h1, 0.0), hd=hmax, tp=1000, fn=0, fp=1),
+        dict(_row("island", "ok", d2, h2, 1.0), tp=64, fn=8, fp=0),
+        dict(_row("dot", "missed", 0.0, inf, inf), tp=0, fn=1, fp=0),          # a one-voxel reference
+        dict(_row("fine", "ok", 0.95, 2.0, 0.5), tp=5000, fn=100, fp=100),
+        dict(_row("perfect", "ok", 1.0, 0.0, 0.0), tp=50, fn=0, fp=0),         # DSC 1 with HD95 0 is no puzzle
+    ]
+    sus = suspicious_values(pd.DataFrame(rows), hd95_above=10, high_dsc=0.9, small_reference_voxels=10)
+    got = sorted(zip(sus["case"], sus["kind"]))
+    assert got == [("cube", "hd95_zero"), ("dot", "small_reference"), ("island", "far_island")]
+    assert sus.set_index("case").loc["dot", "ref_voxels"] == 1
+    assert suspicious_values(pd.DataFrame(rows), small_reference_voxels=0)["kind"].tolist().count("small_reference") == 0
+
+
+def test_noise_floor_table_lossless_zero_and_resampled_from_the_floor_rows():
+    floor = pd.DataFrame([
+        dict(condition="rot_z+10", case="c1", structure="Liver", dsc=0.98, hd95=1.0, status="ok"),
+        dict(condition="rot_z+10", case="c2", structure="Liver", dsc=0.96, hd95=2.0, status="ok"),
+        dict(condition="rot_z+10", case="c3", structure="Liver", dsc=nan, hd95=nan, status="absent"),
+    ])
+    t = noise_floor_table(floor, ["flip_lr", "rot_z+10", "rot_x-5", "prone"]).set_index("condition")
+    assert t.loc["flip_lr", "kind"] == "lossless" and t.loc["flip_lr", "floor_delta_dsc_min"] == 0.0
+    assert t.loc["prone", "kind"] == "lossless"
+    # ΔDSC = dsc - 1 over defined rows: [-.02, -.04] -> median -.03, min -.04; HD95 median 1.5 mm
+    r = t.loc["rot_z+10"]
+    assert (r.kind, r.n) == ("resampled", 2)
+    assert (r.floor_delta_dsc_median, r.floor_delta_dsc_min, r.floor_hd95_median) == pytest.approx((-0.03, -0.04, 1.5))
+    assert t.loc["rot_x-5", "kind"] == "not given"
+
+
+def _robust_rows():
+    rows = []
+    for i, (d0, d1) in enumerate([(0.9, 0.85), (0.8, 0.8), (0.95, 0.5)]):
+        rows.append(_row(f"c{i}", "ok", d0, 3.0, 1.0))
+        rows.append(_row(f"c{i}", "ok", d1, 4.0, 1.0, condition="rot_z+10"))
+    return pd.DataFrame(rows)
+
+
+def test_report_robustness_shows_the_noise_floor_and_pairs_below_it(tmp_path):
+    floor = pd.DataFrame([dict(condition="rot_z+10", case=f"c{i}", structure="Liver", dsc=v, hd95=1.0, status="ok")
+                          for i, v in enumerate([0.99, 0.97, 0.98])])
+    table = _robust_rows()
+    text = build_report(tmp_path, table[table.condition == "original"], robustness=table, noise_floor=floor,
+                        box_plots=False).read_text()
+    rob = _sections(text)["robustness"]
+    # ΔDSC per pair: -.05, 0, -.45 -> median -.05, Q1 -.25, Q3 -.025; floor ΔDSC median -.02, min -.03:
+    # pairs below the floor's minimum: -.05 and -.45 -> 2.
+    assert "-0.050 [-0.250–-0.025]" in rob
+    assert "<td class=\"t\">-0.020</td>" in rob and "<td>2</td>" in rob
+    assert "resampled" in rob
+
+
+def test_report_failure_section_uses_stated_thresholds_and_says_no_failures(tmp_path):
+    good = pd.DataFrame([_row(f"c{i}", "ok", d, h, 0.5) for i, (d, h) in enumerate(zip([1.0, 0.98, 0.97, 0.96, 0.95],
+                                                                                       [0, 1, 2, 3, 4]))])
+    text = build_report(tmp_path, good, box_plots=False).read_text()
+    fail = _sections(text)["failures"]
+    assert "No failures" in fail and "DSC &lt; 0.7" in fail and "HD95 &gt; 10 mm" in fail
+    bad = pd.concat([good, pd.DataFrame([_row("x", "ok", 0.65, 12.0, 3.0)])], ignore_index=True)
+    opts = ReportOptions(criteria=FailureCriteria(dsc_below=0.6, hd95_above=11, tukey_factor=None))
+    fail = _sections(build_report(tmp_path, bad, box_plots=False, options=opts).read_text())["failures"]
+    # DSC .65 is not below .6; HD95 12 is above 11: one failing row, for one reason only
+    assert "No failures" not in fail and "1 failing rows in 1 structures" in fail
+    assert "DSC &lt; 0.6" in fail and "high_hd95" in fail and "low_dsc" not in fail.split("All failing rows")[0]
+
+
+def test_report_false_positive_rates_per_model_and_threshold(tmp_path):
+    # absent.csv rows: m1 volumes 0, 0.3, 2.0 and one missing; m2 volumes 0, 0, 6.0
+    absent = pd.DataFrame([
+        dict(study="s", centre="A", model=m, case=c, side="left", structure="Kidney_L", label=3, status=st, pred_ml=v,
+             n_components=1, largest_ml=v, reference_ml=0.0, prediction="")
+        for m, c, st, v in [("m1", "k1", "clean", 0.0), ("m1", "k2", "fp", 0.3), ("m1", "k3", "fp", 2.0),
+                            ("m1", "k4", "missing", nan), ("m2", "k1", "clean", 0.0), ("m2", "k2", "clean", 0.0),
+                            ("m2", "k3", "fp", 6.0)]
+    ])
+    text = build_report(tmp_path, results(), absent=absent, box_plots=False,
+                        options=ReportOptions(fp_thresholds_ml=(0.0, 1.0, 5.0))).read_text()
+    sec = _sections(text)["absent"]
+    head = sec.split("<details")[0]
+    # m1 over its 3 predicted cases: > 0 mL: 2 (0.3, 2.0); > 1 mL: 1; > 5 mL: 0. m2: 1, 1, 1.
+    assert "2/3 (67 %)" in head and "1/3 (33 %)" in head and "0/3 (0 %)" in head
+    assert head.count("1/3 (33 %)") == 4  # m1 at 1 mL, m2 at 0, 1 and 5 mL
+    assert "FP &gt; 0 mL" in head and "FP &gt; 5 mL" in head
+    assert "m1 2/3, m2 1/3" in _sections(text)["headline"]
+
+
+def test_report_explains_suspicious_values_inline(tmp_path):
+    rows = [dict(_row("c1", "ok", 0.97, 0.0, 0.1), tp=900, fn=10, fp=20),
+            dict(_row("c2", "ok", 0.95, 40.0, 2.0), tp=900, fn=50, fp=0),
+            dict(_row("c3", "ok", 0.5, 3.0, 1.0, structure="Kidney_L", label=3), tp=3, fn=1, fp=2)]
+    text = build_report(tmp_path, pd.DataFrame(rows), box_plots=False).read_text()
+    liver = text.split("id='s-Liver'")[1].split("</details>")[0]
+    assert "HD95 0 mm, DSC &lt; 1" in liver and "surface elements" in liver
+    assert "large HD95, high DSC" in liver and "island" in liver
+    kidney = text.split("id='s-Kidney_L'")[1].split("</details>")[0]
+    assert "tiny reference" in kidney and "annotation" in kidney
+    assert "tiny reference" not in liver
+
+
+def test_report_first_screen_has_the_headline_and_tables_are_collapsible_csv(tmp_path):
+    import oarbench.stats as stats_mod
+
+    rows = []
+    for i in range(8):
+        for m, base in (("local-A", 0.9), ("fl", 0.85)):
+            for c in ("A", "B"):
+                rows.append(_row(f"{c}{i}", "ok", base - (0.1 if (m, c) == ("local-A", "B") else 0) + 0.005 * i,
+                                 3.0, 1.0, model=m, centre=c))
+    table = pd.DataFrame(rows)
+    stats = stats_mod.run_stats(table)
+    text = build_report(tmp_path, table, stats=stats, box_plots=False,
+                        options=ReportOptions(trained_on={"local-A": ["A"], "fl": ["A", "B"]})).read_text()
+    secs = list(_sections(text))
+    assert secs[:2] == ["headline", "accuracy"] and secs[-1] == "provenance"
+    head = _sections(text)["headline"]
+    assert "within" in head and "cross" in head and "Within- vs cross-centre" in head
+    # local-A: within (A) median per-case DSC .9175, cross (B) .8175 -> cross − within -0.100
+    assert "-0.100" in head
+    # the statistics detail table is in a closed <details> with a CSV download carrying every column
+    acc = _sections(text)["accuracy"]
+    stats_part = acc.split("id='stats'")[1]
+    assert "<details><summary>All statistics rows" in stats_part
+    link = stats_part.split("href='data:text/csv;charset=utf-8;base64,")[1].split("'")[0]
+    csv = pd.read_csv(__import__("io").StringIO(base64.b64decode(link).decode("utf-8")))
+    assert list(csv.columns) == list(stats.columns) and len(csv) == len(stats)
+    # model and comparison columns are in the shown statistics table
+    shown = stats_part.split("<details>")[1]
+    assert ">comparison<" in shown and ">where<" in shown and "model local-A" in shown

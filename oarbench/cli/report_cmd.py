@@ -9,6 +9,29 @@ import click
 from oarbench.cli._common import user_errors
 
 
+def _off_or_float(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None or value.strip().lower() in {"off", "none"}:
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a number or 'off', got {value!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise click.BadParameter(f"expected a finite number >= 0 or 'off', got {value!r}")
+    return v
+
+
+def failure_options(fn):  # type: ignore[no-untyped-def]
+    """--dsc-below, --hd95-above, --drop-above: what counts as a failure (gallery and report)."""
+    fn = click.option("--drop-above", default="0.1", show_default=True, callback=_off_or_float,
+                      help="A DSC drop under a robustness condition larger than this is a failure ('off' to turn off).")(fn)
+    fn = click.option("--hd95-above", default="10", show_default=True, callback=_off_or_float,
+                      help="An HD95 (mm) above this is a failure ('off' to turn off).")(fn)
+    fn = click.option("--dsc-below", default="0.7", show_default=True, callback=_off_or_float,
+                      help="A DSC below this is a failure ('off' to turn off).")(fn)
+    return fn
+
+
 def _read_table(path: Path, what: str):  # -> pandas.DataFrame
     import pandas as pd
 
@@ -29,14 +52,22 @@ def _read_table(path: Path, what: str):  # -> pandas.DataFrame
 @click.option("--reference", type=str, help="Reference label folder (CASE.nii.gz); may contain {centre}.")
 @click.option("--predictions", type=str, help="Prediction folder; may contain {model}, {centre}, {condition}.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Analysis folder; the gallery goes to OUT/gallery/.")
-@click.option("--k", default=3, show_default=True, type=click.IntRange(min=1), help="Cases per ranking (lowest DSC, highest HD95, largest drops).")
+@click.option("--k", default=3, show_default=True, type=click.IntRange(min=1), help="At most this many rows per structure, model and centre for each threshold rule (and per condition for drops), worst first.")
+@failure_options
 @click.option("--ncols", default=4, show_default=True, type=click.IntRange(min=1), help="Tiles per montage row.")
 @user_errors
 def gallery(results: Path, study: Path | None, images: str | None, reference: str | None, predictions: str | None,
-            out_dir: Path, k: int, ncols: int) -> None:
+            out_dir: Path, k: int, dsc_below: float | None, hd95_above: float | None, drop_above: float | None,
+            ncols: int) -> None:
     """Draw failure-case montages (OUT/gallery/STRUCTURE.png, index.csv, index.html) from RESULTS.csv
-    (or a metrics.parquet dataset)."""
-    from oarbench.gallery import PathResolver, build_gallery
+    (or a metrics.parquet dataset).
+
+    Only rows where something failed are drawn (docs/report.md): DSC below
+    --dsc-below, HD95 above --hd95-above, Tukey outliers, missed/hallucinated
+    structures, laterality swaps, DSC drops above --drop-above under robustness
+    conditions.
+    """
+    from oarbench.gallery import FailureCriteria, PathResolver, build_gallery
 
     folders = (images, reference, predictions)
     if study is not None and any(f is not None for f in folders):
@@ -45,8 +76,11 @@ def gallery(results: Path, study: Path | None, images: str | None, reference: st
         raise click.UsageError("give --study STUDY.toml, or all of --images, --reference and --predictions")
     resolver = PathResolver.from_study(study) if study is not None else PathResolver.from_folders(images, reference, predictions)  # type: ignore[arg-type]
     table = _read_table(results, "results table")
-    result = build_gallery(table, resolver, out_dir / "gallery", k=k, ncols=ncols, source=str(results))
+    criteria = FailureCriteria(dsc_below=dsc_below, hd95_above=hd95_above, drop_above=drop_above, k=k)
+    result = build_gallery(table, resolver, out_dir / "gallery", criteria=criteria, ncols=ncols, source=str(results))
     drawn = int(result.index["drawn"].sum()) if len(result.index) else 0
+    if not len(result.index):
+        click.echo(f"no failures: {criteria.describe()}")
     click.echo(f"selected {len(result.index)} rows, drew {drawn} tiles in {len(result.montages)} montages -> {result.folder}")
     if len(result.index) and drawn < len(result.index):
         notes = result.index.loc[~result.index["drawn"].astype(bool), "note"].astype(str)
@@ -57,14 +91,30 @@ def gallery(results: Path, study: Path | None, images: str | None, reference: st
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), help="HTML file to write (default FOLDER/report.html).")
 @click.option("--no-box-plots", is_flag=True, help="Leave out the box plots (faster).")
+@click.option("--dsc-below", default=None, callback=_off_or_float,
+              help="Failure rule: DSC below this ('off' to turn off) [default: the gallery's rules, else 0.7].")
+@click.option("--hd95-above", default=None, callback=_off_or_float,
+              help="Failure rule: HD95 (mm) above this ('off' to turn off) [default: the gallery's rules, else 10].")
+@click.option("--drop-above", default=None, callback=_off_or_float,
+              help="Failure rule: DSC drop under a robustness condition above this ('off') [default: the gallery's rules, else 0.1].")
+@click.option("--high-dsc", default=0.9, show_default=True, type=click.FloatRange(0, 1),
+              help="Explain rows with HD95 above the failure threshold and DSC at least this as far-away islands.")
+@click.option("--small-reference-voxels", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Flag reference structures of at most this many voxels (0: off).")
+@click.option("--fp-thresholds", default=None, help="Volume thresholds (mL) of the false-positive kidney rates, e.g. 0,0.5,1,5.")
 @user_errors
-def report(folder: Path, out_file: Path | None, no_box_plots: bool) -> None:
+def report(folder: Path, out_file: Path | None, no_box_plots: bool, dsc_below: float | None, hd95_above: float | None,
+           drop_above: float | None, high_dsc: float, small_reference_voxels: int, fp_thresholds: str | None) -> None:
     """Build one self-contained HTML report from an analysis FOLDER.
 
     Reads FOLDER/metrics.csv (or, without it, FOLDER/metrics.parquet) and,
-    where present, stats.csv, robustness.csv, absent.csv, gallery/ and run.json.
+    where present, stats.csv, robustness.csv, noise_floor.csv, absent.csv,
+    absent_pairs.csv, gallery/ and run.json (whose study TOML, when it still
+    exists, tells which centres each model was trained on).
     """
-    from oarbench.report import build_report
+    from dataclasses import replace
+
+    from oarbench.report import ReportOptions, build_report
 
     metrics = folder / "metrics.csv"
     if not metrics.is_file():
@@ -74,7 +124,9 @@ def report(folder: Path, out_file: Path | None, no_box_plots: bool) -> None:
     optional = {
         "stats": folder / "stats.csv",
         "robustness": folder / "robustness.csv",
+        "noise_floor": folder / "noise_floor.csv",
         "absent": folder / "absent.csv",
+        "absent_pairs": folder / "absent_pairs.csv",
         "gallery_dir": folder / "gallery",
         "provenance": folder / "run.json",
     }
@@ -85,9 +137,49 @@ def report(folder: Path, out_file: Path | None, no_box_plots: bool) -> None:
         if exists:
             found[key] = path
             click.echo(f"using {path}")
-        else:
+        elif key not in ("noise_floor", "absent_pairs"):
             notes.append(f"not found: {path.name}{'/' if key == 'gallery_dir' else ''}")
             click.echo(f"not found, section left empty: {path}", err=True)
+    thresholds = None
+    if fp_thresholds is not None:
+        try:
+            thresholds = tuple(float(t) for t in fp_thresholds.split(",") if t.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected numbers separated by commas, got {fp_thresholds!r}", param_hint="--fp-thresholds") from None
+        if not thresholds or any(not (t >= 0) or t == float("inf") for t in thresholds):
+            raise click.BadParameter(f"expected finite numbers >= 0, got {fp_thresholds!r}", param_hint="--fp-thresholds")
+    options = ReportOptions(high_dsc=high_dsc, small_reference_voxels=small_reference_voxels, fp_thresholds_ml=thresholds,
+                            trained_on=_trained_on(folder / "run.json"))
+    given = {"dsc_below": dsc_below, "hd95_above": hd95_above, "drop_above": drop_above}
+    ctx = click.get_current_context()
+    explicit = {k: v for k, v in given.items() if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
+    if explicit:
+        from oarbench.gallery import FailureCriteria
+        from oarbench.report import _gallery_criteria
+
+        base = _gallery_criteria(folder / "gallery" if (folder / "gallery").is_dir() else None) or FailureCriteria()
+        options = replace(options, criteria=replace(base, **explicit))
     target = out_file if out_file is not None else folder / "report.html"
-    path = build_report(target.parent, metrics, filename=target.name, notes=notes, box_plots=not no_box_plots, **found)  # type: ignore[arg-type]
+    path = build_report(target.parent, metrics, filename=target.name, notes=notes, box_plots=not no_box_plots,
+                        options=options, **found)  # type: ignore[arg-type]
     click.echo(f"wrote {path}")
+
+
+def _trained_on(run_json: Path) -> dict[str, tuple[str, ...]] | None:
+    """Model -> training centres from the study TOML named in run.json, when it can be read."""
+    import json
+
+    from oarbench.study import load_study
+
+    try:
+        study = json.loads(run_json.read_text()).get("study")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(study, str) or not study.endswith(".toml") or not Path(study).is_file():
+        return None
+    try:
+        s = load_study(study)
+    except (ValueError, OSError):
+        return None
+    out = {m.name: tuple(m.trained_on) for m in s.models if m.trained_on}
+    return out or None

@@ -18,19 +18,22 @@ The package is split by concern:
   ``index.csv`` and ``index.html`` (drawing lives in :mod:`oarbench.plots`).
 """
 
-from oarbench.gallery.build import GalleryResult, build_gallery, tile_for_row
+from oarbench.gallery.build import SELECTION_FILE, GalleryResult, build_gallery, tile_for_row
 from oarbench.gallery.paths import PathResolver
-from oarbench.gallery.selection import REASONS, select_failures
+from oarbench.gallery.selection import REASONS, FailureCriteria, select_failures
 from oarbench.gallery.slices import PLANES, Tile, choose_slice, disagreement_per_slice, make_tile, orient_lps, tile_title
-from oarbench.gallery.windows import ABDOMEN_WINDOW, LUNG_WINDOW, Window, window_for
+from oarbench.gallery.windows import ABDOMEN_WINDOW, BONE_WINDOW, BRAIN_WINDOW, LUNG_WINDOW, Window, window_for
 
 __all__ = [
     "REASONS",
     "PLANES",
+    "FailureCriteria",
     "select_failures",
     "Window",
     "ABDOMEN_WINDOW",
     "LUNG_WINDOW",
+    "BONE_WINDOW",
+    "BRAIN_WINDOW",
     "window_for",
     "Tile",
     "orient_lps",
@@ -40,6 +43,7 @@ __all__ = [
     "make_tile",
     "tile_for_row",
     "PathResolver",
+    "SELECTION_FILE",
     "GalleryResult",
     "build_gallery",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -11,10 +12,13 @@ import numpy as np
 import pandas as pd
 
 from oarbench.gallery.paths import PathResolver, find_case_file
-from oarbench.gallery.selection import select_failures
+from oarbench.gallery.selection import FailureCriteria, select_failures
 from oarbench.gallery.slices import Tile, make_tile, orient_lps
 
-__all__ = ["GalleryResult", "tile_for_row", "build_gallery"]
+__all__ = ["SELECTION_FILE", "GalleryResult", "tile_for_row", "build_gallery"]
+
+#: The criteria a gallery was selected with, written beside its index.
+SELECTION_FILE = "selection.json"
 
 _ORIGINAL = "original"
 
@@ -134,7 +138,7 @@ def build_gallery(
     resolver: PathResolver,
     out_dir: str | Path,
     *,
-    k: int = 3,
+    criteria: FailureCriteria | None = None,
     ncols: int = 4,
     dpi: int = 100,
     source: str = "results table",
@@ -155,8 +159,10 @@ def build_gallery(
         Where the images are (:class:`PathResolver`).
     out_dir:
         The gallery folder (created).
-    k:
-        Passed to :func:`select_failures`.
+    criteria:
+        What counts as a failure (:class:`FailureCriteria`, passed to
+        :func:`select_failures`); written to ``selection.json`` so the report
+        can state it.
     ncols:
         Tiles per montage row.
     dpi:
@@ -168,7 +174,8 @@ def build_gallery(
     from oarbench.plots import montage_figure, save_png
 
     out = Path(out_dir)
-    selected = select_failures(table, k=k, source=source)
+    crit = criteria if criteria is not None else FailureCriteria()
+    selected = select_failures(table, crit, source=source)
     resolver.check_unambiguous(selected if len(selected) else table)
     out.mkdir(parents=True, exist_ok=True)
     cache = _VolumeCache()
@@ -206,11 +213,12 @@ def build_gallery(
     if index.empty:
         index = pd.DataFrame(columns=["structure", "centre", "model", "condition", "case", "status", "dsc", "hd95", "dsc_drop", "reason", "drawn", "note", "montage", "panel", "plane", "slice_index"])
     atomic_write_text(out / "index.csv", index.to_csv(index=False))
-    atomic_write_text(out / "index.html", _index_html(index, montages))
+    atomic_write_text(out / "index.html", _index_html(index, montages, crit))
+    atomic_write_text(out / SELECTION_FILE, json.dumps(crit.as_dict(), indent=2) + "\n")
     return GalleryResult(out, montages, index)
 
 
-def _index_html(index: pd.DataFrame, montages: Mapping[str, Path]) -> str:
+def _index_html(index: pd.DataFrame, montages: Mapping[str, Path], criteria: FailureCriteria) -> str:
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>oarbench failure-case gallery</title>",
         "<style>body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;font-size:0.85em}"
@@ -218,7 +226,10 @@ def _index_html(index: pd.DataFrame, montages: Mapping[str, Path]) -> str:
         "<h1>Failure-case gallery</h1>",
         "<p>Reference: solid blue line; prediction: dashed orange line. Radiological convention "
         "(patient left on image right).</p>",
+        f"<p>{html.escape(criteria.describe())}</p>",
     ]
+    if index.empty:
+        parts.append("<p>No failures: no row meets any of these rules.</p>")
     for structure, path in montages.items():
         parts.append(f"<h2>{html.escape(structure)}</h2><img src='{html.escape(path.name, quote=True)}' alt='{html.escape(structure, quote=True)} montage'>")
     parts.append("<h2>Index</h2>")

@@ -1,31 +1,96 @@
-"""Which rows of a results table a failure-case gallery shows, and why."""
+"""Which rows of a results table a failure-case gallery shows, and why.
+
+Only rows where something failed are selected: DSC below a stated threshold,
+HD95 above a stated threshold, Tukey outliers, missed or hallucinated
+structures, laterality swaps and DSC drops under robustness conditions above a
+stated size. A table in which nothing failed gives an empty selection; a
+perfect row (DSC 1, HD95 0 mm) is never selected.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["REASONS", "select_failures"]
+__all__ = ["REASONS", "FailureCriteria", "select_failures"]
 
 #: Selection reasons, in the order they are listed in the ``reason`` column.
 REASONS: tuple[str, ...] = (
     "missed",
     "hallucinated",
     "laterality_swap",
-    "lowest_dsc",
-    "highest_hd95",
+    "low_dsc",
+    "high_hd95",
     "outlier_dsc",
     "outlier_hd95",
     "robustness_drop",
 )
 
-
 _ORIGINAL = "original"
 _GROUP = ["structure", "model", "centre"]
 _KEY = ["centre", "model", "condition", "case", "structure"]
 _REQUIRED = ("centre", "model", "case", "structure", "status", "dsc", "hd95")
+
+
+@dataclass(frozen=True)
+class FailureCriteria:
+    """What counts as a failure (the thresholds a gallery or report states).
+
+    Attributes
+    ----------
+    dsc_below:
+        An ``ok`` row with DSC strictly below this fails (``None``: rule off).
+    hd95_above:
+        An ``ok`` row with HD95 strictly above this many mm fails (``None``: rule off).
+    drop_above:
+        A row under a robustness condition whose DSC is lower than the same
+        case's original DSC by strictly more than this fails (``None``: rule off).
+    tukey_factor:
+        Fence factor of the outlier rule (1.5 = Tukey's inner fences; ``None``: rule off).
+    k:
+        At most this many rows per structure x model x centre for each of the
+        threshold rules (and per condition for drops), worst first; ``None``: all.
+    """
+
+    dsc_below: float | None = 0.7
+    hd95_above: float | None = 10.0
+    drop_above: float | None = 0.1
+    tukey_factor: float | None = 1.5
+    k: int | None = 3
+
+    def __post_init__(self) -> None:
+        if self.k is not None and (not isinstance(self.k, (int, np.integer)) or self.k < 1):
+            raise ValueError(f"k must be a whole number of at least 1 (or None), got {self.k!r}")
+        for name in ("dsc_below", "hd95_above", "drop_above", "tukey_factor"):
+            v = getattr(self, name)
+            if v is not None and (not np.isfinite(float(v)) or float(v) < 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (or None), got {v!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "FailureCriteria":
+        known = {k: data[k] for k in ("dsc_below", "hd95_above", "drop_above", "tukey_factor", "k") if k in data}
+        return cls(**known)
+
+    def describe(self) -> str:
+        """One sentence naming every rule, for reports and galleries."""
+        rules = ["missed or hallucinated structures", "laterality swaps"]
+        if self.dsc_below is not None:
+            rules.append(f"DSC < {self.dsc_below:g}")
+        if self.hd95_above is not None:
+            rules.append(f"HD95 > {self.hd95_above:g} mm")
+        if self.tukey_factor is not None:
+            rules.append(f"Tukey outliers (DSC below Q1 − {self.tukey_factor:g}·IQR, HD95 above Q3 + {self.tukey_factor:g}·IQR, "
+                         "per structure, model and centre)")
+        if self.drop_above is not None:
+            rules.append(f"DSC drops > {self.drop_above:g} under a robustness condition")
+        cap = "" if self.k is None else f" At most {self.k} rows per structure, model and centre for each threshold rule, worst first."
+        return "A row is a failure case when it shows " + ", ".join(rules) + "." + cap
 
 
 def _truthy(value: Any) -> bool:
@@ -47,38 +112,37 @@ def _check_columns(table: pd.DataFrame, required: Iterable[str], what: str) -> N
 
 def select_failures(
     table: pd.DataFrame,
-    k: int = 3,
+    criteria: FailureCriteria | None = None,
     *,
-    tukey_factor: float = 1.5,
     source: str = "results table",
 ) -> pd.DataFrame:
-    """Rows of a results table worth looking at, with the reasons why.
+    """Rows of a results table where something failed, with the reasons why.
 
-    Selection is made per structure x model x centre:
+    Rules (thresholds from ``criteria``, default :class:`FailureCriteria`()):
 
-    * ``lowest_dsc`` / ``highest_hd95``: the ``k`` rows with the lowest DSC and the
-      ``k`` rows with the highest HD95 (mm) among ``ok`` rows of condition
-      ``original`` (ties broken by case name, so the choice is deterministic);
+    * ``low_dsc`` / ``high_hd95``: ``ok`` rows of condition ``original`` with DSC
+      strictly below ``dsc_below`` / HD95 strictly above ``hd95_above`` mm; per
+      structure x model x centre at most ``k`` of each, worst first (ties broken
+      by case name, so the choice is deterministic);
     * ``outlier_dsc`` / ``outlier_hd95``: Tukey outliers among the same rows: DSC
       strictly below Q1 - f*IQR, HD95 strictly above Q3 + f*IQR (f =
       ``tukey_factor``; quartiles by linear interpolation, numpy's default);
     * ``missed`` / ``hallucinated``: every row with that status, any condition;
     * ``laterality_swap``: every row whose ``laterality_swap`` column (if the table
       has one) is truthy, any condition;
-    * ``robustness_drop``: for each condition other than ``original``, the ``k``
-      rows with the largest DSC drop (original DSC minus DSC under the condition,
-      same case/structure/model/centre; only drops > 0; rows with NaN DSC, i.e.
-      ``absent``, never enter).
+    * ``robustness_drop``: rows under a condition other than ``original`` whose
+      DSC is lower than the same case/structure/model/centre's original DSC by
+      strictly more than ``drop_above``; at most ``k`` per structure x model x
+      centre x condition, largest first (rows with NaN DSC, i.e. ``absent``,
+      never enter).
 
     Parameters
     ----------
     table:
         The results table (columns per the shared contract; ``condition`` is
         optional and taken as ``original`` when missing).
-    k:
-        How many rows per ranking (>= 1).
-    tukey_factor:
-        Fence factor for the outlier rule (1.5 = Tukey's inner fences).
+    criteria:
+        Thresholds and the cap ``k``.
     source:
         Name of the table used in error messages (e.g. its file name).
 
@@ -88,10 +152,12 @@ def select_failures(
         One row per selected case/structure/model/centre/condition (duplicates
         merged), the table's columns plus ``reason`` (``;``-joined reasons in the
         order of :data:`REASONS`) and ``dsc_drop`` (NaN unless a robustness drop).
-        Sorted by structure, model, centre, condition, case.
+        Sorted by label (when present), structure, model, centre, condition, case.
+        Empty (with those columns) when nothing failed.
     """
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+    crit = criteria if criteria is not None else FailureCriteria()
+    if not isinstance(crit, FailureCriteria):
+        raise ValueError(f"criteria must be a FailureCriteria, got {type(crit).__name__}")
     if not isinstance(table, pd.DataFrame):
         raise ValueError(f"{source}: expected a pandas DataFrame, got {type(table).__name__}")
     _check_columns(table, _REQUIRED, source)
@@ -108,6 +174,7 @@ def select_failures(
     if dup.any():
         first = df.loc[dup, _KEY].iloc[0].to_dict()
         raise ValueError(f"{source}: {int(dup.sum())} rows share case/structure/model/centre/condition, e.g. {first}")
+    k = crit.k
 
     reasons: dict[int, set[str]] = {}
     drops: dict[int, float] = {}
@@ -121,28 +188,37 @@ def select_failures(
     if "laterality_swap" in df.columns:
         add(df.index[df["laterality_swap"].map(_truthy)], "laterality_swap")
 
-    ok = df[(df["status"] == "ok") & (df["condition"] == _ORIGINAL)]
+    ok = df.loc[(df["status"] == "ok") & (df["condition"] == _ORIGINAL), _GROUP + ["case", "dsc", "hd95"]]
     for _, group in ok.groupby(_GROUP, sort=True):
-        dsc = group.dropna(subset=["dsc"]).sort_values(["dsc", "case"], kind="mergesort")
-        add(dsc.index[:k], "lowest_dsc")
-        hd = group.dropna(subset=["hd95"]).sort_values(["hd95", "case"], ascending=[False, True], kind="mergesort")
-        add(hd.index[:k], "highest_hd95")
-        if len(dsc):
-            q1, q3 = np.percentile(dsc["dsc"].to_numpy(float), [25, 75])
-            add(dsc.index[dsc["dsc"] < q1 - tukey_factor * (q3 - q1)], "outlier_dsc")
-        finite = hd[np.isfinite(hd["hd95"])]
-        if len(finite):
-            q1, q3 = np.percentile(finite["hd95"].to_numpy(float), [25, 75])
-            add(finite.index[finite["hd95"] > q3 + tukey_factor * (q3 - q1)], "outlier_hd95")
+        idx = group.index.to_numpy()
+        case = group["case"].to_numpy(str)
+        d = group["dsc"].to_numpy(float)
+        h = group["hd95"].to_numpy(float)
+        has_d, has_h = ~np.isnan(d), ~np.isnan(h)
+        by_dsc = [i for i in np.lexsort((case, d)) if has_d[i]]            # ascending DSC, then case
+        by_hd = [i for i in np.lexsort((case, -h)) if has_h[i]]            # descending HD95, then case
+        if crit.dsc_below is not None:
+            add([idx[i] for i in by_dsc if d[i] < crit.dsc_below][:k], "low_dsc")
+        if crit.hd95_above is not None:
+            add([idx[i] for i in by_hd if h[i] > crit.hd95_above][:k], "high_hd95")
+        if crit.tukey_factor is not None:
+            f = crit.tukey_factor
+            if has_d.any():
+                q1, q3 = np.percentile(d[has_d], [25, 75])
+                add(idx[has_d & (d < q1 - f * (q3 - q1))], "outlier_dsc")
+            fin = np.isfinite(h)
+            if fin.any():
+                q1, q3 = np.percentile(h[fin], [25, 75])
+                add(idx[fin & (h > q3 + f * (q3 - q1))], "outlier_hd95")
 
     perturbed = df[df["condition"] != _ORIGINAL]
-    if len(perturbed):
+    if len(perturbed) and crit.drop_above is not None:
         base = df[df["condition"] == _ORIGINAL].set_index(["centre", "model", "case", "structure"])["dsc"]
         keys = pd.MultiIndex.from_frame(perturbed[["centre", "model", "case", "structure"]])
         original_dsc = base.reindex(keys).to_numpy(float)
         drop = pd.Series(original_dsc - perturbed["dsc"].to_numpy(float), index=perturbed.index)
         cand = perturbed.assign(_drop=drop)
-        cand = cand[np.isfinite(cand["_drop"]) & (cand["_drop"] > 0)]
+        cand = cand[np.isfinite(cand["_drop"]) & (cand["_drop"] > crit.drop_above)]
         for _, group in cand.groupby(_GROUP + ["condition"], sort=True):
             top = group.sort_values(["_drop", "case"], ascending=[False, True], kind="mergesort").index[:k]
             add(top, "robustness_drop")
@@ -152,10 +228,11 @@ def select_failures(
     order = {r: n for n, r in enumerate(REASONS)}
     rows = sorted(reasons)
     out = df.loc[rows].copy()
-    out["reason"] = [";".join(sorted(reasons[i], key=order.__getitem__)) for i in rows]
-    out["dsc_drop"] = [drops.get(i, np.nan) for i in rows]
+    out["reason"] = pd.Series([";".join(sorted(reasons[i], key=order.__getitem__)) for i in rows], index=out.index, dtype=object)
+    out["dsc_drop"] = pd.Series([drops.get(i, np.nan) for i in rows], index=out.index, dtype=float)
     sort_cols = ["structure", "model", "centre", "condition", "case"]
     if "label" in out.columns:
-        sort_cols = ["label"] + sort_cols
-    return out.sort_values(sort_cols, kind="mergesort").reset_index(drop=True)
-
+        out["_label"] = pd.to_numeric(out["label"], errors="coerce")
+        sort_cols = ["_label"] + sort_cols
+    out = out.sort_values(sort_cols, kind="mergesort").reset_index(drop=True)
+    return out.drop(columns=["_label"], errors="ignore")

@@ -190,18 +190,31 @@ def _fmt(value: Any, unit: str = "", digits: int = 3) -> str:
     return f"{v:.{digits}f}{unit}"
 
 
-def tile_title(meta: Mapping[str, Any]) -> str:
-    """``case · structure`` / ``model @ centre [condition]`` / ``DSC x · HD95 y mm`` / reasons."""
+def tile_title(meta: Mapping[str, Any], width: int | None = None) -> str:
+    """``case · structure`` / ``model @ centre [condition]`` / ``DSC x · HD95 y mm`` / reasons.
+
+    With ``width``, every line is wrapped to at most that many characters
+    (long case or structure names then take two lines instead of being cut).
+    """
+    import textwrap
+
     cond = str(meta.get("condition", _ORIGINAL))
     cond_txt = "" if cond == _ORIGINAL else f" [{cond}]"
     status = str(meta.get("status", ""))
     status_txt = "" if status in ("", "ok") else f" ({status})"
-    return (
-        f"{meta.get('case', '?')} · {meta.get('structure', '?')}{status_txt}\n"
-        f"{meta.get('model', '?')} @ {meta.get('centre', '?')}{cond_txt}\n"
-        f"DSC {_fmt(meta.get('dsc'))} · HD95 {_fmt(meta.get('hd95'), ' mm', 1)}"
-        + (f"\n{str(meta['reason']).replace(';', ', ')}" if meta.get("reason") else "")
-    )
+    lines = [
+        f"{meta.get('case', '?')} · {meta.get('structure', '?')}{status_txt}",
+        f"{meta.get('model', '?')} @ {meta.get('centre', '?')}{cond_txt}",
+        f"DSC {_fmt(meta.get('dsc'))} · HD95 {_fmt(meta.get('hd95'), ' mm', 1)}",
+    ]
+    if meta.get("reason"):
+        lines.append(str(meta["reason"]).replace(";", ", "))
+    if width is None:
+        return "\n".join(lines)
+    out: list[str] = []
+    for line in lines:
+        out.extend(textwrap.wrap(line, width=max(8, int(width)), break_long_words=True, break_on_hyphens=False) or [""])
+    return "\n".join(out)
 
 
 def make_tile(
