@@ -13,6 +13,14 @@ Three runs of chromium:
 3. a negative control: the same copy plus a broken image and a console error,
    proving that both checks do detect failures.
 
+Layout checks at a 1,400 px wide window, with a probe script that measures the
+page after ``load`` (every ``<details>`` closed, as the report opens): the page
+height of a report of the demo study (a reduced demo run) stays below 15,000 px,
+no table is wider than the layout (its right edge within the body's, and no
+table container that has to scroll), and a report of a plain reference/prediction
+folder pair evaluated in folder mode has one section per structure. A negative
+control (an over-wide table appended to a copy) proves the width check fires.
+
 Skipped (with the reason) where no chromium is installed: ``apt-get install chromium``.
 """
 
@@ -125,3 +133,91 @@ def test_report_opens_in_headless_chromium(tmp_path):
     images, broken, res = _probe(bad, tmp_path / "profile3")
     assert (images, broken) == (n_img + 1, 1)
     assert any("deliberate" in line for line in _console_lines(res.stderr))
+
+
+# --------------------------------------------------------------------------- layout at 1,400 px
+
+_LAYOUT_PROBE = (
+    "<script>window.addEventListener('load', function () {"
+    " var b = document.body.getBoundingClientRect(), wide = [];"
+    " var ts = document.querySelectorAll('table');"
+    " for (var i = 0; i < ts.length; i++) { var r = ts[i].getBoundingClientRect();"
+    "   if (r.width > 0 && (r.right > b.right + 1 || r.width > b.width + 1)) wide.push(i); }"
+    " var ws = document.querySelectorAll('.tw');"
+    " for (var j = 0; j < ws.length; j++) { if (ws[j].clientWidth > 0 && ws[j].scrollWidth > ws[j].clientWidth + 1) wide.push('c' + j); }"
+    " var open = document.querySelectorAll('details[open]').length;"
+    " document.title = 'layout height=' + document.documentElement.scrollHeight + ' body=' + Math.round(b.width)"
+    "  + ' tables=' + ts.length + ' wide=' + wide.length + ' open=' + open"
+    "  + ' structures=' + document.querySelectorAll('details.structure').length; });</script>"
+)
+
+
+def _layout(html_path: Path, profile: Path, width: int = 1400) -> dict[str, int]:
+    probed = html_path.with_name(html_path.stem + "-layout.html")
+    probed.write_text(html_path.read_text().replace("</body>", _LAYOUT_PROBE + "</body>"))
+    res = _chromium([f"--window-size={width},1000", "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
+                    profile, timeout=120.0)
+    match = re.search(r"<title>layout ([^<]*)</title>", res.stdout)
+    assert match, f"layout probe did not run; chromium rc={res.returncode}, stderr tail: {res.stderr[-800:]}"
+    return {k: int(v) for k, v in (kv.split("=") for kv in match.group(1).split())}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_CHROMIUM is None, reason="no chromium/google-chrome on PATH (apt-get install chromium)")
+def test_demo_report_is_short_and_no_table_is_wider_than_the_layout(tmp_path):
+    from oarbench.demo import run_demo
+    from tests.test_demo import _small_config
+
+    outputs = run_demo(tmp_path / "demo", config=_small_config(tmp_path, 3), workers=1, log=lambda _m: None)
+    report = outputs["report"]
+    got = _layout(report, tmp_path / "profile-demo")
+    assert got["open"] == 0 and got["tables"] >= 10
+    assert got["structures"] == 19  # one closed section per structure of the 19-OAR map
+    assert got["height"] < 15000, got
+    assert got["body"] <= 1400 and got["wide"] == 0, got
+    # negative control: a table wider than the layout is caught
+    wide = tmp_path / "wide.html"
+    cells = "".join(f"<td>{'x' * 30}{i}</td>" for i in range(60))
+    wide.write_text(report.read_text().replace("</body>", f"<table style='white-space:nowrap'><tr>{cells}</tr></table></body>"))
+    assert _layout(wide, tmp_path / "profile-wide")["wide"] >= 1
+
+
+def _write_label(path: Path, array: np.ndarray) -> None:
+    import SimpleITK as sitk
+
+    img = sitk.GetImageFromArray(array.astype(np.uint8))
+    img.SetSpacing((1.5, 1.5, 3.0))
+    sitk.WriteImage(img, str(path))
+
+
+@pytest.mark.skipif(_CHROMIUM is None, reason="no chromium/google-chrome on PATH (apt-get install chromium)")
+def test_folder_mode_report_has_per_structure_sections(tmp_path):
+    from click.testing import CliRunner
+
+    from oarbench.cli import main
+
+    ref_dir, pred_dir, out = tmp_path / "reference", tmp_path / "predictions", tmp_path / "results"
+    ref_dir.mkdir()
+    pred_dir.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        ref = np.zeros((12, 40, 40), np.uint8)
+        ref[2:10, 5:25, 5:25] = 1          # Liver
+        ref[3:8, 28:36, 5:14] = 2          # Spleen
+        ref[3:8, 28:36, 22:30] = 3         # Kidney_L
+        pred = ref.copy()
+        pred[np.roll(ref == 1, int(rng.integers(1, 4)), axis=2) & (ref == 0)] = 1
+        _write_label(ref_dir / f"ct{i:03d}.nii.gz", ref)
+        _write_label(pred_dir / f"ct{i:03d}.nii.gz", pred)
+    res = CliRunner().invoke(main, ["evaluate", "--reference", str(ref_dir), "--prediction", str(pred_dir),
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["report", str(out), "--no-box-plots"])
+    assert res.exit_code == 0, res.output
+    report = out / "report.html"
+    text = report.read_text()
+    for structure in ("Liver", "Spleen", "Kidney_L"):
+        assert f"id='s-{structure}'" in text, structure
+    assert "Centres: none" not in text and "nan @ nan" not in text
+    got = _layout(report, tmp_path / "profile-folder")
+    assert got["structures"] >= 3 and got["wide"] == 0, got
