@@ -283,6 +283,8 @@ def test_import_tables_pseudonyms_pairing_and_resume(tmp_path):
     rtstruct(src / "p1" / "rs.dcm", s1, {"Lever": [square(10.5, -19.5, 14.5, -16.5, 32.5)], "BODY": []})
     rtstruct(src / "mixed" / "zz.dcm", s2, {"Milz": [square(10.5, -19.5, 14.5, -16.5, 30.0)]},
              reference_series=False)
+    # a dose grid in the same frame of reference as s2 does not compete with the CT
+    ct_series(src / "mixed" / "dose", modality="RTDOSE", frame_uid=s2["frame"], study_uid=s2["study"])
     (src / "notes.txt").write_text("not DICOM")
     out = tmp_path / "ds"
     res = import_dicom(src, out, ImportOptions(DEFAULT_LABELS, centre="A"))
@@ -372,6 +374,13 @@ def test_phantoms_as_dicom_import_to_valid_nnunet_dataset(tmp_path):
     assert {r["rule"] for r in rows} >= {"built-in clinical spelling"}
     assert {r["position"] for r in _rows(out / "metadata.csv")} == {"prone"}
     assert {r["patient_position"] for r in _rows(out / "metadata.csv")} == {"HFP"}
+    # German names with umlauts are stored as UTF-8 under a declared character set
+    b_rtstruct = next((src / "B").glob("*/RTSTRUCT.dcm"))
+    import pydicom
+
+    assert pydicom.dcmread(b_rtstruct).SpecificCharacterSet == "ISO_IR 192"
+    assert "Dünndarm".encode("utf-8") in b_rtstruct.read_bytes()
+    assert "Dünndarm" in {r["roi_name"] for r in rows}
     ids = {m["patient_id"] for m in manifest}
     for path in out.rglob("*"):
         if path.is_file() and path.suffix in (".csv", ".json"):

@@ -82,14 +82,18 @@ def import_cmd(dicom_dir, out, labels_path, aliases_path, centre, case_prefix, w
               help="nnU-Net dataset.json or labels TOML (default: the 19-OAR map).")
 @click.option("--cases", "cases_csv", type=click.Path(dir_okay=False, path_type=Path),
               help="cases.csv of `oarbench dicom import` (case -> CT series); optional for a single series.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 @_needs_dicom
-def export_cmd(pred_dir, dicom_dir, out, formats, labels_path, cases_csv):
+def export_cmd(pred_dir, dicom_dir, out, formats, labels_path, cases_csv, quiet):
     """Write each predicted label map in PRED_DIR as RTSTRUCT and/or DICOM-SEG referencing its CT series."""
     from oarbench.dicom.export import export_predictions
     from oarbench.labels import load_label_map
 
+    from tqdm.auto import tqdm
+
     wanted = tuple(f.strip().lower() for f in formats.split(",") if f.strip())
-    result = export_predictions(pred_dir, dicom_dir, out, load_label_map(labels_path), formats=wanted,
-                                cases_csv=cases_csv)
+    with tqdm(desc="dicom export", unit="case", disable=quiet) as bar:
+        result = export_predictions(pred_dir, dicom_dir, out, load_label_map(labels_path), formats=wanted,
+                                    cases_csv=cases_csv, progress=lambda _case: bar.update())
     click.echo(f"{len(result.files)} DICOM objects for {len({r['case'] for r in result.rows})} cases -> {out}")

@@ -4,7 +4,8 @@ each RTSTRUCT with the CT series it was drawn on.
 Pairing (docs/dicom.md): an RTSTRUCT names the series it references in
 ``ReferencedFrameOfReferenceSequence > RTReferencedStudySequence >
 RTReferencedSeriesSequence``; that series is used when it is in the tree. Otherwise
-the frame of reference is used when exactly one image series of the tree shares it.
+the frame of reference is used when exactly one CT series (or, without CT, one
+image series) of the tree shares it.
 An RTSTRUCT that neither rule pairs is reported, never attached by guess.
 """
 
@@ -172,6 +173,9 @@ def scan(root: str | Path, progress: Callable[[int], None] | None = None) -> Inv
         if target is None:
             frames = set(ss.referenced_frames) | ({ss.file.frame_of_reference_uid} - {""})
             candidates = sorted(uid for uid, s in series.items() if s.frame_of_reference_uid in frames)
+            ct_only = [uid for uid in candidates if series[uid].modality == "CT"]
+            if ct_only:  # a dose grid or an MR in the same frame does not compete with the CT
+                candidates = ct_only
             if len(candidates) == 1:
                 target = candidates[0]
             elif len(candidates) > 1:

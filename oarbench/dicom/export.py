@@ -117,6 +117,7 @@ def write_ct_series(volume: Volume, folder: str | Path, header: dict[str, Any], 
         ds.file_meta = _file_meta(CT_IMAGE_STORAGE, sop)
         ds.SOPClassUID = CT_IMAGE_STORAGE
         ds.SOPInstanceUID = sop
+        ds.SpecificCharacterSet = "ISO_IR 192"
         ds.Modality = "CT"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         for key, value in header.items():
@@ -192,9 +193,11 @@ def build_rtstruct(labels: Volume, geometry: SeriesGeometry, label_map: LabelMap
     ds.file_meta = _file_meta(RTSTRUCT_STORAGE, sop)
     ds.SOPClassUID = RTSTRUCT_STORAGE
     ds.SOPInstanceUID = sop
+    ds.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: centre names such as "Dünndarm" and any patient name
     ds.Modality = "RTSTRUCT"
     _copy(ct0, ds, _PATIENT_STUDY)
     _fill_type2(ds)
+    ds.OperatorsName = ""
     if "StudyInstanceUID" not in ds:
         raise ValueError(f"{geometry.slices[0].path}: CT slice without StudyInstanceUID")
     now = datetime.now(timezone.utc)
