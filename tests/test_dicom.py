@@ -28,9 +28,6 @@ from oarbench.dicom.rtstruct import Grid, Roi, rasterise, trace_mask  # noqa: E4
 from oarbench.labels import DEFAULT_LABELS, LabelMap  # noqa: E402
 from tests._dicom import circle, ct_series, rtstruct, square  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("dicom")
-
-
 def _rows(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
@@ -477,6 +474,9 @@ def test_round_trip_export_import_on_oblique_anisotropic_phantom_with_holes(tmp_
     from oarbench.io import read_volume
 
     back = read_volume(tmp_path / "ds" / "labelsTr" / "case_0001.nii.gz")
+    image = read_volume(tmp_path / "ds" / "imagesTr" / "case_0001_0000.nii.gz")
+    assert image.array.dtype == np.int16 and np.array_equal(image.array, ct.array)  # HU back exactly
+    assert image.spacing == pytest.approx(ct.spacing) and image.origin == pytest.approx(ct.origin, abs=1e-4)
     assert np.allclose(back.direction, labels.direction, atol=1e-4) and back.array.shape == lab.shape
     voxel_ml = float(np.prod(labels.spacing)) / 1000
     checked = 0
@@ -519,6 +519,13 @@ def test_export_needs_cases_table_for_several_series(tmp_path):
                                     for c in rs.ROIContourSequence[0].ContourSequence))
     grid = Grid(lab.shape, geo.spacing_zyx, geo.origin, geo.direction)
     assert np.array_equal(np.sort(rasterise(roi, grid).indices), np.flatnonzero(lab))
+    # label values outside the label map are refused, naming the file
+    bad = lab.copy()
+    bad[2, 1, 1] = 42
+    write_volume(Volume(bad, geo.spacing_zyx, geo.origin, geo.direction), tmp_path / "pred" / "case_0001.nii.gz")
+    with pytest.raises(ValueError, match=r"case_0001\.nii\.gz: label values \[42\] are not in the label map"):
+        export_predictions(tmp_path / "pred", tmp_path / "dicom", tmp_path / "out3", DEFAULT_LABELS,
+                           cases_csv=table)
     # a prediction on another grid is refused, naming the file
     write_volume(Volume(lab, (3.0, 1.5, 1.0), geo.origin, geo.direction), tmp_path / "pred" / "case_0001.nii.gz")
     with pytest.raises(ValueError, match=r"case_0001\.nii\.gz is not on the grid"):
