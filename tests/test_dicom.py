@@ -321,6 +321,24 @@ def test_two_rtstructs_on_one_series_are_two_cases(tmp_path):
     assert sorted(int(r["voxels"]) for r in res.rows) == [4, 8]  # 2 or 4 columns x 2 rows
 
 
+def test_a_later_run_keeps_earlier_cases_and_numbers_new_ones_on(tmp_path):
+    s1 = ct_series(tmp_path / "one" / "ct")
+    rtstruct(tmp_path / "one" / "rs.dcm", s1, {"Lever": [square(10.5, -19.5, 14.5, -16.5, 32.5)]})
+    s2 = ct_series(tmp_path / "two" / "ct")
+    rtstruct(tmp_path / "two" / "rs.dcm", s2, {"Milt": [square(10.5, -19.5, 14.5, -16.5, 32.5)]})
+    out = tmp_path / "ds"
+    import_dicom(tmp_path / "one", out, ImportOptions(DEFAULT_LABELS))
+    warnings: list[str] = []
+    res = import_dicom(tmp_path / "two", out, ImportOptions(DEFAULT_LABELS), warn=warnings.append)
+    assert res.cases == ["case_0002"]
+    assert [r["case"] for r in _rows(out / "cases.csv")] == ["case_0001", "case_0002"]
+    assert [r["series_instance_uid"] for r in _rows(out / "cases.csv")] == [s1["series"], s2["series"]]
+    assert [r["roi_name"] for r in _rows(out / "import.csv")] == ["Lever", "Milt"]
+    assert len(_rows(out / "metadata.csv")) == 2
+    assert json.loads((out / "dataset.json").read_text())["numTraining"] == 2
+    assert any("keeps 1 case(s) imported earlier" in w for w in warnings)
+
+
 def test_unpaired_rtstruct_is_reported(tmp_path):
     s = ct_series(tmp_path / "in" / "ct")
     other = dict(s, series="1.2.3.4", frame="1.2.3.5")

@@ -21,7 +21,6 @@ import csv
 import hashlib
 import io as _stdio
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from datetime import date
@@ -337,6 +336,7 @@ def import_dicom(dicom_dir: str | Path, out: str | Path, options: ImportOptions,
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="dicom import", unit="case")
+
     def _done(i: int, record: dict) -> None:
         records[todo[i].case] = record
         if bar is not None:
@@ -350,26 +350,26 @@ def import_dicom(dicom_dir: str | Path, out: str | Path, options: ImportOptions,
             bar.close()
 
     cases = [j.case for j in jobs]
-    rows = [r for c in cases for r in records[c]["rows"]]
+    # cases imported by an earlier run from files that are no longer in this tree stay in the
+    # dataset and in every table (their images are still in imagesTr/labelsTr)
     known = _read_cases_csv(out / "cases.csv")
     current = {(j.series_uid, j.rtstruct.file.sop_instance_uid) for j in jobs}
-    uid_rows = [records[c]["uids"] for c in cases]
-    # cases imported by an earlier run from files that are not in this tree stay listed
-    kept = [{"case": c, "series_instance_uid": k[0], "rtstruct_sop_instance_uid": k[1]}
-            for k, c in known.items() if k not in current]
-    if kept:
-        old = {r["case"]: r for r in _read_rows(out / "cases.csv")}
-        uid_rows = [old[k["case"]] for k in kept] + uid_rows
+    old_cases = sorted(c for k, c in known.items() if k not in current)
+    for c in old_cases:
+        try:
+            records[c] = json.loads((out / RECORDS / f"{c}.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{out / 'cases.csv'} lists case {c} from an earlier run, but its record "
+                             f"{out / RECORDS / (c + '.json')} is unreadable ({exc}); use a new --out") from exc
+    every = sorted(cases + old_cases)
+    rows = [r for c in every for r in records[c]["rows"]]
     atomic_write_text(out / "import.csv", _csv_text(rows, IMPORT_COLUMNS))
-    atomic_write_text(out / "metadata.csv", _csv_text([records[c]["metadata"] for c in cases], METADATA_COLUMNS))
-    atomic_write_text(out / "cases.csv", _csv_text(sorted(uid_rows, key=lambda r: r["case"]), CASES_COLUMNS))
-    n_images = len(list((out / "imagesTr").glob("*_0000.nii.gz")))
-    atomic_write_text(out / "dataset.json", _dataset_json(out, options.labels, n_images))
+    atomic_write_text(out / "metadata.csv", _csv_text([records[c]["metadata"] for c in every], METADATA_COLUMNS))
+    atomic_write_text(out / "cases.csv", _csv_text([records[c]["uids"] for c in every], CASES_COLUMNS))
+    atomic_write_text(out / "dataset.json", _dataset_json(out, options.labels, len(every)))
+    if old_cases:
+        _warn(f"{out}: keeps {len(old_cases)} case(s) imported earlier from files not found now "
+              f"({', '.join(old_cases[:5])}{', ...' if len(old_cases) > 5 else ''})")
     overlap = sum(float(records[c]["overlap_ml"]) for c in cases)
-    return ImportResult(out, cases, len(todo), len(jobs) - len(todo), rows, warnings,
-                        0.0 if math.isnan(overlap) else overlap)
-
-
-def _read_rows(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+    return ImportResult(out, cases, len(todo), len(jobs) - len(todo), [r for c in cases for r in records[c]["rows"]],
+                        warnings, overlap)
