@@ -192,7 +192,7 @@ def evaluate_labels(
         See :func:`resolve_backend`.
     threads:
         Structures scored in parallel threads (numpy backend, default: up to
-        2, the cores of a small machine; torch backend on a GPU, default 4,
+        2, the cores of a small machine; torch backend on a GPU, default 2,
         each thread with a CUDA stream of its own; torch on the CPU: 1).
         1 = no threads. The results do not depend on it.
 
@@ -236,7 +236,8 @@ def _evaluate_on_device(
     """The torch backend: both volumes uploaded once, boxes and counts on the device.
 
     Crops never leave the device. On a GPU, structures are scored by up to
-    ``threads`` host threads (default 4), each queueing its kernels on a CUDA
+    ``threads`` host threads (default 2, the fastest measured on an H200 with 16
+    cores: docs/performance.md), each queueing its kernels on a CUDA
     stream of its own, so that one structure's kernel launches overlap
     another's synchronisations; on the CPU one after another.
     """
@@ -248,7 +249,7 @@ def _evaluate_on_device(
     pred_t = torch.from_numpy(np.ascontiguousarray(pred)).to(dev)
     stats = label_statistics_torch(ref_t, pred_t)  # ends with copies to the host: uploads are complete
     counts = (stats.n_ref, stats.n_pred, stats.tp)
-    n_threads = (4 if threads is None else _threads(threads)) if dev.type == "cuda" else 1
+    n_threads = (2 if threads is None else _threads(threads)) if dev.type == "cuda" else 1
     if n_threads == 1:
         return _evaluate_boxes(ref_t, pred_t, stats.ref_boxes, stats.pred_boxes, sp, labels, tolerance_mm,
                                surface, None, counts)

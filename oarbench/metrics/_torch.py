@@ -148,7 +148,7 @@ def neighbour_codes_torch(mask: "torch.Tensor") -> "torch.Tensor":
     for offset in np.ndindex(*(2,) * nd):
         bit = nbits - 1 - sum(o << (nd - 1 - k) for k, o in enumerate(offset))
         window = padded[tuple(slice(o, o + s) for o, s in zip(offset, out_shape))]
-        codes += window * (1 << bit)
+        codes.add_(window, alpha=1 << bit)  # one kernel: codes += window * 2^bit
     return codes
 
 
@@ -202,21 +202,34 @@ def _grid_window_pass(
     """Min-plus along ``axis`` over shifts ``|t| <= radius`` on the whole grid.
 
     Returns ``best[i] = min_t values[i + t] + (step * t)^2`` and the winning
-    shift ``t`` (int32). Ties keep the smallest ``|t|`` (then the negative one).
+    shift ``t`` (int32). Ties keep the smallest ``|t|`` (then the negative one):
+    the window's candidates are taken in the order 0, -1, +1, -2, +2, ... and
+    ``min`` returns the first minimal one. One reduction over a sliding-window
+    view per chunk of the grid, instead of a pass per shift.
     """
     torch = import_torch()
-    best = values.clone()
-    shift = torch.zeros(values.shape, dtype=torch.int32, device=values.device)
-    n = values.shape[axis]
-    for t in range(1, radius + 1):
-        penalty = (step * t) ** 2
-        for signed in (-t, t):
-            lo = max(0, -signed)  # first i with i + signed inside
-            length = n - t
-            cand = values.narrow(axis, lo + signed, length) + penalty
-            best_v = best.narrow(axis, lo, length)
-            shift.narrow(axis, lo, length).masked_fill_(cand < best_v, signed)
-            torch.minimum(best_v, cand, out=best_v)
+    dev = values.device
+    order = [0] + [t for k in range(1, radius + 1) for t in (-k, k)]
+    shifts = torch.tensor(order, dtype=torch.int64, device=dev)
+    penalty = (shifts.to(torch.float64) * step) ** 2
+    taps = (shifts + radius)  # position of shift t in the window [i - radius, i + radius]
+    pad_shape = list(values.shape)
+    pad_shape[axis] = radius
+    pad = torch.full(pad_shape, float("inf"), dtype=values.dtype, device=dev)
+    padded = torch.cat([pad, values, pad], dim=axis)
+    best = torch.empty_like(values)
+    shift = torch.empty(values.shape, dtype=torch.int32, device=dev)
+    # Chunks along another axis bound the (chunk x window) scratch.
+    along = 0 if axis != 0 else 1
+    per_slice = int(np.prod(values.shape)) // values.shape[along] * len(order)
+    step_n = max(1, _chunk_elements(dev) // max(1, per_slice))
+    for start in range(0, values.shape[along], step_n):
+        n = min(step_n, values.shape[along] - start)
+        window = padded.narrow(along, start, n).unfold(axis, 2 * radius + 1, 1)
+        cand = window.index_select(-1, taps) + penalty
+        b, arg = cand.min(dim=-1)
+        best.narrow(along, start, n).copy_(b)
+        shift.narrow(along, start, n).copy_(shifts[arg])
     return best, shift
 
 
@@ -242,13 +255,12 @@ def _query_window_pass(
     best = torch.empty(len(queries), dtype=torch.float64, device=dev)
     arg = torch.empty(len(queries), dtype=torch.int64, device=dev)
     per_chunk = max(1, _chunk_elements(dev) // len(shifts))
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)
     for start in range(0, len(queries), per_chunk):
         stop = min(len(queries), start + per_chunk)
         where = pos[start:stop, None] + shifts[None, :]
         inside = (where >= 0) & (where < n)
         index = base[start:stop, None] + shifts[None, :] * stride
-        cost = torch.where(inside, flat[torch.where(inside, index, 0)] + penalty, inf)
+        cost = (flat[torch.where(inside, index, 0)] + penalty).masked_fill_(~inside, float("inf"))
         b, a = cost.min(dim=1)
         best[start:stop] = b
         arg[start:stop] = shifts[a]
@@ -362,6 +374,9 @@ def _nearest_offsets(
             land[:, b] += t_b
         t_a = off_a_flat[sum(land[:, k] * strides[k] for k in range(nd))].to(torch.int64)
         land[:, a] += t_a
+        if bool(resolved.all()):  # the usual case: one synchronisation instead of three
+            result[todo] = land - q
+            break
         done = todo[resolved]
         result[done] = (land - q)[resolved]
         todo = todo[~resolved]
@@ -521,9 +536,11 @@ def label_statistics_torch(reference: "torch.Tensor", prediction: "torch.Tensor"
     volumes never leave the device, only the small histograms do.
     """
     torch = import_torch()
-    n_values = int(max(int(reference.max()), int(prediction.max()))) + 1
-    ref = reference.to(torch.int64)
-    pred = prediction.to(torch.int64)
+    n_values = int(torch.maximum(reference.max(), prediction.max())) + 1
+    # int32 is exact here: every histogram index is below extent * n_values^2 < 2^31.
+    wide = torch.int32 if max(reference.shape) * n_values * n_values < 2**31 else torch.int64
+    ref = reference.to(wide)
+    pred = prediction.to(wide)
     pairs = torch.bincount((ref * n_values + pred).reshape(-1), minlength=n_values * n_values)
     pairs = pairs.reshape(n_values, n_values).cpu().numpy()
     n_ref, n_pred, tp = pairs.sum(axis=1), pairs.sum(axis=0), np.diagonal(pairs).copy()
@@ -534,7 +551,7 @@ def label_statistics_torch(reference: "torch.Tensor", prediction: "torch.Tensor"
             extent = vol.shape[axis]
             shape = [1] * vol.ndim
             shape[axis] = extent
-            index = torch.arange(extent, device=vol.device, dtype=torch.int64).reshape(shape) * n_values
+            index = torch.arange(extent, device=vol.device, dtype=wide).reshape(shape) * n_values
             hist = torch.bincount((vol + index).reshape(-1), minlength=extent * n_values)
             projections.append(hist.reshape(extent, n_values).cpu().numpy())
         boxes.append(_boxes_from_projections(projections, n_values))
