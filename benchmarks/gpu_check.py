@@ -101,7 +101,7 @@ def main() -> int:
         print("no CUDA device: torch is not installed (pip install 'oarbench[torch]'); nothing checked")
         return 0
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"no CUDA device: torch {torch.__version__} sees no CUDA GPU on this machine; nothing checked")
+        print(f"no CUDA device: torch {torch.__version__} sees no CUDA GPU; nothing checked")
         return 0
 
     from oarbench.labels import DEFAULT_LABELS
