@@ -222,28 +222,34 @@ class DaskExecutor:
         run = uuid.uuid4().hex[:8]
         indices: dict[str, int] = {}
         next_task = 0
-        queue = distributed.as_completed()
+        # Results are gathered in the background as tasks finish; tasks are
+        # submitted in batches (one message each) and the window refilled when
+        # half of it has finished.
+        queue = distributed.as_completed(with_results=True)
 
-        def submit_one() -> None:
+        def submit(count: int) -> None:
             nonlocal next_task
-            i = next_task
-            key = f"{name}-{run}-{i}"
-            fut = self._client.submit(fn, tasks[i], key=key, pure=False, resources=self.resources or None)
-            indices[fut.key] = i
-            queue.add(fut)
-            next_task += 1
+            chosen = range(next_task, min(len(tasks), next_task + count))
+            if not chosen:
+                return
+            futures = self._client.map(fn, [tasks[i] for i in chosen], key=[f"{name}-{run}-{i}" for i in chosen],
+                                       pure=False, resources=self.resources or None)
+            for i, fut in zip(chosen, futures):
+                indices[fut.key] = i
+            queue.update(futures)
+            next_task = chosen[-1] + 1
 
-        while next_task < min(len(tasks), self.max_in_flight):
-            submit_one()
+        submit(self.max_in_flight)
         try:
-            for fut in queue:
-                i = indices.pop(fut.key)
-                results[i] = fut.result()  # re-raises the task's exception here
-                fut.release()
-                if on_result is not None:
-                    on_result(i, results[i])
-                if next_task < len(tasks):
-                    submit_one()
+            for batch in queue.batches():
+                for fut, result in batch:  # an errored task raises its exception here
+                    i = indices.pop(fut.key)
+                    results[i] = result
+                    fut.release()
+                    if on_result is not None:
+                        on_result(i, result)
+                if len(indices) <= self.max_in_flight // 2:
+                    submit(self.max_in_flight - len(indices))
         except BaseException:
             pending = list(getattr(queue, "futures", ()))
             if pending:

@@ -298,7 +298,14 @@ def run_robustness(
                            _save_folder(save_predictions, pert, centre, model))
             for pert in perts for case in cases
         ]
-        for case_rows, case_floor in executor.map(_run_case_condition, tasks, name="robustness"):
+        from oarbench.evaluate import _progress
+
+        bar = _progress(len(tasks), True)
+        try:
+            results = executor.map(_run_case_condition, tasks, name="robustness", on_result=lambda i, r: bar.update(1))
+        finally:
+            bar.close()
+        for case_rows, case_floor in results:
             rows.extend(case_rows)
             floor_rows.extend(case_floor)
     else:

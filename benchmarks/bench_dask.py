@@ -1,0 +1,198 @@
+"""The Dask executor against the local one: throughput, scheduler memory, per-task overhead.
+
+Run by hand (not a test)::
+
+    python benchmarks/bench_dask.py [--cases 1000] [--repeats 2] [--folder /tmp/oarbench-bench/dask]
+
+1. Writes ``--cases`` small synthetic cases (reference + prediction, 24 x 48 x 48
+   voxels, three structures, the prediction shifted by 0-2 voxels; deterministic).
+2. Throughput: ``evaluate`` on all cases with the local executor (a process pool of
+   2 workers) and with a ``distributed.LocalCluster`` of 2 worker processes (1
+   thread each), alternated ``--repeats`` times; the time of the task map (pool
+   start included for the local executor; the cluster's start-up is reported
+   apart), median over repeats, and the ratio Dask / local cases per second.
+   The two metrics.csv are compared byte for byte.
+3. Scheduler memory: a ``dask scheduler`` process and two ``dask worker``
+   processes on 127.0.0.1; ``evaluate`` on the first 250, 500 and 1,000 cases;
+   the scheduler process's resident memory (RSS, psutil) before each run and its
+   peak while the run goes (sampled every 20 ms).
+4. Per-task overhead of the engine: 2,000 no-op tasks on the LocalCluster.
+
+Prints one JSON object (and a readable summary on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from oarbench.evaluate import EvalOptions, Job, evaluate_jobs, write_outputs  # noqa: E402
+from oarbench.executors import DaskExecutor, LocalExecutor  # noqa: E402
+from oarbench.labels import LabelMap  # noqa: E402
+
+LABELS = LabelMap({1: "Liver", 2: "Kidney_L", 3: "Kidney_R"})
+SHAPE = (24, 48, 48)
+
+
+def make_cases(folder: Path, n: int) -> tuple[Path, Path]:
+    ref_dir, pred_dir = folder / "ref", folder / "pred"
+    if ref_dir.is_dir() and len(list(ref_dir.glob("*.nii.gz"))) >= n:
+        return ref_dir, pred_dir
+    shutil.rmtree(folder, ignore_errors=True)
+    ref_dir.mkdir(parents=True)
+    pred_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        ref = np.zeros(SHAPE, np.uint8)
+        z0, y0, x0 = rng.integers(2, 5, size=3)
+        ref[z0:z0 + 14, y0 + 4:y0 + 30, x0 + 4:x0 + 30] = 1
+        ref[z0 + 4:z0 + 12, y0 + 32:y0 + 40, x0 + 2:x0 + 12] = 2
+        ref[z0 + 4:z0 + 12, y0 + 32:y0 + 40, x0 + 28:x0 + 38] = 3
+        pred = np.roll(ref, int(rng.integers(0, 3)), axis=2)
+        for arr, d in ((ref, ref_dir), (pred, pred_dir)):
+            img = sitk.GetImageFromArray(arr)
+            img.SetSpacing((0.9, 0.9, 2.5))
+            sitk.WriteImage(img, str(d / f"c{i:05d}.nii.gz"), useCompression=True)
+    return ref_dir, pred_dir
+
+
+def run(job: Job, out: Path, **kw) -> tuple[float, dict]:
+    table, prov = evaluate_jobs([job], EvalOptions(labels=LABELS), out, force=True, progress=False, **kw)
+    write_outputs(out, table, prov)
+    return prov["seconds_computing"], prov
+
+
+def _noop(x: int) -> int:
+    return x
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scheduler_memory(job_for, sizes, work: Path) -> list[dict]:
+    import psutil
+
+    dask_cli = shutil.which("dask", path=str(Path(sys.executable).parent)) or "dask"
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    sched = subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                              "--dashboard-address", "127.0.0.1:0", "--no-show"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    workers = subprocess.Popen([dask_cli, "worker", address, "--host", "127.0.0.1", "--nworkers", "2",
+                                "--nthreads", "1", "--no-dashboard"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    rows = []
+    try:
+        time.sleep(2)
+        ex = DaskExecutor(address, echo=None)
+        ex.client.wait_for_workers(2, timeout=60)
+        proc = psutil.Process(sched.pid)
+        for n in sizes:
+            before = proc.memory_info().rss
+            peak = [before]
+            stop = threading.Event()
+
+            def sample() -> None:
+                while not stop.is_set():
+                    peak[0] = max(peak[0], proc.memory_info().rss)
+                    time.sleep(0.02)
+
+            t = threading.Thread(target=sample)
+            t.start()
+            secs, _ = run(job_for(n), work / f"sched-{n}", executor=ex)
+            stop.set()
+            t.join()
+            rows.append({"cases": n, "rss_before_mib": round(before / 2**20, 1),
+                         "rss_peak_mib": round(peak[0] / 2**20, 1), "seconds": round(secs, 2),
+                         "cases_per_s": round(n / secs, 1)})
+            print(f"scheduler memory, {n} cases: {rows[-1]}", file=sys.stderr)
+        ex.close()
+    finally:
+        workers.terminate()
+        sched.terminate()
+        for p in (workers, sched):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--folder", type=Path, default=Path("/tmp/oarbench-bench/dask"))
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    ref_dir, pred_dir = make_cases(args.folder / "cases", args.cases)
+    print(f"cases ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    cases = tuple(sorted(p.name[: -len(".nii.gz")] for p in ref_dir.glob("*.nii.gz")))[: args.cases]
+
+    def job_for(n: int) -> Job:
+        return Job(ref_dir, pred_dir, cases=cases[:n])
+
+    load_start = os.getloadavg()
+    t = time.perf_counter()
+    cluster = DaskExecutor(workers=2, echo=None)
+    cluster_start = time.perf_counter() - t
+    local_s, dask_s = [], []
+    for r in range(args.repeats):
+        secs, _ = run(job_for(args.cases), args.folder / "local", executor=LocalExecutor(2))
+        local_s.append(secs)
+        print(f"repeat {r}: local {secs:.2f} s", file=sys.stderr)
+        secs, _ = run(job_for(args.cases), args.folder / "dask", executor=cluster)
+        dask_s.append(secs)
+        print(f"repeat {r}: dask {secs:.2f} s", file=sys.stderr)
+    identical = (args.folder / "local" / "metrics.csv").read_bytes() == (args.folder / "dask" / "metrics.csv").read_bytes()
+    t = time.perf_counter()
+    cluster.map(_noop, list(range(2000)))
+    noop_s = time.perf_counter() - t
+    t = time.perf_counter()
+    cluster.close()
+    cluster_stop = time.perf_counter() - t
+    sizes = [n for n in (250, 500, 1000) if n <= args.cases]
+    memory = scheduler_memory(job_for, sizes, args.folder)
+    load_end = os.getloadavg()
+    local_m, dask_m = statistics.median(local_s), statistics.median(dask_s)
+    result = {
+        "cases": args.cases,
+        "shape": SHAPE,
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": [round(x, 2) for x in load_start],
+        "loadavg_end": [round(x, 2) for x in load_end],
+        "local_seconds": [round(x, 2) for x in local_s],
+        "dask_seconds": [round(x, 2) for x in dask_s],
+        "local_cases_per_s": round(args.cases / local_m, 1),
+        "dask_cases_per_s": round(args.cases / dask_m, 1),
+        "dask_over_local_throughput": round(local_m / dask_m, 3),
+        "metrics_csv_identical": identical,
+        "local_cluster_start_s": round(cluster_start, 2),
+        "local_cluster_stop_s": round(cluster_stop, 2),
+        "noop_tasks_per_s": round(2000 / noop_s, 1),
+        "noop_ms_per_task": round(1000 * noop_s / 2000, 3),
+        "scheduler_memory": memory,
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
