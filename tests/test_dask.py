@@ -298,6 +298,11 @@ class _HUPredictor:
         return {"kind": "hu-rule"}
 
 
+class _FailingPredictor(_HUPredictor):
+    def predict(self, image_paths, out_dir):
+        raise RuntimeError("the predictor must not be called: results are cached")
+
+
 def test_robustness_byte_identical_local_vs_dask(tmp_path, cluster) -> None:
     from oarbench.robustness import run_robustness
     from oarbench.robustness.run import write_robustness
@@ -312,7 +317,9 @@ def test_robustness_byte_identical_local_vs_dask(tmp_path, cluster) -> None:
     conds = ["flip_lr", "rot_z+10"]
     seq = run_robustness(images, reference, _HUPredictor(), conds, LABELS)
     saved = str(tmp_path / "saved" / "{condition}")
-    dask = run_robustness(images, reference, _HUPredictor(), conds, LABELS, executor=cluster, save_predictions=saved)
+    cache = tmp_path / "cache"
+    dask = run_robustness(images, reference, _HUPredictor(), conds, LABELS, executor=cluster, save_predictions=saved,
+                          cache_dir=cache)
     # 3 conditions (original added) x 2 cases tasks; rows in condition, case order as the sequential run
     assert len(dask.table) == 3 * 2 * len(LABELS) and len(dask.noise_floor) == 2 * len(LABELS)
     write_robustness(seq, tmp_path / "seq")
@@ -323,6 +330,18 @@ def test_robustness_byte_identical_local_vs_dask(tmp_path, cluster) -> None:
     # the HU rule is exact on the unperturbed phantom (an independent check that the tasks really ran)
     orig = dask.table[dask.table["condition"] == "original"]
     assert (orig["dsc"] == 1.0).all()
+    # resume: every case x condition is stored, so a re-run never calls the predictor
+    assert len(list(cache.rglob("*.json"))) == 6
+    again = run_robustness(images, reference, _FailingPredictor(), conds, LABELS, executor=cluster, cache_dir=cache)
+    write_robustness(again, tmp_path / "again")
+    for name in ("robustness.csv", "noise_floor.csv", "robustness_summary.csv"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "seq" / name).read_bytes(), name
+    # a changed input invalidates only that case's results
+    stale = next(cache.rglob("flip_lr/P002.json"))
+    (tmp_path / "reference" / "P002.nii.gz").touch()
+    with pytest.raises(Exception, match="must not be called"):
+        run_robustness(images, reference, _FailingPredictor(), conds, LABELS, executor=cluster, cache_dir=cache)
+    assert stale.exists()
 
 
 # --- absent: one task per case ---------------------------------------------------------------------

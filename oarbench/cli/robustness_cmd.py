@@ -24,7 +24,9 @@ def _resolve_spec(spec: str, root: Path) -> str:
 @click.option("--images", help="Folder of CT images (CASE_0000.nii.gz): a path or URL (s3://..., file://...).")
 @click.option("--reference", help="Folder of reference label maps (CASE.nii.gz): a path or URL.")
 @click.option("--predictor", "predictor_spec", help="'nnunet:/path/to/model_folder[:fold]' or 'command:TOOL ... {input} ... {output}'.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder (with --workers > 1 or --executor dask, OUT/cache keeps finished case x condition "
+                   "results, so that a re-run resumes).")
 @click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path),
               help="nnU-Net dataset.json or labels TOML (default: the 19-OAR map).")
 @click.option("--study", type=click.Path(dir_okay=False, path_type=Path), help="Study TOML (docs/study-toml.md).")
@@ -109,7 +111,8 @@ def robustness(rotate, conditions, images, reference, predictor_spec, out, label
             results.append(run_robustness(img_dir, ref_dir, predictor, perts, labels, out if keep_work else None,
                                           tolerance_mm=tol, study=study_name, centre=centre,
                                           model=model_name or "", keep_work=keep_work,
-                                          save_predictions=save_predictions, executor=executor))
+                                          save_predictions=save_predictions, executor=executor,
+                                          cache_dir=None if executor is None else str(out) + "/cache"))
     finally:
         if executor is not None:
             executor.close()

@@ -9,6 +9,7 @@ reference pushed forward (nearest neighbour) and back, scored against itself.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -158,6 +159,43 @@ class _CaseCondition:
     save_folder: str | None
 
 
+class _TaskCache:
+    """Finished case x condition results under ``CACHE/robustness-<key>/<centre>/<condition>/<case>.json``."""
+
+    def __init__(self, root: str | Path, predictor: Predictor, labels: LabelMap, tolerance_mm: float,
+                 base: dict[str, object]) -> None:
+        from oarbench import __version__, storage
+
+        describe = getattr(predictor, "describe", None)
+        payload = json.dumps({"predictor": describe() if describe is not None else type(predictor).__qualname__,
+                              "labels": {str(k): v for k, v in labels.labels.items()}, "tolerance_mm": tolerance_mm,
+                              "base": base, "version": __version__}, sort_keys=True, default=str)
+        key = hashlib.sha256(payload.encode()).hexdigest()[:16]
+        self.storage = storage
+        self.root = storage.join(storage.as_location(root), f"robustness-{key}", str(base.get("centre") or "-"))
+
+    def _path(self, task: _CaseCondition) -> Any:
+        return self.storage.join(self.root, task.perturbation.condition, f"{task.case}.json")
+
+    def _inputs(self, task: _CaseCondition) -> Any:
+        params = json.loads(json.dumps(task.perturbation.params(), sort_keys=True, default=str))
+        return [self.storage.stamp(as_location(task.image)), self.storage.stamp(as_location(task.reference)), params]
+
+    def load(self, task: _CaseCondition) -> Any:
+        try:
+            data = json.loads(self.storage.read_text(self._path(task)))
+        except (OSError, ValueError):
+            return None
+        if data.get("inputs") != self._inputs(task):
+            return None
+        return data["rows"], data["floor"]
+
+    def store(self, task: _CaseCondition, result: Any) -> None:
+        rows, floor = result
+        payload = {"inputs": self._inputs(task), "rows": rows, "floor": floor}
+        self.storage.write_text(self._path(task), json.dumps(payload, allow_nan=True, default=str))
+
+
 #: Predictors already loaded in this (worker) process, so that a model is loaded once per worker.
 _LOADED: dict[str, Predictor] = {}
 
@@ -166,7 +204,7 @@ def _worker_predictor(predictor: Predictor) -> Predictor:
     describe = getattr(predictor, "describe", None)
     if describe is None:
         return predictor
-    key = json.dumps(describe(), sort_keys=True, default=str)
+    key = type(predictor).__qualname__ + json.dumps(describe(), sort_keys=True, default=str)
     return _LOADED.setdefault(key, predictor)
 
 
@@ -223,6 +261,7 @@ def run_robustness(
     keep_work: bool = False,
     save_predictions: str | Path | None = None,
     executor: "Executor | None" = None,
+    cache_dir: str | Path | None = None,
 ) -> RobustnessResult:
     """Score ``predictor`` under each condition (``original`` is always added first).
 
@@ -259,6 +298,11 @@ def run_robustness(
         that runs one task per case x condition (perturb, predict, map back,
         score) where its workers are; each worker reads its own image and
         reference. The rows are the same either way.
+    cache_dir:
+        With an executor: each finished case x condition is stored there
+        (path or fsspec URL), and a re-run skips the tasks whose results are
+        stored for the same inputs (file size and time), predictor, labels,
+        tolerance and condition.
     """
     image_map = _as_case_map(images, images=True)
     ref_map = _as_case_map(reference, images=False)
@@ -300,9 +344,20 @@ def run_robustness(
         ]
         from oarbench.evaluate import _progress
 
-        bar = _progress(len(tasks), True)
+        cache = _TaskCache(cache_dir, predictor, labels, tolerance_mm, base) if cache_dir is not None else None
+        results: list[Any] = [cache.load(t) if cache is not None else None for t in tasks]
+        todo = [i for i, r in enumerate(results) if r is None]
+
+        def finished(j: int, result: Any) -> None:
+            i = todo[j]
+            results[i] = result
+            if cache is not None:
+                cache.store(tasks[i], result)
+            bar.update(1)
+
+        bar = _progress(len(todo), True)
         try:
-            results = executor.map(_run_case_condition, tasks, name="robustness", on_result=lambda i, r: bar.update(1))
+            executor.map(_run_case_condition, [tasks[i] for i in todo], name="robustness", on_result=finished)
         finally:
             bar.close()
         for case_rows, case_floor in results:
