@@ -550,3 +550,18 @@ def test_cli_gallery_says_no_failures_and_records_its_rules(tmp_path):
     assert list(index["reason"]) == ["low_dsc;high_hd95"]
     res = CliRunner().invoke(main, args + ["--out", str(tmp_path / "o3"), "--dsc-below", "abc"])
     assert res.exit_code != 0 and "number or 'off'" in res.output
+
+
+def test_outliers_must_also_be_clearly_worse_than_the_median():
+    # DSC .999 x 4 and .996: IQR 0, so .996 is beyond the Tukey fence, but only .003 below the median (< .05):
+    # not a failure. HD95 0 x 4 and 1.5 mm: beyond the fence, but only 1.5 mm above the median (< 2 mm).
+    t = pd.DataFrame([_row(f"c{i}", 0.999, 0.0) for i in range(4)] + [_row("x", 0.996, 1.5)])
+    assert select_failures(t).empty
+    # .90 and 2.5 mm are beyond both the fences and the margins.
+    t = pd.DataFrame([_row(f"c{i}", 0.999, 0.0) for i in range(4)] + [_row("x", 0.90, 2.5)])
+    sel = select_failures(t)
+    assert list(sel["case"]) == ["x"] and sel.loc[0, "reason"] == "outlier_dsc;outlier_hd95"
+    # the margins are options
+    t = pd.DataFrame([_row(f"c{i}", 0.999, 0.0) for i in range(4)] + [_row("x", 0.996, 1.5)])
+    sel = select_failures(t, FailureCriteria(outlier_min_dsc=0.0, outlier_min_hd95=0.0))
+    assert sel.loc[0, "reason"] == "outlier_dsc;outlier_hd95"

@@ -50,6 +50,10 @@ class FailureCriteria:
         case's original DSC by strictly more than this fails (``None``: rule off).
     tukey_factor:
         Fence factor of the outlier rule (1.5 = Tukey's inner fences; ``None``: rule off).
+    outlier_min_dsc, outlier_min_hd95:
+        An outlier must also be this much worse than its group's median (DSC lower
+        by at least ``outlier_min_dsc``, HD95 higher by at least ``outlier_min_hd95``
+        mm), so that a DSC of 0.996 among 0.999s is not called a failure.
     k:
         At most this many rows per structure x model x centre for each of the
         threshold rules (and per condition for drops), worst first; ``None``: all.
@@ -59,12 +63,14 @@ class FailureCriteria:
     hd95_above: float | None = 10.0
     drop_above: float | None = 0.1
     tukey_factor: float | None = 1.5
+    outlier_min_dsc: float = 0.05
+    outlier_min_hd95: float = 2.0
     k: int | None = 3
 
     def __post_init__(self) -> None:
         if self.k is not None and (not isinstance(self.k, (int, np.integer)) or self.k < 1):
             raise ValueError(f"k must be a whole number of at least 1 (or None), got {self.k!r}")
-        for name in ("dsc_below", "hd95_above", "drop_above", "tukey_factor"):
+        for name in ("dsc_below", "hd95_above", "drop_above", "tukey_factor", "outlier_min_dsc", "outlier_min_hd95"):
             v = getattr(self, name)
             if v is not None and (not np.isfinite(float(v)) or float(v) < 0):
                 raise ValueError(f"{name} must be a finite number >= 0 (or None), got {v!r}")
@@ -74,7 +80,8 @@ class FailureCriteria:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "FailureCriteria":
-        known = {k: data[k] for k in ("dsc_below", "hd95_above", "drop_above", "tukey_factor", "k") if k in data}
+        names = ("dsc_below", "hd95_above", "drop_above", "tukey_factor", "outlier_min_dsc", "outlier_min_hd95", "k")
+        known = {k: data[k] for k in names if k in data}
         return cls(**known)
 
     def describe(self) -> str:
@@ -85,8 +92,9 @@ class FailureCriteria:
         if self.hd95_above is not None:
             rules.append(f"HD95 > {self.hd95_above:g} mm")
         if self.tukey_factor is not None:
-            rules.append(f"Tukey outliers (DSC below Q1 − {self.tukey_factor:g}·IQR, HD95 above Q3 + {self.tukey_factor:g}·IQR, "
-                         "per structure, model and centre)")
+            rules.append(f"Tukey outliers (DSC below Q1 − {self.tukey_factor:g}·IQR and at least {self.outlier_min_dsc:g} "
+                         f"below the median, HD95 above Q3 + {self.tukey_factor:g}·IQR and at least "
+                         f"{self.outlier_min_hd95:g} mm above the median, per structure, model and centre)")
         if self.drop_above is not None:
             rules.append(f"DSC drops > {self.drop_above:g} under a robustness condition")
         cap = "" if self.k is None else f" At most {self.k} rows per structure, model and centre for each threshold rule, worst first."
@@ -125,8 +133,10 @@ def select_failures(
       structure x model x centre at most ``k`` of each, worst first (ties broken
       by case name, so the choice is deterministic);
     * ``outlier_dsc`` / ``outlier_hd95``: Tukey outliers among the same rows: DSC
-      strictly below Q1 - f*IQR, HD95 strictly above Q3 + f*IQR (f =
-      ``tukey_factor``; quartiles by linear interpolation, numpy's default);
+      strictly below Q1 - f*IQR and at least ``outlier_min_dsc`` below the
+      median, HD95 strictly above Q3 + f*IQR and at least ``outlier_min_hd95`` mm
+      above the median (f = ``tukey_factor``; quartiles by linear interpolation,
+      numpy's default);
     * ``missed`` / ``hallucinated``: every row with that status, any condition;
     * ``laterality_swap``: every row whose ``laterality_swap`` column (if the table
       has one) is truthy, any condition;
@@ -204,12 +214,12 @@ def select_failures(
         if crit.tukey_factor is not None:
             f = crit.tukey_factor
             if has_d.any():
-                q1, q3 = np.percentile(d[has_d], [25, 75])
-                add(idx[has_d & (d < q1 - f * (q3 - q1))], "outlier_dsc")
+                q1, med, q3 = np.percentile(d[has_d], [25, 50, 75])
+                add(idx[has_d & (d < q1 - f * (q3 - q1)) & (d <= med - crit.outlier_min_dsc)], "outlier_dsc")
             fin = np.isfinite(h)
             if fin.any():
-                q1, q3 = np.percentile(h[fin], [25, 75])
-                add(idx[fin & (h > q3 + f * (q3 - q1))], "outlier_hd95")
+                q1, med, q3 = np.percentile(h[fin], [25, 50, 75])
+                add(idx[fin & (h > q3 + f * (q3 - q1)) & (h >= med + crit.outlier_min_hd95)], "outlier_hd95")
 
     perturbed = df[df["condition"] != _ORIGINAL]
     if len(perturbed) and crit.drop_above is not None:
