@@ -17,6 +17,14 @@ Run by hand (not a test)::
    the scheduler process's resident memory (RSS, psutil) before each run and its
    peak while the run goes (sampled every 20 ms).
 4. Per-task overhead of the engine: 2,000 no-op tasks on the LocalCluster.
+5. With ``--realistic DIR`` (the output of ``make_case.py``: a 200 x 512 x 512
+   reference and prediction with 19 structures): the CPU time of one task at CT
+   size, 1 thread, median of ``--repeats``: an evaluate task (read both files,
+   score) and the CPU part of a robustness task for ``flip_lr`` and
+   ``rot_z+10`` (perturb the image, map a prediction back, score, noise floor
+   for the small rotation); the prediction image stands in for the CT (same
+   grid), and the model's inference is not included (it is measured on the GPU
+   that runs it). These feed the scaling estimate in docs/performance.md.
 
 Prints one JSON object (and a readable summary on stderr).
 """
@@ -136,11 +144,45 @@ def scheduler_memory(job_for, sizes, work: Path) -> list[dict]:
     return rows
 
 
+def realistic(case_dir: Path, repeats: int) -> dict:
+    from oarbench.evaluate import evaluate_case
+    from oarbench.io import read_volume
+    from oarbench.labels import DEFAULT_LABELS
+    from oarbench.robustness.run import _rows, noise_floor
+    from oarbench.robustness.transforms import SmallRotation, parse_conditions
+
+    ref_path, pred_path = case_dir / "reference.nii.gz", case_dir / "prediction.nii.gz"
+    opts = EvalOptions(labels=DEFAULT_LABELS, backend="numpy", threads=1)
+    out: dict = {}
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        evaluate_case(ref_path, pred_path, opts)
+        times.append(time.perf_counter() - t)
+    out["evaluate_task_s"] = round(statistics.median(times), 3)
+    ref, img = read_volume(ref_path), read_volume(pred_path)
+    for pert in parse_conditions(["flip_lr", "rot_z+10"]):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            pert.apply(img)
+            pred = pert.apply(ref, labels=True)  # a perfect model's output on the perturbed grid
+            back = pert.map_back(pred, ref)
+            _rows(ref, back.array, DEFAULT_LABELS, 2.0, {}, pert.params())
+            if isinstance(pert, SmallRotation):
+                noise_floor(ref, pert, DEFAULT_LABELS)
+            times.append(time.perf_counter() - t)
+        out[f"robustness_{pert.condition}_cpu_s"] = round(statistics.median(times), 3)
+        print(f"realistic: {pert.condition} {out[f'robustness_{pert.condition}_cpu_s']} s", file=sys.stderr)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--folder", type=Path, default=Path("/tmp/oarbench-bench/dask"))
+    ap.add_argument("--realistic", type=Path, help="output folder of make_case.py (CT-size per-task times)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     ref_dir, pred_dir = make_cases(args.folder / "cases", args.cases)
@@ -191,6 +233,9 @@ def main() -> None:
         "noop_ms_per_task": round(1000 * noop_s / 2000, 3),
         "scheduler_memory": memory,
     }
+    if args.realistic is not None:
+        result["realistic"] = realistic(args.realistic, args.repeats)
+    result["loadavg_after_all"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=2))
 
 
