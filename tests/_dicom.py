@@ -14,7 +14,11 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 RTSTRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
 
 
-def _save(ds: Dataset, path: Path, sop_class: str) -> Path:
+def _save(ds: Dataset, path: Path, sop_class: str, bare: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if bare:  # no preamble, no file meta: a bare implicit-VR data set, as some exports hold
+        pydicom.dcmwrite(path, ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
+        return path
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -29,7 +33,7 @@ def ct_series(folder: Path, *, rows: int = 6, cols: int = 8, positions=None, row
               pixel_spacing=(1.5, 1.0), slope: float = 1.0, intercept: float = -1024.0, modality: str = "CT",
               tilt: float | None = None, sizes=None, pixels=None, patient_id: str = "P-SECRET-1",
               patient_name: str = "Doe^Jane", patient_position: str = "HFS", age: str = "007Y", sex: str = "F",
-              study_uid: str | None = None, frame_uid: str | None = None, names=None) -> dict:
+              study_uid: str | None = None, frame_uid: str | None = None, names=None, bare: bool = False) -> dict:
     """Write a CT series, one file per position; returns its UIDs and paths (in the order given).
 
     ``positions`` are ImagePositionPatient triples; ``pixels[k]`` the stored values of slice k
@@ -73,7 +77,7 @@ def ct_series(folder: Path, *, rows: int = 6, cols: int = 8, positions=None, row
         values = pixels[k] if pixels is not None else 10 * k + np.tile(np.arange(c), (r, 1))
         ds.PixelData = np.asarray(values, np.uint16).tobytes()
         name = names[k] if names else f"img_{ds.SOPInstanceUID[-6:]}.dcm"
-        paths.append(_save(ds, folder / name, CT))
+        paths.append(_save(ds, folder / name, CT, bare))
         sops.append(ds.SOPInstanceUID)
     return {"study": study_uid, "frame": frame_uid, "series": series_uid, "paths": paths, "sops": sops,
             "positions": positions}

@@ -54,6 +54,14 @@ def test_ct_sorted_along_normal_with_exact_geometry_and_hu(tmp_path):
         assert ct.array[z, 0, :].tolist() == [2 * (10 * k + c) - 1000 for c in range(8)]
 
 
+def test_files_without_preamble_are_read(tmp_path):
+    s = ct_series(tmp_path / "in" / "ct", bare=True, names=["IM1", "IM2", "IM3", "IM4"])
+    assert s["paths"][0].read_bytes()[:2] == b"\x08\x00"  # no preamble, no DICM
+    rtstruct(tmp_path / "in" / "rs.dcm", s, {"Lever": [square(10.5, -19.5, 14.5, -16.5, 32.5)]})
+    res = import_dicom(tmp_path / "in", tmp_path / "out", ImportOptions(DEFAULT_LABELS))
+    assert res.rows[0]["voxels"] == 8
+
+
 def test_ct_fractional_rescale_gives_float(tmp_path):
     s = ct_series(tmp_path / "ct", slope=0.5, intercept=-1024.0)
     ct = read_ct(read_geometry(s["series"], s["paths"]))

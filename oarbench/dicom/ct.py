@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oarbench.dicom._deps import require_pydicom
+from oarbench.dicom._deps import dcmread
 from oarbench.io import Volume
 
 __all__ = ["SliceGeometry", "SeriesGeometry", "series_geometry", "read_ct"]
@@ -165,11 +165,10 @@ def series_geometry(series_uid: str, slices: list[SliceGeometry]) -> SeriesGeome
 
 def read_geometry(series_uid: str, paths: list[Path]) -> SeriesGeometry:
     """Read the headers of ``paths`` (one series) and check them."""
-    pydicom = require_pydicom()
     slices = []
     for p in paths:
         try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            ds = dcmread(p, stop_before_pixels=True)
         except Exception as exc:  # noqa: BLE001 - any parser failure is a bad file
             raise ValueError(f"{p}: cannot read DICOM header: {exc}") from exc
         slices.append(_slice(ds, Path(p)))
@@ -178,12 +177,11 @@ def read_geometry(series_uid: str, paths: list[Path]) -> SeriesGeometry:
 
 def read_ct(geometry: SeriesGeometry) -> Volume:
     """Read the pixels of a checked series into a HU volume (axes z, y, x)."""
-    pydicom = require_pydicom()
     planes = []
     exact = True
     for s in geometry.slices:
         try:
-            ds = pydicom.dcmread(s.path)
+            ds = dcmread(s.path)
             raw = ds.pixel_array
         except Exception as exc:  # noqa: BLE001
             raise ValueError(f"{s.path}: cannot read pixel data: {exc}") from exc

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from oarbench.dicom._deps import require_pydicom
+from oarbench.dicom._deps import dcmread, require_pydicom
 
 __all__ = ["DicomFile", "Series", "StructureSet", "Inventory", "scan"]
 
@@ -95,7 +95,7 @@ def _walk(root: Path) -> Iterable[Path]:
 def _read_header(path: Path):
     pydicom = require_pydicom()
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        return dcmread(path, stop_before_pixels=True)
     except (pydicom.errors.InvalidDicomError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError):
         return None
 

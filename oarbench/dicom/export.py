@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from oarbench import __version__
-from oarbench.dicom._deps import require_highdicom, require_pydicom
+from oarbench.dicom._deps import dcmread, require_highdicom, require_pydicom
 from oarbench.dicom.ct import SeriesGeometry, read_geometry
 from oarbench.dicom.discover import scan
 from oarbench.dicom.rtstruct import Grid, trace_mask
@@ -185,7 +185,7 @@ def build_rtstruct(labels: Volume, geometry: SeriesGeometry, label_map: LabelMap
     """
     pydicom = require_pydicom()
     _check_grid(labels, geometry, source)
-    ct0 = pydicom.dcmread(geometry.slices[0].path, stop_before_pixels=True)
+    ct0 = dcmread(geometry.slices[0].path, stop_before_pixels=True)
     grid = Grid(geometry.shape_zyx, geometry.spacing_zyx, geometry.origin, geometry.direction)
     frame = str(ct0.get("FrameOfReferenceUID", "")) or new_uid(uid_seed, "frame")
     sop = new_uid(uid_seed, "rtstruct") if uid_seed else new_uid()
@@ -294,12 +294,11 @@ def _property_type(name: str):
 def build_seg(labels: Volume, geometry: SeriesGeometry, label_map: LabelMap, *, uid_seed: str = "",
               source: str = "label map"):
     """A DICOM-SEG (highdicom, BINARY, one segment per structure present) for ``labels``."""
-    pydicom = require_pydicom()
     hd = require_highdicom()
     from pydicom.sr.codedict import codes
 
     _check_grid(labels, geometry, source)
-    sources = [pydicom.dcmread(s.path) for s in geometry.slices]
+    sources = [dcmread(s.path) for s in geometry.slices]
     for src in sources:
         _fill_type2(src)
     array = np.asarray(labels.array)

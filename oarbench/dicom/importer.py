@@ -183,9 +183,9 @@ def _plan(inventory: Inventory, out: Path, options: ImportOptions, warn: Callabl
 
 
 def _header_facts(path: Path) -> dict[str, Any]:
-    from oarbench.dicom._deps import require_pydicom
+    from oarbench.dicom._deps import dcmread
 
-    ds = require_pydicom().dcmread(path, stop_before_pixels=True)
+    ds = dcmread(path, stop_before_pixels=True)
     g = lambda k: str(ds.get(k, "") or "").strip()  # noqa: E731
     sex = g("PatientSex").upper()
     return {"age": age_years(g("PatientAge"), g("PatientBirthDate"), g("StudyDate") or g("SeriesDate")),

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oarbench.dicom._deps import require_pydicom, require_skimage_draw, require_skimage_measure
+from oarbench.dicom._deps import dcmread, require_skimage_draw, require_skimage_measure
 
 __all__ = [
     "PLANE_TOL_FRACTION",
@@ -108,10 +108,9 @@ class RoiMask:
 
 def read_rtstruct(path: str | Path) -> tuple[list[Roi], object]:
     """Read the ROIs and contours of an RTSTRUCT file; returns ``(rois, dataset)``."""
-    pydicom = require_pydicom()
     path = Path(path)
     try:
-        ds = pydicom.dcmread(path)
+        ds = dcmread(path)
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"{path}: cannot read RTSTRUCT: {exc}") from exc
     names: dict[int, tuple[str, str]] = {}
