@@ -26,11 +26,14 @@ from oarbench import __version__
 from oarbench import storage
 from oarbench.executors import Executor, LocalExecutor
 from oarbench.io import (
+    OutputLock,
     check_same_grid,
     find_cases,
     read_volume,
     resample_nearest,
+    safe_name,
     same_grid,
+    write_output_set,
 )
 from oarbench.labels import LabelMap
 from oarbench.metrics import RESULT_COLUMNS, evaluate_labels, resolve_backend
@@ -91,9 +94,23 @@ class Job:
     cases: tuple[str, ...] = field(default=())
     patients: tuple[tuple[str, str], ...] = field(default=())  # (case, patient); default: the case
 
+    def __post_init__(self) -> None:
+        for what in ("study", "centre", "model", "condition"):
+            value = getattr(self, what)
+            if value:
+                safe_name(value, what)
+
     @property
     def tag(self) -> str:
-        return "__".join(x or "-" for x in (self.study, self.centre, self.model, self.condition))
+        return _short_name("__".join(x or "-" for x in (self.study, self.centre, self.model, self.condition)))
+
+
+def _short_name(text: str, limit: int = 120) -> str:
+    """``text`` as a file name within the file system's 255-byte limit (long names: prefix + hash)."""
+    if len(text.encode("utf-8")) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return f"{text.encode('utf-8')[:80].decode('utf-8', 'ignore')}-{digest}"
 
 
 def jobs_from_folders(reference: str | Path, prediction: str | Path, **columns: str) -> list[Job]:
@@ -197,35 +214,34 @@ def evaluate_case(reference: Path, prediction: Path | None, options: EvalOptions
     return [r.as_dict() for r in results]
 
 
-def _file_stamp(path: storage.Location | None) -> list[Any] | None:
-    return storage.stamp(path)
-
-
 class _CaseCache:
-    """Per-case JSON files under ``OUT/cache/<options key>/<job tag>/CASE.json``."""
+    """Per-case JSON files under ``OUT/cache/<options key>/<job tag>/CASE.json``.
+
+    An entry is used only when the sha256 of the reference and the prediction
+    it was computed from equal those of the files now: replacing a file by
+    other content of the same size and modification time (``cp -p``, rsync)
+    makes the case be scored again. Temporary files of a killed run are removed
+    under the lock on OUT (:class:`oarbench.io.OutputLock`).
+    """
 
     def __init__(self, out_dir: storage.Location, options: EvalOptions, job: Job) -> None:
         self.folder = storage.join(out_dir, "cache", options.cache_key(), job.tag)
-        # A killed run can leave the temporary file of an unfinished write behind.
-        if isinstance(self.folder, Path) and self.folder.is_dir():
-            for stale in self.folder.glob(".*.partial*"):
-                stale.unlink(missing_ok=True)
 
     def _path(self, case: str) -> storage.Location:
-        return storage.join(self.folder, f"{case}.json")
+        return storage.join(self.folder, f"{_short_name(case)}.json")
 
-    def load(self, case: str, ref: Path, pred: Path | None) -> list[dict[str, Any]] | None:
+    def load(self, case: str, inputs: list[str | None]) -> list[dict[str, Any]] | None:
         path = self._path(case)
         try:
             data = json.loads(storage.read_text(path))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return None
-        if data.get("inputs") != [_file_stamp(ref), _file_stamp(pred)]:
+        if not isinstance(data, dict) or data.get("case") != case or data.get("sha256") != inputs:
             return None
-        return data["rows"]
+        return data.get("rows")
 
-    def store(self, case: str, ref: Path, pred: Path | None, rows: list[dict[str, Any]]) -> None:
-        payload = {"inputs": [_file_stamp(ref), _file_stamp(pred)], "rows": rows}
+    def store(self, case: str, inputs: list[str | None], rows: list[dict[str, Any]]) -> None:
+        payload = {"case": case, "sha256": inputs, "rows": rows}
         storage.write_text(self._path(case), json.dumps(payload, allow_nan=True))
 
 
@@ -285,6 +301,15 @@ def evaluate_jobs(
     out_dir = storage.as_location(out_dir)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    with OutputLock(out_dir):
+        return _evaluate_jobs(jobs, options, out_dir, workers=workers, force=force, progress=progress,
+                              executor=executor)
+
+
+def _evaluate_jobs(
+    jobs: list[Job], options: EvalOptions, out_dir: storage.Location, *, workers: int, force: bool,
+    progress: bool, executor: Executor | None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     # Backends that hold a GPU stay in this process.
     backend, device = resolve_backend(options.backend, options.device)
     if executor is None:
@@ -305,11 +330,22 @@ def evaluate_jobs(
     rows: list[dict[str, Any]] = []
     todo: list[tuple[Job, str, Path, Path | None]] = []
     done: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    # The content hash of every input keys the cache and goes into run.json.
+    inputs: dict[str, str] = {}
+    for _, pairs in planned:
+        for _, ref, pred in pairs:
+            for loc in (ref, pred):
+                if loc is not None and str(loc) not in inputs:
+                    inputs[str(loc)] = storage.sha256(loc)
+
+    def hashes(ref: Path, pred: Path | None) -> list[str | None]:
+        return [inputs[str(ref)], None if pred is None else inputs[str(pred)]]
+
     caches = {job.tag: _CaseCache(out_dir, options, job) for job, _ in planned}
     for job, pairs in planned:
         cache = caches[job.tag]
         for case, ref, pred in pairs:
-            cached = None if force else cache.load(case, ref, pred)
+            cached = None if force else cache.load(case, hashes(ref, pred))
             if cached is None:
                 todo.append((job, case, ref, pred))
             else:
@@ -320,7 +356,7 @@ def evaluate_jobs(
 
     def finished(i: int, result: tuple[str, list[dict[str, Any]]]) -> None:
         job, case, ref, pred = todo[i]
-        caches[job.tag].store(case, ref, pred, result[1])
+        caches[job.tag].store(case, hashes(ref, pred), result[1])
         done[(job.tag, case)] = result[1]
         bar.update(1)
 
@@ -331,7 +367,6 @@ def evaluate_jobs(
         bar.close()
     elapsed = time.perf_counter() - start
 
-    inputs: dict[str, str] = {}
     for job, pairs in planned:
         patient_of = dict(job.patients)
         for case, ref, pred in pairs:
@@ -339,9 +374,6 @@ def evaluate_jobs(
                 rows.append({"study": job.study, "centre": job.centre, "model": job.model,
                              "condition": job.condition, "case": case, "patient": patient_of.get(case, case),
                              **row})
-            inputs[str(ref)] = storage.sha256(ref)
-            if pred is not None:
-                inputs[str(pred)] = storage.sha256(pred)
 
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     provenance = {
@@ -443,22 +475,30 @@ def summarise(table: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS, boo
     return pd.DataFrame(out)
 
 
-def write_outputs(out_dir: str | Path, table: pd.DataFrame, provenance: dict[str, Any]) -> dict[str, Path]:
-    """Write metrics.csv, summary.csv and run.json atomically, and metrics.parquet
-    (partitioned by centre / model / condition, :mod:`oarbench.tables`) where
-    pyarrow is installed."""
+def write_outputs(out_dir: str | Path, table: pd.DataFrame, provenance: dict[str, Any]) -> dict[str, Any]:
+    """Write metrics.csv, summary.csv, metrics.parquet (where pyarrow is installed;
+    partitioned by centre / model / condition, :mod:`oarbench.tables`) and run.json as one set.
+
+    The tables are written in full before run.json, which comes last and names
+    the sha256 of metrics.csv and summary.csv under ``outputs``; a set mixed by a
+    kill between the writes is refused by readers
+    (:func:`oarbench.io.check_output_set`). Locally, all files are written to
+    temporary files before any is renamed into place, under the lock on
+    ``out_dir``.
+    """
     out_dir = storage.as_location(out_dir)
-    if isinstance(out_dir, Path):
-        out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(table)
-    paths = {
-        "metrics": storage.write_text(storage.join(out_dir, "metrics.csv"), table.to_csv(index=False, float_format="%.10g")),
-        "summary": storage.write_text(storage.join(out_dir, "summary.csv"), summary.to_csv(index=False, float_format="%.6g")),
-        "run": storage.write_text(storage.join(out_dir, "run.json"), json.dumps(provenance, indent=2, default=str)),
+    files = {
+        "metrics.csv": table.to_csv(index=False, float_format="%.10g").encode("utf-8"),
+        "summary.csv": summary.to_csv(index=False, float_format="%.6g").encode("utf-8"),
     }
     from oarbench.tables import have_pyarrow, write_parquet
 
-    if have_pyarrow():
-        paths["parquet"] = storage.join(out_dir, "metrics.parquet")
-        write_parquet(table, paths["parquet"])
+    paths: dict[str, Any] = {}
+    with OutputLock(out_dir):
+        if have_pyarrow():
+            paths["parquet"] = storage.join(out_dir, "metrics.parquet")
+            write_parquet(table, paths["parquet"])
+        written = write_output_set(out_dir, files, "run.json", provenance)
+    paths.update({"metrics": written["metrics.csv"], "summary": written["summary.csv"], "run": written["run.json"]})
     return paths

@@ -8,13 +8,18 @@ is given in the same order, in mm (the reverse of ``image.GetSpacing()``), while
 from __future__ import annotations
 
 import contextlib
+import errno
+import gzip
 import hashlib
+import math
 import os
 import re
+import struct
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -22,6 +27,7 @@ import SimpleITK as sitk
 __all__ = [
     "Volume",
     "read_volume",
+    "check_image_file",
     "write_volume",
     "same_grid",
     "check_same_grid",
@@ -31,6 +37,10 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "atomic_write_bytes",
     "atomic_write_text",
+    "write_output_set",
+    "check_output_set",
+    "OutputLock",
+    "safe_name",
     "sha256_file",
 ]
 
@@ -115,7 +125,8 @@ def find_cases(folder: str | Path, *, images: bool = False) -> dict[str, Path]:
     ``images=True`` reads an nnU-Net image folder: ``CASE_0000.nii.gz`` is case
     ``CASE``; further channels (``_0001``, ...) are not oarbench's business and
     are left out. Raises ValueError when the folder does not exist, holds no
-    images, or two files claim the same case id.
+    images, holds an image name that is a broken symbolic link, or two files
+    claim the same case id.
 
     ``folder`` may be an fsspec URL (``s3://bucket/study/labelsTs``); the
     values are then URL strings (:mod:`oarbench.storage`).
@@ -126,6 +137,10 @@ def find_cases(folder: str | Path, *, images: bool = False) -> dict[str, Path]:
     if not storage.is_dir(folder):
         raise ValueError(f"{folder}: folder not found")
     cases: dict[str, Path] = {}
+    if isinstance(folder, Path):
+        for link in sorted(folder.iterdir()):
+            if link.is_symlink() and not link.exists() and not link.name.startswith(".") and case_id(link):
+                raise ValueError(f"{link}: broken symbolic link (points to {os.readlink(link)})")
     for path in storage.list_files(folder):
         fname = storage.name(path)
         stem = case_id(fname)
@@ -144,12 +159,104 @@ def find_cases(folder: str | Path, *, images: bool = False) -> dict[str, Path]:
     return cases
 
 
+# NIfTI datatype codes of floating-point voxels -> numpy type (docs/evaluate.md, "Damaged files").
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+_CHUNK = 1 << 22
+
+
+def _nifti_layout(header: bytes, path: Path) -> tuple[int, int, int, str | None]:
+    """(voxel offset, payload bytes, bytes per voxel, float numpy dtype or None) of a NIfTI-1/2 header."""
+    if len(header) < 4:
+        raise ValueError(f"{path}: truncated NIfTI header ({len(header)} bytes)")
+    for order in "<>":
+        size = struct.unpack(order + "i", header[:4])[0]
+        if size in (348, 540):
+            break
+    else:
+        raise ValueError(f"{path}: not a NIfTI file (header size field {struct.unpack('<i', header[:4])[0]})")
+    if len(header) < size:
+        raise ValueError(f"{path}: truncated NIfTI header ({len(header)} of {size} bytes)")
+    if size == 348:
+        dims = struct.unpack(order + "8h", header[40:56])
+        datatype, bitpix = struct.unpack(order + "hh", header[70:74])
+        vox_offset = struct.unpack(order + "f", header[108:112])[0]
+    else:
+        datatype, bitpix = struct.unpack(order + "hh", header[12:16])
+        dims = struct.unpack(order + "8q", header[16:80])
+        vox_offset = struct.unpack(order + "q", header[168:176])[0]
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or any(d < 1 for d in dims[1 : ndim + 1]):
+        raise ValueError(f"{path}: invalid NIfTI dimensions {list(dims[1 : max(ndim, 0) + 1])}")
+    if bitpix <= 0 or not math.isfinite(vox_offset) or vox_offset < size:
+        raise ValueError(f"{path}: invalid NIfTI header (bitpix {bitpix}, voxel offset {vox_offset})")
+    n = math.prod(dims[1 : ndim + 1])
+    dtype = _NIFTI_FLOATS.get(datatype)
+    return int(vox_offset), (n * bitpix + 7) // 8, max(bitpix // 8, 1), (order + dtype) if dtype else None
+
+
+def _scan_payload(stream: Any, path: Path, what: str) -> None:
+    """Read a NIfTI byte stream to its end: the voxel data must be complete and hold no NaN."""
+    header = stream.read(540)
+    offset, need, item, float_dtype = _nifti_layout(header, path)
+    seen = len(header)
+    nan = 0
+    carry = header[offset:] if seen > offset else b""
+    while True:
+        block = stream.read(_CHUNK)
+        if not block:
+            break
+        block_data = block[offset - seen:] if seen < offset else block
+        seen += len(block)
+        if float_dtype is not None and block_data:
+            carry += block_data
+            usable = len(carry) - len(carry) % item
+            nan += int(np.count_nonzero(np.isnan(np.frombuffer(carry[:usable], dtype=float_dtype))))
+            carry = carry[usable:]
+    if float_dtype is not None and carry and len(carry) >= item:
+        usable = len(carry) - len(carry) % item
+        nan += int(np.count_nonzero(np.isnan(np.frombuffer(carry[:usable], dtype=float_dtype))))
+    have = max(0, seen - offset)
+    if have < need:
+        raise ValueError(
+            f"{path}: cannot read image: incomplete voxel data: {what} holds {have} bytes of voxel data, the header needs {need} "
+            "(an interrupted copy?)"
+        )
+    if nan:
+        raise ValueError(f"{path}: {nan} voxel(s) are NaN (not a number); refusing to read them as 0")
+
+
+def check_image_file(path: str | Path) -> None:
+    """Check that an image file is complete before any number is read from it.
+
+    SimpleITK reads a truncated NIfTI file without complaint, filling the
+    missing voxels with 0, and reads NaN voxels as 0. For ``.nii`` and
+    ``.nii.gz`` files this reads the whole payload and raises ValueError naming
+    the file when the gzip stream is damaged or incomplete (end-of-stream
+    marker, CRC-32 and length trailer), when the voxel data after the header's
+    voxel offset is shorter than its dimensions x bytes per voxel, or when a
+    floating-point image holds NaN voxels. Other formats are checked by their
+    SimpleITK readers, which refuse incomplete data.
+    """
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        try:
+            with gzip.open(path, "rb") as stream:
+                _scan_payload(stream, path, "the decompressed file")
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise ValueError(f"{path}: cannot read image: damaged or incomplete gzip stream ({exc}); an interrupted copy?") from None
+    elif name.endswith(".nii"):
+        with open(path, "rb") as stream:
+            _scan_payload(stream, path, "the file")
+
+
 def read_volume(path: str | Path, *, allow_4d: bool = False) -> Volume:
     """Read an image file into a :class:`Volume`.
 
-    Raises ValueError naming the file when it is missing, unreadable, corrupt, or
-    not 2D/3D. ``path`` may be an fsspec URL: the file is copied to a temporary
-    local file and read from there.
+    Raises ValueError naming the file when it is missing, unreadable, corrupt,
+    incomplete (:func:`check_image_file`), holds NaN voxels, or is not 2D/3D.
+    ``path`` may be an fsspec URL: the file is copied to a temporary local file
+    and read (and checked) from there.
     """
     from oarbench import storage
 
@@ -162,8 +269,11 @@ def read_volume(path: str | Path, *, allow_4d: bool = False) -> Volume:
             except ValueError as exc:
                 raise ValueError(str(exc).replace(str(local), str(path))) from None
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{path}: broken symbolic link (points to {os.readlink(path)})")
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
+    check_image_file(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -174,13 +284,24 @@ def read_volume(path: str | Path, *, allow_4d: bool = False) -> Volume:
         raise ValueError(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar image")
     if image.GetDimension() not in (2, 3) and not allow_4d:
         raise ValueError(f"{path}: is a {image.GetDimension()}D image; expected 3D (or 2D)")
-    return Volume.from_image(image)
+    volume = Volume.from_image(image)
+    if volume.array.dtype.kind in "fc":
+        nan = int(np.count_nonzero(np.isnan(volume.array)))
+        if nan:
+            raise ValueError(f"{path}: {nan} voxel(s) are NaN (not a number)")
+    return volume
+
+
+#: Marker in the names of temporary files of unfinished writes (removed by :class:`OutputLock`).
+PARTIAL_MARK = ".partial"
 
 
 def _atomic_target(path: Path) -> tuple[int, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}.", suffix=f".partial{suffix}", dir=path.parent)
+    suffix = "".join(path.suffixes)[-24:] or ".tmp"
+    # A short prefix keeps the temporary name within the file system's name limit.
+    stem = path.name.split(".")[0][:64]
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f"{PARTIAL_MARK}{suffix}", dir=path.parent)
     # mkstemp creates 0600; give the final file the permissions a plain open() would.
     umask = os.umask(0)
     os.umask(umask)
@@ -206,7 +327,12 @@ def write_volume(volume: Volume, path: str | Path, *, compress: bool = True) -> 
     path = Path(path)
     with _atomic(path) as (fd, tmp):
         os.close(fd)
-        sitk.WriteImage(volume.to_image(), tmp, useCompression=compress)
+        try:
+            sitk.WriteImage(volume.to_image(), tmp, useCompression=compress)
+        except RuntimeError as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            detail = next((ln for ln in lines if "ERROR" in ln or "Could not" in ln), lines[-1] if lines else "")
+            raise OSError(errno.EIO, f"cannot write image ({detail})", str(path)) from None
     return path
 
 
@@ -224,6 +350,177 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write text (UTF-8) to ``path`` atomically."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_output_set(folder: Any, files: dict[str, bytes], record: str, record_data: dict[str, Any]) -> dict[str, Any]:
+    """Write ``files`` and a JSON ``record`` naming their sha256, as one set.
+
+    Every file is first written in full to a temporary file (so a full disk
+    fails before any old output is touched); then the files are renamed into
+    place and the record last. ``record_data["outputs"]`` maps each file name to
+    its sha256, so a set mixed from two runs (a kill between renames) is
+    detected by :func:`check_output_set`. ``folder`` may be an fsspec URL: the
+    objects are then written one after another (each write is atomic), the
+    record last.
+    """
+    import json
+
+    from oarbench import storage
+
+    payload = dict(record_data)
+    payload["outputs"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    blobs = {**files, record: (json.dumps(payload, indent=2, default=str) + "\n").encode("utf-8")}
+    loc = storage.as_location(folder)
+    if not isinstance(loc, Path):
+        return {name: storage.write_bytes(storage.join(loc, name), data) for name, data in blobs.items()}
+    folder = loc
+    folder.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[str, Path]] = []
+    try:
+        for name, data in blobs.items():
+            fd, tmp = _atomic_target(folder / name)
+            staged.append((tmp, folder / name))
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        for tmp, target in staged:  # the record is renamed last
+            os.replace(tmp, target)
+        _fsync_dir(folder)
+    finally:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+    return {name: folder / name for name in blobs}
+
+
+def check_output_set(path: str | Path, record: str = "run.json") -> None:
+    """Raise ValueError when ``path`` does not match the sha256 that the run record
+    beside it names (its set was mixed by an interrupted write, or the file was
+    edited). Files without a record, or a record without hashes, are not checked."""
+    import json
+
+    path = Path(path)
+    rec = path.parent / record
+    if not rec.is_file():
+        return
+    try:
+        outputs = json.loads(rec.read_text()).get("outputs")
+    except (OSError, ValueError, AttributeError):
+        raise ValueError(f"{rec}: cannot read the run record") from None
+    if not isinstance(outputs, dict) or path.name not in outputs:
+        return
+    if sha256_file(path) != outputs[path.name]:
+        raise ValueError(
+            f"{path}: does not match {rec} (sha256 differs): the outputs in {path.parent} are not one set "
+            "(an interrupted or concurrent run, or an edited file); rerun to rewrite them"
+        )
+
+
+_NAME_FORBIDDEN = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def safe_name(value: str, what: str, *, max_len: int = 100) -> str:
+    """``value`` if it can be one path component, else ValueError saying why.
+
+    Names used in file paths (centres, models, studies, conditions) must not be
+    empty, start with a dot (``..`` would leave the output folder), hold a path
+    separator or a control character, or be longer than ``max_len`` characters.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{what}: name must be a non-empty string, got {value!r}")
+    if value.startswith(".") or _NAME_FORBIDDEN.search(value) or len(value) > max_len:
+        raise ValueError(
+            f"{what}: name {value!r} cannot be used in file names (no leading '.', no '/' or '\\', "
+            f"no control characters, at most {max_len} characters)"
+        )
+    return value
+
+
+class OutputLock:
+    """An exclusive lock on an output folder for one run (``OUT/.oarbench.lock``).
+
+    A second run on the same folder refuses with a clear error instead of
+    disturbing the first. Once the lock is held, temporary files left by a
+    killed run (``.*.partial*``) are removed. Re-entrant within one process.
+    """
+
+    _held: dict[str, tuple[int, int]] = {}
+
+    def __init__(self, folder: Any) -> None:
+        from oarbench import storage
+
+        loc = storage.as_location(folder)
+        # An object store has no locks: remote output folders are not locked.
+        self.folder = loc if isinstance(loc, Path) else None
+        self._key = ""
+        self._created = False
+
+    def __enter__(self) -> "OutputLock":
+        if self.folder is None:
+            return self
+        self._created = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key = str(self.folder.resolve())
+        self._key = key
+        if key in self._held:
+            fd, count = self._held[key]
+            self._held[key] = (fd, count + 1)
+            return self
+        lock_path = self.folder / ".oarbench.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: no lock
+            fcntl = None  # type: ignore[assignment]
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                try:
+                    owner = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+                finally:
+                    os.close(fd)
+                raise ValueError(
+                    f"{self.folder}: another oarbench run is writing to this folder"
+                    + (f" (process {owner})" if owner else "")
+                    + "; wait for it to finish or choose another output folder"
+                ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._held[key] = (fd, 1)
+        for stale in self.folder.rglob(f".*{PARTIAL_MARK}*"):
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.folder is None:
+            return
+        fd, count = self._held[self._key]
+        if count > 1:
+            self._held[self._key] = (fd, count - 1)
+            return
+        del self._held[self._key]
+        lock_path = self.folder / ".oarbench.lock"
+        # A run that stopped before writing anything leaves no folder behind.
+        if self._created and [p.name for p in self.folder.iterdir()] == [lock_path.name]:
+            lock_path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
+        os.close(fd)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -619,6 +619,9 @@ def _load(obj: Any, name: str) -> pd.DataFrame | None:
         return read_table(path)
     if not path.is_file():
         raise ValueError(f"{path}: {name} file not found")
+    from oarbench.io import check_output_set  # the tables of one run, not a mixed set
+
+    check_output_set(path)
     try:
         return pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from oarbench.io import safe_name
 from oarbench.labels import DEFAULT_LABELS, LabelMap, load_label_map
 
 if sys.version_info >= (3, 11):
@@ -72,6 +73,16 @@ def _resolve(root: Path, value: str) -> Path:
     return p if p.is_absolute() else root / p
 
 
+def _check_name(path: Path, value: Any, where: str) -> None:
+    """Centre, model and study names become folder and file names: refuse any that could not."""
+    if not isinstance(value, str):
+        raise ValueError(f"{path}: {where}: name must be a string, got {value!r}")
+    try:
+        safe_name(value, "name")
+    except ValueError as exc:
+        raise ValueError(f"{path}: {where}: {str(exc).split(': ', 1)[1]}") from None
+
+
 def load_study(path: str | Path) -> Study:
     """Read and check a study TOML. Paths are relative to the file's folder."""
     path = Path(path)
@@ -95,6 +106,7 @@ def load_study(path: str | Path) -> Study:
     for i, c in enumerate(data.get("centres", [])):
         if "name" not in c or "reference" not in c:
             raise ValueError(f"{path}: [[centres]] entry {i + 1} needs 'name' and 'reference'")
+        _check_name(path, c["name"], f"[[centres]] entry {i + 1}")
         centres.append(
             Centre(
                 name=str(c["name"]),
@@ -109,6 +121,7 @@ def load_study(path: str | Path) -> Study:
     for i, m in enumerate(data.get("models", [])):
         if "name" not in m or "predictions" not in m:
             raise ValueError(f"{path}: [[models]] entry {i + 1} needs 'name' and 'predictions'")
+        _check_name(path, m["name"], f"[[models]] entry {i + 1}")
         models.append(
             Model(
                 name=str(m["name"]),
@@ -117,6 +130,13 @@ def load_study(path: str | Path) -> Study:
                 root=root,
             )
         )
+    for kind, items in (("centre", centres), ("model", models)):
+        names = [x.name for x in items]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"{path}: {kind} name(s) {twice} appear more than once")
+    if "name" in meta:
+        _check_name(path, meta["name"], "[study] name")
     return Study(
         name=str(meta.get("name", path.stem)),
         path=path,

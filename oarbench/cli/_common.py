@@ -7,22 +7,36 @@ from typing import Any, Callable, TypeVar
 
 import click
 
+from oarbench._optional import MissingDependency
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def user_errors(func: F) -> F:
-    """Turn the library's ``ValueError``/``FileNotFoundError`` into a clean CLI error.
+def _os_message(exc: OSError) -> str:
+    """``PATH: reason`` for an operating-system error (full disk, name too long, ...)."""
+    if exc.strerror:
+        where = exc.filename if exc.filename is not None else ""
+        return f"{where}: {exc.strerror}" if where else exc.strerror
+    return str(exc)
 
-    The message (which names the file and the problem) goes to stderr and the
-    exit code is 1 (click's ClickException); tracebacks are kept for bugs.
+
+def user_errors(func: F) -> F:
+    """Turn the library's errors about inputs and the environment into a clean CLI error.
+
+    ``ValueError`` (bad input, naming the file), ``OSError`` (missing file,
+    permissions, full disk, over-long names) and a missing optional dependency
+    end in one line on stderr and exit code 1 (click's ClickException);
+    tracebacks are kept for bugs.
     """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as exc:
+        except (ValueError, MissingDependency) as exc:
             raise click.ClickException(str(exc)) from exc
+        except OSError as exc:
+            raise click.ClickException(_os_message(exc)) from exc
 
     return wrapper  # type: ignore[return-value]
 

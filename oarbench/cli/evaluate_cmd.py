@@ -55,6 +55,7 @@ def evaluate(study, reference, prediction, labels_path, out, workers, device, to
     --reference DIR --prediction DIR.
     """
     from oarbench.evaluate import EvalOptions, evaluate_jobs, jobs_from_folders, jobs_from_study, write_outputs
+    from oarbench.io import OutputLock
     from oarbench.labels import load_label_map
 
     if study is not None:
@@ -78,14 +79,16 @@ def evaluate(study, reference, prediction, labels_path, out, workers, device, to
     executor = None
     if executor_kind != "local" or scheduler or resources:
         executor = open_executor(executor_kind, workers, scheduler, resources)
-    try:
-        table, provenance = evaluate_jobs(jobs, options, out, workers=workers, force=force, progress=not quiet,
-                                          executor=executor)
-    finally:
-        if executor is not None:
-            executor.close()
-    provenance["command"] = "evaluate"
-    paths = write_outputs(out, table, provenance)
+    # One run at a time per output folder; the outputs are written as one set.
+    with OutputLock(out):
+        try:
+            table, provenance = evaluate_jobs(jobs, options, out, workers=workers, force=force, progress=not quiet,
+                                              executor=executor)
+        finally:
+            if executor is not None:
+                executor.close()
+        provenance["command"] = "evaluate"
+        paths = write_outputs(out, table, provenance)
     for w in provenance["warnings"]:
         click.echo(f"warning: {w}", err=True)
     if not quiet:

@@ -39,6 +39,9 @@ def _read_table(path: Path, what: str):  # -> pandas.DataFrame
         from oarbench.tables import read_table
 
         return read_table(path)
+    from oarbench.io import check_output_set
+
+    check_output_set(path)
     try:
         return pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

@@ -34,6 +34,9 @@ def _resolve_spec(spec: str, root: Path) -> str:
 @click.option("--centre", "centres", multiple=True, help="With --study: only these centres.")
 @click.option("--device", default="cpu", show_default=True, help="nnU-Net device: cpu, cuda or cuda:N.")
 @click.option("--mirroring/--no-mirroring", default=True, show_default=True, help="nnU-Net test-time mirroring.")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Load nnU-Net checkpoints with full pickle, which can run code stored in the file; only for "
+                   "checkpoints from a source you trust (default: PyTorch's restricted loader, model data only).")
 @click.option("--tolerance", type=float, default=None, help="Surface-DSC tolerance in mm [default: 2.0 or the study's].")
 @click.option("--keep-work", is_flag=True, help="Keep perturbed images and raw predictions under OUT/work.")
 @click.option("--save-predictions", default=None,
@@ -44,7 +47,8 @@ def _resolve_spec(spec: str, root: Path) -> str:
 @executor_options
 @user_errors
 def robustness(rotate, conditions, images, reference, predictor_spec, out, labels_path, study, model_name, centres,
-               device, mirroring, tolerance, keep_work, save_predictions, workers, executor_kind, scheduler, resources):
+               device, mirroring, trust_checkpoint, tolerance, keep_work, save_predictions, workers, executor_kind,
+               scheduler, resources):
     """Robustness to orientation: robustness.csv, noise_floor.csv, robustness_summary.csv.
 
     Either --images DIR --reference DIR --predictor SPEC, or --study STUDY.toml
@@ -100,7 +104,8 @@ def robustness(rotate, conditions, images, reference, predictor_spec, out, label
     else:
         raise click.UsageError("give --rotate (the default set) or --conditions")
     perts = parse_conditions(names)
-    predictor = parse_predictor(predictor_spec, device=device, use_mirroring=mirroring)
+    predictor = parse_predictor(predictor_spec, device=device, use_mirroring=mirroring,
+                                trust_checkpoint=trust_checkpoint)
 
     executor = None
     if executor_kind != "local" or workers > 1 or scheduler or resources:

@@ -14,7 +14,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from scipy import ndimage
@@ -129,22 +129,83 @@ def _surface_backend(backend: str, device: str) -> SurfaceBackend:
     return surface_distances_in_box
 
 
-def _as_label_array(arr: Any, name: str) -> np.ndarray:
+def _as_label_map(labels: Any) -> LabelMap:
+    """A :class:`LabelMap` from a LabelMap or an unambiguous plain mapping.
+
+    ``{1: "Liver"}`` (value -> name) and nnU-Net's ``{"Liver": 1}`` (name ->
+    value, ``"background": 0`` dropped) are both accepted.
+    """
+    if isinstance(labels, LabelMap):
+        return labels
+    hint = (
+        "pass a LabelMap, a {value: name} mapping such as {1: 'Liver'}, "
+        "or a {name: value} mapping such as {'Liver': 1}"
+    )
+    if not isinstance(labels, Mapping):
+        raise TypeError(f"labels: {hint}; got {type(labels).__name__}")
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+    items = list(labels.items())
+    if all(is_int(k) and isinstance(v, str) for k, v in items):
+        return LabelMap({int(k): v for k, v in items if int(k) != 0})
+    if all(isinstance(k, str) and is_int(v) for k, v in items):
+        return LabelMap({int(v): k for k, v in items if int(v) != 0})
+    raise TypeError(f"labels: {hint}; got a mapping of {sorted({type(k).__name__ for k, _ in items})} "
+                    f"to {sorted({type(v).__name__ for _, v in items})}")
+
+
+def _unexpected_values(a: np.ndarray, labels: LabelMap) -> list[int]:
+    """Non-zero values of ``a`` that are not in ``labels`` (error path only)."""
+    return [int(v) for v in np.unique(a) if v != 0 and int(v) not in labels]
+
+
+def _shown(values: list[Any], limit: int = 10) -> str:
+    def one(v: Any) -> str:
+        if isinstance(v, float):
+            return str(int(v)) if v.is_integer() else f"{v:g}"
+        return str(v)
+
+    text = ", ".join(one(v) for v in values[:limit])
+    return text + (f" ... ({len(values)} values)" if len(values) > limit else "")
+
+
+def _as_label_array(arr: Any, name: str, labels: LabelMap) -> np.ndarray:
+    """The label array as unsigned integers, refused unless every value is 0 or in ``labels``.
+
+    The values are checked before anything is allocated per value (find_objects
+    allocates one entry per value up to the largest one present).
+    """
     if type(arr).__module__.startswith("torch"):
         arr = arr.detach().cpu().numpy()
     a = np.asarray(arr)
     if a.dtype == np.bool_:
         return a.view(np.uint8)
     if a.dtype.kind == "f":
-        if not np.all(np.isfinite(a)) or np.any(a != np.round(a)):
-            raise ValueError(f"{name}: label values must be integers, found non-integer values")
-        if a.size and a.min() < 0:
-            raise ValueError(f"{name}: label values must be >= 0, found {a.min():g}")
-        return a.astype(np.int32 if a.max(initial=0) > 255 else np.uint8)
-    if a.dtype.kind not in "iu":
+        n_nan = int(np.count_nonzero(np.isnan(a)))
+        if n_nan:
+            raise ValueError(f"{name}: {n_nan} voxel(s) are NaN; a label image must hold integers")
+        finite = np.isfinite(a)
+        if not np.all(finite) or np.any(a != np.round(a)):
+            bad = np.unique(a[~finite | (a != np.round(a))])
+            raise ValueError(f"{name}: label values must be integers, found non-integer values {_shown([float(v) for v in bad])}")
+    elif a.dtype.kind not in "iu":
         raise ValueError(f"{name}: label image must hold integers, got dtype {a.dtype}")
-    if a.dtype.kind == "i" and a.size and a.min() < 0:
-        raise ValueError(f"{name}: label values must be >= 0, found {a.min()}")
+    if a.size == 0:
+        return a.astype(np.uint8)
+    lo, hi = a.min(), a.max()
+    if lo < 0:
+        raise ValueError(f"{name}: label values must be >= 0, found {lo:g}")
+    if hi > labels.max_value:
+        if a.dtype.kind == "f":
+            bad_f = [float(v) for v in np.unique(a) if v != 0 and not (v <= labels.max_value and int(v) in labels)]
+            raise ValueError(f"{name}: label values [{_shown(bad_f)}] are not in the label map "
+                             f"(known: {_shown(labels.values, 40)})")
+        raise ValueError(f"{name}: label values [{_shown(_unexpected_values(a, labels))}] are not in the "
+                         f"label map (known: {_shown(labels.values, 40)})")
+    if a.dtype.kind == "f":
+        return a.astype(np.min_scalar_type(int(hi)))
     return a
 
 
@@ -168,7 +229,7 @@ def evaluate_labels(
     reference: Any,
     prediction: Any,
     spacing: Any,
-    labels: LabelMap,
+    labels: LabelMap | Mapping[Any, Any],
     *,
     tolerance_mm: float = 2.0,
     backend: str = "auto",
@@ -185,7 +246,10 @@ def evaluate_labels(
     spacing:
         Voxel size in mm along the array axes.
     labels:
-        Which value is which structure; one row per entry, in value order.
+        Which value is which structure; one row per entry, in value order. A
+        :class:`~oarbench.labels.LabelMap`, ``{value: name}`` or nnU-Net's
+        ``{name: value}`` (``"background": 0`` is dropped); anything else
+        raises TypeError.
     tolerance_mm:
         Tolerance of the surface Dice (``sdsc``).
     backend, device:
@@ -203,8 +267,9 @@ def evaluate_labels(
         (reference only), ``hallucinated`` (prediction only) or ``absent``
         (neither).
     """
-    ref = _as_label_array(reference, "reference")
-    pred = _as_label_array(prediction, "prediction")
+    labels = _as_label_map(labels)
+    ref = _as_label_array(reference, "reference", labels)
+    pred = _as_label_array(prediction, "prediction", labels)
     sp = check_pair(ref, pred, spacing)
     if tolerance_mm < 0:
         raise ValueError(f"tolerance must be >= 0 mm, got {tolerance_mm}")
@@ -303,7 +368,7 @@ def _evaluate_boxes(
         unknown = [v + 1 for v, box in enumerate(boxes) if box is not None and (v + 1) not in labels]
         if unknown:
             raise ValueError(
-                f"{name}: label values {unknown} are not in the label map (known: {labels.values})"
+                f"{name}: label values [{_shown(unknown)}] are not in the label map (known: {_shown(labels.values, 40)})"
             )
 
     voxel_ml = float(np.prod(sp)) / 1000.0

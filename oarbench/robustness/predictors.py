@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from oarbench.io import case_id, find_cases
 
@@ -38,6 +38,7 @@ __all__ = [
     "CommandPredictor",
     "NnUNetModelPredictor",
     "parse_predictor",
+    "load_checkpoint",
     "stage_inputs",
 ]
 
@@ -190,6 +191,10 @@ class NnUNetModelPredictor:
         Checkpoint file name inside each fold folder.
     tile_step_size:
         Sliding-window step as a fraction of the patch (nnU-Net default 0.5).
+    trust_checkpoint:
+        Load the checkpoints with full pickle (which can run code stored in
+        the file) instead of PyTorch's restricted loader; only for files from
+        a source you trust (:func:`load_checkpoint`).
     """
 
     model_folder: Path
@@ -198,6 +203,7 @@ class NnUNetModelPredictor:
     use_mirroring: bool = True
     checkpoint: str = "checkpoint_final.pth"
     tile_step_size: float = 0.5
+    trust_checkpoint: bool = False
     _predictor: object | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -216,6 +222,7 @@ class NnUNetModelPredictor:
             "device": self.device,
             "use_mirroring": self.use_mirroring,
             "checkpoint": self.checkpoint,
+            "trust_checkpoint": self.trust_checkpoint,
         }
 
     def _fold_list(self) -> list[int | str]:
@@ -234,14 +241,14 @@ class NnUNetModelPredictor:
         """The initialised ``nnUNetPredictor`` (built once, then reused)."""
         if self._predictor is not None:
             return self._predictor
-        try:
-            import torch
-            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-            from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-            from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-            from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-        except ImportError as exc:
-            raise ValueError(f"the nnU-Net predictor needs nnunetv2 and torch: pip install 'oarbench[nnunet]' ({exc})") from exc
+        from oarbench._optional import require
+
+        torch = require("torch", "nnunet", "the nnU-Net predictor")
+        require("nnunetv2", "nnunet", "the nnU-Net predictor")
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
         import json
 
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -255,7 +262,7 @@ class NnUNetModelPredictor:
             path = self.model_folder / f"fold_{fold}" / self.checkpoint
             if not path.is_file():
                 raise ValueError(f"{path}: checkpoint not found")
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = load_checkpoint(path, trust=self.trust_checkpoint)
             if i == 0:
                 trainer_name = ckpt.get("trainer_name", "nnUNetTrainer")
                 configuration = ckpt["init_args"]["configuration"]
@@ -319,7 +326,53 @@ class NnUNetModelPredictor:
         return _collect_outputs(out_dir, cases, f"nnU-Net model {self.model_folder}")
 
 
-def parse_predictor(spec: str, *, device: str = "cpu", use_mirroring: bool = True) -> Predictor:
+def _checkpoint_globals() -> list[Any]:
+    """The non-tensor types an nnU-Net checkpoint holds: numpy scalars, arrays and dtypes (its
+    training log and best EMA Dice). torch.device, tensors and plain containers are allowed by
+    PyTorch's restricted loader already."""
+    import numpy as np
+
+    core = getattr(np, "_core", None)
+    multiarray = core.multiarray if core is not None else np.core.multiarray  # numpy < 2
+    allowed: list[Any] = [np.ndarray, np.dtype, multiarray.scalar, multiarray._reconstruct]
+    allowed += sorted({type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFD"}, key=str)
+    return allowed
+
+
+def load_checkpoint(path: str | Path, *, trust: bool = False) -> Any:
+    """Load an nnU-Net checkpoint (``.pth``) on the CPU without running code from it.
+
+    A checkpoint is a pickle; loading it with full pickle runs whatever code the
+    file names. Unless ``trust`` is set, the file is loaded with PyTorch's
+    restricted loader (``weights_only=True``), which builds tensors, plain
+    containers and the numpy types nnU-Net writes (:func:`_checkpoint_globals`)
+    and nothing else; a file that needs more raises ValueError naming the file
+    and the refused type. ``trust=True`` loads with full pickle.
+    """
+    import pickle
+
+    from oarbench._optional import require
+
+    torch = require("torch", "nnunet", "loading an nnU-Net checkpoint")
+    path = Path(path)
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"({found.group(1)})" if found else "(see PyTorch's weights_only loading)"
+        raise ValueError(
+            f"{path}: the checkpoint holds an object that is not model data {what}; loading it "
+            "would run code from the file. If you trust its source, pass --trust-checkpoint"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ValueError(f"{path}: cannot read the checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+def parse_predictor(spec: str, *, device: str = "cpu", use_mirroring: bool = True,
+                    trust_checkpoint: bool = False) -> Predictor:
     """A predictor from a ``--predictor`` string.
 
     ``nnunet:/path/to/model_folder`` (all folds found), ``nnunet:/path:0``
@@ -338,5 +391,6 @@ def parse_predictor(spec: str, *, device: str = "cpu", use_mirroring: bool = Tru
         if m and not Path(rest).exists():
             folder = m.group(1)
             folds = tuple(int(f) if f.isdigit() else f for f in m.group(2).split(","))
-        return NnUNetModelPredictor(Path(folder), folds=folds, device=device, use_mirroring=use_mirroring)
+        return NnUNetModelPredictor(Path(folder), folds=folds, device=device, use_mirroring=use_mirroring,
+                                    trust_checkpoint=trust_checkpoint)
     raise ValueError(f"predictor {spec!r}: unknown kind {kind!r} (expected 'nnunet' or 'command')")

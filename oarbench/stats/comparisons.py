@@ -107,6 +107,9 @@ def read_results(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: results table not found")
+    from oarbench.io import check_output_set  # the tables of one run, not a mixed set
+
+    check_output_set(path)
     try:
         table = pd.read_csv(path, dtype={c: str for c in _ID_COLUMNS}, keep_default_na=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:

@@ -54,8 +54,10 @@ _DATASET_RE = re.compile(r"^Dataset(\d{3})_[A-Za-z0-9_\-]+$")
 def _require_nnunet() -> None:
     import importlib.util
 
+    from oarbench._optional import MissingDependency
+
     if importlib.util.find_spec("nnunetv2") is None or importlib.util.find_spec("torch") is None:
-        raise ModuleNotFoundError(_INSTALL_HINT)
+        raise MissingDependency(_INSTALL_HINT)
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,23 @@ def _check_raw_dataset(dataset_dir: Path) -> dict[str, Any]:
             raise ValueError(f"{ds}: missing required key {key!r}")
     if "dataset" not in meta and not (dataset_dir / "imagesTr").is_dir():
         raise FileNotFoundError(f"{dataset_dir}/imagesTr: folder not found")
+    _check_images(dataset_dir, str(meta["file_ending"]))
     return meta
+
+
+def _check_images(dataset_dir: Path, file_ending: str) -> None:
+    """Refuse incomplete or NaN-holding images before nnU-Net reads them (it would read them as 0)."""
+    from oarbench.io import check_image_file
+
+    for sub in ("imagesTr", "labelsTr"):
+        folder = dataset_dir / sub
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.name.endswith(file_ending) and not path.name.startswith("."):
+                if path.is_symlink() and not path.exists():
+                    raise ValueError(f"{path}: broken symbolic link (points to {os.readlink(path)})")
+                check_image_file(path)
 
 
 def link_dataset(dataset_dir: str | Path, paths: NnunetPaths) -> str:
@@ -413,6 +431,7 @@ def train_local(dataset_dir: str | Path, out: str | Path, *, configuration: str 
 
     Returns a summary with the model folder and timings (seconds).
     """
+    _require_nnunet()
     paths = NnunetPaths.under(out).make()
     name = link_dataset(dataset_dir, paths)
     t0 = time.perf_counter()
