@@ -73,6 +73,11 @@ EXPLANATIONS: dict[str, str] = {
         "but once its surface is more than 5 % of the total surface area, HD95 is about its distance. Look at the "
         "reference for islands before suspecting the model."
     ),
+    "small_island": (
+        "Small reference islands: the gallery found connected pieces of the reference no larger than the size set "
+        "with --small-island-voxels. A stray island of a few voxels is usually an annotation slip; if it lies away "
+        "from the organ it alone can set HD95 and HD, and a model that (rightly) ignores it is counted as wrong."
+    ),
     "small_reference": (
         "Tiny reference structure: with only a few reference voxels, one voxel more or less moves DSC by about 1/N "
         "and any surface distance is dominated by single voxels. Such references are often annotation slips "
@@ -796,7 +801,21 @@ def _suspicious(ctx: ReportContext) -> pd.DataFrame:
         high_dsc=ctx.options.high_dsc, small_reference_voxels=ctx.options.small_reference_voxels))
 
 
-_KIND_SHORT = {"hd95_zero": "HD95 0 mm, DSC < 1", "far_island": "large HD95, high DSC", "small_reference": "tiny reference"}
+_KIND_SHORT = {"hd95_zero": "HD95 0 mm, DSC < 1", "far_island": "large HD95, high DSC", "small_reference": "tiny reference",
+               "small_island": "small reference islands"}
+
+
+def _gallery_islands(ctx: ReportContext) -> pd.DataFrame:
+    """Rows of the gallery index whose reference has small islands (columns of the index; empty when none)."""
+    def compute() -> pd.DataFrame:
+        if ctx.gallery_dir is None or not (ctx.gallery_dir / "index.csv").is_file():
+            return pd.DataFrame()
+        index = _load(ctx.gallery_dir / "index.csv", "gallery index")
+        if index is None or "ref_small_islands" not in index.columns:
+            return pd.DataFrame()
+        n = pd.to_numeric(index["ref_small_islands"], errors="coerce").fillna(0)
+        return _normalise(index[n > 0])
+    return ctx.cached("gallery_islands", compute)
 
 
 def _structure_matrix(ctx: ReportContext, metric: str, digits: int) -> pd.DataFrame:
@@ -860,8 +879,12 @@ def _per_structure_blocks(ctx: ReportContext, sus: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
-def _explanations_block(sus: pd.DataFrame) -> str:
+def _explanations_block(sus: pd.DataFrame, islands: pd.DataFrame | None = None) -> str:
     out = ["<h3 id='explanations'>Values that look like bugs, and why they are not</h3>"]
+    if islands is not None and len(islands):
+        where = ", ".join(f"{s} ({n})" for s, n in islands.groupby("structure").size().items())
+        out.append(f"<p class='explain'><b>{_e(_KIND_SHORT['small_island'])}</b>: {len(islands)} drawn failure cases in "
+                   f"{_e(where)}. {_e(EXPLANATIONS['small_island'])}</p>")
     if sus.empty:
         out.append("<p class='note'>None found: no HD95 of 0 mm with DSC < 1, no large HD95 with a high DSC, no tiny "
                    "reference structure.</p>")
@@ -969,7 +992,7 @@ def _section_accuracy(ctx: ReportContext) -> Section:
                 "hallucinated rows left out is written under each box). " + _csv_link(full, "per_structure_summary.csv")
                 + "</p>")
     body.append(_per_structure_blocks(ctx, sus))
-    body.append(_explanations_block(sus))
+    body.append(_explanations_block(sus, _gallery_islands(ctx)))
     body.append(_stats_block(ctx))
     return Section("accuracy", "Accuracy: how close are the contours?", "\n".join(body))
 
@@ -1122,6 +1145,13 @@ def _section_failures(ctx: ReportContext) -> Section:
                 lambda k: "; ".join(_KIND_SHORT[x] for x in k))
             idx = pd.MultiIndex.from_frame(shown[["centre", "model", "condition", "case", "structure"]])
             shown["explained"] = kinds.reindex(idx).fillna("").to_numpy()
+        isl = _gallery_islands(ctx)
+        if len(isl):
+            keys = set(zip(isl["centre"], isl["model"], isl["condition"], isl["case"], isl["structure"]))
+            mark = [_KIND_SHORT["small_island"] if k in keys else "" for k in
+                    zip(shown["centre"], shown["model"], shown["condition"], shown["case"], shown["structure"])]
+            prev = shown["explained"] if "explained" in shown else pd.Series("", index=shown.index)
+            shown["explained"] = ["; ".join(x for x in (a, b) if x) for a, b in zip(prev, mark)]
         body.append(_detail_table(shown, "All failing rows", "failures.csv"))
     body.append(_gallery_block(ctx))
     return Section("failures", title, "\n".join(body))
@@ -1162,7 +1192,8 @@ def _gallery_block(ctx: ReportContext) -> str:
                    else "<p>No failures to draw.</p>")
     if index is not None:
         keep = [c for c in ("structure", "centre", "model", "condition", "case", "status", "dsc", "hd95", "dsc_drop",
-                            "reason", "drawn", "note", "montage", "panel", "plane", "slice_index") if c in index.columns]
+                            "reason", "drawn", "note", "montage", "panel", "plane", "slice_index", "ref_islands",
+                            "ref_small_islands", "ref_smallest_island_voxels") if c in index.columns]
         out.append(_detail_table(index[keep] if keep else index, "Gallery index", "gallery_index.csv", full=index))
     return "\n".join(out)
 

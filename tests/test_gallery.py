@@ -565,3 +565,41 @@ def test_outliers_must_also_be_clearly_worse_than_the_median():
     t = pd.DataFrame([_row(f"c{i}", 0.999, 0.0) for i in range(4)] + [_row("x", 0.996, 1.5)])
     sel = select_failures(t, FailureCriteria(outlier_min_dsc=0.0, outlier_min_hd95=0.0))
     assert sel.loc[0, "reason"] == "outlier_dsc;outlier_hd95"
+
+
+def test_island_sizes_26_connectivity():
+    from oarbench.gallery import island_sizes
+
+    m = np.zeros((10, 10, 10), bool)
+    m[1:3, 1:3, 1:3] = True     # 8 voxels
+    m[3, 3, 3] = True           # touches the cube's corner voxel (2,2,2) only by a corner: same component
+    m[8, 8, 8] = True           # alone
+    assert island_sizes(m).tolist() == [1, 9]
+    assert island_sizes(np.zeros((3, 3, 3), bool)).size == 0
+
+
+def test_gallery_and_report_flag_small_reference_islands(tmp_path):
+    from oarbench.report import build_report
+
+    paths = write_lr_case(tmp_path, np.random.default_rng(7))
+    ref_file = paths["reference"] / "case1.nii.gz"
+    img = sitk.ReadImage(str(ref_file))
+    arr = sitk.GetArrayFromImage(img)
+    arr[2, 2, 2] = 3           # a one-voxel island of Kidney_L far from the kidney
+    out_img = sitk.GetImageFromArray(arr)
+    out_img.CopyInformation(img)
+    sitk.WriteImage(out_img, str(ref_file))
+    table = pd.DataFrame([dict(study="s", centre="A", model="m1", condition="original", case="case1",
+                               structure="Kidney_L", label=3, status="ok", dsc=0.0, hd95=40.0, msd=30.0)])
+    resolver = PathResolver.from_folders(paths["images"], paths["reference"], tmp_path / "preds/{model}/{centre}")
+    result = build_gallery(table, resolver, tmp_path / "gallery", small_island_voxels=5)
+    row = result.index.iloc[0]
+    # the kidney block (8 x 20 x 25 = 4000 voxels) and the island (1 voxel)
+    assert (row["ref_islands"], row["ref_small_islands"], row["ref_smallest_island_voxels"]) == (2, 1, 1)
+    text = build_report(tmp_path / "out", table, gallery_dir=tmp_path / "gallery", box_plots=False).read_text()
+    assert "small reference islands" in text and "annotation slip" in text
+    # with the size set below one voxel nothing is flagged
+    result = build_gallery(table, resolver, tmp_path / "gallery0", small_island_voxels=0)
+    assert result.index.iloc[0]["ref_small_islands"] == 0
+    text = build_report(tmp_path / "out0", table, gallery_dir=tmp_path / "gallery0", box_plots=False).read_text()
+    assert "small reference islands" not in text

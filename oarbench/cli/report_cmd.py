@@ -57,11 +57,13 @@ def _read_table(path: Path, what: str):  # -> pandas.DataFrame
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Analysis folder; the gallery goes to OUT/gallery/.")
 @click.option("--k", default=3, show_default=True, type=click.IntRange(min=1), help="At most this many rows per structure, model and centre for each threshold rule (and per condition for drops), worst first.")
 @failure_options
+@click.option("--small-island-voxels", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Count reference islands (connected components) of at most this many voxels in index.csv.")
 @click.option("--ncols", default=4, show_default=True, type=click.IntRange(min=1), help="Tiles per montage row.")
 @user_errors
 def gallery(results: Path, study: Path | None, images: str | None, reference: str | None, predictions: str | None,
             out_dir: Path, k: int, dsc_below: float | None, hd95_above: float | None, drop_above: float | None,
-            ncols: int) -> None:
+            small_island_voxels: int, ncols: int) -> None:
     """Draw failure-case montages (OUT/gallery/STRUCTURE.png, index.csv, index.html) from RESULTS.csv
     (or a metrics.parquet dataset).
 
@@ -80,7 +82,8 @@ def gallery(results: Path, study: Path | None, images: str | None, reference: st
     resolver = PathResolver.from_study(study) if study is not None else PathResolver.from_folders(images, reference, predictions)  # type: ignore[arg-type]
     table = _read_table(results, "results table")
     criteria = FailureCriteria(dsc_below=dsc_below, hd95_above=hd95_above, drop_above=drop_above, k=k)
-    result = build_gallery(table, resolver, out_dir / "gallery", criteria=criteria, ncols=ncols, source=str(results))
+    result = build_gallery(table, resolver, out_dir / "gallery", criteria=criteria, ncols=ncols, source=str(results),
+                           small_island_voxels=small_island_voxels)
     drawn = int(result.index["drawn"].sum()) if len(result.index) else 0
     if not len(result.index):
         click.echo(f"no failures: {criteria.describe()}")

@@ -21,7 +21,16 @@ The package is split by concern:
 from oarbench.gallery.build import SELECTION_FILE, GalleryResult, build_gallery, tile_for_row
 from oarbench.gallery.paths import PathResolver
 from oarbench.gallery.selection import REASONS, FailureCriteria, select_failures
-from oarbench.gallery.slices import PLANES, Tile, choose_slice, disagreement_per_slice, make_tile, orient_lps, tile_title
+from oarbench.gallery.slices import (
+    PLANES,
+    Tile,
+    choose_slice,
+    disagreement_per_slice,
+    island_sizes,
+    make_tile,
+    orient_lps,
+    tile_title,
+)
 from oarbench.gallery.windows import ABDOMEN_WINDOW, BONE_WINDOW, BRAIN_WINDOW, LUNG_WINDOW, Window, window_for
 
 __all__ = [
@@ -39,6 +48,7 @@ __all__ = [
     "orient_lps",
     "disagreement_per_slice",
     "choose_slice",
+    "island_sizes",
     "tile_title",
     "make_tile",
     "tile_for_row",

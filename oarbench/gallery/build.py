@@ -13,7 +13,7 @@ import pandas as pd
 
 from oarbench.gallery.paths import PathResolver, find_case_file
 from oarbench.gallery.selection import FailureCriteria, select_failures
-from oarbench.gallery.slices import Tile, make_tile, orient_lps
+from oarbench.gallery.slices import Tile, island_sizes, make_tile, orient_lps
 
 __all__ = ["SELECTION_FILE", "GalleryResult", "tile_for_row", "build_gallery"]
 
@@ -100,7 +100,10 @@ def tile_for_row(
     Every volume is reoriented to LPS (:func:`orient_lps`); a label image whose
     grid differs from the CT's is resampled onto it by nearest neighbour. The
     structure's label value comes from the row's ``label`` column, else from the
-    default label map. Raises ValueError when a file is missing or unreadable.
+    default label map. The tile's ``meta`` also holds the reference's connected
+    components (:func:`~oarbench.gallery.slices.island_sizes`, on the reference's
+    own grid): ``ref_islands``, ``ref_smallest_island_voxels``, ``ref_island_sizes``.
+    Raises ValueError when a file is missing or unreadable.
     """
     import SimpleITK as sitk
 
@@ -116,8 +119,11 @@ def tile_for_row(
     ct_img, ct, spacing = cache.get(img_path)
     label = _label_value(row)
     masks = []
+    islands = np.zeros(0, dtype=np.int64)
     for path in (ref_path, pred_path):
         lab_img, lab, _ = cache.get(path)
+        if path == ref_path:
+            islands = island_sizes(lab == label)  # on the reference's own grid, before any resampling
         if lab.shape != ct.shape or not np.allclose(lab_img.GetOrigin(), ct_img.GetOrigin(), atol=1e-3) or not np.allclose(
             lab_img.GetSpacing(), ct_img.GetSpacing(), rtol=1e-4
         ):
@@ -125,6 +131,8 @@ def tile_for_row(
             lab = sitk.GetArrayFromImage(lab_img)
         masks.append(lab == label)
     meta = {k: row.get(k) for k in ("case", "structure", "model", "centre", "condition", "status", "dsc", "hd95", "reason")}
+    meta.update(ref_islands=int(islands.size), ref_smallest_island_voxels=int(islands[0]) if islands.size else 0,
+                ref_island_sizes=tuple(int(v) for v in islands))
     return make_tile(ct, masks[0], masks[1], spacing, structure=str(row["structure"]), meta=meta, plane=plane)
 
 
@@ -139,6 +147,7 @@ def build_gallery(
     out_dir: str | Path,
     *,
     criteria: FailureCriteria | None = None,
+    small_island_voxels: int = 10,
     ncols: int = 4,
     dpi: int = 100,
     source: str = "results table",
@@ -163,6 +172,9 @@ def build_gallery(
         What counts as a failure (:class:`FailureCriteria`, passed to
         :func:`select_failures`); written to ``selection.json`` so the report
         can state it.
+    small_island_voxels:
+        Reference islands (connected components, 26-connectivity) of at most
+        this many voxels are counted in the index column ``ref_small_islands``.
     ncols:
         Tiles per montage row.
     dpi:
@@ -198,8 +210,12 @@ def build_gallery(
         row = selected.iloc[i].to_dict()
         tile, note = results[i]
         rec = {k2: row.get(k2) for k2 in ("structure", "label", "centre", "model", "condition", "case", "status", "dsc", "hd95", "dsc_drop", "reason") if k2 in row}
-        rec.update(drawn=tile is not None, note=note, montage="", panel=np.nan, plane="", slice_index=np.nan)
+        rec.update(drawn=tile is not None, note=note, montage="", panel=np.nan, plane="", slice_index=np.nan,
+                   ref_islands=np.nan, ref_small_islands=np.nan, ref_smallest_island_voxels=np.nan)
         if tile is not None:
+            sizes = np.asarray(tile.meta.get("ref_island_sizes", ()), dtype=np.int64)
+            rec.update(ref_islands=int(sizes.size), ref_small_islands=int((sizes <= small_island_voxels).sum()),
+                       ref_smallest_island_voxels=int(sizes[0]) if sizes.size else np.nan)
             lst = tiles_by_structure.setdefault(str(row["structure"]), [])
             lst.append(tile)
             rec.update(montage=f"{_safe_name(str(row['structure']))}.png", panel=len(lst), plane=tile.plane, slice_index=tile.slice_index)
@@ -211,10 +227,10 @@ def build_gallery(
         montages[structure] = path
     index = pd.DataFrame.from_records(records)
     if index.empty:
-        index = pd.DataFrame(columns=["structure", "centre", "model", "condition", "case", "status", "dsc", "hd95", "dsc_drop", "reason", "drawn", "note", "montage", "panel", "plane", "slice_index"])
+        index = pd.DataFrame(columns=["structure", "centre", "model", "condition", "case", "status", "dsc", "hd95", "dsc_drop", "reason", "drawn", "note", "montage", "panel", "plane", "slice_index", "ref_islands", "ref_small_islands", "ref_smallest_island_voxels"])
     atomic_write_text(out / "index.csv", index.to_csv(index=False))
     atomic_write_text(out / "index.html", _index_html(index, montages, crit))
-    atomic_write_text(out / SELECTION_FILE, json.dumps(crit.as_dict(), indent=2) + "\n")
+    atomic_write_text(out / SELECTION_FILE, json.dumps({**crit.as_dict(), "small_island_voxels": int(small_island_voxels)}, indent=2) + "\n")
     return GalleryResult(out, montages, index)
 
 

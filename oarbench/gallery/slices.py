@@ -19,7 +19,7 @@ import numpy as np
 
 from oarbench.gallery.windows import Window, window_for
 
-__all__ = ["PLANES", "Tile", "orient_lps", "disagreement_per_slice", "choose_slice", "tile_title", "make_tile"]
+__all__ = ["PLANES", "Tile", "orient_lps", "disagreement_per_slice", "choose_slice", "island_sizes", "tile_title", "make_tile"]
 
 #: Planes in tie-break order: the first wins when two show equal disagreement.
 PLANES: tuple[str, ...] = ("axial", "coronal", "sagittal")
@@ -95,6 +95,23 @@ def disagreement_per_slice(reference: np.ndarray, prediction: np.ndarray) -> dic
         "coronal": diff.sum(axis=(0, 2)),
         "sagittal": diff.sum(axis=(0, 1)),
     }
+
+
+def island_sizes(mask: np.ndarray) -> np.ndarray:
+    """Voxel counts of the connected components of a mask, smallest first.
+
+    26-connectivity: voxels touching by a face, an edge or a corner belong to
+    one component (``scipy.ndimage.label`` with a 3x3x3 structure). An empty
+    mask gives an empty array.
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return np.zeros(0, dtype=np.int64)
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(mask))
+    labelled, n = ndimage.label(mask[box], structure=np.ones((3,) * mask.ndim, dtype=bool))
+    return np.sort(np.bincount(labelled.ravel())[1:]).astype(np.int64)
 
 
 def _plane_pixel_mm(plane: str, spacing: tuple[float, float, float]) -> tuple[float, float]:
@@ -209,6 +226,9 @@ def tile_title(meta: Mapping[str, Any], width: int | None = None) -> str:
     ]
     if meta.get("reason"):
         lines.append(str(meta["reason"]).replace(";", ", "))
+    n_islands = meta.get("ref_islands")
+    if isinstance(n_islands, (int, np.integer)) and n_islands > 1:
+        lines.append(f"reference: {int(n_islands)} islands, smallest {int(meta.get('ref_smallest_island_voxels') or 0)} voxels")
     if width is None:
         return "\n".join(lines)
     out: list[str] = []
