@@ -47,6 +47,7 @@ __all__ = [
     "jobs_from_folders",
     "jobs_from_study",
     "read_patients",
+    "resolution_warnings",
     "summarise",
     "write_outputs",
 ]
@@ -67,13 +68,21 @@ class EvalOptions:
     resample_prediction: bool = False
     allow_missing: bool = False
     threads: int | None = None  # per case; None: the cores left per worker process
+    tolerances: tuple[tuple[str, float], ...] = ()  # per-structure tolerances (mm), overriding tolerance_mm
+    apl_convention: str = "exact"
+
+    def tolerance_of(self, structure: str) -> float:
+        return dict(self.tolerances).get(structure, self.tolerance_mm)
 
     def cache_key(self) -> str:
         payload = json.dumps(
             {
                 "labels": self.labels.labels,
                 "tolerance_mm": self.tolerance_mm,
+                "tolerances": sorted(self.tolerances),
+                "apl_convention": self.apl_convention,
                 "resample": self.resample_prediction,
+                "columns": RESULT_COLUMNS,
                 "version": __version__,
             },
             sort_keys=True,
@@ -170,22 +179,24 @@ def jobs_from_study(study: Any, models: Iterable[str] | None = None, centres: It
     return jobs
 
 
-def _missing_rows(labels: LabelMap) -> list[dict[str, Any]]:
+def _missing_rows(options: EvalOptions) -> list[dict[str, Any]]:
     nan = math.nan
     return [
         {
             "label": value, "structure": name, "status": "missing",
             "dsc": nan, "hd95": nan, "hd": nan, "msd": nan, "assd": nan, "sdsc": nan,
             "ref_ml": nan, "pred_ml": nan, "tp": 0, "fp": 0, "fn": 0,
+            "tolerance_mm": options.tolerance_of(name), "vs": nan, "centroid_mm": nan, "apl_mm": nan,
+            "apl_mm_per_slice": nan, "spacing_max_mm": nan,
         }
-        for value, name in labels
+        for value, name in options.labels
     ]
 
 
 def evaluate_case(reference: Path, prediction: Path | None, options: EvalOptions) -> list[dict[str, Any]]:
     """Rows (dicts of the metric columns) for one case; ``prediction=None`` means missing."""
     if prediction is None:
-        return _missing_rows(options.labels)
+        return _missing_rows(options)
     ref = read_volume(reference)
     pred = read_volume(prediction)
     if not same_grid(ref, pred):
@@ -203,6 +214,8 @@ def evaluate_case(reference: Path, prediction: Path | None, options: EvalOptions
             backend=options.backend,
             device=options.device,
             threads=options.threads,
+            tolerances=dict(options.tolerances),
+            apl_convention=options.apl_convention,
         )
     except ValueError as exc:
         msg = str(exc)
@@ -384,6 +397,8 @@ def _evaluate_jobs(
         "pandas": pd.__version__,
         "options": {
             "tolerance_mm": options.tolerance_mm,
+            "tolerances_mm": dict(options.tolerances),
+            "apl_convention": options.apl_convention,
             "backend": options.backend,
             "device": options.device,
             "executor": type(executor).__name__,
@@ -402,9 +417,35 @@ def _evaluate_jobs(
         "cases_from_cache": sum(len(p) for _, p in planned) - len(todo),
         "seconds_computing": round(elapsed, 3),
         "warnings": warnings,
+        "resolution_warnings": resolution_warnings(table),
         "input_sha256": inputs,
     }
     return table, provenance
+
+
+def resolution_warnings(table: pd.DataFrame) -> list[str]:
+    """One message per tolerance that is below the coarsest voxel spacing of some cases.
+
+    Surface Dice and APL at such a tolerance cannot tell it from 0 mm (the smallest non-zero
+    surfel distance is about one voxel along the coarse axis), docs/metrics.md.
+    """
+    if table.empty or "spacing_max_mm" not in table.columns:
+        return []
+    t = table[table["spacing_max_mm"].notna() & table["tolerance_mm"].notna()]
+    low = t[t["tolerance_mm"] < t["spacing_max_mm"]]
+    out = []
+    for tol, grp in low.groupby("tolerance_mm", sort=True):
+        keys = ["study", "centre", "condition", "case"]
+        n_cases = len(grp.drop_duplicates(keys))
+        n_all = len(t[t["tolerance_mm"] == tol].drop_duplicates(keys))
+        structures = list(dict.fromkeys(grp["structure"]))
+        shown = ", ".join(structures[:6]) + (f" and {len(structures) - 6} more" if len(structures) > 6 else "")
+        out.append(
+            f"tolerance {tol:g} mm ({shown}) is below the coarsest voxel spacing (up to "
+            f"{grp['spacing_max_mm'].max():g} mm) in {n_cases} of {n_all} cases: surface Dice and APL there do "
+            "not resolve distances below one voxel"
+        )
+    return out
 
 
 class _NoBar:

@@ -50,6 +50,7 @@ class Study:
     centres: tuple[Centre, ...]
     models: tuple[Model, ...]
     raw: dict[str, Any] = field(default_factory=dict)
+    tolerances_mm: dict[str, float] = field(default_factory=dict)  # per structure, overriding tolerance_mm
 
     @property
     def root(self) -> Path:
@@ -81,6 +82,33 @@ def _check_name(path: Path, value: Any, where: str) -> None:
         safe_name(value, "name")
     except ValueError as exc:
         raise ValueError(f"{path}: {where}: {str(exc).split(': ', 1)[1]}") from None
+
+
+def read_tolerances(data: dict[str, Any], source: str | Path, labels: LabelMap | None = None) -> dict[str, float]:
+    """Per-structure tolerances from a ``[tolerances_mm]`` table (``Liver = 3.0``) of a parsed
+    study or label TOML; names must be structures of ``labels`` when given; values mm >= 0."""
+    table = data.get("tolerances_mm", {}) or {}
+    if not isinstance(table, dict):
+        raise ValueError(f"{source}: [tolerances_mm] must be a table of structure = mm")
+    out: dict[str, float] = {}
+    for name, value in table.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0) or value == float("inf"):
+            raise ValueError(f"{source}: [tolerances_mm] {name} must be a number of mm >= 0, got {value!r}")
+        if labels is not None and name not in labels.names:
+            raise ValueError(f"{source}: [tolerances_mm] {name!r} is not a structure of the label map")
+        out[str(name)] = float(value)
+    return out
+
+
+def read_label_tolerances(path: str | Path | None, labels: LabelMap | None = None) -> dict[str, float]:
+    """``[tolerances_mm]`` of a label TOML (empty for a dataset.json or no file)."""
+    if path is None or Path(path).suffix.lower() != ".toml":
+        return {}
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read label map: {exc}") from exc
+    return read_tolerances(data, path, labels)
 
 
 def load_study(path: str | Path) -> Study:
@@ -137,6 +165,11 @@ def load_study(path: str | Path) -> Study:
             raise ValueError(f"{path}: {kind} name(s) {twice} appear more than once")
     if "name" in meta:
         _check_name(path, meta["name"], "[study] name")
+    tolerances = {}
+    if labels_spec != "default":  # the label file's tolerances, for the structures studied
+        own = read_label_tolerances(_resolve(root, labels_spec))
+        tolerances.update({k: v for k, v in own.items() if k in labels.names})
+    tolerances.update(read_tolerances(data, path, labels))
     return Study(
         name=str(meta.get("name", path.stem)),
         path=path,
@@ -145,6 +178,7 @@ def load_study(path: str | Path) -> Study:
         centres=tuple(centres),
         models=tuple(models),
         raw=data,
+        tolerances_mm=tolerances,
     )
 
 

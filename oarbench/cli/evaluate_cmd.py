@@ -40,6 +40,9 @@ def print_summary(table, echo=click.echo) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA (torch backend) when a GPU is visible, else the numpy backend.")
 @click.option("--tolerance", type=float, default=None, help="Surface-DSC tolerance in mm [default: 2.0 or the study's].")
+@click.option("--apl-convention", type=click.Choice(["exact", "platipy"]), default="exact", show_default=True,
+              help="Added path length: exact in-plane distance <= tolerance, or platipy's dilation by "
+                   "ceil(tolerance / pixel) pixels (docs/metrics.md).")
 @click.option("--resample-prediction", is_flag=True, help="Resample predictions on another grid onto the reference grid (nearest neighbour) instead of failing.")
 @click.option("--allow-missing", is_flag=True, help="Score reference cases without a prediction as status 'missing' instead of failing.")
 @click.option("--model", "models", multiple=True, help="With a study: only these models.")
@@ -47,7 +50,7 @@ def print_summary(table, echo=click.echo) -> None:
 @click.option("--force", is_flag=True, help="Recompute cached cases.")
 @click.option("--quiet", is_flag=True, help="No summary table.")
 @user_errors
-def evaluate(study, reference, prediction, labels_path, out, workers, device, tolerance,
+def evaluate(study, reference, prediction, labels_path, out, workers, device, tolerance, apl_convention,
              resample_prediction, allow_missing, models, centres, force, quiet, executor_kind, scheduler, resources):
     """Score predictions against references: metrics.csv, summary.csv, run.json.
 
@@ -57,6 +60,7 @@ def evaluate(study, reference, prediction, labels_path, out, workers, device, to
     from oarbench.evaluate import EvalOptions, evaluate_jobs, jobs_from_folders, jobs_from_study, write_outputs
     from oarbench.io import OutputLock
     from oarbench.labels import load_label_map
+    from oarbench.study import read_label_tolerances
 
     if study is not None:
         if reference or prediction:
@@ -67,13 +71,19 @@ def evaluate(study, reference, prediction, labels_path, out, workers, device, to
         labels = load_label_map(labels_path) if labels_path else st.labels
         jobs = jobs_from_study(st, models=models, centres=centres)
         tol = tolerance if tolerance is not None else st.tolerance_mm
+        tolerances = dict(st.tolerances_mm)
+        if labels_path:
+            tolerances.update(read_label_tolerances(labels_path, labels))
+        tolerances = {k: v for k, v in tolerances.items() if k in labels.names}
     else:
         if not reference or not prediction:
             raise click.UsageError("give STUDY.toml, or both --reference and --prediction")
         labels = load_label_map(labels_path)
         jobs = jobs_from_folders(reference, prediction)
         tol = 2.0 if tolerance is None else tolerance
-    options = EvalOptions(labels=labels, tolerance_mm=tol, backend="auto",
+        tolerances = read_label_tolerances(labels_path, labels)
+    options = EvalOptions(labels=labels, tolerance_mm=tol, tolerances=tuple(sorted(tolerances.items())),
+                          apl_convention=apl_convention, backend="auto",
                           device=None if device == "auto" else device,
                           resample_prediction=resample_prediction, allow_missing=allow_missing)
     executor = None
@@ -89,7 +99,7 @@ def evaluate(study, reference, prediction, labels_path, out, workers, device, to
                 executor.close()
         provenance["command"] = "evaluate"
         paths = write_outputs(out, table, provenance)
-    for w in provenance["warnings"]:
+    for w in [*provenance["warnings"], *provenance.get("resolution_warnings", [])]:
         click.echo(f"warning: {w}", err=True)
     if not quiet:
         print_summary(table)

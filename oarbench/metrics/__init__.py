@@ -1,4 +1,5 @@
-"""Segmentation metrics: Dice, surface distances (HD, HD95, MSD, ASSD, surface Dice).
+"""Segmentation metrics: Dice, surface distances (HD, HD95, MSD, ASSD, surface Dice), added
+path length, volumetric similarity, centroid distance.
 
 Definitions are DeepMind surface-distance's (docs/metrics.md): surface elements on
 the corner grid weighted by area, exact Euclidean distances, the weighted
@@ -13,6 +14,15 @@ Compute once, derive many::
 or for a whole label map, :func:`evaluate_labels`.
 """
 
+from oarbench.metrics._clinical import (
+    APL_CONVENTIONS,
+    AddedPathLength,
+    added_path_length,
+    centroid_distance,
+    contour_pixels,
+    resolution_warning,
+    volumetric_similarity,
+)
 from oarbench.metrics._multilabel import (
     RESULT_COLUMNS,
     STATUSES,
@@ -37,6 +47,13 @@ from oarbench.metrics._surface import (
 from oarbench.metrics._tables import contour_length_table, surfel_area_table
 
 __all__ = [
+    "APL_CONVENTIONS",
+    "AddedPathLength",
+    "added_path_length",
+    "centroid_distance",
+    "contour_pixels",
+    "resolution_warning",
+    "volumetric_similarity",
     "SurfaceDistances",
     "StructureResult",
     "RESULT_COLUMNS",

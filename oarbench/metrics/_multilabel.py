@@ -13,13 +13,14 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Mapping
 
 import numpy as np
 from scipy import ndimage
 
 from oarbench.labels import LabelMap
+from oarbench.metrics._clinical import APL_CONVENTIONS, added_path_length, centroid_distance, volumetric_similarity
 from oarbench.metrics._overlap import dice_from_counts
 from oarbench.metrics._surface import (
     SurfaceDistances,
@@ -46,6 +47,7 @@ STATUSES = ("ok", "missed", "hallucinated", "absent", "missing")
 RESULT_COLUMNS = (
     "label", "structure", "status", "dsc", "hd95", "hd", "msd", "assd", "sdsc",
     "ref_ml", "pred_ml", "tp", "fp", "fn",
+    "tolerance_mm", "vs", "centroid_mm", "apl_mm", "apl_mm_per_slice", "spacing_max_mm",
 )
 
 
@@ -54,7 +56,12 @@ class StructureResult:
     """Metrics of one structure in one case.
 
     Distances in mm, volumes in mL, ``tp``/``fp``/``fn`` in voxels. ``sdsc`` is
-    the surface Dice at the tolerance passed to :func:`evaluate_labels`.
+    the surface Dice and ``apl_mm`` the added path length (per axial slice,
+    summed; ``apl_mm_per_slice`` divided by the slices holding reference
+    contour), both at ``tolerance_mm`` (the structure's own tolerance, or the
+    global one). ``vs`` is the volumetric similarity, ``centroid_mm`` the
+    distance between the centres of mass, ``spacing_max_mm`` the coarsest
+    voxel spacing of the case (a tolerance below it is not resolved).
     """
 
     label: int
@@ -71,6 +78,12 @@ class StructureResult:
     tp: int
     fp: int
     fn: int
+    tolerance_mm: float = math.nan
+    vs: float = math.nan
+    centroid_mm: float = math.nan
+    apl_mm: float = math.nan
+    apl_mm_per_slice: float = math.nan
+    spacing_max_mm: float = math.nan
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -235,6 +248,8 @@ def evaluate_labels(
     backend: str = "auto",
     device: str | None = None,
     threads: int | None = None,
+    tolerances: Mapping[str, float] | None = None,
+    apl_convention: str = "exact",
 ) -> list[StructureResult]:
     """Metrics of every structure of ``labels`` in one multi-label case.
 
@@ -251,7 +266,13 @@ def evaluate_labels(
         ``{name: value}`` (``"background": 0`` is dropped); anything else
         raises TypeError.
     tolerance_mm:
-        Tolerance of the surface Dice (``sdsc``).
+        Tolerance in mm of the surface Dice (``sdsc``) and the added path
+        length (``apl_mm``).
+    tolerances:
+        Per-structure tolerances in mm (structure name -> mm), overriding
+        ``tolerance_mm`` for those structures.
+    apl_convention:
+        ``exact`` or ``platipy`` (see :func:`oarbench.metrics.added_path_length`).
     backend, device:
         See :func:`resolve_backend`.
     threads:
@@ -271,13 +292,14 @@ def evaluate_labels(
     ref = _as_label_array(reference, "reference", labels)
     pred = _as_label_array(prediction, "prediction", labels)
     sp = check_pair(ref, pred, spacing)
-    if tolerance_mm < 0:
-        raise ValueError(f"tolerance must be >= 0 mm, got {tolerance_mm}")
+    tol = _tolerances(labels, tolerance_mm, tolerances)
+    if apl_convention not in APL_CONVENTIONS:
+        raise ValueError(f"APL convention must be one of {', '.join(APL_CONVENTIONS)}, got {apl_convention!r}")
     backend, device = resolve_backend(backend, device)
     surface = _surface_backend(backend, device)
 
     if backend == "torch":
-        return _evaluate_on_device(ref, pred, sp, labels, tolerance_mm, surface, device, threads)
+        return _evaluate_on_device(ref, pred, sp, labels, (tol, apl_convention), surface, device, threads)
     n_threads = _threads(threads)
     with ThreadPoolExecutor(n_threads) if n_threads > 1 else contextlib.nullcontext() as pool:
         # find_objects and the array work of each structure release the GIL.
@@ -285,7 +307,29 @@ def evaluate_labels(
             ref_boxes, pred_boxes = ndimage.find_objects(ref), ndimage.find_objects(pred)
         else:
             ref_boxes, pred_boxes = pool.map(ndimage.find_objects, (ref, pred))
-        return _evaluate_boxes(ref, pred, ref_boxes, pred_boxes, sp, labels, tolerance_mm, surface, pool)
+        return _evaluate_boxes(ref, pred, ref_boxes, pred_boxes, sp, labels, (tol, apl_convention), surface, pool)
+
+
+def _tolerances(labels: LabelMap, default: float, per_structure: Mapping[str, float] | None) -> dict[str, float]:
+    """The tolerance of every structure: its own where given, else ``default``; checked."""
+    out = {}
+    given = dict(per_structure or {})
+    unknown = sorted(set(given) - set(labels.names))
+    if unknown:
+        raise ValueError(f"tolerances given for structures not in the label map: {', '.join(unknown)}")
+    for _, name in labels:
+        t = float(given.get(name, default))
+        if not (t >= 0 and math.isfinite(t)):
+            raise ValueError(f"tolerance must be a finite number >= 0 mm, got {t} for {name}")
+        out[name] = t
+    return out
+
+
+def _host(x: Any) -> np.ndarray:
+    """A crop as a numpy array (torch crops are copied from the device)."""
+    if type(x).__module__.startswith("torch"):
+        return x.detach().cpu().numpy()
+    return x
 
 
 def _evaluate_on_device(
@@ -293,7 +337,7 @@ def _evaluate_on_device(
     pred: np.ndarray,
     sp: tuple[float, ...],
     labels: LabelMap,
-    tolerance_mm: float,
+    scoring: tuple[dict[str, float], str],  # (tolerance per structure, APL convention)
     surface: SurfaceBackend,
     device: str,
     threads: int | None,
@@ -316,7 +360,7 @@ def _evaluate_on_device(
     counts = (stats.n_ref, stats.n_pred, stats.tp)
     n_threads = (2 if threads is None else _threads(threads)) if dev.type == "cuda" else 1
     if n_threads == 1:
-        return _evaluate_boxes(ref_t, pred_t, stats.ref_boxes, stats.pred_boxes, sp, labels, tolerance_mm,
+        return _evaluate_boxes(ref_t, pred_t, stats.ref_boxes, stats.pred_boxes, sp, labels, scoring,
                                surface, None, counts)
 
     local = threading.local()
@@ -329,7 +373,7 @@ def _evaluate_on_device(
             return surface(r, p, spacing)  # ends with copies to the host, which synchronise the stream
 
     with ThreadPoolExecutor(n_threads) as pool:
-        return _evaluate_boxes(ref_t, pred_t, stats.ref_boxes, stats.pred_boxes, sp, labels, tolerance_mm,
+        return _evaluate_boxes(ref_t, pred_t, stats.ref_boxes, stats.pred_boxes, sp, labels, scoring,
                                on_own_stream, pool, counts)
 
 
@@ -353,7 +397,7 @@ def _evaluate_boxes(
     pred_boxes: list,
     sp: tuple[float, ...],
     labels: LabelMap,
-    tolerance_mm: float,
+    scoring: tuple[dict[str, float], str],  # (tolerance per structure, APL convention)
     surface: SurfaceBackend,
     pool: ThreadPoolExecutor | None,
     counts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
@@ -372,13 +416,17 @@ def _evaluate_boxes(
             )
 
     voxel_ml = float(np.prod(sp)) / 1000.0
+    tolerances, apl_convention = scoring
+    coarsest = float(max(sp))
 
     def one(value: int, name: str) -> StructureResult:
         rbox = ref_boxes[value - 1] if value <= len(ref_boxes) else None
         pbox = pred_boxes[value - 1] if value <= len(pred_boxes) else None
         box = _union(rbox, pbox)
+        tol = tolerances[name]
+        extra = dict(tolerance_mm=tol, spacing_max_mm=coarsest)
         if box is None:
-            return _empty_result(value, name, "absent", 0.0, 0.0, 0, 0)
+            return replace(_empty_result(value, name, "absent", 0.0, 0.0, 0, 0), **extra)
         r = ref[box] == value
         p = pred[box] == value
         if counts is None:
@@ -388,9 +436,14 @@ def _evaluate_boxes(
             n_ref, n_pred = (int(c[value]) if value < len(c) else 0 for c in counts[:2])
         if n_pred == 0 or n_ref == 0:
             status = "missed" if n_pred == 0 else "hallucinated"
-            return _empty_result(value, name, status, n_ref * voxel_ml, n_pred * voxel_ml, n_pred, n_ref)
+            apl = added_path_length(_host(r), _host(p), sp, tol, apl_convention)
+            return replace(_empty_result(value, name, status, n_ref * voxel_ml, n_pred * voxel_ml, n_pred, n_ref),
+                           vs=0.0, centroid_mm=math.inf, apl_mm=apl.apl_mm,
+                           apl_mm_per_slice=apl.apl_mm_per_slice, **extra)
         tp = int(np.count_nonzero(r & p)) if counts is None else int(counts[2][value])
         sd = surface(r, p, sp)
+        rh, ph = _host(r), _host(p)
+        apl = added_path_length(rh, ph, sp, tol, apl_convention)
         return StructureResult(
             label=value,
             structure=name,
@@ -400,12 +453,17 @@ def _evaluate_boxes(
             hd=hausdorff(sd, 100.0),
             msd=msd(sd),
             assd=assd(sd),
-            sdsc=surface_dice(sd, tolerance_mm),
+            sdsc=surface_dice(sd, tol),
             ref_ml=n_ref * voxel_ml,
             pred_ml=n_pred * voxel_ml,
             tp=tp,
             fp=n_pred - tp,
             fn=n_ref - tp,
+            vs=volumetric_similarity(n_ref, n_pred),
+            centroid_mm=centroid_distance(rh, ph, sp),
+            apl_mm=apl.apl_mm,
+            apl_mm_per_slice=apl.apl_mm_per_slice,
+            **extra,
         )
 
     if pool is None:
