@@ -172,11 +172,14 @@ def test_off_image_points_are_counted_and_clipped():
     assert m.indices.size == 5 * 5  # centres 0..4 in x and y
 
 
-def test_contour_between_slices_is_an_error(tmp_path):
+def test_contour_between_slices_is_an_error_before_anything_is_written(tmp_path):
+    good = ct_series(tmp_path / "in" / "good")
+    rtstruct(tmp_path / "in" / "good.dcm", good, {"Liver": [square(10.5, -19.5, 14.5, -16.5, 32.5)]})
     s = ct_series(tmp_path / "in" / "ct")  # slices at z = 30, 32.5, 35, 37.5
     rtstruct(tmp_path / "in" / "rs.dcm", s, {"Liver": [square(10.5, -19.5, 14.5, -16.5, 31.25)]})
     with pytest.raises(ValueError, match=r"rs\.dcm: ROI 'Liver' contour 1 lies on a plane that matches no CT slice"):
         import_dicom(tmp_path / "in", tmp_path / "out", ImportOptions(DEFAULT_LABELS))
+    assert not (tmp_path / "out" / "imagesTr").exists()  # the good pair was not converted either
 
 
 def test_rotated_grid_trace_and_fill_give_back_the_mask(rng):

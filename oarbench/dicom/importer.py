@@ -32,7 +32,7 @@ import numpy as np
 from oarbench.dicom.ct import SeriesGeometry, read_ct, read_geometry
 from oarbench.dicom.discover import Inventory, StructureSet, scan
 from oarbench.dicom.names import AMBIGUOUS, Aliases, NameResolver
-from oarbench.dicom.rtstruct import Grid, RoiMask, rasterise, read_rtstruct
+from oarbench.dicom.rtstruct import Grid, RoiMask, check_contours, rasterise, read_rtstruct
 from oarbench.executors import LocalExecutor
 from oarbench.io import atomic_write_text, write_volume
 from oarbench.labels import LabelMap
@@ -143,7 +143,7 @@ def _settings_key(options: ImportOptions) -> str:
 
 
 def _plan(inventory: Inventory, out: Path, options: ImportOptions, warn: Callable[[str], None]) -> list[_Job]:
-    """Check every paired series completely, then give each (series, RTSTRUCT) a case id."""
+    """Check every paired series and RTSTRUCT completely, then give each (series, RTSTRUCT) a case id."""
     for ss, why in inventory.unpaired:
         warn(f"{ss.file.path}: RTSTRUCT not imported: {why}")
     for uid, s in sorted(inventory.series.items()):
@@ -157,6 +157,8 @@ def _plan(inventory: Inventory, out: Path, options: ImportOptions, warn: Callabl
             geometries[uid] = read_geometry(uid, [f.path for f in s.files])
         except ValueError as exc:
             errors.append(str(exc))
+    if not errors:
+        errors = _check_structures(inventory, geometries, options)
     if errors:
         raise ValueError("\n".join(errors))
     if not geometries:
@@ -180,6 +182,30 @@ def _plan(inventory: Inventory, out: Path, options: ImportOptions, warn: Callabl
             fp = hashlib.sha256("\n".join([settings, *geo.sop_uids, ss.file.sop_instance_uid]).encode()).hexdigest()
             jobs.append(_Job(case, uid, tuple(geo.sop_uids), geo, ss, fp))
     return jobs
+
+
+def _check_structures(inventory: Inventory, geometries: dict[str, SeriesGeometry], options: ImportOptions) -> list[str]:
+    """Every problem that would stop the conversion of an RTSTRUCT: unreadable file, ROI in
+    another frame of reference, contours of imported ROIs off the CT slices."""
+    errors = []
+    resolver = NameResolver(options.labels, options.aliases, options.centre)
+    for uid, geo in sorted(geometries.items()):
+        grid = Grid(geo.shape_zyx, geo.spacing_zyx, geo.origin, geo.direction)
+        ct_frame = inventory.series[uid].frame_of_reference_uid
+        for ss in inventory.pairs[uid]:
+            path = ss.file.path
+            try:
+                rois, _ = read_rtstruct(path)
+                for roi, match in zip(rois, resolver.resolve_all([r.name for r in rois])):
+                    if not match.mapped:
+                        continue
+                    if roi.frame_of_reference_uid and ct_frame and roi.frame_of_reference_uid != ct_frame:
+                        raise ValueError(f"{path}: ROI {roi.name!r} is drawn in frame of reference "
+                                         f"{roi.frame_of_reference_uid}, the CT series {uid} is in {ct_frame}")
+                    check_contours(roi, grid, path)
+            except ValueError as exc:
+                errors.append(str(exc))
+    return errors
 
 
 def _header_facts(path: Path) -> dict[str, Any]:

@@ -40,6 +40,7 @@ __all__ = [
     "RoiMask",
     "read_rtstruct",
     "rasterise",
+    "check_contours",
     "trace_mask",
     "index_to_patient",
     "patient_to_index",
@@ -139,6 +140,35 @@ def read_rtstruct(path: str | Path) -> tuple[list[Roi], object]:
     return out, ds
 
 
+def _slice_of(roi: Roi, k: int, pts: np.ndarray, grid: Grid, source: str | Path) -> tuple[int, np.ndarray]:
+    """The slice a contour lies on and its continuous indices; ValueError when it matches none."""
+    idx = patient_to_index(pts, grid)
+    z = idx[:, 2]
+    z0 = int(np.rint(np.median(z)))
+    dz = grid.spacing[0]
+    tol = PLANE_TOL_FRACTION * dz
+    where = f"{source}: ROI {roi.name!r} contour {k + 1}"
+    if float(np.ptp(z)) * dz > tol:
+        raise ValueError(f"{where} is not in a slice plane: its points spread {float(np.ptp(z)) * dz:.2f} mm "
+                         "along the slice normal")
+    if float(np.max(np.abs(z - z0))) * dz > tol or not 0 <= z0 < grid.shape[0]:
+        raise ValueError(f"{where} lies on a plane that matches no CT slice ({float(np.mean(z)) * dz:.2f} mm from "
+                         f"the first slice along the normal; slices every {dz:.2f} mm, {grid.shape[0]} slices)")
+    return z0, idx
+
+
+def _area_contours(roi: Roi):
+    for k, (kind, pts) in enumerate(roi.contours):
+        if kind in _AREA_TYPES and len(pts) >= 3:
+            yield k, pts
+
+
+def check_contours(roi: Roi, grid: Grid, source: str | Path = "") -> None:
+    """Raise the errors :func:`rasterise` would raise, without drawing anything."""
+    for k, pts in _area_contours(roi):
+        _slice_of(roi, k, pts, grid, source)
+
+
 def rasterise(roi: Roi, grid: Grid, source: str | Path = "") -> RoiMask:
     """Voxels of one ROI on ``grid`` by the rules of the module docstring.
 
@@ -148,24 +178,9 @@ def rasterise(roi: Roi, grid: Grid, source: str | Path = "") -> RoiMask:
     draw = require_skimage_draw()
     nz, ny, nx = grid.shape
     planes: dict[int, np.ndarray] = {}
-    skipped = points = off = used = 0
-    for k, (kind, pts) in enumerate(roi.contours):
-        if kind not in _AREA_TYPES or len(pts) < 3:
-            skipped += 1
-            continue
-        idx = patient_to_index(pts, grid)
-        z = idx[:, 2]
-        z0 = int(np.rint(np.median(z)))
-        dev = float(np.max(np.abs(z - z0))) * grid.spacing[0]
-        tol = PLANE_TOL_FRACTION * grid.spacing[0]
-        where = f"{source}: ROI {roi.name!r} contour {k + 1}"
-        if float(np.ptp(z)) * grid.spacing[0] > tol:
-            raise ValueError(f"{where} is not in a slice plane: its points spread {float(np.ptp(z)) * grid.spacing[0]:.2f} mm "
-                             "along the slice normal")
-        if dev > tol or not 0 <= z0 < nz:
-            pos = float(np.mean(z)) * grid.spacing[0]
-            raise ValueError(f"{where} lies on a plane that matches no CT slice ({pos:.2f} mm from the first "
-                             f"slice along the normal; slices every {grid.spacing[0]:.2f} mm, {nz} slices)")
+    points = off = used = 0
+    for k, pts in _area_contours(roi):
+        z0, idx = _slice_of(roi, k, pts, grid, source)
         x, y = idx[:, 0], idx[:, 1]
         points += len(pts)
         off += int(np.count_nonzero((x < -0.5) | (x > nx - 0.5) | (y < -0.5) | (y > ny - 0.5)))
@@ -177,7 +192,7 @@ def rasterise(roi: Roi, grid: Grid, source: str | Path = "") -> RoiMask:
         used += 1
     chunks = [z * ny * nx + np.flatnonzero(plane) for z, plane in sorted(planes.items())]
     indices = np.concatenate(chunks) if chunks else np.zeros(0, np.int64)
-    return RoiMask(indices.astype(np.int64), used, skipped, points, off)
+    return RoiMask(indices.astype(np.int64), used, len(roi.contours) - used, points, off)
 
 
 def trace_mask(mask: np.ndarray, grid: Grid) -> list[tuple[int, np.ndarray]]:
