@@ -88,6 +88,12 @@ DAMAGES = {
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_damaged_prediction_is_refused_not_scored(study, tmp_path, damage):
     ref, pred, labels = study
+    # Large enough that SimpleITK reads every cut below without complaint (the missing voxels as 0).
+    big = np.zeros((24, 48, 48), np.uint8)
+    big[2:22, 2:24, 2:24] = 1
+    big[3:7, 40:46, 40:46] = 2
+    _write(ref, big)
+    _write(pred, big)
     pred.write_bytes(DAMAGES[damage](pred.read_bytes()))
     out = tmp_path / "out"
     _refused(_evaluate(ref.parent, pred.parent, labels, out), str(pred), "cannot read image")
@@ -383,7 +389,7 @@ def test_missing_torch_for_the_predictor_is_one_line(tmp_path, monkeypatch):
     (folder / "plans.json").write_text("{}")
     (folder / "dataset.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
-    from oarbench._optional import MissingDependency
+    from oarbench._optional import MissingDependencyError
 
-    with pytest.raises(MissingDependency, match=r"needs torch, which is not installed: pip install 'oarbench\[nnunet\]'"):
+    with pytest.raises(MissingDependencyError, match=r"needs torch, which is not installed: pip install 'oarbench\[torch\]'"):
         NnUNetModelPredictor(folder).load()

@@ -7,8 +7,6 @@ from typing import Any, Callable, TypeVar
 
 import click
 
-from oarbench._optional import MissingDependency
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -31,10 +29,19 @@ def user_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from oarbench._optional import MissingDependencyError, extra_of, missing_message
+
         try:
             return func(*args, **kwargs)
-        except (ValueError, MissingDependency) as exc:
+        except (ValueError, MissingDependencyError) as exc:
             raise click.ClickException(str(exc)) from exc
+        except ModuleNotFoundError as exc:
+            # an optional extra imported deep inside the library: one line with the pip command
+            if exc.name and extra_of(exc.name):
+                ctx = click.get_current_context(silent=True)
+                purpose = f"oarbench {ctx.command_path.split(' ', 1)[-1]}" if ctx is not None else None
+                raise click.ClickException(missing_message(exc.name, purpose)) from exc
+            raise
         except OSError as exc:
             raise click.ClickException(_os_message(exc)) from exc
 

@@ -243,8 +243,8 @@ class NnUNetModelPredictor:
             return self._predictor
         from oarbench._optional import require
 
-        torch = require("torch", "nnunet", "the nnU-Net predictor")
-        require("nnunetv2", "nnunet", "the nnU-Net predictor")
+        torch = require("torch", "the nnU-Net predictor")
+        require("nnunetv2", "the nnU-Net predictor")
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -353,7 +353,7 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Any:
 
     from oarbench._optional import require
 
-    torch = require("torch", "nnunet", "loading an nnU-Net checkpoint")
+    torch = require("torch", "loading an nnU-Net checkpoint")
     path = Path(path)
     if trust:
         return torch.load(path, map_location="cpu", weights_only=False)

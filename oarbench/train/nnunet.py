@@ -47,17 +47,17 @@ __all__ = [
     "NnunetSiteTraining",
 ]
 
-_INSTALL_HINT = "nnU-Net is not installed: pip install 'oarbench[nnunet]' (nnunetv2 and torch)"
 _DATASET_RE = re.compile(r"^Dataset(\d{3})_[A-Za-z0-9_\-]+$")
 
 
 def _require_nnunet() -> None:
     import importlib.util
 
-    from oarbench._optional import MissingDependency
+    from oarbench._optional import MissingDependencyError, missing_message
 
-    if importlib.util.find_spec("nnunetv2") is None or importlib.util.find_spec("torch") is None:
-        raise MissingDependency(_INSTALL_HINT)
+    for module in ("torch", "nnunetv2"):
+        if importlib.util.find_spec(module) is None:
+            raise MissingDependencyError(missing_message(module, "nnU-Net training"))
 
 
 @dataclass(frozen=True)
