@@ -548,6 +548,14 @@ def test_export_needs_cases_table_for_several_series(tmp_path):
                                     for c in rs.ROIContourSequence[0].ContourSequence))
     grid = Grid(lab.shape, geo.spacing_zyx, geo.origin, geo.direction)
     assert np.array_equal(np.sort(rasterise(roi, grid).indices), np.flatnonzero(lab))
+    # a case without a row in the cases table, or whose series is not in the DICOM folder
+    other = tmp_path / "other.csv"
+    other.write_text("case,series_instance_uid\ncase_0002,1.2.3\n")
+    with pytest.raises(ValueError, match=r"other\.csv: no row for the predicted case\(s\) \['case_0001'\]"):
+        export_predictions(tmp_path / "pred", tmp_path / "dicom", tmp_path / "o4", DEFAULT_LABELS, cases_csv=other)
+    other.write_text("case,series_instance_uid\ncase_0001,1.2.3\n")
+    with pytest.raises(ValueError, match=r"holds no CT series 1\.2\.3 \(case case_0001 in .*other\.csv\)"):
+        export_predictions(tmp_path / "pred", tmp_path / "dicom", tmp_path / "o4", DEFAULT_LABELS, cases_csv=other)
     # label values outside the label map are refused, naming the file
     bad = lab.copy()
     bad[2, 1, 1] = 42
@@ -584,7 +592,7 @@ def _flat(tmp_path, **kw):
     return ct_series(tmp_path / "ct", names=["a.dcm", "b.dcm", "c.dcm", "d.dcm"], **kw)
 
 
-@pytest.mark.parametrize("kind", ["duplicate", "single", "pixel_spacing", "orientation"])
+@pytest.mark.parametrize("kind", ["duplicate", "single", "pixel_spacing", "orientation", "multiframe"])
 def test_more_series_errors_name_the_files(tmp_path, kind):
     if kind == "duplicate":
         s = _flat(tmp_path, positions=[(0.0, 0.0, z) for z in (0.0, 2.5, 2.5, 5.0)])
@@ -600,6 +608,14 @@ def test_more_series_errors_name_the_files(tmp_path, kind):
         ds.PixelSpacing = [1.5, 1.2]
         ds.save_as(s["paths"][2])
         pattern = r"mixed PixelSpacing: a\.dcm .* vs c\.dcm"
+    elif kind == "multiframe":
+        s = _flat(tmp_path)
+        import pydicom
+
+        ds = pydicom.dcmread(s["paths"][3])
+        ds.NumberOfFrames = 2
+        ds.save_as(s["paths"][3])
+        pattern = r"d\.dcm: multi-frame image \(2 frames\)"
     else:
         s = _flat(tmp_path)
         import pydicom
@@ -624,6 +640,18 @@ def test_rtstruct_errors_name_the_file_and_roi(tmp_path):
     res = import_dicom(tmp_path / "in", tmp_path / "out", ImportOptions(DEFAULT_LABELS))
     body = next(r for r in res.rows if r["roi_name"] == "BODY")
     assert body["structure"] == "unmapped" and "is not in a slice plane" in body["note"]
+
+
+def test_rtstruct_with_contours_of_an_undefined_roi_is_refused(tmp_path):
+    import pydicom
+
+    s = ct_series(tmp_path / "in" / "ct")
+    path = rtstruct(tmp_path / "in" / "rs.dcm", s, {"Lever": [square(10.5, -19.5, 14.5, -16.5, 32.5)]})
+    ds = pydicom.dcmread(path)
+    ds.ROIContourSequence[0].ReferencedROINumber = 7
+    ds.save_as(path)
+    with pytest.raises(ValueError, match=r"rs\.dcm: ROIContourSequence refers to ROI number 7"):
+        import_dicom(tmp_path / "in", tmp_path / "out", ImportOptions(DEFAULT_LABELS))
 
 
 def test_rtstruct_in_another_frame_of_reference_is_refused(tmp_path):

@@ -12,6 +12,19 @@ pydicom, highdicom and scikit-image are the optional ``dicom`` extra
 (``pip install 'oarbench[dicom]'``); they are imported when first needed.
 """
 
+from oarbench.dicom.export import build_rtstruct, build_seg, export_predictions, write_ct_series
+from oarbench.dicom.importer import ImportOptions, ImportResult, import_dicom
 from oarbench.dicom.names import NameResolver, clinical_name, load_aliases
 
-__all__ = ["NameResolver", "clinical_name", "load_aliases"]
+__all__ = [
+    "ImportOptions",
+    "ImportResult",
+    "NameResolver",
+    "build_rtstruct",
+    "build_seg",
+    "clinical_name",
+    "export_predictions",
+    "import_dicom",
+    "load_aliases",
+    "write_ct_series",
+]
