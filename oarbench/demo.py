@@ -38,6 +38,7 @@ class TrainSettings:
     mirroring: bool = False
     conditions: tuple[str, ...] = ("flip_lr", "prone", "rot_z+10")
     robustness_cases: int = 2
+    engine: str = "storage"
 
 
 def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings: TrainSettings,
@@ -67,8 +68,20 @@ def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings:
                                   width=settings.width, device=settings.device)
             folder = Path(summary["model_folder"])
         else:
-            log(f"[demo]   {model.name}: federated nnU-Net across {', '.join(model.trained_on)}")
+            log(f"[demo]   {model.name}: federated nnU-Net across {', '.join(model.trained_on)} "
+                f"({settings.engine} engine)")
             work = out_dir / model.name
+            if settings.engine == "flower":
+                from oarbench.train.flower import run_local
+
+                summary = run_local({c: datasets[c] for c in model.trained_on}, work / "flower",
+                                    rounds=settings.rounds, local_epochs=settings.local_epochs,
+                                    iterations=settings.iterations, width=settings.width, device=settings.device)
+                folder = Path(summary["model"])
+                done_marker.parent.mkdir(parents=True, exist_ok=True)
+                done_marker.write_text(str(folder.resolve()))
+                folders[model.name] = folder
+                continue
             keys = work / "keys"
             if not (keys / "federation.key").is_file():
                 generate_keys(keys, list(model.trained_on))

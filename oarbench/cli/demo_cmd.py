@@ -21,12 +21,14 @@ from oarbench.cli._common import user_errors
 @click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True, help="--train: federated rounds (one local epoch each).")
 @click.option("--width", type=click.Choice(["tiny", "default"]), default="tiny", show_default=True, help="--train: network width.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="--train: training and inference device.")
+@click.option("--engine", type=click.Choice(["storage", "flower"]), default="storage", show_default=True, help="--train: federated engine (flower: a SuperLink and SuperNodes on loopback; needs the flower extra).")
 @user_errors
 def demo(out: Path, config: Path | None, workers: int, force: bool, train: bool, epochs: int, iterations: int,
-         rounds: int, width: str, device: str) -> None:
+         rounds: int, width: str, device: str, engine: str) -> None:
     """Synthetic two-centre study: evaluate, false-positive kidneys, statistics, gallery, report."""
     from oarbench.demo import TrainSettings, run_demo
 
-    settings = TrainSettings(epochs=epochs, iterations=iterations, rounds=rounds, width=width, device=device) if train else None
+    settings = TrainSettings(epochs=epochs, iterations=iterations, rounds=rounds, width=width, device=device,
+                             engine=engine) if train else None
     outputs = run_demo(out, config=config, workers=workers, force=force, train=settings, log=click.echo)
     click.echo(f"report: {outputs['report']}")

@@ -13,6 +13,14 @@ from oarbench.cli._common import user_errors
 
 _WIDTHS = click.Choice(["default", "small", "tiny"])
 _DEVICES = click.Choice(["cpu", "cuda"])
+_ENGINES = click.Choice(["storage", "flower"])
+COORDINATOR_LABEL = "coordinator"
+
+
+def _need(engine: str, **given: Any) -> None:
+    missing = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is None]
+    if missing:
+        raise click.UsageError(f"--engine {engine} needs {', '.join(missing)}")
 
 
 def _fold(value: str) -> int | str:
@@ -116,12 +124,18 @@ def federation_cmd(out_dir: Path) -> None:
 
 def _common(f):  # type: ignore[no-untyped-def]
     options = [
-        click.option("--storage", required=True, help="fsspec URL of the shared storage (a folder, s3://...)."),
-        click.option("--storage-options", default=None, help="fsspec options as JSON (or a JSON file)."),
-        click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, exists=True,
-                                                                           path_type=Path)),
-        click.option("--sites", required=True, help="Comma-separated names of all sites."),
-        click.option("--rounds", type=click.IntRange(min=1), required=True),
+        click.option("--engine", type=_ENGINES, default="storage", show_default=True,
+                     help="storage: encrypted objects in shared storage; flower: a Flower SuperLink/SuperNodes."),
+        click.option("--storage", default=None, help="storage: fsspec URL of the shared storage (a folder, s3://...)."),
+        click.option("--storage-options", default=None, help="storage: fsspec options as JSON (or a JSON file)."),
+        click.option("--keys", "keys_dir", default=None, type=click.Path(file_okay=False, exists=True,
+                                                                          path_type=Path),
+                     help="storage: this party's key folder."),
+        click.option("--superlink", default=None, help="flower: the SuperLink's address HOST:PORT."),
+        click.option("--root-certificates", default=None, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                     help="flower: PEM CA certificate that signed the SuperLink's TLS certificate."),
+        click.option("--sites", default=None, help="Comma-separated names of all sites."),
+        click.option("--rounds", type=click.IntRange(min=1), default=None),
         click.option("--federation", default="oarbench", show_default=True, help="Federation name."),
         click.option("--work", required=True, type=click.Path(file_okay=False, path_type=Path)),
         click.option("--configuration", default="3d_fullres", show_default=True),
@@ -144,21 +158,37 @@ def _exchange(storage: str, storage_options: str | None, keys_dir: Path, identit
 @fl.command("coordinator")
 @_common
 @click.option("--quorum", type=click.IntRange(min=1), default=None,
-              help="Aggregate this many sites after --timeout (default: wait for all).")
+              help="storage: aggregate this many sites after --timeout (default: wait for all).")
 @click.option("--timeout", type=click.FloatRange(min=0), default=None, help="Seconds to wait per round.")
 @click.option("--width", type=_WIDTHS, default="default", show_default=True)
+@click.option("--local-epochs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="flower: local epochs per round (the server sends the schedule).")
+@click.option("--iterations", type=click.IntRange(min=1), default=250, show_default=True,
+              help="flower: iterations per local epoch.")
 @user_errors
-def coordinator(storage: str, storage_options: str | None, keys_dir: Path, sites: str, rounds: int,
+def coordinator(engine: str, storage: str | None, storage_options: str | None, keys_dir: Path | None,
+                superlink: str | None, root_certificates: Path | None, sites: str | None, rounds: int | None,
                 federation: str, work: Path, configuration: str, poll: float, verbose: bool,
-                quorum: int | None, timeout: float | None, width: str) -> None:
-    """Merge fingerprints, publish plans, aggregate rounds; restartable."""
+                quorum: int | None, timeout: float | None, width: str, local_epochs: int, iterations: int) -> None:
+    """Merge fingerprints, publish plans, aggregate rounds; restartable (storage) or one Flower run."""
+    _logging(verbose)
+    if engine == "flower":
+        from oarbench.train.flower import coordinate
+
+        _need(engine, superlink=superlink, root_certificates=root_certificates, sites=sites, rounds=rounds)
+        summary = coordinate(str(superlink), Path(str(root_certificates)), work, sites=_sites(str(sites)),
+                             rounds=int(str(rounds)),
+                             local_epochs=local_epochs, iterations=iterations, configuration=configuration,
+                             width=width, timeout_s=timeout if timeout is not None else 24 * 3600.0)
+        click.echo(f"final federated model: {summary['model']}")
+        return
     from oarbench.train.exchange import COORDINATOR
     from oarbench.train.federated import FederationConfig, nnunet_coordinator
 
-    _logging(verbose)
-    cfg = FederationConfig(_sites(sites), rounds, quorum=quorum, timeout_s=timeout, poll_s=poll)
-    model = nnunet_coordinator(_exchange(storage, storage_options, keys_dir, COORDINATOR, federation), cfg, work,
-                               configuration=configuration, width=width)
+    _need(engine, storage=storage, keys=keys_dir, sites=sites, rounds=rounds)
+    cfg = FederationConfig(_sites(str(sites)), int(str(rounds)), quorum=quorum, timeout_s=timeout, poll_s=poll)
+    model = nnunet_coordinator(_exchange(str(storage), storage_options, Path(str(keys_dir)), COORDINATOR,
+                                         federation), cfg, work, configuration=configuration, width=width)
     click.echo(f"final federated model: {model}")
 
 
@@ -170,22 +200,46 @@ def coordinator(storage: str, storage_options: str | None, keys_dir: Path, sites
 @click.option("--local-epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--iterations", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--device", type=_DEVICES, default="cpu", show_default=True)
+@click.option("--auth-key", default=None, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="flower: this SuperNode's private key (EC P-384, OpenSSH format) registered at the SuperLink.")
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=9094, show_default=True,
+              help="flower: local port of the SuperNode's ClientApp API (loopback).")
 @user_errors
-def site(storage: str, storage_options: str | None, keys_dir: Path, sites: str, rounds: int, federation: str,
-         work: Path, configuration: str, poll: float, verbose: bool, site: str, dataset_dir: Path,
-         local_epochs: int, iterations: int, device: str) -> None:
-    """Upload the fingerprint, train the rounds locally, keep the final model; restartable."""
+def site(engine: str, storage: str | None, storage_options: str | None, keys_dir: Path | None,
+         superlink: str | None, root_certificates: Path | None, sites: str | None, rounds: int | None,
+         federation: str, work: Path, configuration: str, poll: float, verbose: bool, site: str, dataset_dir: Path,
+         local_epochs: int, iterations: int, device: str, auth_key: Path | None, port: int) -> None:
+    """Upload the fingerprint, train the rounds locally, keep the final model; restartable (storage),
+    or run this hospital's Flower SuperNode until stopped (flower)."""
+    _logging(verbose)
+    if engine == "flower":
+        import subprocess
+
+        from oarbench.train.flower import require_flower, supernode_command
+
+        require_flower()
+        _need(engine, superlink=superlink, root_certificates=root_certificates, auth_key=auth_key)
+        cmd = supernode_command(str(superlink), Path(str(root_certificates)), Path(str(auth_key)), site=site,
+                                dataset=dataset_dir, work=work, device=device, configuration=configuration,
+                                port=port)
+        click.echo(f"SuperNode of site {site}: {' '.join(cmd)}")
+        code = subprocess.call(cmd)
+        if code != 0:
+            raise click.ClickException(f"flower-supernode exited with code {code}")
+        return
     from oarbench.train.federated import FederationConfig, nnunet_site
 
-    _logging(verbose)
-    cfg = FederationConfig(_sites(sites), rounds, poll_s=poll)
-    model = nnunet_site(_exchange(storage, storage_options, keys_dir, site, federation), cfg, dataset_dir, work,
-                        local_epochs=local_epochs, iterations=iterations, configuration=configuration,
-                        device=device)
+    _need(engine, storage=storage, keys=keys_dir, sites=sites, rounds=rounds)
+    cfg = FederationConfig(_sites(str(sites)), int(str(rounds)), poll_s=poll)
+    model = nnunet_site(_exchange(str(storage), storage_options, Path(str(keys_dir)), site, federation), cfg,
+                        dataset_dir, work, local_epochs=local_epochs, iterations=iterations,
+                        configuration=configuration, device=device)
     click.echo(f"final federated model: {model}")
 
 
 @fl.command("simulate")
+@click.option("--engine", type=_ENGINES, default="storage", show_default=True,
+              help="storage: a local-folder exchange; flower: a SuperLink and SuperNodes on loopback (TLS, node auth).")
 @click.option("--storage", default=None, help="fsspec URL (default: WORK/storage).")
 @click.option("--storage-options", default=None, help="fsspec options as JSON (or a JSON file).")
 @click.option("--keys", "keys_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
@@ -202,7 +256,7 @@ def site(storage: str, storage_options: str | None, keys_dir: Path, sites: str, 
 @click.option("--poll", type=click.FloatRange(min=0.01), default=0.5, show_default=True)
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
-def simulate(storage: str | None, storage_options: str | None, keys_dir: Path | None, datasets: tuple[str, ...],
+def simulate(engine: str, storage: str | None, storage_options: str | None, keys_dir: Path | None, datasets: tuple[str, ...],
              work: Path, rounds: int, local_epochs: int, iterations: int, width: str, configuration: str,
              device: str, poll: float, verbose: bool) -> None:
     """Run the coordinator and every site on this machine."""
@@ -216,6 +270,15 @@ def simulate(storage: str | None, storage_options: str | None, keys_dir: Path | 
         if not sep or not name or not path:
             raise click.BadParameter(f"--dataset must be SITE=DIR, got {item!r}")
         pairs[name] = Path(path)
+    if engine == "flower":
+        from oarbench.train.flower import run_local
+
+        summary = run_local(pairs, work, rounds=rounds, local_epochs=local_epochs, iterations=iterations,
+                            configuration=configuration, width=width, device=device)
+        click.echo(f"{COORDINATOR_LABEL}: {summary['model']}")
+        for party, folder in sorted(summary["site_models"].items()):
+            click.echo(f"{party}: {folder}")
+        return
     keys = keys_dir or work / "keys"
     if not (keys / "federation.key").exists():
         generate_keys(keys, list(pairs))

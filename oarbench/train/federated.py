@@ -70,12 +70,15 @@ __all__ = [
     "run_site",
     "publish_fingerprint",
     "make_shared_plans",
+    "merge_site_messages",
+    "nnunet_plans",
     "fetch_plans",
     "latest_global_round",
     "simulate",
     "FEDERATED_DATASET",
     "shared_dataset_header",
     "nnunet_coordinator",
+    "NnunetSite",
     "nnunet_site",
     "nnunet_simulate",
 ]
@@ -313,6 +316,37 @@ def pinned_case_counts(exchange: Exchange, sites: Sequence[str]) -> dict[str, in
     return {s: int(b["num_cases"]) for s, b in bodies.items()}
 
 
+def merge_site_messages(bodies: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Merge validated fingerprint messages by site: ``(merged fingerprint, dataset header with numTraining)``.
+
+    Raises ``ValueError`` if the sites disagree on labels, channel names or file ending.
+    """
+    sites = sorted(bodies)
+    if not sites:
+        raise ValueError("no fingerprints to merge")
+    ref = bodies[sites[0]]["dataset"]
+    for s in sites:
+        h = bodies[s]["dataset"]
+        for key in ("labels", "channel_names", "file_ending"):
+            if h.get(key) != ref.get(key):
+                raise ValueError(f"site {s!r} has dataset.json {key} {h.get(key)!r}, site "
+                                 f"{sites[0]!r} has {ref.get(key)!r}")
+    merged = merge_fingerprints({s: (bodies[s]["fingerprint"], bodies[s]["num_cases"]) for s in sites})
+    header = {k: ref[k] for k in ("labels", "channel_names", "file_ending")}
+    header["numTraining"] = int(sum(bodies[s]["num_cases"] for s in sites))
+    return merged, header
+
+
+def nnunet_plans(merged: Mapping[str, Any], header: Mapping[str, Any], *, configuration: str = "3d_fullres",
+                 width: str = "default") -> dict[str, Any]:
+    """nnU-Net's default plans for the merged fingerprint, with the network width applied."""
+    from oarbench.train import nnunet as nn
+    from oarbench.train._plans import reduce_width
+
+    plans = nn.plan_from_fingerprint(dict(merged), dict(header), name=FEDERATED_DATASET)
+    return reduce_width(plans, configuration, width)
+
+
 def make_shared_plans(
     exchange: Exchange,
     config: FederationConfig,
@@ -344,16 +378,7 @@ def make_shared_plans(
         return bodies if len(bodies) == len(config.sites) else None
 
     bodies = _wait("all sites' fingerprints", poll, config.poll_s, timeout_s)
-    headers = {s: b["dataset"] for s, b in bodies.items()}
-    ref = headers[config.sites[0]]
-    for s, h in headers.items():
-        for key in ("labels", "channel_names", "file_ending"):
-            if h.get(key) != ref.get(key):
-                raise ValueError(f"site {s!r} has dataset.json {key} {h.get(key)!r}, site "
-                                 f"{config.sites[0]!r} has {ref.get(key)!r}")
-    merged = merge_fingerprints({s: (b["fingerprint"], b["num_cases"]) for s, b in bodies.items()})
-    header = {k: ref[k] for k in ("labels", "channel_names", "file_ending")}
-    header["numTraining"] = int(sum(b["num_cases"] for b in bodies.values()))
+    merged, header = merge_site_messages(bodies)
     plans = plan(merged, header)
     try:
         exchange.put("plans", -1, json.dumps(plans, sort_keys=True).encode("utf-8"))
@@ -630,14 +655,12 @@ def nnunet_coordinator(
     fold_all/checkpoint_final.pth). Restartable at any point.
     """
     from oarbench.train import nnunet as nn
-    from oarbench.train._plans import reduce_width
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
 
     def plan(merged: dict[str, Any], header: dict[str, Any]) -> dict[str, Any]:
-        plans = nn.plan_from_fingerprint(merged, header, name=FEDERATED_DATASET)
-        return reduce_width(plans, configuration, width)
+        return nnunet_plans(merged, header, configuration=configuration, width=width)
 
     plans = make_shared_plans(exchange, config, plan, timeout_s=plans_timeout_s)
     header = shared_dataset_header(exchange, config)
@@ -653,6 +676,73 @@ def nnunet_coordinator(
     final = work / "final.safetensors"
     final.write_bytes(got.payload)
     return nn.write_model_folder(work / "model", plans, header, final, configuration=configuration, fold="all")
+
+
+@dataclass
+class NnunetSite:
+    """The steps of one federated nnU-Net site, shared by every engine.
+
+    Images never leave ``dataset_dir``: what the steps hand out is the
+    fingerprint message (:meth:`fingerprint_message`) and weights
+    (:meth:`trainer`). All state lives under ``work``, so every step can be
+    repeated after a restart.
+    """
+
+    dataset_dir: Path
+    work: Path
+    configuration: str = "3d_fullres"
+    device: str = "cpu"
+    num_processes: int = 2
+
+    def __post_init__(self) -> None:
+        from oarbench.train import nnunet as nn
+
+        self.work = Path(self.work)
+        self.paths = nn.NnunetPaths.under(self.work / "nnunet").make()
+        self.name = nn.link_dataset(self.dataset_dir, self.paths)
+        self.dataset_json = json.loads((Path(self.paths.raw) / self.name / "dataset.json").read_text())
+
+    @property
+    def dataset_header(self) -> dict[str, Any]:
+        """The public part of dataset.json: labels, channel names, file ending."""
+        return _dataset_header(self.dataset_json)
+
+    def fingerprint_message(self) -> dict[str, Any]:
+        """``{"fingerprint", "dataset", "num_cases"}``: the site's nnU-Net fingerprint (summaries, no images)."""
+        from oarbench.train import nnunet as nn
+
+        fp = nn.extract_fingerprint(self.paths, self.name, num_processes=self.num_processes)
+        return {"fingerprint": dict(fp), "dataset": self.dataset_header, "num_cases": len(fp["spacings"])}
+
+    def install_plans(self, plans: Mapping[str, Any]) -> None:
+        """Install the federation's plans and preprocess locally (skipped if done for these plans)."""
+        from oarbench.train import nnunet as nn
+
+        marker = self.work / "preprocessed.sha256"
+        digest = hashlib.sha256(json.dumps(plans, sort_keys=True).encode()).hexdigest()
+        if not marker.is_file() or marker.read_text() != digest:
+            nn.install_plans(self.paths, self.name, plans)
+            nn.preprocess(self.paths, self.name, configurations=(self.configuration,),
+                          num_processes=self.num_processes)
+            marker.write_text(digest)
+
+    def trainer(self, rounds: int, local_epochs: int, iterations: int) -> LocalTraining:
+        """The local training step of every round (:class:`oarbench.train.nnunet.NnunetSiteTraining`)."""
+        from oarbench.train import nnunet as nn
+
+        return nn.NnunetSiteTraining(self.paths, self.name, self.work / "rounds", rounds=rounds,
+                                     local_epochs=local_epochs, iterations=iterations,
+                                     configuration=self.configuration, device=self.device)
+
+    def write_model(self, plans: Mapping[str, Any], final: Mapping[str, np.ndarray], num_training: int) -> Path:
+        """Write the final global weights as an nnU-Net model folder ``work/model``."""
+        from oarbench.train import nnunet as nn
+
+        f = self.work / "final.safetensors"
+        f.write_bytes(tensors_to_bytes(dict(final)))
+        header = dict(self.dataset_header, numTraining=int(num_training))
+        return nn.write_model_folder(self.work / "model", plans, header, f, configuration=self.configuration,
+                                     fold="all")
 
 
 def nnunet_site(
@@ -674,33 +764,19 @@ def nnunet_site(
     its encrypted weights only. Returns ``work/model`` holding the final
     global model. Restartable at any point.
     """
-    from oarbench.train import nnunet as nn
-
-    work = Path(work)
-    paths = nn.NnunetPaths.under(work / "nnunet").make()
-    name = nn.link_dataset(dataset_dir, paths)
-    dataset_json = json.loads((Path(paths.raw) / name / "dataset.json").read_text())
+    site = NnunetSite(Path(dataset_dir), Path(work), configuration=configuration, device=device,
+                      num_processes=num_processes)
     me = exchange.keyring.identity
     if exchange.get("fingerprint", -1, me) is None:
-        fp = nn.extract_fingerprint(paths, name, num_processes=num_processes)
-        publish_fingerprint(exchange, fp, _dataset_header(dataset_json), len(fp["spacings"]))
+        body = site.fingerprint_message()
+        publish_fingerprint(exchange, body["fingerprint"], body["dataset"], body["num_cases"])
     plans = fetch_plans(exchange, poll_s=config.poll_s, timeout_s=plans_timeout_s)
-    marker = work / "preprocessed.sha256"
-    digest = hashlib.sha256(json.dumps(plans, sort_keys=True).encode()).hexdigest()
-    if not marker.is_file() or marker.read_text() != digest:
-        nn.install_plans(paths, name, plans)
-        nn.preprocess(paths, name, configurations=(configuration,), num_processes=num_processes)
-        marker.write_text(digest)
-    trainer = nn.NnunetSiteTraining(paths, name, work / "rounds", rounds=config.rounds, local_epochs=local_epochs,
-                                    iterations=iterations, configuration=configuration, device=device)
-    final = run_site(exchange, config, trainer)
+    site.install_plans(plans)
+    final = run_site(exchange, config, site.trainer(config.rounds, local_epochs, iterations))
     if final is None:  # pragma: no cover - only with a stop event
         raise RuntimeError("site stopped before the final round")
-    f = work / "final.safetensors"
-    f.write_bytes(tensors_to_bytes(final))
-    header = dict(_dataset_header(dataset_json), numTraining=int(exchange.get("global", config.rounds, "global")
-                                                                  .header.num_cases))
-    return nn.write_model_folder(work / "model", plans, header, f, configuration=configuration, fold="all")
+    got = exchange.get("global", config.rounds, "global")
+    return site.write_model(plans, final, got.header.num_cases if got is not None else 0)
 
 
 def nnunet_simulate(

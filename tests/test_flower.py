@@ -1,0 +1,154 @@
+"""The Flower engine on loopback: a real SuperLink and SuperNodes with TLS and SuperNode authentication.
+
+One federation run (fingerprint round + one training round, tiny nnU-Net) checks:
+(a) the global weights equal FedAvg of the two sites' own updates, computed here
+from the sites' files; the storage engine aggregates the same updates to the same
+bits; (b) a SuperNode whose key was never registered is refused; (c) the federated
+model predicts; and what the server received is only fingerprints, weights and
+case counts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_train_nnunet import LABELS, SHAPE, _check_predictions, make_dataset
+
+
+def test_missing_flower_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from oarbench.train import flower
+
+    monkeypatch.setitem(sys.modules, "flwr", None)
+    with pytest.raises(ImportError) as err:
+        flower.require_flower()
+    assert str(err.value) == flower.FLOWER_HINT and "\n" not in str(err.value)
+    assert "pip install" in str(err.value) and "oarbench[flower]" in str(err.value)
+
+
+def test_run_config_and_records() -> None:
+    pytest.importorskip("flwr")
+    from oarbench.train.flower import ServerSettings, record_to_weights, weights_to_record
+
+    s = ServerSettings.from_run_config({"sites": "A, B", "rounds": 2, "out": "/tmp/x", "local-epochs": 3})
+    assert s.sites == ("A", "B") and s.rounds == 2 and s.local_epochs == 3 and s.iterations == 250
+    with pytest.raises(ValueError, match="distinct"):
+        ServerSettings.from_run_config({"sites": "A,A", "rounds": 1, "out": "/tmp/x"})
+    w = {"b": np.arange(3, dtype=np.float64), "a": np.ones((2, 2), np.float32), "n": np.array([7], np.int64)}
+    back = record_to_weights(weights_to_record(w))
+    assert sorted(back) == ["a", "b", "n"]
+    for k in w:
+        assert back[k].dtype == w[k].dtype
+        np.testing.assert_array_equal(back[k], w[k])
+
+
+@pytest.mark.slow
+@pytest.mark.nnunet
+@pytest.mark.flower
+def test_flower_deployment_tls_auth_fedavg_predict(tmp_path: Path) -> None:
+    pytest.importorskip("flwr")
+    pytest.importorskip("nnunetv2")
+    from safetensors.numpy import load_file
+
+    from oarbench.train.exchange import COORDINATOR, Exchange, generate_keys, load_keyring, tensors_from_bytes, \
+        tensors_to_bytes
+    from oarbench.train.federated import FederationConfig, run_coordinator
+    from oarbench.train.flower import LocalFlowerFederation, make_node_key, run_local
+    from oarbench.train.nnunet import predict
+
+    a = make_dataset(tmp_path / "data", "Dataset501_A", n=3, seed=1)
+    b = make_dataset(tmp_path / "data", "Dataset502_B", n=4, seed=2, offset=30.0)
+    run = tmp_path / "run"
+    with LocalFlowerFederation(tmp_path / "flower") as fed:
+        fed.start_superlink()
+        # (b) a SuperNode with a key the SuperLink does not know (it even claims to be site A)
+        x_key, _ = make_node_key(tmp_path / "intruder", "X")
+        intruder = fed.start_supernode("X", x_key, {"site": "A", "dataset": str(a), "work": str(tmp_path / "xw")},
+                                       max_retries=1)
+        summary = run_local({"A": a, "B": b}, run, rounds=1, iterations=2, width="tiny", federation=fed,
+                            timeout_s=900)
+        x_code = intruder.wait(timeout=120)
+    x_log = (tmp_path / "flower/logs/supernode-X.log").read_text()
+    assert x_code != 0 and "Failed to activate SuperNode" in x_log, x_log[-2000:]
+    assert sorted(summary["sites"].values()) == ["A", "B"]  # only the two registered nodes took part
+    assert not (tmp_path / "xw").exists()  # the intruder's ClientApp never ran
+    assert summary["case_counts"] == {"A": 3, "B": 4}
+
+    # (a) FedAvg of the sites' own updates (their files, not the server's), weighted 3:4
+    ua = load_file(str(run / "sites/A/rounds/update_00000.safetensors"))
+    ub = load_file(str(run / "sites/B/rounds/update_00000.safetensors"))
+    final = load_file(str(run / "server/final.safetensors"))
+    assert sorted(final) == sorted(ua) == sorted(ub)
+    for k, v in final.items():
+        expected = (3 * ua[k].astype(np.float64) + 4 * ub[k].astype(np.float64)) / 7
+        np.testing.assert_allclose(v, expected.astype(v.dtype), rtol=1e-6, atol=1e-7)
+    for s in ("A", "B"):  # every site ends with the same model
+        site_final = load_file(str(run / "sites" / s / "final.safetensors"))
+        for k, v in final.items():
+            np.testing.assert_array_equal(site_final[k], v)
+        assert (run / "sites" / s / "model/fold_all/checkpoint_final.pth").is_file()
+
+    # same updates through the storage engine: the same aggregate, bit for bit
+    g0 = load_file(str(run / "server/global_00000.safetensors"))
+    generate_keys(tmp_path / "keys", ["A", "B"])
+    ex = {n: Exchange(str(tmp_path / "bucket"), load_keyring(tmp_path / "keys", n)) for n in (COORDINATOR, "A", "B")}
+    g = ex[COORDINATOR].put("global", 0, tensors_to_bytes(g0))
+    ex["A"].put("update", 0, tensors_to_bytes(ua), parent=g.sha256, num_cases=3)
+    ex["B"].put("update", 0, tensors_to_bytes(ub), parent=g.sha256, num_cases=4)
+    run_coordinator(ex[COORDINATOR], FederationConfig(("A", "B"), rounds=1, poll_s=0.05), g0,
+                    case_counts={"A": 3, "B": 4})
+    storage_final = tensors_from_bytes(ex["A"].get("global", 1, "global").payload)
+    for k, v in final.items():
+        np.testing.assert_array_equal(storage_final[k], v)
+
+    # privacy: what the server received
+    received = json.loads((run / "server/received.json").read_text())
+    assert {r["step"] for r in received} == {"query", "train", "evaluate"}
+    assert all("error" not in r for r in received)
+    for r in received:
+        c = r["content"]
+        if r["step"] == "query":
+            assert c == {"fingerprint": {"type": "ConfigRecord", "entries": {
+                "site": {"type": "str", "size": 1}, "message": c["fingerprint"]["entries"]["message"]}}}
+            assert c["fingerprint"]["entries"]["message"]["size"] < 20000 < int(np.prod(SHAPE)) * 4
+        elif r["step"] == "train":
+            assert set(c) == {"update", "metrics"}
+            assert c["metrics"] == {"type": "MetricRecord", "entries": {"num-cases": {"type": "int"}}}
+            assert {k: tuple(e["shape"]) for k, e in c["update"]["entries"].items()} == \
+                {k: v.shape for k, v in final.items()}
+        else:
+            assert c == {"model": {"type": "MetricRecord", "entries": {"written": {"type": "int"}}}}
+    bodies = json.loads((run / "server/fingerprints.json").read_text())
+    assert set(bodies) == {"A", "B"}
+    for body in bodies.values():
+        assert set(body) == {"fingerprint", "dataset", "num_cases"}
+        assert set(body["dataset"]) == {"labels", "channel_names", "file_ending"}
+        assert body["dataset"]["labels"] == LABELS
+        text = json.dumps(body)
+        assert "case00" not in text and "imagesTr" not in text and str(tmp_path) not in text
+
+    # (c) the federated model predicts
+    inputs = [a / "imagesTr" / "case000_0000.nii.gz"]
+    in_dir = tmp_path / "test_in"
+    in_dir.mkdir()
+    (in_dir / inputs[0].name).symlink_to(inputs[0])
+    predict(Path(summary["model"]), in_dir, tmp_path / "pred", fold="all")
+    _check_predictions(tmp_path / "pred", inputs)
+
+
+def test_cli_engine_options_checked(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from oarbench.cli import main
+
+    runner = CliRunner()
+    res = runner.invoke(main, ["fl", "site", "--engine", "flower", "--site", "A", "--dataset", str(tmp_path),
+                               "--work", str(tmp_path / "w")])
+    assert res.exit_code != 0 and "--engine flower needs --superlink, --root-certificates, --auth-key" in res.output
+    res = runner.invoke(main, ["fl", "coordinator", "--work", str(tmp_path / "w")])
+    assert res.exit_code != 0 and "--engine storage needs --storage, --keys, --sites, --rounds" in res.output
+    assert "Traceback" not in res.output
