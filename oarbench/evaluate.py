@@ -28,6 +28,7 @@ from oarbench.executors import Executor, LocalExecutor
 from oarbench.io import (
     OutputLock,
     check_same_grid,
+    content_sha256,
     find_cases,
     read_volume,
     resample_nearest,
@@ -521,7 +522,7 @@ def write_outputs(out_dir: str | Path, table: pd.DataFrame, provenance: dict[str
     partitioned by centre / model / condition, :mod:`oarbench.tables`) and run.json as one set.
 
     The tables are written in full before run.json, which comes last and names
-    the sha256 of metrics.csv and summary.csv under ``outputs``; a set mixed by a
+    the sha256 of metrics.csv, summary.csv and (local) metrics.parquet under ``outputs``; a set mixed by a
     kill between the writes is refused by readers
     (:func:`oarbench.io.check_output_set`). Locally, all files are written to
     temporary files before any is renamed into place, under the lock on
@@ -536,10 +537,13 @@ def write_outputs(out_dir: str | Path, table: pd.DataFrame, provenance: dict[str
     from oarbench.tables import have_pyarrow, write_parquet
 
     paths: dict[str, Any] = {}
+    in_place: dict[str, str] = {}
     with OutputLock(out_dir):
         if have_pyarrow():
             paths["parquet"] = storage.join(out_dir, "metrics.parquet")
             write_parquet(table, paths["parquet"])
-        written = write_output_set(out_dir, files, "run.json", provenance)
+            if isinstance(paths["parquet"], Path):
+                in_place["metrics.parquet"] = content_sha256(paths["parquet"])
+        written = write_output_set(out_dir, files, "run.json", provenance, written=in_place)
     paths.update({"metrics": written["metrics.csv"], "summary": written["summary.csv"], "run": written["run.json"]})
     return paths

@@ -38,6 +38,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "write_output_set",
+    "content_sha256",
     "check_output_set",
     "OutputLock",
     "safe_name",
@@ -365,7 +366,19 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_output_set(folder: Any, files: dict[str, bytes], record: str, record_data: dict[str, Any]) -> dict[str, Any]:
+def content_sha256(path: str | Path) -> str:
+    """sha256 of a file, or of a folder's files (sorted relative paths with their sha256)."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\t{sha256_file(f)}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
+def write_output_set(folder: Any, files: dict[str, bytes], record: str, record_data: dict[str, Any], *,
+                     written: dict[str, str] | None = None) -> dict[str, Any]:
     """Write ``files`` and a JSON ``record`` naming their sha256, as one set.
 
     Every file is first written in full to a temporary file (so a full disk
@@ -374,14 +387,15 @@ def write_output_set(folder: Any, files: dict[str, bytes], record: str, record_d
     its sha256, so a set mixed from two runs (a kill between renames) is
     detected by :func:`check_output_set`. ``folder`` may be an fsspec URL: the
     objects are then written one after another (each write is atomic), the
-    record last.
+    record last. ``written`` adds outputs that are already in place (name ->
+    :func:`content_sha256`), such as a Parquet dataset folder.
     """
     import json
 
     from oarbench import storage
 
     payload = dict(record_data)
-    payload["outputs"] = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    payload["outputs"] = {**(written or {}), **{name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
     blobs = {**files, record: (json.dumps(payload, indent=2, default=str) + "\n").encode("utf-8")}
     loc = storage.as_location(folder)
     if not isinstance(loc, Path):
@@ -422,7 +436,7 @@ def check_output_set(path: str | Path, record: str = "run.json") -> None:
         raise ValueError(f"{rec}: cannot read the run record") from None
     if not isinstance(outputs, dict) or path.name not in outputs:
         return
-    if sha256_file(path) != outputs[path.name]:
+    if content_sha256(path) != outputs[path.name]:
         raise ValueError(
             f"{path}: does not match {rec} (sha256 differs): the outputs in {path.parent} are not one set "
             "(an interrupted or concurrent run, or an edited file); rerun to rewrite them"
@@ -501,8 +515,12 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._held[key] = (fd, 1)
-        for stale in self.folder.rglob(f".*{PARTIAL_MARK}*"):
-            if stale.is_file():
+        for stale in sorted(self.folder.rglob(f".*{PARTIAL_MARK}*"), reverse=True):
+            if stale.is_dir() and not stale.is_symlink():
+                import shutil
+
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
                 stale.unlink(missing_ok=True)
         return self
 

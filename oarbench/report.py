@@ -618,14 +618,15 @@ def _load(obj: Any, name: str) -> pd.DataFrame | None:
     if isinstance(obj, pd.DataFrame):
         return obj
     path = Path(obj)
+    from oarbench.io import check_output_set  # the tables of one run, not a mixed set
+
     if path.suffix == ".parquet":
         from oarbench.tables import read_table
 
+        check_output_set(path)
         return read_table(path)
     if not path.is_file():
         raise ValueError(f"{path}: {name} file not found")
-    from oarbench.io import check_output_set  # the tables of one run, not a mixed set
-
     check_output_set(path)
     try:
         return pd.read_csv(path)

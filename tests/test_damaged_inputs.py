@@ -245,6 +245,35 @@ def test_run_json_names_the_tables_and_a_mixed_set_is_refused(study, tmp_path):
     read_results(out_b / "metrics.csv")  # the intact set reads
 
 
+def test_parquet_dataset_is_part_of_the_set(study, tmp_path):
+    pytest.importorskip("pyarrow")
+    import shutil
+
+    from oarbench.stats import read_results
+
+    ref, pred, labels = study
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    assert _evaluate(ref.parent, pred.parent, labels, out_a).exit_code == 0
+    dataset = out_a / "metrics.parquet"
+    h = hashlib.sha256()
+    for f in sorted(p for p in dataset.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(dataset).as_posix()}\t{hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode())
+    assert json.loads((out_a / "run.json").read_text())["outputs"]["metrics.parquet"] == h.hexdigest()
+    read_results(dataset)
+    _write(pred, np.roll(_labels_array(), 1, axis=2))
+    assert _evaluate(ref.parent, pred.parent, labels, out_b).exit_code == 0
+    shutil.rmtree(dataset)
+    shutil.copytree(out_b / "metrics.parquet", dataset)
+    with pytest.raises(ValueError, match=r"metrics\.parquet: does not match .*not one set"):
+        read_results(dataset)
+    # a killed run's temporary dataset folder is removed by the next run
+    leftover = out_b / ".metrics.parquet.partial-1234abcd" / "centre=_"
+    leftover.mkdir(parents=True)
+    (leftover / "part-0.parquet").write_bytes(b"half")
+    assert _evaluate(ref.parent, pred.parent, labels, out_b).exit_code == 0
+    assert not leftover.parent.exists()
+
+
 def test_kill_between_renames_leaves_a_detectable_set(study, tmp_path, monkeypatch):
     ref, pred, labels = study
     out = tmp_path / "out"

@@ -35,12 +35,13 @@ def failure_options(fn):  # type: ignore[no-untyped-def]
 def _read_table(path: Path, what: str):  # -> pandas.DataFrame
     import pandas as pd
 
+    from oarbench.io import check_output_set  # the tables of one run, not a mixed set
+
     if path.suffix == ".parquet":
         from oarbench.tables import read_table
 
+        check_output_set(path)
         return read_table(path)
-    from oarbench.io import check_output_set
-
     check_output_set(path)
     try:
         return pd.read_csv(path)

@@ -97,8 +97,11 @@ def read_results(path: str | Path) -> pd.DataFrame:
         naming ``path`` when it is missing, unreadable or lacks the required columns.
     """
     if str(path).rstrip("/").endswith(".parquet"):
+        from oarbench.io import check_output_set
         from oarbench.tables import read_table
 
+        if not isinstance(path, str) or "://" not in path:
+            check_output_set(path)
         table = read_table(path)
         missing = [c for c in _REQUIRED if c not in table.columns]
         if missing:
