@@ -570,12 +570,19 @@ def test_export_needs_cases_table_for_several_series(tmp_path):
                            cases_csv=table)
 
 
-def test_missing_dependency_message_names_the_extra(monkeypatch):
+def test_missing_dependency_message_names_the_extra(monkeypatch, tmp_path):
     from oarbench.dicom import _deps
 
     monkeypatch.setitem(sys.modules, "pydicom", None)  # makes `import pydicom` fail
     with pytest.raises(ImportError, match=r"pip install 'oarbench\[dicom\]'"):
         _deps.require_pydicom()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.dcm").write_bytes(b"\0" * 200)
+    res = CliRunner().invoke(main, ["dicom", "import", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                                    "--quiet"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip().splitlines() == [res.output.strip()]  # one line
+    assert "pip install 'oarbench[dicom]'" in res.output
 
 
 def test_labels_map_other_than_default(tmp_path):
