@@ -244,7 +244,7 @@ def box_plot_figure(table: pd.DataFrame, structure: str, metrics: Sequence[tuple
     fig.suptitle(f"{structure} (condition original, status ok; m/h = missed/hallucinated rows not drawn)", fontsize=8)
     fig.legend(handles=_model_handles(models), loc="upper center", ncol=min(len(models), 6), fontsize=7,
                frameon=False, bbox_to_anchor=(0.5, 0.93), title="model (fill and hatch)", title_fontsize=7)
-    fig.tight_layout(rect=(0, 0, 1, 0.8 if len(models) <= 6 else 0.74))
+    fig.tight_layout(rect=(0, 0, 1, 0.86 if len(models) <= 6 else 0.8))
     return fig
 
 

@@ -399,3 +399,26 @@ def test_report_first_screen_has_the_headline_and_tables_are_collapsible_csv(tmp
     # model and comparison columns are in the shown statistics table
     shown = stats_part.split("<details>")[1]
     assert ">comparison<" in shown and ">where<" in shown and "model local-A" in shown
+
+
+def test_cli_report_threshold_options_and_training_centres_from_the_study(tmp_path):
+    from oarbench.cli import main
+
+    results().to_csv(tmp_path / "metrics.csv", index=False)
+    (tmp_path / "study.toml").write_text(
+        '[study]\nname = "demo"\n\n[[centres]]\nname = "A"\nreference = "ref"\n\n'
+        '[[models]]\nname = "m1"\ntrained_on = ["A"]\npredictions = "p/{model}"\n'
+        '[[models]]\nname = "m2"\ntrained_on = ["B"]\npredictions = "p/{model}"\n')
+    (tmp_path / "run.json").write_text(json.dumps({"study": str(tmp_path / "study.toml")}))
+    res = CliRunner().invoke(main, ["report", str(tmp_path), "--no-box-plots", "--dsc-below", "0.75",
+                                    "--hd95-above", "off", "--fp-thresholds", "0,2"])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "report.html").read_text()
+    secs = _sections(text)
+    assert "DSC &lt; 0.75" in secs["failures"] and "HD95 &gt;" not in secs["failures"].split("</p>")[0]
+    # m1 trained on A scores A: within; m2 trained on B scores A: cross
+    head = secs["headline"]
+    assert "within" in head and "cross" in head
+    for bad, message in ((["--fp-thresholds", "a,b"], "numbers"), (["--dsc-below", "-1"], "number")):
+        res = CliRunner().invoke(main, ["report", str(tmp_path), "--no-box-plots", *bad])
+        assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output
