@@ -134,8 +134,19 @@ def test_truncated_training_image_refused_before_nnunet(tmp_path):
     (ds / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "Liver": 1, "Kidney_L": 2},
                                                  "channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
                                                  "numTraining": 1}))
-    lab.write_bytes(lab.read_bytes()[:-20])
+    good = lab.read_bytes()
+    lab.write_bytes(good[:-20])
     with pytest.raises(ValueError, match=r"labelsTr/c1\.nii\.gz: cannot read image"):
+        link_dataset(ds, NnunetPaths.under(tmp_path / "work"))
+    lab.write_bytes(good)
+    nan_image = _labels_array().astype(np.float32)
+    nan_image[1, 1, 1] = np.nan
+    _write(ds / "imagesTr" / "c1_0000.nii.gz", nan_image)
+    with pytest.raises(ValueError, match=r"imagesTr/c1_0000\.nii\.gz: 1 voxel\(s\) are NaN"):
+        link_dataset(ds, NnunetPaths.under(tmp_path / "work"))
+    (ds / "imagesTr" / "c1_0000.nii.gz").unlink()
+    (ds / "imagesTr" / "c1_0000.nii.gz").symlink_to(tmp_path / "elsewhere.nii.gz")
+    with pytest.raises(ValueError, match=r"c1_0000\.nii\.gz: broken symbolic link"):
         link_dataset(ds, NnunetPaths.under(tmp_path / "work"))
 
 
