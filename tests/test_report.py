@@ -422,3 +422,36 @@ def test_cli_report_threshold_options_and_training_centres_from_the_study(tmp_pa
     for bad, message in ((["--fp-thresholds", "a,b"], "numbers"), (["--dsc-below", "-1"], "number")):
         res = CliRunner().invoke(main, ["report", str(tmp_path), "--no-box-plots", *bad])
         assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output
+
+
+def test_cli_report_of_a_real_robustness_run_shows_floor_and_swaps(tmp_path):
+    """An atlas 'model' (always the original reference) under flip_lr and a 10-degree rotation."""
+    from oarbench.cli import main
+    from oarbench.io import read_volume
+    from oarbench.robustness import run_robustness, write_robustness
+    from tests.test_robustness import LABELS, FunctionPredictor, make_phantom, write_case
+
+    ct, ref = make_phantom()
+    img_path, ref_path = write_case(tmp_path / "data", "P001", ct, ref)
+    atlas = read_volume(ref_path).array
+    def model(v):  # the same label array whatever the input shows (zeros where the grid differs)
+        return atlas if v.array.shape == atlas.shape else np.zeros(v.array.shape, np.uint8)
+
+    res = run_robustness({"P001": img_path}, {"P001": ref_path}, FunctionPredictor(model),
+                         ["flip_lr", "rot_z+10"], LABELS, study="s", centre="A", model="atlas")
+    out = tmp_path / "results"
+    write_robustness(res, out)
+    res.table[res.table["condition"] == "original"].to_csv(out / "metrics.csv", index=False)
+    run = CliRunner().invoke(main, ["report", str(out), "--no-box-plots"])
+    assert run.exit_code == 0, run.output
+    rob = _sections((out / "report.html").read_text())["robustness"]
+    floor_part = rob.split("<h3>Per model and condition</h3>")[0]
+    # flip_lr moves voxels without resampling: floor exactly 0; rot_z+10 resamples: floor from noise_floor.csv
+    assert "flip_lr</td><td class=\"t\">lossless" in floor_part
+    assert "rot_z+10</td><td class=\"t\">resampled" in floor_part
+    per_model = rob.split("<h3>Per model and condition</h3>")[1].split("</table>")[0]
+    rows = {r.split("</td>")[1].split(">")[-1]: r for r in per_model.split("<tr>")[2:]}
+    # under flip_lr the atlas's kidneys cover the other side: both kidney rows are laterality swaps
+    assert rows["flip_lr"].endswith("<td>2</td></tr>")
+    # the liver mirrored onto the patient's left no longer overlaps the liver: worst ΔDSC -1
+    assert "-1.000" in rows["flip_lr"]
