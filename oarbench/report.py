@@ -176,7 +176,7 @@ class ReportContext:
     def criteria(self) -> FailureCriteria:
         if self.options.criteria is not None:
             return self.options.criteria
-        recorded = _gallery_criteria(self.gallery_dir)
+        recorded = self.cached("gallery_criteria", lambda: _gallery_criteria(self.gallery_dir))
         return recorded if recorded is not None else FailureCriteria()
 
     def all_conditions(self) -> pd.DataFrame:
