@@ -195,6 +195,16 @@ def rasterise(roi: Roi, grid: Grid, source: str | Path = "") -> RoiMask:
     return RoiMask(indices.astype(np.int64), used, len(roi.contours) - used, points, off)
 
 
+def _drop_collinear(poly: np.ndarray) -> np.ndarray:
+    """The same closed polygon without vertices that lie on the straight line through their
+    neighbours (the traced vertices sit on quarter-pixel multiples, so the test is exact)."""
+    prev, nxt = np.roll(poly, 1, axis=0), np.roll(poly, -1, axis=0)
+    a, b = poly - prev, nxt - poly
+    cross = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
+    keep = np.abs(cross) > 1e-9
+    return poly[keep] if keep.sum() >= 3 else poly
+
+
 def trace_mask(mask: np.ndarray, grid: Grid) -> list[tuple[int, np.ndarray]]:
     """Closed polygons of a boolean mask (z, y, x), per slice: ``[(slice, points (n, 3) mm), ...]``.
 
@@ -213,6 +223,7 @@ def trace_mask(mask: np.ndarray, grid: Grid) -> list[tuple[int, np.ndarray]]:
                 c = c[:-1]
             if len(c) < 3:
                 continue
+            c = _drop_collinear(c)
             rows, cols = c[:, 0] - 1.0, c[:, 1] - 1.0
             idx = np.column_stack([cols, rows, np.full(len(c), float(z))])
             out.append((int(z), index_to_patient(idx, grid)))
