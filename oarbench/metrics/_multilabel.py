@@ -185,7 +185,8 @@ def _shown(values: list[Any], limit: int = 10) -> str:
 
 
 def _as_label_array(arr: Any, name: str, labels: LabelMap) -> np.ndarray:
-    """The label array as unsigned integers, refused unless every value is 0 or in ``labels``.
+    """The label array (integer-valued floats as unsigned integers), refused unless every value is 0 or
+    in ``labels``.
 
     The values are checked before anything is allocated per value (find_objects
     allocates one entry per value up to the largest one present).
@@ -207,9 +208,11 @@ def _as_label_array(arr: Any, name: str, labels: LabelMap) -> np.ndarray:
         raise ValueError(f"{name}: label image must hold integers, got dtype {a.dtype}")
     if a.size == 0:
         return a.astype(np.uint8)
-    lo, hi = a.min(), a.max()
-    if lo < 0:
-        raise ValueError(f"{name}: label values must be >= 0, found {lo:g}")
+    hi = a.max()
+    if a.dtype.kind != "u":
+        lo = a.min()
+        if lo < 0:
+            raise ValueError(f"{name}: label values must be >= 0, found {lo:g}")
     if hi > labels.max_value:
         if a.dtype.kind == "f":
             bad_f = [float(v) for v in np.unique(a) if v != 0 and not (v <= labels.max_value and int(v) in labels)]
