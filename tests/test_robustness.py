@@ -159,6 +159,7 @@ from oarbench.robustness import (
     random_small_rotations,
     run_robustness,
 )
+from oarbench.io import find_cases
 from oarbench.robustness.transforms import image_centre
 
 LOSSLESS = ["flip_lr", "flip_ap", "flip_si", "rot90_si", "rot180_si", "rot270_si", "rot90_lr", "rot180_lr",
@@ -337,13 +338,38 @@ def test_laterality_swap_rule():
     swapped = np.where(ref == 3, 4, np.where(ref == 4, 3, 0)).astype(np.uint8)
     assert laterality_swaps(ref, swapped, LABELS) == {"Kidney_L": True, "Kidney_R": True}
     assert laterality_swaps(ref, ref, LABELS) == {"Kidney_L": False, "Kidney_R": False}
-    # one side swapped only (both predicted labels on the left kidney): not a swap of the pair
+    # one side swapped only (both predicted labels on the left kidney): not a swap of the pair,
+    # and no label covers more than half of both kidneys
     both_left = np.where(ref == 4, 0, ref).astype(np.uint8)
     both_left[0, :2, 5:8] = 4
     assert laterality_swaps(ref, both_left, LABELS)["Kidney_L"] is False
-    # nephrectomy (empty reference side): never flagged
+    # nephrectomy (empty reference side), remaining kidney labelled correctly: not flagged
     no_left = np.where(ref == 3, 0, ref).astype(np.uint8)
-    assert laterality_swaps(no_left, swapped, LABELS) == {"Kidney_L": False, "Kidney_R": False}
+    assert laterality_swaps(no_left, ref, LABELS) == {"Kidney_L": False, "Kidney_R": False}
+
+
+def test_laterality_errors_same_side_and_wrong_side():
+    from oarbench.robustness.run import laterality_errors
+
+    ref = np.zeros((1, 4, 8), np.uint8)
+    ref[0, :, 0:3] = 4  # right kidney (12 voxels)
+    ref[0, :, 5:8] = 3  # left kidney (12 voxels)
+    # both kidneys labelled left: Kidney_L covers 12/12 of each side -> same_side
+    both_left = np.where(ref > 0, 3, 0).astype(np.uint8)
+    assert laterality_errors(ref, both_left, LABELS) == {"Kidney_L": "same_side", "Kidney_R": "same_side"}
+    assert laterality_swaps(ref, both_left, LABELS) == {"Kidney_L": True, "Kidney_R": True}
+    # the swap is still a swap
+    swapped = np.where(ref == 3, 4, np.where(ref == 4, 3, 0)).astype(np.uint8)
+    assert laterality_errors(ref, swapped, LABELS)["Kidney_R"] == "swap"
+    # left nephrectomy: the remaining right kidney predicted as Kidney_L -> wrong_side (the
+    # earlier rule needed both reference sides and missed it)
+    no_left = np.where(ref == 3, 0, ref).astype(np.uint8)
+    wrong = np.where(no_left == 4, 3, 0).astype(np.uint8)
+    assert laterality_errors(no_left, wrong, LABELS) == {"Kidney_L": "wrong_side", "Kidney_R": "wrong_side"}
+    # half of it labelled each way (6 / 12, not more than half): not flagged
+    half = wrong.copy()
+    half[0, :2, 0:3] = 4
+    assert laterality_errors(no_left, half, LABELS)["Kidney_R"] == ""
 
 
 # ----------------------------------------------------------------------------- the run
@@ -387,7 +413,16 @@ def test_invariant_predictor_small_angles_stay_within_the_noise_floor(phantom_di
     images, reference = phantom_dirs
     conds = ["rot_z+10", "rot_z-10", "rot_x+5", "rot_y-15"]
     res = run_robustness(images, reference, FunctionPredictor(lambda v: segment(v.array)), conds, LABELS)
+    # every small angle gets its resample-only control (same axis, same absolute angle)
+    controls = ["resample_z10", "resample_x5", "resample_y15"]
+    assert set(res.table["condition"]) == {"original", *conds, *controls}
+    s = res.summary.set_index(["structure", "condition"])
+    for cond, ctrl in (("rot_z+10", "resample_z10"), ("rot_z-10", "resample_z10"), ("rot_x+5", "resample_x5")):
+        for structure in s.index.get_level_values(0).unique():
+            assert s.loc[(structure, cond), "control_condition"] == ctrl
+            assert s.loc[(structure, cond), "control_median_delta_dsc"] == s.loc[(structure, ctrl), "median_delta_dsc"]
     floor = res.noise_floor
+    floor = floor[floor["condition"].isin(conds)]
     assert set(floor["condition"]) == set(conds) and len(floor) == len(conds) * 2 * len(LABELS)
     # the noise floor is a genuine loss: nearest neighbour there and back is not exact
     assert (floor["dsc"] < 1).any() and (floor["dsc"] > 0.8).all()
@@ -405,13 +440,34 @@ def test_invariant_predictor_small_angles_stay_within_the_noise_floor(phantom_di
     # not a derived bound) the mean gap must stay under a tenth of it.
     d = math.sqrt(2.0**2 + 1.5**2 + 1.5**2)
     key = ["condition", "case", "structure"]
-    merged = res.table[res.table["condition"] != "original"].merge(floor, on=key, suffixes=("", "_floor"))
+    merged = res.table[res.table["condition"].isin(conds)].merge(floor, on=key, suffixes=("", "_floor"))
     assert len(merged) == len(floor)
     assert (merged["hd95"] <= merged["hd95_floor"] + d + 1e-9).all()
     assert (merged["dsc"] >= merged["dsc_floor"] - 0.30).all()
     assert (merged["dsc_floor"] - merged["dsc"]).mean() <= 0.030
     assert set(res.summary["median_floor_dsc"].notna()) == {True}
 
+
+def test_resample_control_is_interpolation_only_and_maps_back_exactly(phantom_dirs):
+    from oarbench.robustness import ResampleControl, SmallRotation
+
+    images, reference = phantom_dirs
+    case = sorted(find_cases(images, images=True))[0]
+    img = read_volume(find_cases(images, images=True)[case])
+    ctrl = parse_condition("resample_z10")
+    assert isinstance(ctrl, ResampleControl) and ctrl.condition == "resample_z10"
+    out = ctrl.apply(img)
+    # the patient does not move: same grid and header; only the voxel values are interpolated
+    assert out.array.shape == img.array.shape and out.spacing == img.spacing and out.origin == img.origin
+    assert not np.array_equal(out.array, img.array)
+    # linear interpolation there and back lowers the spread inside an organ (blur), which is
+    # what confounds a small rotation; the control has it without the rotation
+    rot = SmallRotation("z", 10).apply(img)
+    assert np.std(out.array.astype(float)) < np.std(img.array.astype(float))
+    assert rot.array.shape != img.array.shape  # the rotation needs the enlarged grid, the control not
+    # mapping back is the identity
+    pred = img.with_array((img.array > 0).astype(np.uint8))
+    assert np.array_equal(ctrl.map_back(pred, img).array, pred.array)
 
 def test_atlas_predictor_degrades_under_flips_and_swaps_kidneys(phantom_dirs):
     images, reference = phantom_dirs
@@ -556,12 +612,12 @@ def test_cli_rotate_default_set(phantom_dirs, script, tmp_path):
                                        "--labels", str(_labels_toml(tmp_path))])
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out / "robustness.csv")
-    assert set(table["condition"]) == {"original", *DEFAULT_ROTATE_CONDITIONS}
+    assert set(table["condition"]) == {"original", *DEFAULT_ROTATE_CONDITIONS, "resample_z10"}  # + the control
     summary = pd.read_csv(out / "robustness_summary.csv")
-    lossless = summary[~summary["condition"].str.startswith("rot_")]
+    lossless = summary[~summary["condition"].str.startswith(("rot_", "resample_"))]
     assert (lossless["median_delta_dsc"] == 0).all() and (summary["n_laterality_swaps"] == 0).all()
     floor = pd.read_csv(out / "noise_floor.csv")
-    assert set(floor["condition"]) == {"rot_z+10", "rot_z-10"}
+    assert set(floor["condition"]) == {"rot_z+10", "rot_z-10", "resample_z10"}
     # errors: neither --rotate nor --conditions; a failing model
     r2 = CliRunner().invoke(main, ["robustness", "--images", str(images), "--reference", str(reference),
                                    "--predictor", spec, "--out", str(out)])
@@ -628,3 +684,19 @@ def test_saved_mapped_back_predictions_are_on_the_reference_grid(phantom_dirs, t
     with pytest.raises(ValueError, match="condition"):
         run_robustness(images, reference, FunctionPredictor(lambda v: segment(v.array)), ["flip_lr"], LABELS,
                        save_predictions=str(tmp_path / "flat"))
+
+
+def test_noop_reorientation_is_skipped_with_a_warning_and_said(phantom_dirs, tmp_path):
+    from oarbench.robustness import RobustnessWarning
+
+    images, reference = phantom_dirs
+    # P001 is stored LPS already: reorient_LPS would change nothing for it; P002 (ASR) changes
+    with pytest.warns(RobustnessWarning, match="reorient_LPS skipped for case P001"):
+        res = run_robustness(images, reference, FunctionPredictor(lambda v: segment(v.array)), ["reorient_LPS"],
+                             LABELS, out_dir=tmp_path / "rob")
+    assert list(res.skipped["case"]) == ["P001"] and "stored as LPS" in res.skipped["reason"].iloc[0]
+    ran = res.table[res.table["condition"] == "reorient_LPS"]
+    assert set(ran["case"]) == {"P002"}
+    assert (res.summary[res.summary["condition"] == "reorient_LPS"]["n_skipped"] == 1).all()
+    written = pd.read_csv(tmp_path / "rob" / "robustness_skipped.csv")
+    assert list(written["case"]) == ["P001"]

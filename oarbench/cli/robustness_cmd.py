@@ -125,6 +125,7 @@ def robustness(rotate, conditions, images, reference, predictor_spec, out, label
     table = result.table
     paths = write_robustness(result, out)
     n_swaps = int(result.summary["n_laterality_swaps"].sum()) if len(result.summary) else 0
-    click.echo(f"{len(table)} rows, {table['condition'].nunique()} conditions, {n_swaps} laterality-swap rows")
+    click.echo(f"{len(table)} rows, {table['condition'].nunique()} conditions, {n_swaps} laterality-error rows, "
+               f"{len(result.skipped)} case x condition pair(s) skipped (robustness_skipped.csv)")
     for p in paths.values():
         click.echo(f"wrote {p}")

@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
@@ -25,7 +27,15 @@ from oarbench.io import Volume, atomic_write_text, check_same_grid, find_cases, 
 from oarbench.labels import DEFAULT_LABELS, LabelMap, contralateral, laterality
 from oarbench.metrics import RESULT_COLUMNS, dice, evaluate_labels
 from oarbench.robustness.predictors import Predictor
-from oarbench.robustness.transforms import Identity, Perturbation, SmallRotation, parse_conditions
+from oarbench.robustness.transforms import (
+    Identity,
+    Perturbation,
+    ResampleControl,
+    Reorient,
+    SmallRotation,
+    control_for,
+    parse_conditions,
+)
 from oarbench.storage import as_location
 
 if TYPE_CHECKING:
@@ -35,16 +45,19 @@ __all__ = [
     "RobustnessResult",
     "TABLE_COLUMNS",
     "SUMMARY_COLUMNS",
+    "SKIPPED_COLUMNS",
+    "RobustnessWarning",
     "run_robustness",
     "noise_floor",
     "laterality_swaps",
+    "laterality_errors",
     "summarise",
     "write_robustness",
 ]
 
 #: Columns of ``robustness.csv`` / ``noise_floor.csv`` in order.
 TABLE_COLUMNS: tuple[str, ...] = (
-    "study", "centre", "model", "condition", "case", *RESULT_COLUMNS, "laterality_swap", "params",
+    "study", "centre", "model", "condition", "case", *RESULT_COLUMNS, "laterality_swap", "laterality_error", "params",
 )
 
 #: Columns of ``robustness_summary.csv``.
@@ -52,7 +65,15 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
     "study", "centre", "model", "structure", "condition", "n_cases", "n_pairs_dsc", "median_delta_dsc",
     "worst_delta_dsc", "worst_dsc_case", "n_pairs_hd95", "median_delta_hd95", "worst_delta_hd95",
     "worst_hd95_case", "n_laterality_swaps", "median_floor_dsc", "median_floor_hd95",
+    "control_condition", "control_median_delta_dsc", "control_median_delta_hd95", "n_skipped",
 )
+
+#: Columns of ``robustness_skipped.csv``: case x condition pairs not run, and why.
+SKIPPED_COLUMNS: tuple[str, ...] = ("study", "centre", "model", "condition", "case", "reason")
+
+
+class RobustnessWarning(UserWarning):
+    """A condition was skipped for a case (e.g. a re-orientation that would change nothing)."""
 
 
 @dataclass(frozen=True)
@@ -61,13 +82,15 @@ class RobustnessResult:
 
     ``table``: one row per case x structure x condition (``TABLE_COLUMNS``);
     ``noise_floor``: the same columns for the round-tripped reference of every
-    small-angle condition; ``summary``: per structure x condition against
-    ``original`` (``SUMMARY_COLUMNS``).
+    small-angle condition and resample control; ``summary``: per structure x
+    condition against ``original`` (``SUMMARY_COLUMNS``); ``skipped``: case x
+    condition pairs not run, with the reason (``SKIPPED_COLUMNS``).
     """
 
     table: pd.DataFrame
     noise_floor: pd.DataFrame
     summary: pd.DataFrame
+    skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=list(SKIPPED_COLUMNS)))
 
 
 def _as_case_map(source: Mapping[str, Path] | str | Path, *, images: bool) -> dict[str, Path]:
@@ -76,37 +99,59 @@ def _as_case_map(source: Mapping[str, Path] | str | Path, *, images: bool) -> di
     return find_cases(source, images=images)
 
 
-def laterality_swaps(reference: np.ndarray, prediction: np.ndarray, labels: LabelMap) -> dict[str, bool]:
-    """Laterality swap flag per lateral structure of ``labels``.
+def laterality_errors(reference: np.ndarray, prediction: np.ndarray, labels: LabelMap) -> dict[str, str]:
+    """Laterality error per lateral structure of ``labels``: ``""`` or the kind of error.
 
-    Rule (for each pair X_L / X_R present in the label map): the pair is
-    swapped when **both** reference sides are non-empty and
-    ``DSC(pred X_L, ref X_R) > DSC(pred X_L, ref X_L)`` and
-    ``DSC(pred X_R, ref X_L) > DSC(pred X_R, ref X_R)``: each predicted side
-    overlaps the other side's reference more than its own. Both structures of
-    a swapped pair get True. Structures without a partner in the map, and
-    pairs with an empty reference side (nephrectomy), get False.
+    For each pair X_L / X_R in the label map, with ``cover(P, S)`` the fraction of reference
+    side S's voxels that the prediction labels P:
+
+    * ``swap``: both reference sides present, and each predicted side overlaps the other side's
+      reference more than its own (``DSC(pred X_L, ref X_R) > DSC(pred X_L, ref X_L)`` and the
+      same for X_R);
+    * ``same_side``: both reference sides present and one predicted label covers more than half
+      of each (both kidneys labelled left, or both right);
+    * ``wrong_side``: one reference side present only (e.g. the remaining kidney after a
+      nephrectomy) and more than half of it labelled as the other side, less than half as its own.
+
+    Both structures of the pair get the kind. Structures without a partner in the map get nothing.
     """
     names = dict((n, v) for v, n in labels)
-    out: dict[str, bool] = {}
+    out: dict[str, str] = {}
     for v, name in labels:
         other = contralateral(name)
         if laterality(name) != "L" or other not in names:
             continue
         vl, vr = v, names[other]
-        ref_l, ref_r = reference == vl, reference == vr
-        flag = False
-        if ref_l.any() and ref_r.any():
-            pred_l, pred_r = prediction == vl, prediction == vr
+        ref = {"L": reference == vl, "R": reference == vr}
+        pred = {"L": prediction == vl, "R": prediction == vr}
+        n_ref = {k: int(np.count_nonzero(m)) for k, m in ref.items()}
 
-            def d(a: np.ndarray, b: np.ndarray) -> float:
-                x = dice(a, b)
-                return 0.0 if math.isnan(x) else x
+        def cover(p: str, s: str) -> float:
+            return float(np.count_nonzero(pred[p] & ref[s])) / n_ref[s] if n_ref[s] else 0.0
 
-            flag = d(ref_r, pred_l) > d(ref_l, pred_l) and d(ref_l, pred_r) > d(ref_r, pred_r)
-        out[name] = flag
-        out[other] = flag
+        def d(a: np.ndarray, b: np.ndarray) -> float:
+            x = dice(a, b)
+            return 0.0 if math.isnan(x) else x
+
+        kind = ""
+        if n_ref["L"] and n_ref["R"]:
+            if d(ref["R"], pred["L"]) > d(ref["L"], pred["L"]) and d(ref["L"], pred["R"]) > d(ref["R"], pred["R"]):
+                kind = "swap"
+            elif any(cover(p, "L") > 0.5 and cover(p, "R") > 0.5 for p in ("L", "R")):
+                kind = "same_side"
+        else:
+            for side, opposite in (("L", "R"), ("R", "L")):
+                if n_ref[side] and cover(opposite, side) > 0.5 and cover(side, side) < 0.5:
+                    kind = "wrong_side"
+        out[name] = kind
+        out[other] = kind
     return out
+
+
+def laterality_swaps(reference: np.ndarray, prediction: np.ndarray, labels: LabelMap) -> dict[str, bool]:
+    """True for every lateral structure with any laterality error (:func:`laterality_errors`):
+    a swapped pair, both sides labelled the same, or a single remaining organ given the wrong side."""
+    return {k: bool(v) for k, v in laterality_errors(reference, prediction, labels).items()}
 
 
 def _rows(
@@ -118,13 +163,14 @@ def _rows(
     params: dict[str, object],
 ) -> list[dict[str, object]]:
     results = evaluate_labels(ref.array, pred, ref.spacing, labels, tolerance_mm=tolerance_mm, backend="numpy")
-    swaps = laterality_swaps(ref.array, pred, labels)
+    errors = laterality_errors(ref.array, pred, labels)
     params_json = json.dumps(params, sort_keys=True)
     rows = []
     for r in results:
         row = dict(base)
         row.update(r.as_dict())
-        row["laterality_swap"] = bool(swaps.get(r.structure, False))
+        row["laterality_error"] = errors.get(r.structure, "")
+        row["laterality_swap"] = bool(row["laterality_error"])
         row["params"] = params_json
         rows.append(row)
     return rows
@@ -228,7 +274,7 @@ def _run_case_condition(task: _CaseCondition) -> tuple[list[dict[str, object]], 
     base = {**task.base, "condition": pert.condition, "case": case}
     rows = _rows(ref, back.array, task.labels, task.tolerance_mm, base, pert.params())
     floor: list[dict[str, object]] = []
-    if isinstance(pert, SmallRotation):
+    if isinstance(pert, (SmallRotation, ResampleControl)):
         for r in noise_floor(ref, pert, task.labels, tolerance_mm=task.tolerance_mm):
             r.update(task.base)
             r["case"] = case
@@ -237,7 +283,7 @@ def _run_case_condition(task: _CaseCondition) -> tuple[list[dict[str, object]], 
 
 
 def noise_floor(
-    reference: Volume, perturbation: SmallRotation, labels: LabelMap, *, tolerance_mm: float = 2.0
+    reference: Volume, perturbation: SmallRotation | ResampleControl, labels: LabelMap, *, tolerance_mm: float = 2.0
 ) -> list[dict[str, object]]:
     """Rows for the reference pushed forward (nearest) and back, scored against itself."""
     forward = perturbation.apply(reference, labels=True)
@@ -321,6 +367,24 @@ def run_robustness(
     perts = [Identity()] + [p for p in perts if p.condition != "original"]
     if len({p.condition for p in perts}) != len(perts):
         raise ValueError(f"duplicate conditions in {[p.condition for p in perts]}")
+    # every small-angle rotation is reported beside its resample-only control
+    have = {p.condition for p in perts}
+    for p in list(perts):
+        if isinstance(p, SmallRotation) and control_for(p).condition not in have:
+            perts.append(control_for(p))
+            have.add(control_for(p).condition)
+    # a re-orientation to the orientation a case is stored in changes nothing: skipped, and said
+    skip: set[tuple[str, str]] = set()
+    skipped_rows: list[dict[str, object]] = []
+    for p in perts:
+        if isinstance(p, Reorient):
+            for case in cases:
+                if p.is_noop(read_volume(image_map[case])):
+                    skip.add((p.condition, case))
+                    reason = f"the image is stored as {p.target} already: the condition would change nothing"
+                    skipped_rows.append({**{"study": study, "centre": centre, "model": model},
+                                         "condition": p.condition, "case": case, "reason": reason})
+                    warnings.warn(f"{p.condition} skipped for case {case}: {reason}", RobustnessWarning, stacklevel=2)
 
     base = {"study": study, "centre": centre, "model": model}
     if save_predictions is not None and "{condition}" not in str(save_predictions):
@@ -340,7 +404,7 @@ def run_robustness(
             _CaseCondition(case, str(image_map[case]), str(ref_map[case]), pert, predictor, labels, tolerance_mm,
                            base, None if keep is None else str(keep / pert.condition / case),
                            _save_folder(save_predictions, pert, centre, model))
-            for pert in perts for case in cases
+            for pert in perts for case in cases if (pert.condition, case) not in skip
         ]
         from oarbench.evaluate import _progress
 
@@ -372,13 +436,16 @@ def run_robustness(
                     shutil.rmtree(cdir)
                 in_dir.mkdir(parents=True)
                 perturbed_paths = []
-                for case in cases:
+                run_cases = [c for c in cases if (pert.condition, c) not in skip]
+                if not run_cases:
+                    continue
+                for case in run_cases:
                     img, _ = _read_pair(case, image_map[case], ref_map[case])
                     path = in_dir / f"{case}_0000.nii.gz"
                     write_volume(pert.apply(img), path)
                     perturbed_paths.append(path)
                 outputs = predictor.predict(perturbed_paths, pred_dir)
-                for case in cases:
+                for case in run_cases:
                     ref = read_volume(ref_map[case])
                     pred = read_volume(outputs[case])
                     back = pert.map_back(pred, ref)
@@ -386,7 +453,7 @@ def run_robustness(
                         folder = Path(str(save_predictions).format(condition=pert.condition, centre=centre, model=model))
                         write_volume(back, folder / f"{case}.nii.gz")
                     rows.extend(_rows(ref, back.array, labels, tolerance_mm, {**base, "condition": pert.condition, "case": case}, pert.params()))
-                    if isinstance(pert, SmallRotation):
+                    if isinstance(pert, (SmallRotation, ResampleControl)):
                         for r in noise_floor(ref, pert, labels, tolerance_mm=tolerance_mm):
                             r.update(base)
                             r["case"] = case
@@ -396,7 +463,8 @@ def run_robustness(
                 tmp.cleanup()
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     floor = pd.DataFrame(floor_rows, columns=list(TABLE_COLUMNS))
-    result = RobustnessResult(table, floor, summarise(table, floor))
+    skipped = pd.DataFrame(skipped_rows, columns=list(SKIPPED_COLUMNS))
+    result = RobustnessResult(table, floor, summarise(table, floor, skipped), skipped)
     if out_dir is not None:
         write_robustness(result, out_dir)
     return result
@@ -408,7 +476,8 @@ def _median(values: pd.Series) -> float:
     return float(np.median(v)) if v.size else math.nan
 
 
-def summarise(table: pd.DataFrame, floor: pd.DataFrame | None = None) -> pd.DataFrame:
+def summarise(table: pd.DataFrame, floor: pd.DataFrame | None = None,
+              skipped: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per structure x condition: change against ``original`` on the same cases.
 
     ``delta = condition - original`` for DSC and HD95 per case. Pairs where
@@ -417,6 +486,10 @@ def summarise(table: pd.DataFrame, floor: pd.DataFrame | None = None) -> pd.Data
     delta (``inf - inf`` = NaN is left out). Worst case: the smallest DSC
     delta and the largest HD95 delta, with their case. ``median_floor_*``:
     median noise-floor DSC / HD95 of that condition (NaN when it has none).
+    ``control_*``: for a small rotation ``rot_<axis>+-N``, the median deltas of
+    its resample-only control ``resample_<axis>N`` on the same structure (what
+    the interpolation alone costs). ``n_skipped``: cases of that condition not
+    run (``skipped``; e.g. a re-orientation that would change nothing).
     """
     keys = ["study", "centre", "model", "structure"]
     orig = table[table["condition"] == "original"].set_index(keys + ["case"])
@@ -449,8 +522,35 @@ def summarise(table: pd.DataFrame, floor: pd.DataFrame | None = None) -> pd.Data
             else:
                 row["median_floor_dsc"] = math.nan
                 row["median_floor_hd95"] = math.nan
+            row["n_skipped"] = 0
+            if skipped is not None and len(skipped):
+                row["n_skipped"] = int((skipped["condition"] == cond).sum())
             out.append(row)
-    return pd.DataFrame(out, columns=list(SUMMARY_COLUMNS))
+    df = pd.DataFrame(out, columns=list(SUMMARY_COLUMNS))
+    # each small-angle drop beside its resample-only control
+    keys_s = ["study", "centre", "model", "structure"]
+    ctrl = df[df["condition"].astype(str).str.startswith("resample_")].set_index(keys_s + ["condition"])
+    df["control_condition"] = df["control_condition"].astype(object).where(df["control_condition"].notna(), "")
+    for i, row in df.iterrows():
+        m = _ROT_RE.match(str(row["condition"]))
+        if not m:
+            continue
+        name = ResampleControl(m.group(1), abs(float(m.group(2)))).condition
+        key = tuple(row[k] for k in keys_s) + (name,)
+        df.at[i, "control_condition"] = name
+        if key in ctrl.index:
+            df.at[i, "control_median_delta_dsc"] = ctrl.loc[key, "median_delta_dsc"]
+            df.at[i, "control_median_delta_hd95"] = ctrl.loc[key, "median_delta_hd95"]
+    if skipped is not None and len(skipped):  # conditions skipped for every case still get a row
+        for cond, g in skipped.groupby("condition", sort=False):
+            if cond not in set(df["condition"]):
+                for key, _ in table.groupby(keys_s, sort=False):
+                    r = dict(zip(keys_s, key), condition=cond, n_cases=0, n_skipped=int(len(g)))
+                    df = pd.concat([df, pd.DataFrame([r])], ignore_index=True)
+    return df.reindex(columns=list(SUMMARY_COLUMNS))
+
+
+_ROT_RE = re.compile(r"^rot_([xyz])([+-]\d+(?:\.\d+)?)$")
 
 
 def combine(results: Sequence[RobustnessResult]) -> RobustnessResult:
@@ -459,15 +559,17 @@ def combine(results: Sequence[RobustnessResult]) -> RobustnessResult:
         raise ValueError("no robustness results to combine")
     table = pd.concat([r.table for r in results], ignore_index=True)
     floor = pd.concat([r.noise_floor for r in results], ignore_index=True)
-    return RobustnessResult(table, floor, summarise(table, floor))
+    skipped = pd.concat([r.skipped for r in results], ignore_index=True)
+    return RobustnessResult(table, floor, summarise(table, floor, skipped), skipped)
 
 
 def write_robustness(result: RobustnessResult, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``robustness.csv``, ``noise_floor.csv`` and ``robustness_summary.csv`` atomically."""
+    """Write ``robustness.csv``, ``noise_floor.csv``, ``robustness_summary.csv`` and
+    ``robustness_skipped.csv`` atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, df in (("robustness.csv", result.table), ("noise_floor.csv", result.noise_floor),
-                     ("robustness_summary.csv", result.summary)):
+                     ("robustness_summary.csv", result.summary), ("robustness_skipped.csv", result.skipped)):
         paths[name] = atomic_write_text(out / name, df.to_csv(index=False))
     return paths

@@ -54,6 +54,8 @@ __all__ = [
     "LosslessRigid",
     "SmallRotation",
     "Reorient",
+    "ResampleControl",
+    "control_for",
     "AIR_HU",
     "AXES",
     "DEFAULT_ROTATE_CONDITIONS",
@@ -435,6 +437,64 @@ class SmallRotation:
         return original.with_array(back.array)
 
 
+@dataclass(frozen=True)
+class ResampleControl:
+    """The interpolation of a small rotation without the rotation: a control condition.
+
+    The image goes through the resampling pipeline of :class:`SmallRotation` by ``degrees``
+    about ``axis`` (linear interpolation onto the enlarged grid) and straight back through the
+    inverse rotation (linear interpolation onto the original grid). The patient ends where it
+    was, so the prediction needs no mapping (exact); what changed is only the interpolation
+    (applied twice: an upper bound of the blur one rotation causes). Reported beside
+    ``rot_<axis>+-N``, it separates an interpolation effect from a rotation effect. Condition
+    name ``resample_<axis>N``, e.g. ``resample_z10``.
+    """
+
+    axis: str
+    degrees: float
+    fill: float = AIR_HU
+
+    def __post_init__(self) -> None:
+        SmallRotation(self.axis, self.degrees, self.fill)  # same checks
+        if self.degrees == 0:
+            raise ValueError("a resample control needs a non-zero angle (0 degrees does not interpolate)")
+        object.__setattr__(self, "degrees", abs(float(self.degrees)))
+
+    @property
+    def condition(self) -> str:
+        return f"resample_{self.axis}{_fmt_angle(self.degrees).lstrip('+')}"
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "kind": "resample_control",
+            "axis": self.axis,
+            "degrees": float(self.degrees),
+            "centre": "image",
+            "interpolation": "linear, forward and back",
+            "fill_hu": float(self.fill),
+        }
+
+    def apply(self, volume: Volume, *, labels: bool = False) -> Volume:
+        rot = SmallRotation(self.axis, self.degrees, self.fill)
+        moved = rot.apply(volume, labels=labels)
+        c = image_centre(volume)
+        back = _euler_resample(moved, volume, rot.r, c, linear=not labels, fill=0.0 if labels else self.fill)
+        return volume.with_array(back.array)
+
+    def inverse(self) -> "ResampleControl":
+        return self
+
+    def map_back(self, prediction: Volume, original: Volume) -> Volume:
+        """The prediction is on the original grid already (identity, exact)."""
+        _check_on_grid(prediction, original, self.condition)
+        return original.with_array(prediction.array)
+
+
+def control_for(rotation: SmallRotation) -> ResampleControl:
+    """The resample-only control of a small rotation (same axis, same absolute angle)."""
+    return ResampleControl(rotation.axis, abs(rotation.degrees), rotation.fill)
+
+
 _ORIENT_LETTERS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
 
 
@@ -488,6 +548,10 @@ class Reorient:
         return Volume(array, tuple(float(v) for v in s_new[::-1]), tuple(float(v) for v in origin),
                       tuple(float(v) for v in d_new.ravel()))
 
+    def is_noop(self, volume: Volume) -> bool:
+        """True when ``volume`` is stored in this orientation already (nothing would change)."""
+        return bool(np.allclose(physical_matrix(volume), self._target_direction(), atol=_PERM_ATOL))
+
     def inverse(self) -> "Reorient":
         raise ValueError("a re-orientation's inverse depends on the original direction; use map_back")
 
@@ -516,6 +580,7 @@ _SMALL_RE = re.compile(r"^rot_([xyz])([+-]\d+(?:\.\d+)?)$")
 _LOSSLESS_RE = re.compile(r"^rot(90|180|270)_(lr|ap|si)$")
 _FLIP_RE = re.compile(r"^flip_(lr|ap|si)$")
 _REORIENT_RE = re.compile(r"^reorient_([A-Za-z]{3})$")
+_CONTROL_RE = re.compile(r"^resample_([xyz])(\d+(?:\.\d+)?)$")
 
 
 def parse_condition(name: str) -> Perturbation:
@@ -525,7 +590,8 @@ def parse_condition(name: str) -> Perturbation:
     (180 degrees about the cranio-caudal axis); ``feet_first`` (180 degrees
     about the antero-posterior axis); ``rot_x|y|z+N`` / ``-N`` small angles in
     degrees (x = left-right, y = antero-posterior, z = cranio-caudal);
-    ``reorient_XYZ`` header-only (e.g. ``reorient_RAS``).
+    ``reorient_XYZ`` header-only (e.g. ``reorient_RAS``); ``resample_x|y|zN`` the
+    resample-only control of ``rot_x|y|z+-N``.
     """
     key = name.strip()
     if key == "original":
@@ -544,9 +610,11 @@ def parse_condition(name: str) -> Perturbation:
         return SmallRotation(m.group(1), deg)
     if m := _REORIENT_RE.match(key):
         return Reorient(m.group(1))
+    if m := _CONTROL_RE.match(key):
+        return ResampleControl(m.group(1), float(m.group(2)))
     raise ValueError(
         f"unknown condition {name!r} (expected original, flip_lr|ap|si, rot90|180|270_lr|ap|si, prone, "
-        "feet_first, rot_x|y|z+N / -N, reorient_XYZ)"
+        "feet_first, rot_x|y|z+N / -N, resample_x|y|zN, reorient_XYZ)"
     )
 
 
