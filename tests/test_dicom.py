@@ -266,7 +266,8 @@ def test_overlap_rule_smaller_structure_wins_and_volume_is_reported(tmp_path):
     ("Herz", "Heart"), ("Long links", "Lung_L"), ("Lunge re.", "Lung_R"), ("Vena cava inferior", "VenaCava_I"),
     ("L_Kidney", "Kidney_L"), ("IVC", "VenaCava_I"), ("Liver", "Liver"), ("Small_Intestine", "Bowel"),
     ("Vena_Cava_Inferior", "VenaCava_I"), ("Vertebral Bodies", "Vertebrae"), ("Adrenal_Gland_R", "Glnd_Adrenal_R"),
-    ("Lt Lung", "Lung_L"),
+    ("Lt Lung", "Lung_L"), ("untere Hohlvene", "VenaCava_I"), ("Twaalfvingerige darm", "Duodenum"),
+    ("Zwölffingerdarm", "Duodenum"), ("Wervellichamen", "Vertebrae"), ("Bauchspeicheldruese", "Pancreas"),
 ])
 def test_clinical_spellings_resolve(name, expected):
     assert NameResolver(DEFAULT_LABELS).resolve(name).structure == expected

@@ -87,7 +87,7 @@ _CLINICAL_ORGANS: dict[str, str] = {
     "wirbelkörper": "Vertebrae",
     "wirbelsäule": "Vertebrae",
     "wirbel": "Vertebrae",
-    "untereholvene": "VenaCava_I",
+    "unterehohlvene": "VenaCava_I",
     "hauptschlagader": "A_Aorta",
 }
 # English spellings beyond oarbench.labels.canonical_name (same normalisation as above).
