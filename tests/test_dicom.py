@@ -729,3 +729,11 @@ def test_cli_import_with_aliases_and_labels(tmp_path):
     assert rows["Lever"]["structure"] == "Liver" and rows["Lever"]["case"] == "siteX_0001"
     assert json.loads((tmp_path / "o" / "dataset.json").read_text())["labels"] == \
         {"background": 0, "Liver": 1, "GTV": 2}
+
+
+def test_phantoms_dicom_refuses_a_non_empty_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    res = CliRunner().invoke(main, ["phantoms", "--format", "dicom", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 1 and "not empty; use --force" in res.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
