@@ -819,10 +819,27 @@ def _gallery_islands(ctx: ReportContext) -> pd.DataFrame:
     return ctx.cached("gallery_islands", compute)
 
 
+def _present_structures(ctx: ReportContext) -> list[str]:
+    """Structures (label order) with at least one row that is not ``absent`` under condition original."""
+    def compute() -> list[str]:
+        orig = ctx.original
+        present = set(orig.loc[orig["status"] != "absent", "structure"])
+        return [s for s in _structure_order(orig) if s in present]
+    return ctx.cached("present_structures", compute)
+
+
+def _absent_everywhere_note(ctx: ReportContext) -> str:
+    gone = [s for s in _structure_order(ctx.original) if s not in set(_present_structures(ctx))]
+    if not gone:
+        return ""
+    return (f"<p class='note'>{len(gone)} structures of the label map are absent from every reference and prediction "
+            f"(nothing to score) and are not listed: {_e(', '.join(gone))}.</p>")
+
+
 def _structure_matrix(ctx: ReportContext, metric: str, digits: int) -> pd.DataFrame:
     orig = ctx.original
     settings = _settings(ctx)
-    structures = _structure_order(orig)
+    structures = _present_structures(ctx)
     groups = sorted({(m, c) for m, c in zip(orig["model"], orig["centre"])}, key=lambda mc: (mc[1], mc[0]))
     rows = []
     summaries = ctx.summaries()
@@ -844,7 +861,7 @@ def _per_structure_blocks(ctx: ReportContext, sus: pd.DataFrame) -> str:
     settings = _settings(ctx)
     out = []
     summaries = ctx.summaries()
-    for structure in _structure_order(orig):
+    for structure in _present_structures(ctx):
         s = summaries.get(structure, pd.DataFrame())
         if s.empty:
             continue
@@ -976,6 +993,7 @@ def _section_accuracy(ctx: ReportContext) -> Section:
         "[Q1–Q3] are over rows with status ok, missed and hallucinated, so a quartile may be ∞.</p>",
         "<h3 id='summary'>Median DSC per structure</h3>",
     ]
+    body.append(_absent_everywhere_note(ctx))
     dsc = _structure_matrix(ctx, "dsc", 3)
     n_struct = len(dsc)
     matrix = _html_table(dsc, text_cols=["structure"])
@@ -985,7 +1003,7 @@ def _section_accuracy(ctx: ReportContext) -> Section:
         body.append(_details(f"Median HD95 (mm) per structure ({len(hd)} rows)", _csv_link(hd, "median_hd95.csv")
                              + _html_table(hd, text_cols=["structure"])))
     summaries = ctx.summaries()
-    full = pd.concat([summaries[s].assign(structure=s) for s in _structure_order(ctx.original) if s in summaries]
+    full = pd.concat([summaries[s].assign(structure=s) for s in _present_structures(ctx) if s in summaries]
                      or [pd.DataFrame()], ignore_index=True)
     body.append("<h3>Per structure</h3>")
     body.append("<p class='note'>Open a structure for its status counts, median [Q1–Q3] of DSC, HD95 and MSD per model "
@@ -1333,7 +1351,7 @@ def build_report(
     )
     _ = ctx.criteria  # read the gallery's selection.json early: a broken one is an input error
     if title is None:
-        studies = sorted(set(ctx.table["study"])) if "study" in ctx.table.columns else []
+        studies = sorted(set(ctx.table["study"]) - {"(not given)"}) if "study" in ctx.table.columns else []
         title = f"oarbench report: {', '.join(studies)}" if studies else "oarbench report"
 
     sections = [build(ctx) for build in SECTIONS]

@@ -455,3 +455,15 @@ def test_cli_report_of_a_real_robustness_run_shows_floor_and_swaps(tmp_path):
     assert rows["flip_lr"].endswith("<td>2</td></tr>")
     # the liver mirrored onto the patient's left no longer overlaps the liver: worst ΔDSC -1
     assert "-1.000" in rows["flip_lr"]
+
+
+def test_structures_absent_everywhere_are_named_once_not_given_sections(tmp_path):
+    rows = [_row("c1", "ok", 0.9, 3.0, 1.0), _row("c2", "ok", 0.8, 4.0, 1.0),
+            _row("c1", "absent", nan, nan, nan, structure="Spleen", label=2),
+            _row("c2", "absent", nan, nan, nan, structure="Spleen", label=2),
+            _row("c1", "absent", nan, nan, nan, structure="Kidney_L", label=3),
+            _row("c2", "missed", 0.0, inf, inf, structure="Kidney_L", label=3)]
+    text = build_report(tmp_path, pd.DataFrame(rows), box_plots=False).read_text()
+    assert "id='s-Liver'" in text and "id='s-Kidney_L'" in text and "id='s-Spleen'" not in text
+    assert "1 structures of the label map are absent from every reference and prediction" in text
+    assert "not listed: Spleen." in text
