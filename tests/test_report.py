@@ -384,7 +384,7 @@ def test_report_first_screen_has_the_headline_and_tables_are_collapsible_csv(tmp
     text = build_report(tmp_path, table, stats=stats, box_plots=False,
                         options=ReportOptions(trained_on={"local-A": ["A"], "fl": ["A", "B"]})).read_text()
     secs = list(_sections(text))
-    assert secs[:2] == ["headline", "accuracy"] and secs[-1] == "provenance"
+    assert secs[:3] == ["headline", "paper", "accuracy"] and secs[-1] == "provenance"
     head = _sections(text)["headline"]
     assert "within" in head and "cross" in head and "Within- vs cross-centre" in head
     # local-A: within (A) median per-case DSC .9175, cross (B) .8175 -> cross − within -0.100

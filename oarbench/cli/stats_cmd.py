@@ -86,17 +86,20 @@ def _print_table(df) -> None:  # noqa: ANN001 - pandas DataFrame
               show_default=True, help="Bootstrap interval (bca only where every value is finite).")
 @click.option("--condition", default="original", show_default=True,
               help="Condition rows to analyse; 'all' analyses each condition separately.")
+@click.option("--run-json", "run_json", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="run.json of the evaluation, for the methods paragraph [default: beside RESULTS].")
 @click.option("--table/--no-table", "show_table", default=True, show_default=True,
               help="Print the readable table on the terminal.")
 @user_errors
 def stats(results: Path, out_dir: Path, metrics: str, correction: str, zero_method: str,
           margins: tuple[str, ...], pairs: tuple[str, ...], alpha: float, ni_alpha: float, unit: str,
           family: str, n_resamples: int, seed: int, bootstrap_method: str, condition: str,
-          show_table: bool) -> None:
+          run_json: Path | None, show_table: bool) -> None:
     """Wilcoxon signed-rank (paired) and Mann-Whitney U (cross-centre) tests on RESULTS.csv (or metrics.parquet).
 
-    Writes OUT/stats.csv and OUT/one_arm_absent.csv (pairs where only one model says the organ
-    is absent); see docs/statistics.md for the conventions.
+    Writes OUT/stats.csv, OUT/one_arm_absent.csv (pairs where only one model says the organ
+    is absent), and the manuscript's tables and methods paragraph: OUT/paper_table.csv,
+    OUT/paper_table.tex (booktabs), OUT/methods.md; see docs/statistics.md.
     """
     import warnings
 
@@ -129,6 +132,7 @@ def stats(results: Path, out_dir: Path, metrics: str, correction: str, zero_meth
     path = write_stats(df, out_dir / "stats.csv")
     absent_rows = one_arm_absent(table, pairs=list(pairs) or None, condition=cond, source=str(results))
     write_stats(absent_rows, out_dir / "one_arm_absent.csv")
+    _write_paper(table, df, metric_list, boot if n_resamples else None, alpha, run_json, results, out_dir)
     if show_table:
         _print_table(df)
     n_sig = int(df["verdict"].astype(str).str.startswith("significant").sum()) if not df.empty else 0
@@ -136,3 +140,27 @@ def stats(results: Path, out_dir: Path, metrics: str, correction: str, zero_meth
     click.echo(f"{len(df)} comparisons, {tested} tested, {n_sig} significant at adjusted p < {alpha:g} "
                f"({correction}, {family} family, unit {unit}); {len(absent_rows)} one-arm-absent pair(s) "
                f"listed apart; wrote {path}")
+
+
+def _write_paper(table, stats_df, metrics, boot, alpha, run_json, results, out_dir) -> None:  # noqa: ANN001
+    """paper_table.csv/.tex and methods.md from the table, the statistics and run.json."""
+    import json
+
+    from oarbench.stats.paper import methods_paragraph, paper_table, trained_on_from_run, write_paper_outputs
+
+    path = run_json if run_json is not None else Path(results).parent / "run.json"
+    run = None
+    if path.is_file():
+        try:
+            run = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(f"{path}: cannot read the run record ({exc})") from None
+        if not isinstance(run, dict):
+            raise click.ClickException(f"{path}: the run record must be a JSON object")
+    elif run_json is not None:
+        raise click.ClickException(f"{path}: run record not found")
+    present = [m for m in metrics if m in table.columns]
+    paper = paper_table(table, stats_df, metrics=present, trained_on=trained_on_from_run(run), bootstrap=boot,
+                        alpha=alpha)
+    written = write_paper_outputs(out_dir, paper, methods_paragraph(run, stats_df, boot))
+    click.echo("wrote " + ", ".join(str(p) for p in written.values()))

@@ -28,6 +28,7 @@ from oarbench.stats.comparisons import (
 )
 from oarbench.stats.display import format_table, summary_frame
 from oarbench.stats.families import CORRECTIONS, FAMILIES, apply_correction
+from oarbench.stats.paper import methods_paragraph, paper_table, paper_table_latex, write_paper_outputs
 from oarbench.stats.ranktests import (
     MIN_PAIRS,
     ZERO_METHODS,
@@ -52,4 +53,5 @@ __all__ = [
     "bootstrap_ci", "cluster_bootstrap_ci", "aggregate_by_patient", "patients_of", "apply_correction",
     "paired_comparisons", "centre_comparisons", "one_arm_absent", "run_stats", "read_results", "write_stats",
     "summary_frame", "format_table",
+    "paper_table", "paper_table_latex", "methods_paragraph", "write_paper_outputs",
 ]
