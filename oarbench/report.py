@@ -298,7 +298,7 @@ def summary_table(table: pd.DataFrame, structure: str) -> pd.DataFrame:
 
     Uses condition ``original`` rows. Rows with status ``ok``, ``missed`` and
     ``hallucinated`` enter the quantiles (missed/hallucinated with DSC 0 and
-    infinite distances, as METRICS.md defines them, so a quartile can be ∞);
+    infinite distances, as docs/metrics.md defines them, so a quartile can be ∞);
     ``absent`` and ``missing`` rows do not (their metrics are undefined). The
     status counts say how many rows of each kind there were.
 
