@@ -22,6 +22,7 @@ EXTRAS: dict[str, str] = {
     "fsspec": "fl",
     "safetensors": "fl",
     "s3fs": "s3",
+    "flwr": "flower",
 }
 
 

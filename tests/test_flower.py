@@ -152,3 +152,16 @@ def test_cli_engine_options_checked(tmp_path: Path) -> None:
     res = runner.invoke(main, ["fl", "coordinator", "--work", str(tmp_path / "w")])
     assert res.exit_code != 0 and "--engine storage needs --storage, --keys, --sites, --rounds" in res.output
     assert "Traceback" not in res.output
+
+
+def test_cli_without_flower_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from oarbench.cli import main
+    from oarbench.train.flower import FLOWER_HINT
+
+    monkeypatch.setitem(sys.modules, "flwr", None)
+    res = CliRunner().invoke(main, ["fl", "simulate", "--engine", "flower", "--dataset", f"A={tmp_path}",
+                                    "--work", str(tmp_path / "w"), "--rounds", "1"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip().splitlines()[-1] == f"Error: {FLOWER_HINT}"

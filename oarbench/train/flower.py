@@ -74,11 +74,13 @@ FLOWER_HINT = "the Flower engine needs flwr: pip install -c constraints.txt 'oar
 
 
 def require_flower() -> None:
-    """Raise a one-line ImportError naming the install command when flwr is missing."""
+    """Raise a one-line ImportError (``MissingDependencyError``) naming the install command when flwr is missing."""
+    from oarbench._optional import MissingDependencyError
+
     try:
         import flwr  # noqa: F401
     except ImportError:
-        raise ImportError(FLOWER_HINT) from None
+        raise MissingDependencyError(FLOWER_HINT) from None
 
 
 # --------------------------------------------------------------------------- records
