@@ -28,6 +28,7 @@ import pandas as pd
 from scipy import ndimage
 
 from oarbench.io import atomic_write_text, read_volume
+from oarbench.tables import DEFAULT_CENTRE, DEFAULT_STUDY
 from oarbench.labels import DEFAULT_LABELS, LabelMap
 
 __all__ = [
@@ -125,8 +126,8 @@ def analyse_absent(
     references: Mapping[str, Path] | None = None,
     labels: LabelMap = DEFAULT_LABELS,
     thresholds_ml: Sequence[float] = DEFAULT_THRESHOLDS_ML,
-    study: str = "",
-    centre: str = "",
+    study: str = DEFAULT_STUDY,
+    centre: str = DEFAULT_CENTRE,
     executor: Any = None,
 ) -> AbsentResult:
     """Analyse every nephrectomy case for every model.

@@ -27,6 +27,7 @@ from oarbench import storage
 from oarbench.executors import Executor, LocalExecutor
 from oarbench.io import (
     OutputLock,
+    case_id,
     check_same_grid,
     content_sha256,
     find_cases,
@@ -36,8 +37,10 @@ from oarbench.io import (
     same_grid,
     write_output_set,
 )
-from oarbench.labels import LabelMap
+from oarbench.labels import LABELS_HINT, LabelMap
 from oarbench.metrics import RESULT_COLUMNS, evaluate_labels, resolve_backend
+from oarbench.progress import progress_bar
+from oarbench.tables import DEFAULT_CENTRE, DEFAULT_STUDY, check_keys
 
 __all__ = [
     "TABLE_COLUMNS",
@@ -46,6 +49,8 @@ __all__ = [
     "evaluate_case",
     "evaluate_jobs",
     "jobs_from_folders",
+    "DEFAULT_STUDY",
+    "DEFAULT_CENTRE",
     "jobs_from_study",
     "read_patients",
     "resolution_warnings",
@@ -97,9 +102,9 @@ class Job:
 
     reference: storage.Location
     prediction: storage.Location
-    study: str = ""
-    centre: str = ""
-    model: str = ""
+    study: str
+    centre: str
+    model: str
     condition: str = "original"
     cases: tuple[str, ...] = field(default=())
     patients: tuple[tuple[str, str], ...] = field(default=())  # (case, patient); default: the case
@@ -107,8 +112,9 @@ class Job:
     def __post_init__(self) -> None:
         for what in ("study", "centre", "model", "condition"):
             value = getattr(self, what)
-            if value:
-                safe_name(value, what)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{self.prediction}: the {what} name must be a non-empty text, got {value!r}")
+            safe_name(value, what)
 
     @property
     def tag(self) -> str:
@@ -123,8 +129,38 @@ def _short_name(text: str, limit: int = 120) -> str:
     return f"{text.encode('utf-8')[:80].decode('utf-8', 'ignore')}-{digest}"
 
 
-def jobs_from_folders(reference: str | Path, prediction: str | Path, **columns: str) -> list[Job]:
-    return [Job(storage.as_location(reference), storage.as_location(prediction), **columns)]
+def jobs_from_folders(
+    reference: str | Path,
+    predictions: str | Path | Iterable[str | Path],
+    *,
+    models: Iterable[str] | None = None,
+    study: str = DEFAULT_STUDY,
+    centre: str = DEFAULT_CENTRE,
+    condition: str = "original",
+) -> list[Job]:
+    """One job per prediction folder against one reference folder.
+
+    ``models`` names the predictions in order; by default each model is named
+    after its prediction folder (``preds/nnunet_fast`` -> ``nnunet_fast``).
+    Raises ValueError when two predictions would get the same model name.
+    """
+    if isinstance(predictions, (str, Path)):
+        predictions = [predictions]
+    preds = [storage.as_location(p) for p in predictions]
+    if not preds:
+        raise ValueError("no prediction folder given")
+    names = list(models) if models else []
+    if names and len(names) != len(preds):
+        raise ValueError(f"{len(names)} model name(s) for {len(preds)} prediction folder(s); give one --model per --prediction")
+    if not names:
+        names = [(p.resolve().name if isinstance(p, Path) else storage.name(p)) or str(p) for p in preds]
+    seen: dict[str, storage.Location] = {}
+    for name, pred in zip(names, preds):
+        if name in seen:
+            raise ValueError(f"{seen[name]} and {pred} would both be model {name!r}; name them with --model A --model B")
+        seen[name] = pred
+    return [Job(storage.as_location(reference), pred, study=study, centre=centre, model=name, condition=condition)
+            for name, pred in zip(names, preds)]
 
 
 def read_patients(path: str | Path | None) -> tuple[tuple[str, str], ...]:
@@ -220,6 +256,8 @@ def evaluate_case(reference: Path, prediction: Path | None, options: EvalOptions
         )
     except ValueError as exc:
         msg = str(exc)
+        if "not in the label map" in msg:
+            msg += f"; {LABELS_HINT}"
         if msg.startswith("reference"):
             raise ValueError(f"{reference}: {msg.split(': ', 1)[-1]}") from None
         if msg.startswith("prediction"):
@@ -281,13 +319,28 @@ def _pair_cases(job: Job, options: EvalOptions) -> tuple[list[tuple[str, Path, P
     missing = sorted(set(refs) - set(preds))
     if missing and not options.allow_missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        ignored = _ignored_files(job.prediction, set(refs))
+        if ignored:
+            listed = ", ".join(ignored[:10]) + (f" ... ({len(ignored)} in all)" if len(ignored) > 10 else "")
+            why = (f"; ignored in that folder, as no reference case has their name: {listed} "
+                   f"(a prediction must be named like its reference, e.g. {missing[0]}.nii.gz)")
+        else:
+            why = ""
         raise ValueError(
-            f"{job.prediction}: no prediction for {len(missing)} reference case(s): {shown} "
+            f"{job.prediction}: no prediction for {len(missing)} reference case(s): {shown}{why} "
             "(use --allow-missing to score them as status 'missing')"
         )
     extra = sorted(set(preds) - set(refs))
     pairs = [(case, refs[case], preds.get(case)) for case in sorted(refs)]
     return pairs, extra
+
+
+def _ignored_files(folder: storage.Location, cases: set[str]) -> list[str]:
+    """Names of the files in ``folder`` that pair with none of ``cases`` (hidden files left out)."""
+    if not storage.is_dir(folder):
+        return []
+    names = sorted(storage.name(f) for f in storage.list_files(folder))
+    return [n for n in names if not n.startswith(".") and case_id(n) not in cases]
 
 
 def _work(args: tuple[str, Path, Path | None, EvalOptions]) -> tuple[str, list[dict[str, Any]]]:
@@ -365,7 +418,7 @@ def _evaluate_jobs(
             else:
                 done[(job.tag, case)] = cached
 
-    bar = _progress(len(todo), progress)
+    bar = progress_bar(len(todo), desc="evaluate", unit="case", enabled=progress)
     start = time.perf_counter()
 
     def finished(i: int, result: tuple[str, list[dict[str, Any]]]) -> None:
@@ -390,6 +443,7 @@ def _evaluate_jobs(
                              **row})
 
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+    check_keys(table, "results table")
     provenance = {
         "oarbench": __version__,
         "python": sys.version.split()[0],
@@ -447,24 +501,6 @@ def resolution_warnings(table: pd.DataFrame) -> list[str]:
             "not resolve distances below one voxel"
         )
     return out
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    if not enabled or total < 2:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        return _NoBar()
-    return tqdm(total=total, unit="case", file=sys.stderr, leave=False, disable=not sys.stderr.isatty())
 
 
 def summarise(table: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS, bootstrap: Any = "default") -> pd.DataFrame:
@@ -529,6 +565,7 @@ def write_outputs(out_dir: str | Path, table: pd.DataFrame, provenance: dict[str
     ``out_dir``.
     """
     out_dir = storage.as_location(out_dir)
+    check_keys(table, str(storage.join(out_dir, "metrics.csv")))
     summary = summarise(table)
     files = {
         "metrics.csv": table.to_csv(index=False, float_format="%.10g").encode("utf-8"),

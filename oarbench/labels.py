@@ -5,20 +5,26 @@ structure names. Names follow AAPM TG-263 where the default map is used; the
 aliases that different centres use (``L_Kidney``, ``kidney_left``, ...) are
 resolved to the TG-263 name by :func:`canonical_name`.
 
-Sources of a label map:
+Sources of a label map (:func:`resolve_labels` picks one, docs/labels.md):
 
-* :data:`DEFAULT_LABELS`, the 19 upper-abdominal OARs (numbering in
-  docs/labels.md);
-* an nnU-Net v2 ``dataset.json`` (``"labels": {"background": 0, "Liver": 1}``);
+* the maps shipped as data files under ``oarbench/data/``: ``default`` (the 19
+  upper-abdominal OARs, :data:`DEFAULT_LABELS`) and ``totalsegmentator`` (the
+  117 classes of TotalSegmentator v2's ``total`` task, TG-263 names where one
+  exists);
+* an nnU-Net v2 ``dataset.json`` (``"labels": {"background": 0, "Liver": 1}``),
+  given or found beside or above the reference folder;
 * a TOML file with a ``[labels]`` table (``Liver = 1``).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -34,30 +40,14 @@ __all__ = [
     "laterality",
     "contralateral",
     "load_label_map",
+    "shipped_label_map",
+    "SHIPPED_MAPS",
+    "ResolvedLabels",
+    "resolve_labels",
+    "with_structures",
+    "find_dataset_json",
+    "LABELS_HINT",
 ]
-
-#: The default 19-structure map (TG-263 names). Values are fixed: never renumber.
-_DEFAULT: dict[int, str] = {
-    1: "Liver",
-    2: "Spleen",
-    3: "Kidney_L",
-    4: "Kidney_R",
-    5: "Glnd_Adrenal_L",
-    6: "Glnd_Adrenal_R",
-    7: "Pancreas",
-    8: "Stomach",
-    9: "Duodenum",
-    10: "Bowel",
-    11: "Gallbladder",
-    12: "Esophagus",
-    13: "Heart",
-    14: "Lung_L",
-    15: "Lung_R",
-    16: "SpinalCord",
-    17: "A_Aorta",
-    18: "VenaCava_I",
-    19: "Vertebrae",
-}
 
 # Spelling variants seen across centres and tools, normalised (lower case, no
 # separators) -> TG-263 name. Side words are handled generically below.
@@ -142,9 +132,13 @@ class LabelMap:
     """An immutable map from label value (int > 0) to structure name.
 
     Iterating yields ``(value, name)`` pairs in ascending value order.
+    ``ignored`` holds values that may appear in a file but are not scored (the
+    rest of the map a :meth:`subset` was taken from); any other value not in
+    ``labels`` is an error when a file is scored.
     """
 
     labels: Mapping[int, str] = field(default_factory=dict)
+    ignored: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         clean: dict[int, str] = {}
@@ -156,6 +150,11 @@ class LabelMap:
                 raise ValueError(f"structure name {name!r} appears twice in the label map")
             clean[v] = str(name)
         object.__setattr__(self, "labels", dict(sorted(clean.items())))
+        object.__setattr__(self, "ignored", frozenset(int(v) for v in self.ignored) - set(clean))
+
+    def known(self, value: int) -> bool:
+        """True for a value that is scored or deliberately ignored."""
+        return int(value) in self.labels or int(value) in self.ignored
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         return iter(self.labels.items())
@@ -190,12 +189,17 @@ class LabelMap:
         raise KeyError(f"structure {name!r} is not in the label map ({', '.join(self.names)})")
 
     def subset(self, names: list[str]) -> "LabelMap":
-        """A map holding only the named structures (aliases accepted)."""
-        return LabelMap({self.value(n): self.labels[self.value(n)] for n in names})
+        """A map scoring only the named structures (aliases accepted).
+
+        The other values of this map stay known (``ignored``): a file holding
+        them is scored on the named structures only, not rejected.
+        """
+        kept = {self.value(n): self.labels[self.value(n)] for n in names}
+        return LabelMap(kept, ignored=(frozenset(self.labels) | self.ignored) - set(kept))
 
     def canonical(self) -> "LabelMap":
         """The same values with names resolved to TG-263 where recognised."""
-        return LabelMap({v: canonical_name(n) for v, n in self.labels.items()})
+        return LabelMap({v: canonical_name(n) for v, n in self.labels.items()}, ignored=self.ignored)
 
     @classmethod
     def from_dataset_json(cls, path: str | Path) -> "LabelMap":
@@ -244,16 +248,118 @@ class LabelMap:
         return {"background": 0, **{n: v for v, n in self.labels.items()}}
 
 
-DEFAULT_LABELS = LabelMap(_DEFAULT)
+#: Label maps shipped with oarbench: name -> (data file under oarbench/data/, description).
+SHIPPED_MAPS: dict[str, tuple[str, str]] = {
+    "default": ("default_19oar.csv", "the default 19-OAR map"),
+    "totalsegmentator": ("totalsegmentator_total_v2.csv", "TotalSegmentator v2 'total' task (117 classes)"),
+}
+
+#: Said wherever a label value or a map cannot be matched.
+LABELS_HINT = ("choose the map of the tool that wrote the files with --labels "
+               f"({', '.join(SHIPPED_MAPS)}, an nnU-Net dataset.json or a labels TOML; docs/labels.md)")
+
+
+def shipped_label_map(name: str) -> LabelMap:
+    """A label map shipped as a data file: ``"default"`` or ``"totalsegmentator"``.
+
+    The files (``oarbench/data/*.csv``) have the columns ``value, name`` (plus
+    the tool's own name where it differs).
+    """
+    if name not in SHIPPED_MAPS:
+        raise ValueError(f"unknown label map {name!r}: {LABELS_HINT}")
+    text = resources.files("oarbench").joinpath("data", SHIPPED_MAPS[name][0]).read_text(encoding="utf-8")
+    return LabelMap({int(row["value"]): row["name"] for row in csv.DictReader(io.StringIO(text))})
+
+
+DEFAULT_LABELS = shipped_label_map("default")
+
+
+@dataclass(frozen=True)
+class ResolvedLabels:
+    """The label map a command uses and where it came from.
+
+    ``source``: ``"default"``, ``"totalsegmentator"`` or a file path;
+    ``note``: one line for the terminal and run.json saying how it was chosen.
+    """
+
+    labels: LabelMap
+    source: str
+    note: str
+
+    def provenance(self) -> dict[str, str]:
+        return {"labels_source": self.source, "labels_note": self.note}
+
+
+def find_dataset_json(reference: str | Path, levels: int = 2) -> Path | None:
+    """The nnU-Net ``dataset.json`` in the reference folder, beside it, or up to ``levels`` folders above."""
+    folder = Path(reference).resolve()
+    candidates = [folder / "dataset.json"]
+    parent = folder
+    for _ in range(levels):
+        parent = parent.parent
+        candidates.append(parent / "dataset.json")
+    for path in candidates:
+        if path.is_file():
+            return path
+    return None
+
+
+def resolve_labels(spec: str | Path | None, reference: str | Path | None = None,
+                   structures: str | list[str] | None = None) -> ResolvedLabels:
+    """The label map for ``--labels SPEC`` (and ``--structures``), and a note saying which.
+
+    ``spec``: ``"default"``, ``"totalsegmentator"``, or a dataset.json / TOML
+    path. ``None``: the nnU-Net ``dataset.json`` found beside or above the
+    ``reference`` folder (:func:`find_dataset_json`); failing that, the default
+    map, with a note that says so. ``structures`` (comma-separated text or a
+    list, aliases accepted) scores a subset; the map's other values are then
+    ignored, not errors.
+    """
+    if spec is None or str(spec) == "":
+        found = find_dataset_json(reference) if reference is not None else None
+        if found is not None:
+            labels, source = load_label_map(found), str(found)
+            note = f"labels: {found} (found beside the reference folder; --labels to choose another)"
+        else:
+            labels, source = DEFAULT_LABELS, "default"
+            where = f"beside or above {reference}" if reference is not None else "given"
+            note = (f"labels: the default 19-OAR map (no --labels and no dataset.json {where}); "
+                    f"if another tool wrote the files, {LABELS_HINT}")
+    elif str(spec) in SHIPPED_MAPS:
+        labels, source = shipped_label_map(str(spec)), str(spec)
+        note = f"labels: {SHIPPED_MAPS[str(spec)][1]} (--labels {spec})"
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"--labels {spec!r}: no such file and not a shipped map; {LABELS_HINT}")
+        labels, source = load_label_map(path), str(path)
+        note = f"labels: {path}"
+    return with_structures(ResolvedLabels(labels, source, note), structures)
+
+
+def with_structures(resolved: ResolvedLabels, structures: str | list[str] | None) -> ResolvedLabels:
+    """``resolved`` scoring only ``structures`` (comma-separated text or a list; aliases accepted)."""
+    if not structures:
+        return resolved
+    names = [n.strip() for n in structures.split(",")] if isinstance(structures, str) else list(structures)
+    names = [n for n in names if n]
+    try:
+        labels = resolved.labels.subset(names)
+    except KeyError as exc:
+        raise ValueError(f"--structures: {exc.args[0]}; {LABELS_HINT}") from None
+    note = resolved.note + f"; scoring {len(labels)} structure(s): {', '.join(labels.names)}"
+    return ResolvedLabels(labels, resolved.source, note)
 
 
 def load_label_map(path: str | Path | None) -> LabelMap:
     """Label map from a dataset.json or TOML file, or the default map for ``None``."""
     if path is None:
         return DEFAULT_LABELS
+    if str(path) in SHIPPED_MAPS and not Path(path).is_file():
+        return shipped_label_map(str(path))
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: label map file not found")
+        raise ValueError(f"{path}: label map file not found; {LABELS_HINT}")
     if path.suffix.lower() == ".json":
         return LabelMap.from_dataset_json(path)
     if path.suffix.lower() == ".toml":

@@ -1354,12 +1354,15 @@ def build_report(
     box_plots:
         Draw the box plots (the slowest part; off for quick tests).
     """
-    tbl = _load(table, "results table")
-    if tbl is None:
+    from oarbench.tables import check_keys, read_table
+
+    if table is None:
         raise ValueError("results table: none given")
+    tbl = table if isinstance(table, pd.DataFrame) else read_table(table)
     missing = [c for c in ("centre", "model", "case", "structure", "status") if c not in tbl.columns]
     if missing:
         raise ValueError(f"results table: missing column(s) {', '.join(missing)}")
+    check_keys(tbl, "results table")
     opts = options if options is not None else ReportOptions()
     if not box_plots:
         opts = replace(opts, box_plots=False)
@@ -1379,7 +1382,8 @@ def build_report(
     ctx = ReportContext(
         table=_normalise(tbl),
         stats=_load(stats, "statistics table"),
-        robustness=_load(robustness, "robustness table"),
+        robustness=robustness if robustness is None or isinstance(robustness, pd.DataFrame)
+        else read_table(robustness, what="robustness table"),
         noise_floor=_load(noise_floor, "noise-floor table"),
         absent=_load(absent, "absent-organ table"),
         absent_pairs=_load(absent_pairs, "absent-organ pairs table"),

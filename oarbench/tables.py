@@ -6,6 +6,13 @@ through fsspec, so that a consortium-sized table can be read one centre, model
 or condition at a time (``pyarrow.dataset``, Dask, Spark, DuckDB). It holds the
 same rows and values as ``metrics.csv``; :func:`read_table` reads either into
 the same DataFrame (same columns, order, dtypes and values).
+
+The grouping keys ``study, centre, model, condition, case, structure`` are
+never NaN and never empty: statistics, galleries and the report group by them,
+and pandas drops NaN group keys silently, so a table with an empty key would
+lose rows downstream without a word. Writers refuse such a table
+(:func:`check_keys`); :func:`read_table` reads the keys as text (a model named
+``NA`` or a centre named ``None`` stays a name) and refuses empty ones.
 """
 
 from __future__ import annotations
@@ -18,7 +25,36 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-__all__ = ["PARTITION_COLUMNS", "PARQUET_INSTALL_HINT", "have_pyarrow", "write_parquet", "read_table"]
+__all__ = ["PARTITION_COLUMNS", "PARQUET_INSTALL_HINT", "KEY_COLUMNS", "DEFAULT_STUDY", "DEFAULT_CENTRE",
+           "DEFAULT_CONDITION", "check_keys", "have_pyarrow", "write_parquet", "read_table"]
+
+#: Columns that address a row; each must be a non-empty string in every row.
+KEY_COLUMNS: tuple[str, ...] = ("study", "centre", "model", "condition", "case", "structure")
+#: Names given to a plain --reference/--prediction folder pair when none are given.
+DEFAULT_STUDY = "own-data"
+DEFAULT_CENTRE = "all"
+DEFAULT_CONDITION = "original"
+# What pandas reads as NaN in a numeric column (our writers leave NaN empty); key columns get none.
+_NUMERIC_NA = ["", "nan", "NaN", "NA", "N/A", "null", "None"]
+
+
+def check_keys(table: pd.DataFrame, source: str, columns: Sequence[str] = KEY_COLUMNS) -> None:
+    """Raise ValueError when a key column present in ``table`` has an empty or NaN value.
+
+    The message names ``source``, the column, how many rows and the first row
+    number (0-based, as in the DataFrame), and how to fix it.
+    """
+    for col in columns:
+        if col not in table.columns:
+            continue
+        values = table[col]
+        bad = values.isna() | (values.astype(str).str.strip() == "")
+        if bad.any():
+            first = int(bad.to_numpy().nonzero()[0][0])
+            raise ValueError(
+                f"{source}: {int(bad.sum())} row(s) with an empty '{col}' (first: row {first}); every row needs "
+                f"{', '.join(KEY_COLUMNS)} (re-run `oarbench evaluate` with --study-name/--centre/--model/--condition)"
+            )
 
 #: Partition columns of ``metrics.parquet``, outermost first.
 PARTITION_COLUMNS = ("centre", "model", "condition")
@@ -131,29 +167,48 @@ def _read_parquet(url: str | Path, columns: Sequence[str] | None) -> pd.DataFram
     return _text_keys(df[order].reset_index(drop=True))
 
 
-def read_table(url: str | Path, *, columns: Sequence[str] | None = None) -> pd.DataFrame:
+def read_table(url: str | Path, *, columns: Sequence[str] | None = None, what: str = "results table",
+               required: Sequence[str] = ()) -> pd.DataFrame:
     """Read a results table: a CSV file or a ``.parquet`` dataset (folder), local or fsspec URL.
 
     ``columns``: the preferred column order for a Parquet dataset (its
     partition columns are read back last otherwise); the default is the order
-    of the results table (``oarbench.evaluate.TABLE_COLUMNS``).
+    of the results table (``oarbench.evaluate.TABLE_COLUMNS``). Key columns
+    are read as text; ``inf`` is infinity, an empty cell NaN. Raises
+    ValueError naming ``url`` when it is unreadable, lacks a ``required``
+    column, has an empty key (:func:`check_keys`) or (a local file) does not
+    match the sha256 its run record names (:func:`oarbench.io.check_output_set`).
     """
     text = str(url).rstrip("/")
+    if "://" not in text:
+        from oarbench.io import check_output_set  # the tables of one run, not a mixed set
+
+        check_output_set(url)
     if text.endswith(".parquet"):
         if columns is None:
             from oarbench.evaluate import TABLE_COLUMNS
 
             columns = TABLE_COLUMNS
-        return _read_parquet(url, columns)
-    fs, path = _fs(url)
-    if not fs.isfile(path):
-        raise FileNotFoundError(f"{url}: results table not found")
-    try:
-        with fs.open(path, "rb") as fh:
-            df = pd.read_csv(fh)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{url}: cannot read the results table as CSV ({exc})") from exc
-    return _text_keys(df)
+        df = _read_parquet(url, columns)
+    else:
+        fs, path = _fs(url)
+        if not fs.isfile(path):
+            raise FileNotFoundError(f"{url}: {what} not found")
+        try:
+            with fs.open(path, "rb") as fh:
+                header = pd.read_csv(fh, nrows=0)
+            text = [c for c in header.columns if c in KEY_COLUMNS or c in ("patient", "status")]
+            na = {c: _NUMERIC_NA for c in header.columns if c not in KEY_COLUMNS}
+            with fs.open(path, "rb") as fh:
+                df = pd.read_csv(fh, dtype={c: str for c in text}, keep_default_na=False, na_values=na)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{url}: cannot read the {what} as CSV ({exc})") from exc
+        df = _text_keys(df)
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ValueError(f"{url}: missing required column(s) {', '.join(missing)}; have {', '.join(map(str, df.columns))}")
+    check_keys(df, str(url))
+    return df
 
 
 #: Text columns of the results table: an empty cell is the empty string, never NaN.

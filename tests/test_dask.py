@@ -412,7 +412,7 @@ def test_s3_inputs_and_outputs_on_dask(tmp_path, s3) -> None:
     assert "4 cases computed, 0 from cache" in r.output
     s3.invalidate_cache()
     assert s3.cat("bucket/results/metrics.csv") == (tmp_path / "local" / "metrics.csv").read_bytes()
-    assert sorted(s3.ls("bucket/results/metrics.parquet")) == ["bucket/results/metrics.parquet/centre=_"]
+    assert sorted(s3.ls("bucket/results/metrics.parquet")) == ["bucket/results/metrics.parquet/centre=all"]
     remote = read_table("s3://bucket/results/metrics.parquet")
     assert remote.equals(read_table(tmp_path / "local" / "metrics.parquet"))
     # resume: the per-case cache lives in the bucket too

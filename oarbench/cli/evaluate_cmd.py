@@ -31,9 +31,14 @@ def print_summary(table, echo=click.echo) -> None:
 @click.command()
 @click.argument("study", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--reference", help="Folder of reference label maps (CASE.nii.gz): a path or URL (s3://..., file://...).")
-@click.option("--prediction", help="Folder of predicted label maps: a path or URL.")
-@click.option("--labels", "labels_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="nnU-Net dataset.json or labels TOML (default: the 19-OAR map, docs/labels.md).")
+@click.option("--prediction", "predictions", multiple=True,
+              help="Folder of predicted label maps (a path or URL); repeat for several models.")
+@click.option("--labels", "labels_path", metavar="MAP",
+              help="default, totalsegmentator, or an nnU-Net dataset.json / labels TOML [default: the dataset.json "
+                   "beside or above --reference, else the 19-OAR map] (docs/labels.md).")
+@click.option("--structures", metavar="NAMES",
+              help="Comma-separated structures to score, e.g. Liver,Kidney_L,Kidney_R (aliases accepted); "
+                   "the map's other values are ignored.")
 @click.option("--out", default="oarbench-out", show_default=True, help="Output folder: a path or URL (s3://...).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Parallel processes (CPU backend), or workers of a local Dask cluster.")
 @executor_options
@@ -45,30 +50,46 @@ def print_summary(table, echo=click.echo) -> None:
                    "ceil(tolerance / pixel) pixels (docs/metrics.md).")
 @click.option("--resample-prediction", is_flag=True, help="Resample predictions on another grid onto the reference grid (nearest neighbour) instead of failing.")
 @click.option("--allow-missing", is_flag=True, help="Score reference cases without a prediction as status 'missing' instead of failing.")
-@click.option("--model", "models", multiple=True, help="With a study: only these models.")
-@click.option("--centre", "centres", multiple=True, help="With a study: only these centres.")
+@click.option("--model", "models", multiple=True,
+              help="With folders: the model name of each --prediction, in order [default: the prediction folder's "
+                   "name]. With a study: only these models.")
+@click.option("--centre", "centres", multiple=True,
+              help="With folders: the centre name [default: all]. With a study: only these centres.")
+@click.option("--condition", default=None, help="With folders: the condition name [default: original].")
+@click.option("--study-name", default=None, help="With folders: the study name [default: own-data].")
 @click.option("--force", is_flag=True, help="Recompute cached cases.")
-@click.option("--quiet", is_flag=True, help="No summary table.")
+@click.option("--quiet", is_flag=True, help="No summary table (the progress bar stays; see --no-progress).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @user_errors
-def evaluate(study, reference, prediction, labels_path, out, workers, device, tolerance, apl_convention,
-             resample_prediction, allow_missing, models, centres, force, quiet, executor_kind, scheduler, resources):
+def evaluate(study, reference, predictions, labels_path, structures, out, workers, device, tolerance, apl_convention,
+             resample_prediction, allow_missing, models, centres, condition, study_name, force, quiet, no_progress,
+             executor_kind, scheduler, resources):
     """Score predictions against references: metrics.csv, summary.csv, run.json.
 
     Either a STUDY.toml (several centres x models, docs/study-toml.md) or
-    --reference DIR --prediction DIR.
+    --reference DIR --prediction DIR [--prediction DIR ...]; in folder mode every
+    row gets the study, centre, model and condition names of the options above.
     """
     from oarbench.evaluate import EvalOptions, evaluate_jobs, jobs_from_folders, jobs_from_study, write_outputs
     from oarbench.io import OutputLock
-    from oarbench.labels import load_label_map
+    from oarbench.labels import ResolvedLabels, resolve_labels, with_structures
     from oarbench.study import read_label_tolerances
+    from oarbench.tables import DEFAULT_CENTRE, DEFAULT_STUDY
 
     if study is not None:
-        if reference or prediction:
+        if reference or predictions:
             raise click.UsageError("give either STUDY.toml or --reference/--prediction, not both")
+        if condition is not None or study_name is not None:
+            raise click.UsageError("--condition and --study-name are for --reference/--prediction folders; "
+                                   "a study file names its own study")
         from oarbench.study import load_study
 
         st = load_study(study)
-        labels = load_label_map(labels_path) if labels_path else st.labels
+        if labels_path:
+            resolved = resolve_labels(labels_path, structures=structures)
+        else:
+            resolved = with_structures(ResolvedLabels(st.labels, str(study), f"labels: from {study}"), structures)
+        labels = resolved.labels
         jobs = jobs_from_study(st, models=models, centres=centres)
         tol = tolerance if tolerance is not None else st.tolerance_mm
         tolerances = dict(st.tolerances_mm)
@@ -76,12 +97,19 @@ def evaluate(study, reference, prediction, labels_path, out, workers, device, to
             tolerances.update(read_label_tolerances(labels_path, labels))
         tolerances = {k: v for k, v in tolerances.items() if k in labels.names}
     else:
-        if not reference or not prediction:
+        if not reference or not predictions:
             raise click.UsageError("give STUDY.toml, or both --reference and --prediction")
-        labels = load_label_map(labels_path)
-        jobs = jobs_from_folders(reference, prediction)
+        if len(centres) > 1:
+            raise click.UsageError("with folders give one --centre (the centre these cases come from)")
+        resolved = resolve_labels(labels_path, reference, structures)
+        labels = resolved.labels
+        jobs = jobs_from_folders(reference, predictions, models=models or None,
+                                 study=DEFAULT_STUDY if study_name is None else study_name,
+                                 centre=centres[0] if centres else DEFAULT_CENTRE,
+                                 condition="original" if condition is None else condition)
         tol = 2.0 if tolerance is None else tolerance
         tolerances = read_label_tolerances(labels_path, labels)
+    click.echo(resolved.note, err=True)
     options = EvalOptions(labels=labels, tolerance_mm=tol, tolerances=tuple(sorted(tolerances.items())),
                           apl_convention=apl_convention, backend="auto",
                           device=None if device == "auto" else device,
@@ -92,12 +120,13 @@ def evaluate(study, reference, prediction, labels_path, out, workers, device, to
     # One run at a time per output folder; the outputs are written as one set.
     with OutputLock(out):
         try:
-            table, provenance = evaluate_jobs(jobs, options, out, workers=workers, force=force, progress=not quiet,
+            table, provenance = evaluate_jobs(jobs, options, out, workers=workers, force=force, progress=not no_progress,
                                               executor=executor)
         finally:
             if executor is not None:
                 executor.close()
         provenance["command"] = "evaluate"
+        provenance.update(resolved.provenance())
         paths = write_outputs(out, table, provenance)
     for w in [*provenance["warnings"], *provenance.get("resolution_warnings", [])]:
         click.echo(f"warning: {w}", err=True)

@@ -21,9 +21,10 @@ from oarbench.cli._common import user_errors
 @click.option("--format", "fmt", type=click.Choice(["nnunet", "dicom"]), default="nnunet", show_default=True,
               help="nnunet: NIfTI datasets, metadata, predictions, study.toml; dicom: CT series + RTSTRUCT per "
                    "patient, in each centre's own structure names (docs/dicom.md).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @user_errors
 def phantoms(out_dir: Path, seed: int | None, config_path: Path | None, cases_per_centre: int | None,
-             force: bool, fmt: str) -> None:
+             force: bool, fmt: str, no_progress: bool) -> None:
     """Generate synthetic paediatric CT of two centres as nnU-Net raw datasets, with
     metadata, simulated predictions of the configured models and a ready study.toml
     (or, with --format dicom, as DICOM CT + RTSTRUCT as a hospital holds them)."""
@@ -33,8 +34,18 @@ def phantoms(out_dir: Path, seed: int | None, config_path: Path | None, cases_pe
     if fmt == "dicom":
         _dicom(out_dir, config, force)
         return
-    paths = generate_study(out_dir, config, force=force)
+    from oarbench.progress import progress_bar
+
     ph = config.phantoms
+    n_centres = len(ph.centres)
+    # one step per rendered case (training and test) and one per test case's simulated predictions
+    total = n_centres * (ph.train_cases_per_centre + 2 * ph.test_cases_per_centre)
+    with progress_bar(total, desc="phantoms", unit="case", enabled=not no_progress) as bar:
+        def step(message: str) -> None:
+            bar.set_postfix_str(message)
+            bar.update(1)
+
+        paths = generate_study(out_dir, config, force=force, progress=step)
     if not paths.generated:
         click.echo(f"{paths.root}: study already present (seed {ph.seed}); nothing written (use --force to regenerate)")
     else:

@@ -33,20 +33,25 @@ def failure_options(fn):  # type: ignore[no-untyped-def]
 
 
 def _read_table(path: Path, what: str):  # -> pandas.DataFrame
-    import pandas as pd
+    from oarbench.tables import read_table
 
-    from oarbench.io import check_output_set  # the tables of one run, not a mixed set
+    return read_table(path, what=what)
 
-    if path.suffix == ".parquet":
-        from oarbench.tables import read_table
 
-        check_output_set(path)
-        return read_table(path)
-    check_output_set(path)
-    try:
-        return pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read {what} as CSV: {exc}") from exc
+def _tile_progress(enabled: bool):  # -> callable(done, total)
+    """A ``progress(done, total)`` callback drawing one bar (created at the first call)."""
+    from oarbench.progress import progress_bar
+
+    state: dict = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in state:
+            state["bar"] = progress_bar(total, desc="gallery", unit="tile", enabled=enabled)
+        state["bar"].update(1)
+        if done >= total:
+            state["bar"].close()
+
+    return update
 
 
 @click.command()
@@ -61,10 +66,11 @@ def _read_table(path: Path, what: str):  # -> pandas.DataFrame
 @click.option("--small-island-voxels", default=10, show_default=True, type=click.IntRange(min=0),
               help="Count reference islands (connected components) of at most this many voxels in index.csv.")
 @click.option("--ncols", default=4, show_default=True, type=click.IntRange(min=1), help="Tiles per montage row.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @user_errors
 def gallery(results: Path, study: Path | None, images: str | None, reference: str | None, predictions: str | None,
             out_dir: Path, k: int, dsc_below: float | None, hd95_above: float | None, drop_above: float | None,
-            small_island_voxels: int, ncols: int) -> None:
+            small_island_voxels: int, ncols: int, no_progress: bool) -> None:
     """Draw failure-case montages (OUT/gallery/STRUCTURE.png, index.csv, index.html) from RESULTS.csv
     (or a metrics.parquet dataset).
 
@@ -84,7 +90,7 @@ def gallery(results: Path, study: Path | None, images: str | None, reference: st
     table = _read_table(results, "results table")
     criteria = FailureCriteria(dsc_below=dsc_below, hd95_above=hd95_above, drop_above=drop_above, k=k)
     result = build_gallery(table, resolver, out_dir / "gallery", criteria=criteria, ncols=ncols, source=str(results),
-                           small_island_voxels=small_island_voxels)
+                           small_island_voxels=small_island_voxels, progress=_tile_progress(not no_progress))
     drawn = int(result.index["drawn"].sum()) if len(result.index) else 0
     if not len(result.index):
         click.echo(f"no failures: {criteria.describe()}")
@@ -109,9 +115,11 @@ def gallery(results: Path, study: Path | None, images: str | None, reference: st
 @click.option("--small-reference-voxels", default=10, show_default=True, type=click.IntRange(min=0),
               help="Flag reference structures of at most this many voxels (0: off).")
 @click.option("--fp-thresholds", default=None, help="Volume thresholds (mL) of the false-positive kidney rates, e.g. 0,0.5,1,5.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
 @user_errors
 def report(folder: Path, out_file: Path | None, no_box_plots: bool, dsc_below: float | None, hd95_above: float | None,
-           drop_above: float | None, high_dsc: float, small_reference_voxels: int, fp_thresholds: str | None) -> None:
+           drop_above: float | None, high_dsc: float, small_reference_voxels: int, fp_thresholds: str | None,
+           no_progress: bool) -> None:
     """Build one self-contained HTML report from an analysis FOLDER.
 
     Reads FOLDER/metrics.csv (or, without it, FOLDER/metrics.parquet) and,
@@ -167,8 +175,13 @@ def report(folder: Path, out_file: Path | None, no_box_plots: bool, dsc_below: f
         base = _gallery_criteria(folder / "gallery" if (folder / "gallery").is_dir() else None) or FailureCriteria()
         options = replace(options, criteria=replace(base, **explicit))
     target = out_file if out_file is not None else folder / "report.html"
-    path = build_report(target.parent, metrics, filename=target.name, notes=notes, box_plots=not no_box_plots,
-                        options=options, **found)  # type: ignore[arg-type]
+    from oarbench.progress import progress_bar
+
+    with progress_bar(1, desc="report", unit="report", enabled=not no_progress) as bar:
+        bar.set_postfix_str("box plots, tables, galleries")
+        path = build_report(target.parent, metrics, filename=target.name, notes=notes, box_plots=not no_box_plots,
+                            options=options, **found)  # type: ignore[arg-type]
+        bar.update(1)
     click.echo(f"wrote {path}")
 
 

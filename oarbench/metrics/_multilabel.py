@@ -117,12 +117,14 @@ def resolve_backend(backend: str = "auto", device: str | None = None) -> tuple[s
         return "numpy", "cpu"
     if backend == "auto" and device == "cpu":
         return "numpy", "cpu"
+    from oarbench._optional import MissingDependencyError, require
+
     try:
-        import torch
-    except ImportError as exc:
+        torch = require("torch", "the torch backend")
+    except MissingDependencyError:
         if backend == "auto" and not want_cuda:
             return "numpy", "cpu"
-        raise ValueError("the torch backend needs PyTorch: pip install 'oarbench[torch]'") from exc
+        raise
     has_cuda = torch.cuda.is_available()
     if want_cuda and not has_cuda:
         raise ValueError(f"device {device!r} requested but torch sees no CUDA GPU")
@@ -171,7 +173,7 @@ def _as_label_map(labels: Any) -> LabelMap:
 
 def _unexpected_values(a: np.ndarray, labels: LabelMap) -> list[int]:
     """Non-zero values of ``a`` that are not in ``labels`` (error path only)."""
-    return [int(v) for v in np.unique(a) if v != 0 and int(v) not in labels]
+    return [int(v) for v in np.unique(a) if v != 0 and not labels.known(int(v))]
 
 
 def _shown(values: list[Any], limit: int = 10) -> str:
@@ -213,9 +215,11 @@ def _as_label_array(arr: Any, name: str, labels: LabelMap) -> np.ndarray:
         lo = a.min()
         if lo < 0:
             raise ValueError(f"{name}: label values must be >= 0, found {lo:g}")
-    if hi > labels.max_value:
+    # values a --structures subset leaves out are known (ignored), not errors
+    max_known = max(labels.max_value, max(labels.ignored, default=0))
+    if hi > max_known:
         if a.dtype.kind == "f":
-            bad_f = [float(v) for v in np.unique(a) if v != 0 and not (v <= labels.max_value and int(v) in labels)]
+            bad_f = [float(v) for v in np.unique(a) if v != 0 and not (v <= max_known and labels.known(int(v)))]
             raise ValueError(f"{name}: label values [{_shown(bad_f)}] are not in the label map "
                              f"(known: {_shown(labels.values, 40)})")
         raise ValueError(f"{name}: label values [{_shown(_unexpected_values(a, labels))}] are not in the "
@@ -412,7 +416,7 @@ def _evaluate_boxes(
     path has them already; ``ref``/``pred`` are then tensors on that device.
     """
     for name, boxes in (("reference", ref_boxes), ("prediction", pred_boxes)):
-        unknown = [v + 1 for v, box in enumerate(boxes) if box is not None and (v + 1) not in labels]
+        unknown = [v + 1 for v, box in enumerate(boxes) if box is not None and not labels.known(v + 1)]
         if unknown:
             raise ValueError(
                 f"{name}: label values [{_shown(unknown)}] are not in the label map (known: {_shown(labels.values, 40)})"

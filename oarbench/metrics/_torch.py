@@ -70,11 +70,9 @@ _NO_SOURCE = 1 << 30
 
 def import_torch() -> Any:
     """The torch module, or ImportError with the install hint."""
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover - exercised only without torch
-        raise ImportError(INSTALL_HINT) from exc
-    return torch
+    from oarbench._optional import require
+
+    return require("torch", "the torch backend")
 
 
 def _is_tensor(x: Any) -> bool:

@@ -10,7 +10,8 @@ into label maps (``CASE.nii.gz``) on each input's grid. Two are provided:
   nnU-Net's own ``initialize_from_trained_model_folder`` looks the trainer up by
   name, which imports every trainer module (and torchvision with it).
 * :class:`CommandPredictor`, any external tool from a command template
-  (``my_tool --in {input} --out {output}``), run without a shell.
+  (``my_tool --in {input} --out {output}`` for folders, or
+  ``my_tool -i {input_file} -o {output_file}`` once per case), run without a shell.
 
 :func:`parse_predictor` reads the ``--predictor`` strings
 ``nnunet:/path/to/model_folder[:fold]`` and ``command:TEMPLATE``.
@@ -107,35 +108,58 @@ def _collect_outputs(out_dir: Path, cases: list[str], what: str) -> dict[str, Pa
     return {c: found[c] for c in cases}
 
 
-def _tail(text: str, n: int = 2000) -> str:
-    text = text.strip()
-    return text if len(text) <= n else "..." + text[-n:]
+def _tail(text: str, lines: int = 12, width: int = 300) -> str:
+    """The last ``lines`` non-empty lines of a tool's output, each cut to ``width`` characters."""
+    kept = [ln if len(ln) <= width else ln[:width] + " ..." for ln in text.strip().splitlines() if ln.strip()]
+    if not kept:
+        return "(nothing on stderr)"
+    shown = kept[-lines:]
+    more = len(kept) - len(shown)
+    return (f"({more} earlier line(s) not shown)\n" if more else "") + "\n".join(shown)
+
+
+_FOLDER_FORM = ("{input}", "{output}")
+_FILE_FORM = ("{input_file}", "{output_file}")
 
 
 @dataclass(frozen=True)
 class CommandPredictor:
     """An external tool run from a command template, without a shell.
 
-    The template is split like a POSIX shell would (``shlex.split``); in each
-    word ``{input}`` becomes a folder of ``CASE_0000.nii.gz`` images and
-    ``{output}`` a folder to receive ``CASE.nii.gz`` label files. No shell
-    features (pipes, ``&&``, variables): wrap them in a script, or pass
-    ``bash -c '...'`` explicitly.
+    The template is split like a POSIX shell would (``shlex.split``). Two forms:
+
+    * folder form, one call for all cases: ``{input}`` becomes a folder of
+      ``CASE_0000.nii.gz`` images and ``{output}`` a folder to receive
+      ``CASE.nii.gz`` label files (nnU-Net style tools);
+    * file form, one call per case (oarbench loops): ``{input_file}`` becomes
+      one ``CASE_0000.nii.gz`` image and ``{output_file}`` the ``CASE.nii.gz``
+      label file to write (``TotalSegmentator -i {input_file} -o {output_file} --ml``).
+      ``{case}`` gives the case id.
+
+    No shell features (pipes, ``&&``, variables): wrap them in a script, or pass
+    ``bash -c '...'`` explicitly. When the tool fails, the error shows the exact
+    command and the last lines of its stderr.
 
     Parameters
     ----------
     template:
         E.g. ``"my_tool --in {input} --out {output}"``.
     timeout_s:
-        Seconds before the tool is killed (None: no limit).
+        Seconds before the tool is killed, per call (None: no limit).
     """
 
     template: str
     timeout_s: float | None = None
 
     def __post_init__(self) -> None:
-        if "{input}" not in self.template or "{output}" not in self.template:
-            raise ValueError(f"command template {self.template!r} must contain {{input}} and {{output}}")
+        folder = all(p in self.template for p in _FOLDER_FORM)
+        per_file = all(p in self.template for p in _FILE_FORM)
+        if folder == per_file:
+            raise ValueError(
+                f"command template {self.template!r} must contain either {{input}} and {{output}} (folders, one call) "
+                "or {input_file} and {output_file} (one call per case), not both and not one of them alone "
+                "(docs/robustness.md)"
+            )
         try:
             words = shlex.split(self.template)
         except ValueError as exc:
@@ -143,34 +167,63 @@ class CommandPredictor:
         if not words:
             raise ValueError("empty command template")
 
-    def argv(self, input_dir: Path, output_dir: Path) -> list[str]:
-        return [
-            w.replace("{input}", str(input_dir)).replace("{output}", str(output_dir))
-            for w in shlex.split(self.template)
-        ]
+    @property
+    def per_file(self) -> bool:
+        """True for the file form (``{input_file}``/``{output_file}``): one call per case."""
+        return "{input_file}" in self.template
+
+    def argv(self, input_path: Path, output_path: Path, case: str = "") -> list[str]:
+        """The command for one call: folders in the folder form, one image and one label file in the file form."""
+        if self.per_file:
+            subs = {"{input_file}": str(input_path), "{output_file}": str(output_path), "{case}": case}
+        else:
+            subs = {"{input}": str(input_path), "{output}": str(output_path), "{case}": case}
+        out = []
+        for word in shlex.split(self.template):
+            for key, value in subs.items():
+                word = word.replace(key, value)
+            out.append(word)
+        return out
+
+    def _call(self, argv: list[str]) -> None:
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout_s, check=False)
+        except FileNotFoundError:
+            raise PredictorError(f"predictor command not found: {argv[0]!r}\ncommand: {shlex.join(argv)}") from None
+        except PermissionError as exc:
+            raise PredictorError(f"predictor command not executable: {argv[0]!r} ({exc.strerror})\n"
+                                 f"command: {shlex.join(argv)}") from None
+        except subprocess.TimeoutExpired:
+            raise PredictorError(f"predictor command timed out after {self.timeout_s} s\ncommand: {shlex.join(argv)}") from None
+        if proc.returncode != 0:
+            raise PredictorError(
+                f"predictor command exited with status {proc.returncode}\ncommand: {shlex.join(argv)}\n"
+                f"last lines of its stderr:\n{_tail(proc.stderr or proc.stdout)}"
+            )
 
     def predict(self, image_paths: list[Path], out_dir: Path) -> dict[str, Path]:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        cases = [_image_case(Path(p)) for p in image_paths]
+        paths = [Path(p) for p in image_paths]
+        cases = [_image_case(p) for p in paths]
+        if self.per_file:
+            if len(set(cases)) != len(cases):
+                raise ValueError(f"two images for the same case among {[str(p) for p in paths]}")
+            for path, case in zip(paths, cases):
+                target = out_dir / f"{case}.nii.gz"
+                argv = self.argv(path, target, case)
+                self._call(argv)
+                if not target.is_file():
+                    raise PredictorError(f"predictor command wrote no {target.name}\ncommand: {shlex.join(argv)}")
+            return {c: out_dir / f"{c}.nii.gz" for c in cases}
         with tempfile.TemporaryDirectory(prefix=".stage-", dir=out_dir.parent) as tmp:
-            input_dir = stage_inputs([Path(p) for p in image_paths], Path(tmp) / "input")
+            input_dir = stage_inputs(paths, Path(tmp) / "input")
             argv = self.argv(input_dir, out_dir)
-            try:
-                proc = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout_s, check=False)
-            except FileNotFoundError as exc:
-                raise PredictorError(f"predictor command not found: {argv[0]!r} (template {self.template!r})") from exc
-            except subprocess.TimeoutExpired as exc:
-                raise PredictorError(f"predictor command timed out after {self.timeout_s} s: {shlex.join(argv)}") from exc
-        if proc.returncode != 0:
-            raise PredictorError(
-                f"predictor command exited with status {proc.returncode}: {shlex.join(argv)}\n"
-                f"stderr (last lines):\n{_tail(proc.stderr)}"
-            )
+            self._call(argv)
         return _collect_outputs(out_dir, cases, f"predictor command {shlex.join(argv)}")
 
     def describe(self) -> dict[str, str]:
-        return {"kind": "command", "template": self.template}
+        return {"kind": "command", "template": self.template, "form": "file" if self.per_file else "folder"}
 
 
 @dataclass

@@ -27,6 +27,8 @@ from oarbench.io import Volume, atomic_write_text, check_same_grid, find_cases, 
 from oarbench.labels import DEFAULT_LABELS, LabelMap, contralateral, laterality
 from oarbench.metrics import RESULT_COLUMNS, dice, evaluate_labels
 from oarbench.robustness.predictors import Predictor
+from oarbench.progress import progress_bar
+from oarbench.tables import DEFAULT_CENTRE, DEFAULT_STUDY, check_keys
 from oarbench.robustness.transforms import (
     Identity,
     Perturbation,
@@ -301,13 +303,14 @@ def run_robustness(
     out_dir: str | Path | None = None,
     *,
     tolerance_mm: float = 2.0,
-    study: str = "",
-    centre: str = "",
-    model: str = "",
+    study: str = DEFAULT_STUDY,
+    centre: str = DEFAULT_CENTRE,
+    model: str = "model",
     keep_work: bool = False,
     save_predictions: str | Path | None = None,
     executor: "Executor | None" = None,
     cache_dir: str | Path | None = None,
+    progress: bool = True,
 ) -> RobustnessResult:
     """Score ``predictor`` under each condition (``original`` is always added first).
 
@@ -330,7 +333,7 @@ def run_robustness(
     tolerance_mm:
         Surface-DSC tolerance in mm.
     study, centre, model:
-        Values of those columns.
+        Values of those columns (non-empty: they are the table's grouping keys).
     keep_work:
         Keep perturbed images and raw predictions under ``out_dir/work``.
     save_predictions:
@@ -349,6 +352,8 @@ def run_robustness(
         (path or fsspec URL), and a re-run skips the tasks whose results are
         stored for the same inputs (file size and time), predictor, labels,
         tolerance and condition.
+    progress:
+        A progress bar on stderr (a terminal only) over case x condition.
     """
     image_map = _as_case_map(images, images=True)
     ref_map = _as_case_map(reference, images=False)
@@ -387,6 +392,9 @@ def run_robustness(
                     warnings.warn(f"{p.condition} skipped for case {case}: {reason}", RobustnessWarning, stacklevel=2)
 
     base = {"study": study, "centre": centre, "model": model}
+    for key, value in base.items():
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"the {key} name must be a non-empty text, got {value!r}")
     if save_predictions is not None and "{condition}" not in str(save_predictions):
         raise ValueError(f"save_predictions {str(save_predictions)!r} needs a {{condition}} placeholder")
     work_root = Path(out_dir) / "work" if (out_dir is not None and keep_work) else None
@@ -406,8 +414,6 @@ def run_robustness(
                            _save_folder(save_predictions, pert, centre, model))
             for pert in perts for case in cases if (pert.condition, case) not in skip
         ]
-        from oarbench.evaluate import _progress
-
         cache = _TaskCache(cache_dir, predictor, labels, tolerance_mm, base) if cache_dir is not None else None
         results: list[Any] = [cache.load(t) if cache is not None else None for t in tasks]
         todo = [i for i, r in enumerate(results) if r is None]
@@ -419,7 +425,7 @@ def run_robustness(
                 cache.store(tasks[i], result)
             bar.update(1)
 
-        bar = _progress(len(todo), True)
+        bar = progress_bar(len(todo), desc=f"robustness {centre}/{model}", unit="case", enabled=progress)
         try:
             executor.map(_run_case_condition, [tasks[i] for i in todo], name="robustness", on_result=finished)
         finally:
@@ -428,8 +434,11 @@ def run_robustness(
             rows.extend(case_rows)
             floor_rows.extend(case_floor)
     else:
+        n_tasks = sum((p.condition, c) not in skip for p in perts for c in cases)
+        bar = progress_bar(n_tasks, desc=f"robustness {centre}/{model}", unit="case", enabled=progress)
         try:
             for pert in perts:
+                bar.set_postfix_str(f"{pert.condition}: predicting {len(cases)} case(s)")
                 cdir = work_root / pert.condition
                 in_dir, pred_dir = cdir / "images", cdir / "predictions"
                 if cdir.exists():
@@ -445,6 +454,7 @@ def run_robustness(
                     write_volume(pert.apply(img), path)
                     perturbed_paths.append(path)
                 outputs = predictor.predict(perturbed_paths, pred_dir)
+                bar.set_postfix_str(f"{pert.condition}: scoring")
                 for case in run_cases:
                     ref = read_volume(ref_map[case])
                     pred = read_volume(outputs[case])
@@ -458,7 +468,9 @@ def run_robustness(
                             r.update(base)
                             r["case"] = case
                             floor_rows.append(r)
+                    bar.update(1)
         finally:
+            bar.close()
             if tmp is not None:
                 tmp.cleanup()
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
@@ -567,6 +579,7 @@ def write_robustness(result: RobustnessResult, out_dir: str | Path) -> dict[str,
     """Write ``robustness.csv``, ``noise_floor.csv``, ``robustness_summary.csv`` and
     ``robustness_skipped.csv`` atomically."""
     out = Path(out_dir)
+    check_keys(result.table, str(out / "robustness.csv"))
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, df in (("robustness.csv", result.table), ("noise_floor.csv", result.noise_floor),

@@ -89,39 +89,17 @@ _ID_COLUMNS = ("study", "centre", "model", "condition", "case", "patient", "stru
 
 def read_results(path: str | Path) -> pd.DataFrame:
     """Read a results CSV (``inf`` for failed distances, empty for NaN), or a
-    ``metrics.parquet`` dataset (:func:`oarbench.tables.read_table`).
+    ``metrics.parquet`` dataset, with :func:`oarbench.tables.read_table`: key
+    columns as text and never empty, the file checked against its run record.
 
     Raises
     ------
     FileNotFoundError, ValueError
-        naming ``path`` when it is missing, unreadable or lacks the required columns.
+        naming ``path`` when it is missing, unreadable, lacks the required columns or has an empty key.
     """
-    if str(path).rstrip("/").endswith(".parquet"):
-        from oarbench.io import check_output_set
-        from oarbench.tables import read_table
+    from oarbench.tables import read_table
 
-        if not isinstance(path, str) or "://" not in path:
-            check_output_set(path)
-        table = read_table(path)
-        missing = [c for c in _REQUIRED if c not in table.columns]
-        if missing:
-            raise ValueError(f"{path}: missing required column(s) {', '.join(missing)}")
-        return table
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: results table not found")
-    from oarbench.io import check_output_set  # the tables of one run, not a mixed set
-
-    check_output_set(path)
-    try:
-        table = pd.read_csv(path, dtype={c: str for c in _ID_COLUMNS}, keep_default_na=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
-        raise ValueError(f"{path}: cannot read the results table as CSV ({exc})") from exc
-    missing = [c for c in _REQUIRED if c not in table.columns]
-    if missing:
-        have = ", ".join(map(str, table.columns))
-        raise ValueError(f"{path}: missing required column(s) {', '.join(missing)}; have {have}")
-    return table
+    return read_table(path, required=_REQUIRED)
 
 
 def _prepare(table: pd.DataFrame, metrics: Sequence[str], condition: str | None, source: str,
