@@ -275,6 +275,19 @@ def test_coordinator_survives_planted_garbage_and_fake_final_round(fed: dict[str
     assert run_coordinator(coord, cfg, _init) == []  # finished means: a valid global of the last round
 
 
+def test_planted_folders_in_place_of_manifest_and_object(fed: dict[str, Exchange]) -> None:
+    coord = fed[COORDINATOR]
+    (Path(coord.root) / "round_00000/update/A.manifest.json").mkdir(parents=True)
+    g = coord.put("global", 0, tensors_to_bytes(_init()))
+    fed["B"].put("update", 0, tensors_to_bytes(_init()), parent=g.sha256, num_cases=1)
+    obj = next((Path(coord.root) / "round_00000/update").glob("B.*.bin"))
+    obj.unlink()
+    obj.mkdir()
+    accepted, rejected = coord.collect("update", 0)
+    assert accepted == {} and len(rejected) == 2
+    assert "manifest unreadable" in rejected["round_00000/update/A.manifest.json"]
+
+
 def test_oversized_manifest_not_read_whole(fed: dict[str, Exchange]) -> None:
     coord = fed[COORDINATOR]
     _plant(coord, "round_00000/update/A.manifest.json", b"{" + b" " * (2 * 1024**2) + b"}")

@@ -691,6 +691,8 @@ class Exchange:
             raw = self._read(manifest_rel, limit=MAX_MANIFEST_BYTES)
         except FileNotFoundError:
             return True
+        except OSError:
+            return False  # cannot read it, so cannot tell: leave it and report the slot as taken
         try:
             header, manifest, signature = self._parse_manifest(raw, where)
             mine = header.sender == self.keyring.identity and self.keyring.verify(
@@ -772,6 +774,8 @@ class Exchange:
             raw = self._read(manifest_rel, limit=MAX_MANIFEST_BYTES)
         except FileNotFoundError:
             raise RejectedObject(f"{where}: manifest missing") from None
+        except OSError as exc:  # a planted folder or unreadable file in the manifest's place
+            raise RejectedObject(f"{where}: manifest unreadable ({type(exc).__name__})") from None
         header, manifest, signature = self._parse_manifest(raw, where)
         if header.sender not in self.keyring.trusted and header.sender != self.keyring.identity:
             raise RejectedObject(f"{where}: unknown sender {header.sender!r} (no trusted public key)")
@@ -831,15 +835,14 @@ class Exchange:
 
         want = manifest["ciphertext_size"]
         try:
-            stored = int(self.fs.size(self._full(obj)))
-        except FileNotFoundError:
-            raise RejectedObject(f"{where}: object {obj} is missing") from None
-        if stored != want:
-            raise bad(f"{where}: truncated or padded object: {stored} bytes, manifest says {want}")
-        try:
+            stored = int(self.fs.size(self._full(obj)) or 0)
+            if stored != want:
+                raise bad(f"{where}: truncated or padded object: {stored} bytes, manifest says {want}")
             ciphertext = self._read(obj, limit=want)
         except FileNotFoundError:
             raise RejectedObject(f"{where}: object {obj} is missing") from None
+        except OSError as exc:  # a folder or unreadable file in the object's place
+            raise RejectedObject(f"{where}: object {obj} unreadable ({type(exc).__name__})") from None
         self.downloads += 1
         if len(ciphertext) != want:
             raise bad(f"{where}: truncated or padded object: {len(ciphertext)} bytes, manifest says {want}")
