@@ -97,6 +97,12 @@ def test_stats_on_folder_mode_table(evaluated, tmp_path):
     assert "12 comparisons, 12 tested" in result.output
 
 
+def test_stats_on_one_model_says_why_nothing_is_compared(own, tmp_path):
+    _ok(["evaluate", "--reference", own["reference"], "--prediction", own["model_a"], "--out", tmp_path, "--quiet"])
+    result = _ok(["stats", tmp_path / "metrics.csv", "--out", tmp_path, "--no-table"])
+    assert "one model (model_a) and one centre" in result.output and "--prediction A/ --prediction B/" in result.output
+
+
 def test_robustness_gallery_report_absent_on_folder_mode(own, evaluated, tmp_path):
     out = tmp_path / "results"
     out.mkdir()

@@ -135,6 +135,10 @@ def stats(results: Path, out_dir: Path, metrics: str, correction: str, zero_meth
     _write_paper(table, df, metric_list, boot if n_resamples else None, alpha, run_json, results, out_dir)
     if show_table:
         _print_table(df)
+    if df.empty and table["model"].nunique() < 2 and table["centre"].nunique() < 2:
+        click.echo(f"one model ({', '.join(sorted(map(str, table['model'].unique())))}) and one centre in "
+                   f"{results}: nothing to compare; score two models in one table with "
+                   "`oarbench evaluate --prediction A/ --prediction B/` (docs/evaluate.md)", err=True)
     n_sig = int(df["verdict"].astype(str).str.startswith("significant").sum()) if not df.empty else 0
     tested = int(df["p"].notna().sum()) if not df.empty else 0
     click.echo(f"{len(df)} comparisons, {tested} tested, {n_sig} significant at adjusted p < {alpha:g} "
