@@ -161,9 +161,11 @@ def test_evaluate_byte_identical_local_vs_dask(tmp_path, cluster) -> None:
 
 
 def test_evaluate_cli_local_cluster_prints_dashboard(tmp_path) -> None:
+    # tasks that ask for GPU=1 run: the local cluster gives its workers the resources asked for
     ref_dir, pred_dir, labels = _study(tmp_path, 3)
     result = _cli(["evaluate", "--reference", str(ref_dir), "--prediction", str(pred_dir), "--labels", str(labels),
-                   "--out", str(tmp_path / "out"), "--executor", "dask", "--workers", "1", "--quiet"])
+                   "--out", str(tmp_path / "out"), "--executor", "dask", "--workers", "1", "--resources", "GPU=1",
+                   "--quiet"])
     assert result.exit_code == 0, result.output
     assert "Dask LocalCluster (1 worker processes) at tcp://127.0.0.1:" in result.output
     assert "dashboard:" in result.output
