@@ -7,11 +7,13 @@ Run by hand (not a test)::
 1. Writes ``--cases`` small synthetic cases (reference + prediction, 24 x 48 x 48
    voxels, three structures, the prediction shifted by 0-2 voxels; deterministic).
 2. Throughput: ``evaluate`` on all cases with the local executor (a process pool of
-   2 workers) and with a ``distributed.LocalCluster`` of 2 worker processes (1
-   thread each), alternated ``--repeats`` times; the time of the task map (pool
-   start included for the local executor; the cluster's start-up is reported
-   apart), median over repeats, and the ratio Dask / local cases per second.
-   The two metrics.csv are compared byte for byte.
+   2 workers), a ``distributed.LocalCluster`` of 2 worker processes (1 thread
+   each; its scheduler runs in this process), the same with ``--batch`` tasks
+   per Dask task, and a ``dask scheduler`` process with 2 ``dask worker``
+   processes; alternated round by round ``--repeats`` times; the time of the
+   task map (pool start included for the local executor; the cluster's start-up
+   is reported apart), median over repeats, and the ratio to the local
+   executor's cases per second. All metrics.csv are compared byte for byte.
 3. Scheduler memory: a ``dask scheduler`` process and two ``dask worker``
    processes on 127.0.0.1; ``evaluate`` on the first 250, 500 and 1,000 cases;
    the scheduler process's resident memory (RSS, psutil) before each run and its
@@ -94,25 +96,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _SeparateScheduler:
+    """A ``dask scheduler`` process and ``dask worker --nworkers 2 --nthreads 1`` on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        dask_cli = shutil.which("dask", path=str(Path(sys.executable).parent)) or "dask"
+        port = _free_port()
+        address = f"tcp://127.0.0.1:{port}"
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        self.sched = subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                                       "--dashboard-address", "127.0.0.1:0", "--no-show"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        self.workers = subprocess.Popen([dask_cli, "worker", address, "--host", "127.0.0.1", "--nworkers", "2",
+                                         "--nthreads", "1", "--no-dashboard"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        time.sleep(2)
+        self.executor = DaskExecutor(address, echo=None)
+        self.executor.client.wait_for_workers(2, timeout=60)
+
+    def close(self) -> None:
+        self.executor.close()
+        self.workers.terminate()
+        self.sched.terminate()
+        for p in (self.workers, self.sched):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 def scheduler_memory(job_for, sizes, work: Path) -> list[dict]:
     import psutil
 
-    dask_cli = shutil.which("dask", path=str(Path(sys.executable).parent)) or "dask"
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    sched = subprocess.Popen([dask_cli, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                              "--dashboard-address", "127.0.0.1:0", "--no-show"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    workers = subprocess.Popen([dask_cli, "worker", address, "--host", "127.0.0.1", "--nworkers", "2",
-                                "--nthreads", "1", "--no-dashboard"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    cluster = _SeparateScheduler()
+    ex = cluster.executor
     rows = []
     try:
-        time.sleep(2)
-        ex = DaskExecutor(address, echo=None)
-        ex.client.wait_for_workers(2, timeout=60)
-        proc = psutil.Process(sched.pid)
+        proc = psutil.Process(cluster.sched.pid)
         for n in sizes:
             before = proc.memory_info().rss
             peak = [before]
@@ -132,15 +152,8 @@ def scheduler_memory(job_for, sizes, work: Path) -> list[dict]:
                          "rss_peak_mib": round(peak[0] / 2**20, 1), "seconds": round(secs, 2),
                          "cases_per_s": round(n / secs, 1)})
             print(f"scheduler memory, {n} cases: {rows[-1]}", file=sys.stderr)
-        ex.close()
     finally:
-        workers.terminate()
-        sched.terminate()
-        for p in (workers, sched):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        cluster.close()
     return rows
 
 
@@ -182,6 +195,7 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--folder", type=Path, default=Path("/tmp/oarbench-bench/dask"))
+    ap.add_argument("--batch", type=int, default=8, help="tasks per Dask task of the batched variant")
     ap.add_argument("--realistic", type=Path, help="output folder of make_case.py (CT-size per-task times)")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -196,36 +210,39 @@ def main() -> None:
     t = time.perf_counter()
     cluster = DaskExecutor(workers=2, echo=None)
     cluster_start = time.perf_counter() - t
-    local_s, dask_s = [], []
+    batched = DaskExecutor.__new__(DaskExecutor)
+    batched.__dict__.update(cluster.__dict__, batch=args.batch)
+    separate = _SeparateScheduler()
+    variants = {"local": LocalExecutor(2), "dask": cluster, f"dask_batch{args.batch}": batched,
+                "dask_separate_scheduler": separate.executor}
+    seconds: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(args.repeats):
-        secs, _ = run(job_for(args.cases), args.folder / "local", executor=LocalExecutor(2))
-        local_s.append(secs)
-        print(f"repeat {r}: local {secs:.2f} s", file=sys.stderr)
-        secs, _ = run(job_for(args.cases), args.folder / "dask", executor=cluster)
-        dask_s.append(secs)
-        print(f"repeat {r}: dask {secs:.2f} s", file=sys.stderr)
-    identical = (args.folder / "local" / "metrics.csv").read_bytes() == (args.folder / "dask" / "metrics.csv").read_bytes()
+        for label, ex in variants.items():
+            secs, _ = run(job_for(args.cases), args.folder / label, executor=ex)
+            seconds[label].append(secs)
+            print(f"repeat {r}: {label} {secs:.2f} s (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+    identical = all((args.folder / label / "metrics.csv").read_bytes() == (args.folder / "local" / "metrics.csv").read_bytes()
+                    for label in variants)
     t = time.perf_counter()
     cluster.map(_noop, list(range(2000)))
     noop_s = time.perf_counter() - t
     t = time.perf_counter()
     cluster.close()
     cluster_stop = time.perf_counter() - t
+    separate.close()
     sizes = [n for n in (250, 500, 1000) if n <= args.cases]
     memory = scheduler_memory(job_for, sizes, args.folder)
     load_end = os.getloadavg()
-    local_m, dask_m = statistics.median(local_s), statistics.median(dask_s)
+    medians = {k: statistics.median(v) for k, v in seconds.items()}
     result = {
         "cases": args.cases,
         "shape": SHAPE,
         "cpu_count": os.cpu_count(),
         "loadavg_start": [round(x, 2) for x in load_start],
         "loadavg_end": [round(x, 2) for x in load_end],
-        "local_seconds": [round(x, 2) for x in local_s],
-        "dask_seconds": [round(x, 2) for x in dask_s],
-        "local_cases_per_s": round(args.cases / local_m, 1),
-        "dask_cases_per_s": round(args.cases / dask_m, 1),
-        "dask_over_local_throughput": round(local_m / dask_m, 3),
+        "seconds": {k: [round(x, 2) for x in v] for k, v in seconds.items()},
+        "cases_per_s": {k: round(args.cases / m, 1) for k, m in medians.items()},
+        "throughput_over_local": {k: round(medians["local"] / m, 3) for k, m in medians.items()},
         "metrics_csv_identical": identical,
         "local_cluster_start_s": round(cluster_start, 2),
         "local_cluster_stop_s": round(cluster_stop, 2),

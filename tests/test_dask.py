@@ -113,6 +113,25 @@ def test_dask_executor_order_callbacks_errors_window(cluster) -> None:
     assert small.map(_square, list(range(10))) == [i * i for i in range(10)]
     with pytest.raises(ValueError, match="case 3: bad input"):
         cluster.map(_fail_on_three, list(range(6)))
+    # several tasks per Dask task: results, callbacks and errors still per task
+    batched = type(cluster).__new__(type(cluster))
+    batched.__dict__.update(cluster.__dict__, batch=4, max_in_flight=2)
+    seen.clear()
+    assert batched.map(_square, list(range(11)), on_result=lambda i, r: seen.append((i, r))) == [i * i for i in range(11)]
+    assert sorted(seen) == [(i, i * i) for i in range(11)]
+    with pytest.raises(ValueError, match="case 3: bad input"):
+        batched.map(_fail_on_three, list(range(6)))
+
+
+def test_two_clusters_in_one_process(cluster) -> None:
+    """Each executor waits on its own client, not on the process's most recent one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from oarbench.executors import DaskExecutor
+
+    with DaskExecutor(workers=1, echo=None) as other, ThreadPoolExecutor(1) as pool:
+        assert pool.submit(cluster.map, _square, list(range(30))).result(timeout=120) == [i * i for i in range(30)]
+        assert pool.submit(other.map, _square, list(range(5))).result(timeout=120) == [i * i for i in range(5)]
 
 
 def test_missing_dask_is_one_line_error(monkeypatch) -> None:

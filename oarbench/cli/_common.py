@@ -50,6 +50,9 @@ def user_errors(func: F) -> F:
 
 def executor_options(func: F) -> F:
     """``--executor``, ``--scheduler`` and ``--resources`` (``--workers`` is each command's own)."""
+    func = click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+                        help="With --executor dask: cases sent to a worker as one Dask task (several amortise the "
+                             "engine's cost per task on very small cases; docs/scale.md).")(func)
     func = click.option("--resources", "resources", multiple=True, metavar="NAME=N",
                         help="Dask worker resources each task needs, e.g. GPU=1 (with --executor dask).")(func)
     func = click.option("--scheduler", metavar="ADDRESS",
@@ -61,9 +64,9 @@ def executor_options(func: F) -> F:
     return func
 
 
-def open_executor(kind: str, workers: int, scheduler: str | None, resources: tuple[str, ...]) -> Any:
+def open_executor(kind: str, workers: int, scheduler: str | None, resources: tuple[str, ...], batch: int = 1) -> Any:
     """The executor of the CLI options; prints the cluster and dashboard address for Dask."""
     from oarbench.executors import make_executor
 
-    return make_executor(kind, workers=workers, scheduler=scheduler, resources=list(resources),
+    return make_executor(kind, workers=workers, scheduler=scheduler, resources=list(resources), batch=batch,
                          echo=lambda msg: click.echo(msg, err=True))

@@ -37,7 +37,7 @@ def _parse_thresholds(text: str | None) -> tuple[float, ...] | None:
 @executor_options
 @user_errors
 def absent(study, metadata, predictions, reference, labels_path, thresholds, models, centre, study_name, out, workers,
-           executor_kind, scheduler, resources):
+           executor_kind, scheduler, resources, batch):
     """False-positive kidneys on the removed side: absent.csv, absent_summary.csv, absent_pairs.csv, absent_cases.csv.
 
     Either STUDY.toml (each centre's metadata, reference and every model's
@@ -50,7 +50,7 @@ def absent(study, metadata, predictions, reference, labels_path, thresholds, mod
         raise click.UsageError("give either STUDY.toml or --metadata/--predictions (with --centre/--study-name), not both")
     if study is None and not (metadata and predictions):
         raise click.UsageError("give STUDY.toml, or --metadata and --predictions")
-    executor = open_executor(executor_kind, workers, scheduler, resources)
+    executor = open_executor(executor_kind, workers, scheduler, resources, batch)
     try:
         result = _analyse(study, metadata, predictions, reference, labels_path, thr, models, executor,
                           centre, study_name)

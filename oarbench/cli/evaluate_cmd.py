@@ -63,7 +63,7 @@ def print_summary(table, echo=click.echo) -> None:
 @user_errors
 def evaluate(study, reference, predictions, labels_path, structures, out, workers, device, tolerance, apl_convention,
              resample_prediction, allow_missing, models, centres, condition, study_name, force, quiet, no_progress,
-             executor_kind, scheduler, resources):
+             executor_kind, scheduler, resources, batch):
     """Score predictions against references: metrics.csv, summary.csv, run.json.
 
     Either a STUDY.toml (several centres x models, docs/study-toml.md) or
@@ -115,8 +115,8 @@ def evaluate(study, reference, predictions, labels_path, structures, out, worker
                           device=None if device == "auto" else device,
                           resample_prediction=resample_prediction, allow_missing=allow_missing)
     executor = None
-    if executor_kind != "local" or scheduler or resources:
-        executor = open_executor(executor_kind, workers, scheduler, resources)
+    if executor_kind != "local" or scheduler or resources or batch != 1:
+        executor = open_executor(executor_kind, workers, scheduler, resources, batch)
     # One run at a time per output folder; the outputs are written as one set.
     with OutputLock(out):
         try:

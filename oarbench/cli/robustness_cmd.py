@@ -86,7 +86,7 @@ def _resolve_spec(spec: str, root: Path) -> str:
 @user_errors
 def robustness(rotate, conditions, images, reference, predictor_spec, out, labels_path, structures, study, model_name,
                centres, study_name, device, mirroring, trust_checkpoint, tolerance, keep_work, save_predictions, workers,
-               executor_kind, scheduler, resources, no_progress):
+               executor_kind, scheduler, resources, batch, no_progress):
     """Robustness to orientation: robustness.csv, noise_floor.csv, robustness_summary.csv.
 
     Either --images DIR --reference DIR --predictor SPEC, or --study STUDY.toml
@@ -159,8 +159,8 @@ def robustness(rotate, conditions, images, reference, predictor_spec, out, label
                                 trust_checkpoint=trust_checkpoint)
 
     executor = None
-    if executor_kind != "local" or workers > 1 or scheduler or resources:
-        executor = open_executor(executor_kind, workers, scheduler, resources)
+    if executor_kind != "local" or workers > 1 or scheduler or resources or batch != 1:
+        executor = open_executor(executor_kind, workers, scheduler, resources, batch)
     results = []
     try:
         for centre, img_dir, ref_dir in jobs:
