@@ -207,7 +207,8 @@ def run_demo(
         done()
 
     done = step("evaluate")
-    options = EvalOptions(labels=study.labels, tolerance_mm=study.tolerance_mm)
+    options = EvalOptions(labels=study.labels, tolerance_mm=study.tolerance_mm,
+                          tolerances=tuple(sorted(study.tolerances_mm.items())))
     table, provenance = evaluate_jobs(jobs_from_study(study), options, results, workers=workers, force=force, progress=False)
     provenance["command"] = "demo"
     provenance["study"] = str(study_toml)
@@ -236,6 +237,11 @@ def run_demo(
 
     stats = run_stats(table, margins={"dsc": 0.01, "hd95": 1.0}, source=str(results / "metrics.csv"))
     outputs["stats"] = write_stats(stats, results / "stats.csv")
+    from oarbench.stats import methods_paragraph, paper_table, write_paper_outputs
+
+    trained = {m.name: tuple(m.trained_on) for m in study.models if m.trained_on} or None
+    paper = paper_table(table, stats, trained_on=trained)
+    outputs.update(write_paper_outputs(results, paper, methods_paragraph(provenance, stats)))
     done()
 
     done = step("gallery")

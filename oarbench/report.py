@@ -920,9 +920,11 @@ def _explanations_block(sus: pd.DataFrame, islands: pd.DataFrame | None = None) 
 #: Columns of stats.csv shown in the detail table, renamed, when the file has the documented columns.
 _STATS_VIEW: tuple[tuple[str, str], ...] = (
     ("structure", "structure"), ("metric", "metric"), ("comparison", "comparison"), ("where", "where"), ("n", "n"),
-    ("median_a", "median A"), ("median_b", "median B"), ("shift", "shift [CI]"), ("p_adjusted", "p_adjusted"),
+    ("n_patients", "patients"), ("n_scans", "scans"),
+    ("median_a", "median A"), ("median_b", "median B"), ("shift", "shift [CI]"),
+    ("diff", "median difference [bootstrap CI]"), ("p_adjusted", "p_adjusted"),
     ("verdict", "verdict"), ("p_noninferiority_adjusted", "p_noninferiority_adjusted"),
-    ("noninferiority_verdict", "non-inferiority"),
+    ("noninferiority_verdict", "non-inferiority"), ("ni_ci", "non-inferiority interval"),
 )
 #: Columns whose values below :data:`SIGNIFICANCE` are marked.
 _MARKED: tuple[str, ...] = ("p_adjusted", "p_noninferiority_adjusted")
@@ -944,6 +946,14 @@ def _stats_view(stats: pd.DataFrame) -> pd.DataFrame:
         elif key == "shift":
             if {"hl_shift", "ci_low", "ci_high"}.issubset(s.columns):
                 view[label] = [f"{_fmt_cell(h)} [{_fmt_cell(a)}, {_fmt_cell(b)}]" for h, a, b in zip(s["hl_shift"], s["ci_low"], s["ci_high"])]
+        elif key == "diff":
+            if {"diff_median", "diff_median_ci_low", "diff_median_ci_high"}.issubset(s.columns):
+                view[label] = [f"{_fmt_cell(h)} [{_fmt_cell(a)}, {_fmt_cell(b)}]" for h, a, b in
+                               zip(s["diff_median"], s["diff_median_ci_low"], s["diff_median_ci_high"])]
+        elif key == "ni_ci":
+            if {"ni_ci_low", "ni_ci_high", "ni_ci_level"}.issubset(s.columns) and s["ni_ci_level"].notna().any():
+                view[label] = ["" if pd.isna(lv) else f"[{_fmt_cell(a)}, {_fmt_cell(b)}] ({100 * float(lv):.1f}%)"
+                               for a, b, lv in zip(s["ni_ci_low"], s["ni_ci_high"], s["ni_ci_level"])]
         elif key in ("median_a", "median_b"):
             if key in s:
                 arm = col("arm_a" if key == "median_a" else "arm_b")

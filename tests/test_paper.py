@@ -119,3 +119,7 @@ def test_report_has_the_paper_section(tmp_path):
     assert "within the <b>study</b> family" in sec and "Unit of analysis: patient" in sec
     assert "oarbench 4.5" in sec and "tolerance 1 mm (X) is below" in sec and "booktabs" in sec
     assert re.search(r"paper_table\.csv \(\d+ rows\)", sec)
+    # the statistics table of the report says patients and scans and the bootstrap interval
+    stats_html = html[html.index("id='stats'"):]
+    for header in ("<th>patients</th>", "<th>scans</th>", "median difference [bootstrap CI]"):
+        assert header in stats_html, header
