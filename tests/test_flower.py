@@ -165,3 +165,116 @@ def test_cli_without_flower_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyP
                                     "--work", str(tmp_path / "w"), "--rounds", "1"])
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert res.output.strip().splitlines()[-1] == f"Error: {FLOWER_HINT}"
+
+
+# --------------------------------------------------------------------------- the server logic, in-process
+
+
+class _Reply:
+    def __init__(self, node: int, content) -> None:
+        from types import SimpleNamespace
+
+        self.metadata = SimpleNamespace(src_node_id=node)
+        self.content = content
+        self.error = SimpleNamespace(reason=str(content)) if isinstance(content, Exception) else None
+
+    def has_error(self) -> bool:
+        return self.error is not None
+
+
+class _Msg:
+    def __init__(self, content=None, dst_node_id=None, message_type=None, **_) -> None:
+        self.content, self.dst_node_id, self.message_type = content, dst_node_id, message_type
+
+
+class _Grid:
+    """Stands in for Flower's Grid: each node answers with a Python function."""
+
+    def __init__(self, nodes) -> None:
+        self.nodes = nodes
+        self.sent: list[tuple[int, str]] = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, msgs, timeout=None):
+        for m in msgs:
+            self.sent.append((m.dst_node_id, m.message_type))
+            try:
+                content = self.nodes[m.dst_node_id](m.message_type, m.content)
+            except Exception as exc:  # noqa: BLE001 - a ClientApp error becomes an error reply
+                content = exc
+            yield _Reply(m.dst_node_id, content)
+
+
+def _fp_body(n: int) -> dict:
+    return {"fingerprint": {
+        "spacings": [[3.0, 1.0, 1.0]] * n, "shapes_after_crop": [[10, 20, 20]] * n,
+        "foreground_intensity_properties_per_channel": {"0": {
+            "mean": 10.0, "std": 2.0, "min": 0.0, "percentile_00_5": 1.0, "median": 10.0,
+            "percentile_99_5": 19.0, "max": 20.0}},
+        "median_relative_size_after_cropping": 1.0},
+        "dataset": {"labels": {"background": 0, "a": 1}, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"},
+        "num_cases": n}
+
+
+def _site(name: str, n: int, delta: float, claim: int | None = None):
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from oarbench.train.flower import record_to_weights, weights_to_record
+
+    def answer(kind: str, content):
+        if kind == "query":
+            return RecordDict({"fingerprint": ConfigRecord({"site": name, "message": json.dumps(_fp_body(n))})})
+        if kind == "train":
+            w = {k: (v + delta).astype(v.dtype) if v.dtype.kind == "f" else v
+                 for k, v in record_to_weights(content["global"]).items()}
+            return RecordDict({"update": weights_to_record(w),
+                               "metrics": MetricRecord({"num-cases": claim if claim is not None else n})})
+        return RecordDict({"model": MetricRecord({"written": 1})})
+
+    return answer
+
+
+def _steps():
+    from oarbench.train.flower import ServerSteps
+
+    def write_model(plans, header, final, st):
+        (st.out / "model").mkdir(exist_ok=True)
+        return st.out / "model"
+
+    return ServerSteps(plan=lambda merged, header, st: {"n": header["numTraining"]},
+                       initial=lambda plans, header, st: {"w": np.ones(4, np.float32), "k": np.array([1], np.int64)},
+                       write_model=write_model)
+
+
+def test_server_pins_counts_binds_nodes_and_averages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Node 33 claims site A again: ignored. FedAvg 2:3 of +1 and +2: 1 + (2*1 + 3*2)/5 = 2.6 per round."""
+    flwr_app = pytest.importorskip("flwr.app")
+    from safetensors.numpy import load_file
+
+    from oarbench.train.flower import ServerSettings, serve
+
+    monkeypatch.setattr(flwr_app, "Message", _Msg)
+    grid = _Grid({11: _site("A", 2, 1.0), 22: _site("B", 3, 2.0), 33: _site("A", 50, 9.0)})
+    st = ServerSettings(sites=("A", "B"), rounds=2, out=tmp_path / "srv")
+    summary = serve(grid, st, _steps())
+    assert summary["sites"] == {"11": "A", "22": "B"} and summary["case_counts"] == {"A": 2, "B": 3}
+    assert [c for r in summary["rounds"] for c in r["contributors"]] == [["A", 2], ["B", 3]] * 2
+    assert (33, "train") not in grid.sent  # the node that claimed a taken site never trains
+    final = load_file(str(tmp_path / "srv/final.safetensors"))
+    np.testing.assert_allclose(final["w"], np.full(4, 1 + 2 * 1.6, np.float32), rtol=1e-6)
+    assert json.loads((tmp_path / "srv/plans.json").read_text()) == {"n": 5}
+
+
+def test_server_refuses_a_site_claiming_more_cases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    flwr_app = pytest.importorskip("flwr.app")
+    from oarbench.train.flower import ServerSettings, serve
+
+    monkeypatch.setattr(flwr_app, "Message", _Msg)
+    grid = _Grid({11: _site("A", 2, 1.0), 22: _site("B", 3, 2.0, claim=300)})
+    with pytest.raises(RuntimeError, match="claims 300 cases, its fingerprint has 3"):
+        serve(grid, ServerSettings(sites=("A", "B"), rounds=1, out=tmp_path / "srv"), _steps())
+    grid = _Grid({11: _site("A", 2, 1.0), 22: _site("B", 3, 1e30)})
+    with pytest.raises(RuntimeError, match="> 1e\\+06"):
+        serve(grid, ServerSettings(sites=("A", "B"), rounds=1, out=tmp_path / "srv2"), _steps())

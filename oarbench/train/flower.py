@@ -43,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -54,6 +54,8 @@ __all__ = [
     "require_flower",
     "ServerSettings",
     "serve",
+    "ServerSteps",
+    "nnunet_server_steps",
     "make_server_app",
     "make_client_app",
     "write_app",
@@ -166,7 +168,42 @@ def _save_weights(path: Path, weights: Mapping[str, np.ndarray]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def serve(grid: Any, settings: ServerSettings) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ServerSteps:
+    """The model-specific steps of the server (nnU-Net by default; tests plug in a tiny model).
+
+    ``plan(merged_fingerprint, dataset_header, settings) -> plans``,
+    ``initial(plans, dataset_header, settings) -> weights``,
+    ``write_model(plans, dataset_header, final_weights_file, settings) -> model folder``.
+    """
+
+    plan: Callable[[dict[str, Any], dict[str, Any], ServerSettings], dict[str, Any]]
+    initial: Callable[[dict[str, Any], dict[str, Any], ServerSettings], dict[str, np.ndarray]]
+    write_model: Callable[[dict[str, Any], dict[str, Any], Path, ServerSettings], Path]
+
+
+def nnunet_server_steps() -> ServerSteps:
+    """The nnU-Net steps: plan once from the merged fingerprint, seeded initial weights, model folder."""
+    from oarbench.train import nnunet as nn
+    from oarbench.train.exchange import tensors_from_bytes
+    from oarbench.train.federated import nnunet_plans
+
+    def plan(merged: dict[str, Any], header: dict[str, Any], st: ServerSettings) -> dict[str, Any]:
+        return nnunet_plans(merged, header, configuration=st.configuration, width=st.width)
+
+    def initial(plans: dict[str, Any], header: dict[str, Any], st: ServerSettings) -> dict[str, np.ndarray]:
+        f = nn.initial_weights(plans, header, st.out / "initial.safetensors", configuration=st.configuration,
+                               seed=st.seed)
+        return tensors_from_bytes(f.read_bytes())
+
+    def write_model(plans: dict[str, Any], header: dict[str, Any], final: Path, st: ServerSettings) -> Path:
+        return nn.write_model_folder(st.out / "model", plans, header, final, configuration=st.configuration,
+                                     fold="all")
+
+    return ServerSteps(plan, initial, write_model)
+
+
+def serve(grid: Any, settings: ServerSettings, steps: ServerSteps | None = None) -> dict[str, Any]:
     """The ServerApp's work: fingerprint round, shared plans, training rounds, final model.
 
     Returns the summary also written to ``OUT/summary.json``.
@@ -180,9 +217,9 @@ def serve(grid: Any, settings: ServerSettings) -> dict[str, Any]:
     from flwr.app import ConfigRecord, Message, RecordDict
 
     from oarbench.train import nnunet as nn
-    from oarbench.train.exchange import tensors_from_bytes
-    from oarbench.train.federated import merge_site_messages, nnunet_plans
+    from oarbench.train.federated import merge_site_messages
 
+    steps = steps or nnunet_server_steps()
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     received: list[dict[str, Any]] = []
@@ -237,14 +274,12 @@ def serve(grid: Any, settings: ServerSettings) -> dict[str, Any]:
     pinned = {s: int(b["num_cases"]) for s, b in bodies.items()}
     nn._atomic_text(out / "fingerprints.json", json.dumps(bodies, indent=1, sort_keys=True))
     merged, header = merge_site_messages(bodies)
-    plans = nnunet_plans(merged, header, configuration=settings.configuration, width=settings.width)
+    plans = steps.plan(merged, header, settings)
     nn._atomic_text(out / "plans.json", json.dumps(plans, indent=1, sort_keys=True))
     plans_text = json.dumps(plans, sort_keys=True)
 
     # 3. rounds
-    init_file = nn.initial_weights(plans, header, out / "initial.safetensors", configuration=settings.configuration,
-                                   seed=settings.seed)
-    global_w = tensors_from_bytes(init_file.read_bytes())
+    global_w = steps.initial(plans, header, settings)
     sha = _save_weights(out / "global_00000.safetensors", global_w)
     rounds_log = []
     for r in range(settings.rounds):
@@ -282,8 +317,7 @@ def serve(grid: Any, settings: ServerSettings) -> dict[str, Any]:
     shutil.copyfile(out / f"global_{settings.rounds:05d}.safetensors", final)
     fin = ConfigRecord({"plans": plans_text, "num-training": int(header["numTraining"])})
     done = ask(sorted(node_site), "evaluate", RecordDict({"global": weights_to_record(global_w), "config": fin}))
-    model = nn.write_model_folder(out / "model", plans, header, final, configuration=settings.configuration,
-                                  fold="all")
+    model = steps.write_model(plans, header, final, settings)
     summary = {
         "sites": {str(n): s for n, s in node_site.items()},
         "case_counts": pinned,
