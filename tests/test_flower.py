@@ -249,7 +249,7 @@ def _steps():
 
 
 def test_server_pins_counts_binds_nodes_and_averages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Node 33 claims site A again: ignored. FedAvg 2:3 of +1 and +2: 1 + (2*1 + 3*2)/5 = 2.6 per round."""
+    """Node 33 claims site A again: ignored. FedAvg 2:3 of +1 and +2 adds (2*1 + 3*2)/5 = 1.6 a round: 1 -> 4.2."""
     flwr_app = pytest.importorskip("flwr.app")
     from safetensors.numpy import load_file
 
