@@ -67,8 +67,7 @@ def test_flower_deployment_tls_auth_fedavg_predict(tmp_path: Path) -> None:
         fed.start_superlink()
         # (b) a SuperNode with a key the SuperLink does not know (it even claims to be site A)
         x_key, _ = make_node_key(tmp_path / "intruder", "X")
-        intruder = fed.start_supernode("X", x_key, {"site": "A", "dataset": str(a), "work": str(tmp_path / "xw")},
-                                       max_retries=1)
+        intruder = fed.start_supernode("X", x_key, site="A", dataset=a, work=tmp_path / "xw", max_retries=1)
         summary = run_local({"A": a, "B": b}, run, rounds=1, iterations=2, width="tiny", federation=fed,
                             timeout_s=900)
         x_code = intruder.wait(timeout=120)

@@ -631,25 +631,16 @@ class LocalFlowerFederation:
         if res.returncode != 0:
             raise RuntimeError(f"flwr supernode register {public_key} failed: {(res.stdout + res.stderr)[-800:]}")
 
-    def start_supernode(self, name: str, private_key: Path, node_config: Mapping[str, Any],
+    def start_supernode(self, name: str, private_key: Path, *, site: str, dataset: str | Path, work: str | Path,
+                        device: str = "cpu", configuration: str = "3d_fullres", processes: int = 1,
                         max_retries: int | None = None) -> subprocess.Popen[bytes]:
-        args = [_flower_bin("flower-supernode"), "--superlink", self.address, "--root-certificates",
-                str(self.tls.ca), "--auth-supernode-private-key", str(private_key), "--node-config",
-                _run_config(node_config), "--port", str(_free_port())]
+        """Start one hospital's SuperNode (the command of :func:`supernode_command`)."""
+        args = supernode_command(self.address, self.tls.ca, private_key, site=site, dataset=dataset, work=work,
+                                 device=device, configuration=configuration, processes=processes,
+                                 port=_free_port())
         if max_retries is not None:
             args += ["--max-retries", str(max_retries)]
         return self._start(f"supernode-{name}", args)
-
-    def submit(self, app: Path, run_config: Mapping[str, Any], timeout_s: float | None = None) -> str:
-        """``flwr run APP local --stream``: submit the run and wait for it; returns its output."""
-        res = subprocess.run([_flower_bin("flwr"), "run", str(app), "local", "--run-config", _run_config(run_config),
-                              "--stream"], env=self.env, capture_output=True, text=True, timeout=timeout_s,
-                             cwd=self.work)
-        text = res.stdout + res.stderr
-        (self.logs / "flwr-run.log").write_text(text)
-        if res.returncode != 0:
-            raise RuntimeError(f"flwr run failed (exit {res.returncode}): {text[-1500:]}")
-        return text
 
     def _signal_group(self, proc: subprocess.Popen[bytes], sig: int) -> None:
         try:
@@ -716,19 +707,12 @@ def run_local(
             if not priv.is_file():
                 priv, pub = make_node_key(keys, site)
             fed.register(pub, site)
-            fed.start_supernode(site, priv, {"site": site, "dataset": str(Path(ds).resolve()),
-                                             "work": str(work / "sites" / site), "device": device,
-                                             "configuration": configuration, "processes": num_processes})
-        app = write_app(work / "app")
-        out = work / "server"
-        (out / "summary.json").unlink(missing_ok=True)
-        fed.submit(app, {"sites": ",".join(datasets), "rounds": rounds, "local-epochs": local_epochs,
-                         "iterations": iterations, "configuration": configuration, "width": width, "seed": seed,
-                         "timeout": float(timeout_s), "out": str(out)})
-        summary_file = out / "summary.json"
-        if not summary_file.is_file():
-            raise RuntimeError(f"the Flower run ended without a result; see {fed.logs}")
-        summary = json.loads(summary_file.read_text())
+            fed.start_supernode(site, priv, site=site, dataset=ds, work=work / "sites" / site, device=device,
+                                configuration=configuration, processes=num_processes)
+        # the coordinator's own path: write the Flower App, flwr run against the SuperLink, wait
+        summary = coordinate(fed.address, fed.tls.ca, work, sites=list(datasets), rounds=rounds,
+                             local_epochs=local_epochs, iterations=iterations, configuration=configuration,
+                             width=width, seed=seed, timeout_s=timeout_s)
         summary["site_models"] = {s: str(work / "sites" / s / "model") for s in summary["site_models_written"]}
         return summary
     finally:
