@@ -12,8 +12,8 @@ Run by hand (not a test)::
    per Dask task, and a ``dask scheduler`` process with 2 ``dask worker``
    processes; alternated round by round ``--repeats`` times; the time of the
    task map (pool start included for the local executor; the cluster's start-up
-   is reported apart), median over repeats, and the ratio to the local
-   executor's cases per second. All metrics.csv are compared byte for byte.
+   is reported apart; a warm-up run of 10 cases on each first, not timed),
+   median over repeats, and the ratio to the local executor's cases per second. All metrics.csv are compared byte for byte.
 3. Scheduler memory: a ``dask scheduler`` process and two ``dask worker``
    processes on 127.0.0.1; ``evaluate`` on the first 250, 500 and 1,000 cases;
    the scheduler process's resident memory (RSS, psutil) before each run and its
@@ -204,7 +204,7 @@ def main() -> None:
     cases = tuple(sorted(p.name[: -len(".nii.gz")] for p in ref_dir.glob("*.nii.gz")))[: args.cases]
 
     def job_for(n: int) -> Job:
-        return Job(ref_dir, pred_dir, cases=cases[:n])
+        return Job(ref_dir, pred_dir, study="bench", centre="A", model="m", cases=cases[:n])
 
     load_start = os.getloadavg()
     t = time.perf_counter()
@@ -216,6 +216,8 @@ def main() -> None:
     variants = {"local": LocalExecutor(2), "dask": cluster, f"dask_batch{args.batch}": batched,
                 "dask_separate_scheduler": separate.executor}
     seconds: dict[str, list[float]] = {k: [] for k in variants}
+    for label, ex in variants.items():  # warm-up, not timed: imports on the workers and the scheduler
+        run(job_for(min(10, args.cases)), args.folder / f"warmup-{label}", executor=ex)
     for r in range(args.repeats):
         for label, ex in variants.items():
             secs, _ = run(job_for(args.cases), args.folder / label, executor=ex)
