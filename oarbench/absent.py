@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from oarbench.io import atomic_write_text, read_volume
+from oarbench.io import read_volume
 from oarbench.tables import DEFAULT_CENTRE, DEFAULT_STUDY
 from oarbench.labels import DEFAULT_LABELS, LabelMap
 
@@ -377,8 +377,11 @@ def _verdict(p: float, m: int, alpha: float, what: str) -> str:
 
 def write_absent(result: AbsentResult, out_dir: str | Path) -> dict[str, Path]:
     """Write absent.csv, absent_summary.csv, absent_pairs.csv, absent_cases.csv, absent_warnings.csv atomically."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from oarbench import storage
+
+    out = storage.as_location(out_dir)
+    if isinstance(out, Path):
+        out.mkdir(parents=True, exist_ok=True)
     files = {
         "absent.csv": result.cases,
         "absent_summary.csv": result.summary,
@@ -386,7 +389,8 @@ def write_absent(result: AbsentResult, out_dir: str | Path) -> dict[str, Path]:
         "absent_cases.csv": result.fp_cases,
         "absent_warnings.csv": result.warnings,
     }
-    return {name: atomic_write_text(out / name, df.to_csv(index=False)) for name, df in files.items()}
+    return {name: storage.write_text(storage.join(out, name), df.to_csv(index=False))  # type: ignore[misc]
+            for name, df in files.items()}
 
 
 def concat_results(results: Sequence[AbsentResult], thresholds_ml: Sequence[float] = DEFAULT_THRESHOLDS_ML) -> AbsentResult:

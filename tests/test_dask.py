@@ -466,4 +466,28 @@ def test_s3_absent_and_robustness_inputs(tmp_path, s3, study, cluster) -> None: 
     cols = [c for c in remote.cases.columns if c != "prediction"]
     assert remote.cases[cols].equals(local.cases[cols])
     assert remote.cases["prediction"].str.startswith("s3://bucket/absent/A/").all()
-    write_absent(remote, tmp_path / "out")
+    write_absent(local, tmp_path / "out")
+    write_absent(remote, "s3://bucket/absent/out")
+    s3.invalidate_cache()
+    assert s3.cat("bucket/absent/out/absent_summary.csv") == (tmp_path / "out" / "absent_summary.csv").read_bytes()
+
+
+def test_s3_robustness_inputs_and_outputs(tmp_path, s3) -> None:
+    """Robustness tasks read their image and reference from the bucket; the tables go back to it."""
+    from oarbench.executors import LocalExecutor
+    from oarbench.robustness import run_robustness
+    from oarbench.robustness.run import write_robustness
+    from tests.test_robustness import LABELS, make_phantom, write_case
+
+    ct, ref = make_phantom(shape=(16, 32, 40))
+    write_case(tmp_path, "P001", ct, ref)
+    s3.put(str(tmp_path / "images"), "bucket/rob/images", recursive=True)
+    s3.put(str(tmp_path / "reference"), "bucket/rob/reference", recursive=True)
+    local = run_robustness(tmp_path / "images", tmp_path / "reference", _HUPredictor(), ["flip_lr"], LABELS)
+    remote = run_robustness("s3://bucket/rob/images", "s3://bucket/rob/reference", _HUPredictor(), ["flip_lr"],
+                            LABELS, executor=LocalExecutor(1), cache_dir="s3://bucket/rob/out/cache")
+    write_robustness(local, tmp_path / "local")
+    write_robustness(remote, "s3://bucket/rob/out")
+    s3.invalidate_cache()
+    assert s3.cat("bucket/rob/out/robustness.csv") == (tmp_path / "local" / "robustness.csv").read_bytes()
+    assert len(s3.find("bucket/rob/out/cache")) == remote.table["condition"].nunique()

@@ -31,7 +31,7 @@ def _parse_thresholds(text: str | None) -> tuple[float, ...] | None:
 @click.option("--model", "models", multiple=True, help="With a study: only these models.")
 @click.option("--centre", default=None, help="With --metadata/--predictions: the centre's name [default: all].")
 @click.option("--study-name", default=None, help="With --metadata/--predictions: the study name [default: own-data].")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("oarbench-out"), show_default=True)
+@click.option("--out", default="oarbench-out", show_default=True, help="Output folder: a path or URL (s3://...).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Parallel per-case tasks (processes, or workers of a local Dask cluster).")
 @executor_options

@@ -56,8 +56,8 @@ def _resolve_spec(spec: str, root: Path) -> str:
 @click.option("--predictor", "predictor_spec",
               help="'nnunet:/path/to/model_folder[:fold]', 'command:TOOL ... {input} ... {output}' (folders, one call) "
                    "or 'command:TOOL ... {input_file} ... {output_file}' (one call per case); docs/robustness.md.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Output folder (with --workers > 1 or --executor dask, OUT/cache keeps finished case x condition "
+@click.option("--out", required=True,
+              help="Output folder, a path or URL (s3://...; not with --keep-work) (with --workers > 1 or --executor dask, OUT/cache keeps finished case x condition "
                    "results, so that a re-run resumes).")
 @click.option("--labels", "labels_path", metavar="MAP",
               help="default, totalsegmentator, or an nnU-Net dataset.json / labels TOML [default: the dataset.json "
@@ -158,6 +158,11 @@ def robustness(rotate, conditions, images, reference, predictor_spec, out, label
     predictor = parse_predictor(predictor_spec, device=device, use_mirroring=mirroring,
                                 trust_checkpoint=trust_checkpoint)
 
+    from oarbench.storage import as_location, is_remote
+
+    out = as_location(out)
+    if keep_work and is_remote(out):
+        raise click.UsageError("--keep-work needs a local --out folder")
     executor = None
     if executor_kind != "local" or workers > 1 or scheduler or resources or batch != 1:
         executor = open_executor(executor_kind, workers, scheduler, resources, batch)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from oarbench.io import Volume, atomic_write_text, check_same_grid, find_cases, read_volume, write_volume
+from oarbench.io import Volume, check_same_grid, find_cases, read_volume, write_volume
 from oarbench.labels import DEFAULT_LABELS, LabelMap, contralateral, laterality
 from oarbench.metrics import RESULT_COLUMNS, dice, evaluate_labels
 from oarbench.robustness.predictors import Predictor
@@ -578,11 +578,14 @@ def combine(results: Sequence[RobustnessResult]) -> RobustnessResult:
 def write_robustness(result: RobustnessResult, out_dir: str | Path) -> dict[str, Path]:
     """Write ``robustness.csv``, ``noise_floor.csv``, ``robustness_summary.csv`` and
     ``robustness_skipped.csv`` atomically."""
-    out = Path(out_dir)
-    check_keys(result.table, str(out / "robustness.csv"))
-    out.mkdir(parents=True, exist_ok=True)
+    from oarbench import storage
+
+    out = storage.as_location(out_dir)
+    check_keys(result.table, str(storage.join(out, "robustness.csv")))
+    if isinstance(out, Path):
+        out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, df in (("robustness.csv", result.table), ("noise_floor.csv", result.noise_floor),
                      ("robustness_summary.csv", result.summary), ("robustness_skipped.csv", result.skipped)):
-        paths[name] = atomic_write_text(out / name, df.to_csv(index=False))
+        paths[name] = storage.write_text(storage.join(out, name), df.to_csv(index=False))
     return paths
