@@ -17,43 +17,131 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["run_demo", "TrainSettings", "train_models", "predict_study", "run_study_robustness"]
+__all__ = ["run_demo", "SCHEDULES", "TrainSettings", "train_models", "predict_study", "run_study_robustness",
+           "learning_curves"]
+
+# The quick schedule (measured on the phantoms, docs/demo.md).
+QUICK_EPOCHS = 8
+QUICK_ITERATIONS = 25
+QUICK_BATCH = 8
+QUICK_LR = 0.01
+QUICK_OPTIMIZER = "sgd"
+
+
+#: Named training schedules of ``oarbench demo --train`` (docs/demo.md). ``quick`` trains on a
+#: 2-core CPU in minutes: nnU-Net's 2d configuration at the phantoms' grid, the tiny width, light
+#: augmentation. ``full`` is nnU-Net's default (3d_fullres, planned width, 1000 epochs of 250
+#: iterations, default augmentation), for a GPU; its federated model runs 100 rounds of 10 epochs.
+SCHEDULES: dict[str, dict[str, Any]] = {
+    "quick": dict(configuration="2d", width="tiny", epochs=QUICK_EPOCHS, iterations=QUICK_ITERATIONS,
+                  rounds=QUICK_EPOCHS, local_epochs=1, augmentation="light", batch_size=QUICK_BATCH,
+                  initial_lr=QUICK_LR, optimizer=QUICK_OPTIMIZER),
+    "full": dict(configuration="3d_fullres", width="default", epochs=1000, iterations=250, rounds=100,
+                 local_epochs=10, augmentation="default", batch_size=None, initial_lr=None, optimizer="sgd"),
+}
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Short nnU-Net schedules for ``oarbench demo --train`` (docs/demo.md).
+    """nnU-Net schedules for ``oarbench demo --train`` (docs/demo.md).
 
-    ``epochs`` x ``iterations`` per local model; the federated model runs
-    ``rounds`` rounds of ``local_epochs`` epochs of ``iterations`` at each site.
-    ``robustness_cases``: test cases per centre scored under ``conditions``.
+    Each local model trains ``epochs`` x ``iterations``; the federated model runs
+    ``rounds`` rounds of ``local_epochs`` epochs of ``iterations`` at each site, so
+    with ``rounds * local_epochs == epochs`` every site follows the local schedule
+    (same iterations, same poly learning-rate decay). :meth:`schedule` builds the
+    named schedules of :data:`SCHEDULES`.
+    ``robustness_cases``: test cases per centre scored under ``conditions``;
+    ``curve_cases``: test cases per centre scored for the learning curves (0: none).
     """
 
-    epochs: int = 2
-    iterations: int = 10
-    rounds: int = 2
+    epochs: int = QUICK_EPOCHS
+    iterations: int = QUICK_ITERATIONS
+    rounds: int = QUICK_EPOCHS
     local_epochs: int = 1
     width: str = "tiny"
+    configuration: str = "2d"
+    augmentation: str = "light"
+    batch_size: int | None = QUICK_BATCH
+    initial_lr: float | None = QUICK_LR
+    optimizer: str = QUICK_OPTIMIZER
     device: str = "cpu"
     mirroring: bool = False
     conditions: tuple[str, ...] = ("flip_lr", "prone", "rot_z+10")
     robustness_cases: int = 2
     engine: str = "storage"
+    curve_cases: int = 3
+
+    def __post_init__(self) -> None:
+        if min(self.epochs, self.iterations, self.rounds, self.local_epochs) < 1:
+            raise ValueError("epochs, iterations, rounds and local_epochs must be at least 1")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.robustness_cases < 0 or self.curve_cases < 0:
+            raise ValueError("robustness_cases and curve_cases must be at least 0")
+
+    @classmethod
+    def schedule(cls, name: str, **overrides: Any) -> "TrainSettings":
+        """The named schedule (``quick`` or ``full``) with ``overrides`` (``None`` values ignored)."""
+        if name not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {name!r}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        merged = {**SCHEDULES[name], **given}
+        if "local_epochs" not in given and ("epochs" in given or "rounds" in given):
+            # the federated sites follow the local schedule: rounds x local epochs = epochs
+            epochs, local = merged["epochs"], SCHEDULES[name]["local_epochs"]
+            if "rounds" not in given:
+                merged["rounds"] = epochs // local if epochs % local == 0 else epochs
+            if epochs % merged["rounds"]:
+                raise ValueError(f"epochs ({epochs}) must be a multiple of rounds ({merged['rounds']}), so that "
+                                 "each federated site trains the same schedule as a local model")
+            merged["local_epochs"] = epochs // merged["rounds"]
+        return cls(**merged)
+
+    def options(self) -> Any:
+        """The trainer options (:class:`oarbench.train.nnunet.TrainerOptions`)."""
+        from oarbench.train.nnunet import TrainerOptions
+
+        return TrainerOptions(augmentation=self.augmentation, initial_lr=self.initial_lr, batch_size=self.batch_size,
+                              optimizer=self.optimizer)
+
+    def training_key(self) -> dict[str, Any]:
+        """What a trained model depends on: a re-run reuses models only when this matches."""
+        return {k: getattr(self, k) for k in ("epochs", "iterations", "rounds", "local_epochs", "width",
+                                               "configuration", "augmentation", "batch_size", "initial_lr",
+                                               "optimizer", "engine")}
 
 
 def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings: TrainSettings,
                  *, log: Callable[[str], Any] = print) -> dict[str, Path]:
     """Train every model of ``study``: a model trained on one centre is a local nnU-Net model,
     one trained on several a federated model (FedAvg through an encrypted local-folder
-    exchange). Returns model name -> nnU-Net model folder. Models already trained are reused.
+    exchange). Returns model name -> nnU-Net model folder.
+
+    Models already trained with the same settings (:meth:`TrainSettings.training_key`)
+    are reused; a model folder trained with other settings is refused with an error.
+    Local training saves the weights after every epoch under ``MODEL/snapshots`` (the
+    federated model's global weights of every round stay in its sites' folders) for
+    :func:`learning_curves`.
     """
+    import json
+
+    from oarbench.io import atomic_write_text
     from oarbench.train.exchange import generate_keys
     from oarbench.train.federated import FederationConfig, nnunet_simulate
     from oarbench.train.nnunet import train_local
 
+    key = settings.training_key()
     folders: dict[str, Path] = {}
     for model in study.models:
-        done_marker = out_dir / model.name / "model_folder.txt"
+        work = out_dir / model.name
+        done_marker = work / "model_folder.txt"
+        key_file = work / "training.json"
+        if key_file.is_file() or done_marker.is_file():
+            old = json.loads(key_file.read_text()) if key_file.is_file() else {}
+            if old != key:
+                diff = sorted(k for k in key if old.get(k) != key[k])
+                raise ValueError(f"{work}: holds a model trained with other settings ({', '.join(diff)} differ); "
+                                 "use another --out, or delete that folder to retrain")
         if done_marker.is_file():
             folders[model.name] = Path(done_marker.read_text().strip())
             log(f"[demo]   {model.name}: already trained")
@@ -61,25 +149,32 @@ def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings:
         missing = [c for c in model.trained_on if c not in datasets]
         if not model.trained_on or missing:
             raise ValueError(f"{study.path}: model {model.name!r} is trained on unknown centres {missing or '[]'}")
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(key_file, json.dumps(key, indent=1))
         if len(model.trained_on) == 1:
             log(f"[demo]   {model.name}: local nnU-Net on centre {model.trained_on[0]}")
-            summary = train_local(datasets[model.trained_on[0]], out_dir / model.name, fold="all",
-                                  epochs=settings.epochs, iterations=settings.iterations,
-                                  width=settings.width, device=settings.device)
+            summary = train_local(datasets[model.trained_on[0]], work, fold="all",
+                                  configuration=settings.configuration, epochs=settings.epochs,
+                                  iterations=settings.iterations, width=settings.width, device=settings.device,
+                                  options=settings.options(), snapshot_dir=work / "snapshots")
             folder = Path(summary["model_folder"])
         else:
             log(f"[demo]   {model.name}: federated nnU-Net across {', '.join(model.trained_on)} "
                 f"({settings.engine} engine)")
-            work = out_dir / model.name
             if settings.engine == "flower":
                 from oarbench.train.flower import run_local
+                from oarbench.train.nnunet import TrainerOptions
 
+                if settings.options() != TrainerOptions():
+                    raise ValueError("the flower engine trains with nnU-Net's default trainer (SGD, default "
+                                     "augmentation, planned batch size), not this schedule's; use the storage "
+                                     "engine, or --schedule full")
                 summary = run_local({c: datasets[c] for c in model.trained_on}, work / "flower",
                                     rounds=settings.rounds, local_epochs=settings.local_epochs,
-                                    iterations=settings.iterations, width=settings.width, device=settings.device)
+                                    iterations=settings.iterations, configuration=settings.configuration,
+                                    width=settings.width, device=settings.device)
                 folder = Path(summary["model"])
-                done_marker.parent.mkdir(parents=True, exist_ok=True)
-                done_marker.write_text(str(folder.resolve()))
+                atomic_write_text(done_marker, str(folder.resolve()))
                 folders[model.name] = folder
                 continue
             keys = work / "keys"
@@ -91,12 +186,108 @@ def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings:
                 storage.as_uri(), keys, {c: datasets[c] for c in model.trained_on}, work / "parties",
                 FederationConfig(tuple(model.trained_on), rounds=settings.rounds, poll_s=0.5),
                 local_epochs=settings.local_epochs, iterations=settings.iterations,
-                width=settings.width, device=settings.device)
+                configuration=settings.configuration, width=settings.width, device=settings.device,
+                options=settings.options())
             folder = Path(parties["coordinator"])
-        done_marker.parent.mkdir(parents=True, exist_ok=True)
-        done_marker.write_text(str(folder.resolve()))
+        atomic_write_text(done_marker, str(folder.resolve()))
         folders[model.name] = folder
     return folders
+
+
+#: Structures of the learning curves (the large abdominal organs).
+CURVE_STRUCTURES = ("Liver", "Spleen", "Kidney_L", "Kidney_R", "Stomach")
+
+
+def _snapshots(model: Any, models_dir: Path, settings: TrainSettings) -> list[tuple[int, Path]]:
+    """(iterations per site, weights file) of a trained model, in training order."""
+    import json
+
+    work = models_dir / model.name
+    if len(model.trained_on) == 1:
+        out = []
+        for f in sorted((work / "snapshots").glob("epoch_*.safetensors")):
+            info = json.loads(f.with_name(f.name.replace(".safetensors", ".json")).read_text())
+            out.append((int(info["iterations"]), f))
+        return out
+    # federated: the global weights each round started from (round 0: the initial weights), then the final ones
+    rounds = work / "parties" / model.trained_on[0] / "rounds"
+    per_round = settings.local_epochs * settings.iterations
+    out = [(r * per_round, rounds / f"global_{r:05d}.safetensors") for r in range(settings.rounds)]
+    out.append((settings.rounds * per_round, work / "parties" / "coordinator" / "final.safetensors"))
+    return [(i, f) for i, f in out if f.is_file()]
+
+
+def learning_curves(study: Any, models: dict[str, Path], models_dir: Path, out_dir: Path,
+                    settings: TrainSettings) -> Any:
+    """Validation DSC against training iterations for every trained model.
+
+    Each model's weights after every epoch (local) or round (federated) predict the
+    first ``settings.curve_cases`` test cases of each centre it was trained on; the
+    DSC of :data:`CURVE_STRUCTURES` is written to ``out_dir/learning_curves.csv``
+    (model, centre, iteration, case, structure, dsc) and drawn, as the median over
+    cases of the mean over structures, in ``out_dir/learning_curves.png``. Returns
+    the table (empty when ``curve_cases`` is 0).
+    """
+    import pandas as pd
+
+    from oarbench.io import atomic_write_text, find_cases
+    from oarbench.train.nnunet import snapshot_dsc
+
+    columns = ["model", "centre", "iteration", "case", "structure", "dsc"]
+    if settings.curve_cases == 0:
+        return pd.DataFrame(columns=columns)
+    values = {name: study.labels.value(name) for name in CURVE_STRUCTURES if name in study.labels.names}
+    centres = {c.name: c for c in study.centres}
+    rows = []
+    for model in study.models:
+        snaps = _snapshots(model, models_dir, settings)
+        cases = []
+        for centre_name in model.trained_on:
+            centre = centres[centre_name]
+            images, refs = find_cases(centre.images, images=True), find_cases(centre.reference)
+            for case in sorted(set(images) & set(refs))[: settings.curve_cases]:
+                cases.append({"case": case, "centre": centre_name, "image": str(images[case]),
+                              "label": str(refs[case])})
+        if not snaps or not cases:
+            continue
+        for row in snapshot_dsc(models[model.name], snaps, cases, values, configuration=settings.configuration,
+                                device=settings.device):
+            rows.append({"model": model.name, **row})
+    table = pd.DataFrame(rows, columns=columns)
+    atomic_write_text(out_dir / "learning_curves.csv", table.to_csv(index=False))
+    if len(table):
+        plot_learning_curves(table, out_dir / "learning_curves.png")
+    return table
+
+
+def plot_learning_curves(table: Any, path: Path) -> Path:
+    """Median over cases of the mean DSC over structures, against iterations, per model and centre."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from oarbench.io import atomic_write_bytes
+
+    per_case = table.groupby(["model", "centre", "iteration", "case"], as_index=False)["dsc"].mean()
+    curve = per_case.groupby(["model", "centre", "iteration"], as_index=False)["dsc"].median()
+    fig, ax = plt.subplots(figsize=(6.0, 3.6), dpi=100)
+    for (model, centre), g in curve.groupby(["model", "centre"]):
+        g = g.sort_values("iteration")
+        ax.plot(g["iteration"], g["dsc"], marker="o", markersize=3, label=f"{model} on {centre}")
+    ax.set_xlabel("training iterations (per site)")
+    ax.set_ylabel("validation DSC")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"mean DSC of {', '.join(sorted(set(table['structure'])))}", fontsize=8)
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _predictor(folder: Path, settings: TrainSettings) -> Any:
@@ -179,6 +370,7 @@ def run_demo(
     out_dir = Path(out_dir)
     results = out_dir / "results"
     timings: dict[str, float] = {}
+    outputs_extra: dict[str, Path] = {}
 
     def step(name: str) -> Callable[[], None]:
         start = time.perf_counter()
@@ -205,6 +397,12 @@ def run_demo(
         study_toml = predict_study(study, models, out_dir / "trained", train, force=force)
         study = load_study(study_toml)
         done()
+        if train.curve_cases:
+            done = step("learning curves")
+            results.mkdir(parents=True, exist_ok=True)
+            learning_curves(study, models, out_dir / "models", results, train)
+            outputs_extra["learning_curves"] = results / "learning_curves.csv"
+            done()
 
     done = step("evaluate")
     options = EvalOptions(labels=study.labels, tolerance_mm=study.tolerance_mm,
@@ -215,7 +413,7 @@ def run_demo(
     write_outputs(results, table, provenance)
     done()
 
-    outputs: dict[str, Path] = {"study": study_toml, "metrics": results / "metrics.csv"}
+    outputs: dict[str, Path] = {"study": study_toml, "metrics": results / "metrics.csv", **outputs_extra}
 
     robustness = None
     if train is not None:
@@ -242,6 +440,17 @@ def run_demo(
     trained = {m.name: tuple(m.trained_on) for m in study.models if m.trained_on} or None
     paper = paper_table(table, stats, trained_on=trained)
     outputs.update(write_paper_outputs(results, paper, methods_paragraph(provenance, stats)))
+    done()
+
+    done = step("finding: local models on the other centre, federated model against local ones")
+    from oarbench.finding import centre_shift_finding, finding_lines
+    from oarbench.io import atomic_write_text
+
+    finding = centre_shift_finding(stats, {m.name: m.trained_on for m in study.models if m.trained_on})
+    outputs["finding"] = atomic_write_text(results / "finding.csv", finding.to_csv(index=False))
+    notes = finding_lines(finding)
+    for line in notes:
+        log(f"[demo]   {line}")
     done()
 
     done = step("gallery")
@@ -272,6 +481,7 @@ def run_demo(
         gallery_dir=results / "gallery",
         provenance={**provenance, "demo_step_seconds": timings},
         title="oarbench demo: synthetic two-centre paediatric study",
+        notes=notes,
     )
     done()
     return outputs

@@ -16,19 +16,28 @@ from oarbench.cli._common import user_errors
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--force", is_flag=True, help="Regenerate the study and recompute every step.")
 @click.option("--train", is_flag=True, help="Really train the models (nnU-Net v2: local-A, local-B, federated) instead of simulating their predictions; adds robustness.")
-@click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True, help="--train: epochs of each local model.")
-@click.option("--iterations", type=click.IntRange(min=1), default=10, show_default=True, help="--train: iterations per epoch.")
-@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True, help="--train: federated rounds (one local epoch each).")
-@click.option("--width", type=click.Choice(["tiny", "default"]), default="tiny", show_default=True, help="--train: network width.")
+@click.option("--schedule", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
+              help="--train: quick (2d, tiny network, minutes on a CPU) or full (nnU-Net's default: 3d_fullres, "
+                   "1000 epochs x 250 iterations, for a GPU).")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="--train: epochs of each local model [schedule's].")
+@click.option("--iterations", type=click.IntRange(min=1), default=None, help="--train: iterations per epoch [schedule's].")
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              help="--train: federated rounds [schedule's]; local epochs per round = epochs / rounds.")
+@click.option("--width", type=click.Choice(["tiny", "small", "default"]), default=None, help="--train: network width [schedule's].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="--train: training and inference device.")
 @click.option("--engine", type=click.Choice(["storage", "flower"]), default="storage", show_default=True, help="--train: federated engine (flower: a SuperLink and SuperNodes on loopback; needs the flower extra).")
 @user_errors
-def demo(out: Path, config: Path | None, workers: int, force: bool, train: bool, epochs: int, iterations: int,
-         rounds: int, width: str, device: str, engine: str) -> None:
+def demo(out: Path, config: Path | None, workers: int, force: bool, train: bool, schedule: str, epochs: int | None,
+         iterations: int | None, rounds: int | None, width: str | None, device: str, engine: str) -> None:
     """Synthetic two-centre study: evaluate, false-positive kidneys, statistics, gallery, report."""
     from oarbench.demo import TrainSettings, run_demo
 
-    settings = TrainSettings(epochs=epochs, iterations=iterations, rounds=rounds, width=width, device=device,
-                             engine=engine) if train else None
+    settings = None
+    if train:
+        settings = TrainSettings.schedule(schedule, epochs=epochs, iterations=iterations, rounds=rounds,
+                                          width=width, device=device, engine=engine)
+    elif (any(v is not None for v in (epochs, iterations, rounds, width)) or schedule != "quick" or device != "cpu"
+          or engine != "storage"):
+        raise click.UsageError("--schedule, --epochs, --iterations, --rounds, --width, --device and --engine need --train")
     outputs = run_demo(out, config=config, workers=workers, force=force, train=settings, log=click.echo)
     click.echo(f"report: {outputs['report']}")

@@ -118,6 +118,8 @@ def step_train(spec: dict) -> dict:
     torch.manual_seed(int(spec.get("seed", 0)))
     pre = Path(os.environ["nnUNet_preprocessed"]) / spec["dataset"]
     plans = reduce_width(_load_json(pre / f"{spec['plans_name']}.json"), spec["configuration"], spec["width"])
+    if spec.get("batch_size"):
+        plans["configurations"][spec["configuration"]]["batch_size"] = int(spec["batch_size"])
     dataset_json = _load_json(pre / "dataset.json")
     fold = spec["fold"]
     fold = fold if fold == "all" else int(fold)
@@ -130,6 +132,10 @@ def step_train(spec: dict) -> dict:
         val_iterations_per_epoch=spec["val_iterations"],
         stop_after_epoch=spec.get("stop_after_epoch"),
         save_every=spec.get("save_every"),
+        augmentation=spec.get("augmentation", "default"),
+        initial_lr=spec.get("initial_lr"),
+        snapshot_dir=spec.get("snapshot_dir"),
+        optimizer=spec.get("optimizer", "sgd"),
     )
     trainer.initialize()
     if resume_from:
@@ -217,6 +223,50 @@ def step_predict(spec: dict) -> dict:
     return {"seconds": time.perf_counter() - t0}
 
 
+def step_curve(spec: dict) -> dict:
+    """DSC of a series of weight files on a few labelled cases (learning curves).
+
+    spec: ``model_folder`` (plans.json, dataset.json), ``snapshots`` (list of
+    ``{"weights": file, "iteration": n}``), ``cases`` (list of ``{"case", "centre",
+    "image", "label"}``), ``structures`` (name -> label value), ``device``.
+    Returns ``rows``: one per snapshot, case and structure present in the reference.
+    """
+    import numpy as np
+    import torch
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from oarbench.train.trainer import arrays_to_state
+
+    folder = Path(spec["model_folder"])
+    plans, dataset_json = _load_json(folder / "plans.json"), _load_json(folder / "dataset.json")
+    configuration = spec["configuration"]
+    net, pm, cm = _build_network(plans, dataset_json, configuration, False)
+    device = torch.device(spec["device"])
+    io = SimpleITKIO()
+    cases = []
+    for c in spec["cases"]:
+        image, props = io.read_images([c["image"]])
+        cases.append((c, image, props, io.read_seg(c["label"])[0][0]))
+    rows = []
+    for snap in spec["snapshots"]:
+        net.load_state_dict(arrays_to_state(_load_arrays(snap["weights"]), net))
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                    perform_everything_on_device=device.type == "cuda", device=device,
+                                    verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+        predictor.manual_initialization(net, pm, cm, [net.state_dict()], dataset_json, "nnUNetTrainer", None)
+        for c, image, props, ref in cases:
+            seg = np.asarray(predictor.predict_single_npy_array(image, props, None, None, False))
+            for name, value in spec["structures"].items():
+                r, p = ref == value, seg == value
+                nr = int(r.sum())
+                if nr == 0:
+                    continue
+                rows.append({"iteration": int(snap["iteration"]), "centre": c["centre"], "case": c["case"],
+                             "structure": name, "dsc": 2.0 * float((r & p).sum()) / (nr + float(p.sum()))})
+    return {"rows": rows}
+
+
 def step_plan_and_preprocess(spec: dict) -> dict:
     """verify (optional) + fingerprint + plan + preprocess in one process (nnU-Net's import costs seconds)."""
     import torch
@@ -242,6 +292,7 @@ STEPS = {
     "train": step_train,
     "write_model": step_write_model,
     "predict": step_predict,
+    "curve": step_curve,
 }
 
 

@@ -36,9 +36,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from oarbench.train.nnunet import TrainerOptions
 
 from oarbench.train.aggregate import (
     MAX_CASES,
@@ -693,6 +696,7 @@ class NnunetSite:
     configuration: str = "3d_fullres"
     device: str = "cpu"
     num_processes: int = 2
+    options: TrainerOptions | None = None  # nnU-Net's defaults when None
 
     def __post_init__(self) -> None:
         from oarbench.train import nnunet as nn
@@ -732,7 +736,8 @@ class NnunetSite:
 
         return nn.NnunetSiteTraining(self.paths, self.name, self.work / "rounds", rounds=rounds,
                                      local_epochs=local_epochs, iterations=iterations,
-                                     configuration=self.configuration, device=self.device)
+                                     configuration=self.configuration, device=self.device,
+                                     options=self.options or nn.TrainerOptions())
 
     def write_model(self, plans: Mapping[str, Any], final: Mapping[str, np.ndarray], num_training: int) -> Path:
         """Write the final global weights as an nnU-Net model folder ``work/model``."""
@@ -757,6 +762,7 @@ def nnunet_site(
     device: str = "cpu",
     num_processes: int = 2,
     plans_timeout_s: float | None = None,
+    options: TrainerOptions | None = None,
 ) -> Path:
     """One site of a federated nnU-Net: fingerprint, shared plans, local rounds, final model folder.
 
@@ -765,7 +771,7 @@ def nnunet_site(
     global model. Restartable at any point.
     """
     site = NnunetSite(Path(dataset_dir), Path(work), configuration=configuration, device=device,
-                      num_processes=num_processes)
+                      num_processes=num_processes, options=options)
     me = exchange.keyring.identity
     if exchange.get("fingerprint", -1, me) is None:
         body = site.fingerprint_message()
@@ -794,6 +800,7 @@ def nnunet_simulate(
     width: str = "default",
     device: str = "cpu",
     num_processes: int = 1,
+    options: TrainerOptions | None = None,
 ) -> dict[str, Path]:
     """A coordinator and one site per dataset on this machine, in threads (nnU-Net steps run in child processes).
 
@@ -815,7 +822,7 @@ def nnunet_simulate(
     for site, ds in datasets.items():
         jobs[site] = (lambda s=site, d=ds: nnunet_site(
             ex(s), config, d, work / s, local_epochs=local_epochs, iterations=iterations,
-            configuration=configuration, device=device, num_processes=num_processes))
+            configuration=configuration, device=device, num_processes=num_processes, options=options))
     return _run_threads(jobs)
 
 

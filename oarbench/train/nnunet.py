@@ -30,6 +30,7 @@ from typing import Any, Mapping
 __all__ = [
     "NnunetPaths",
     "TrainResult",
+    "TrainerOptions",
     "nnunet_env",
     "dataset_name",
     "link_dataset",
@@ -44,6 +45,7 @@ __all__ = [
     "write_model_folder",
     "predict",
     "train_local",
+    "snapshot_dsc",
     "NnunetSiteTraining",
 ]
 
@@ -293,6 +295,39 @@ def initial_weights(plans: Mapping[str, Any], dataset_json: Mapping[str, Any], o
 
 
 @dataclass(frozen=True)
+class TrainerOptions:
+    """Trainer settings beyond the schedule length (``None``: nnU-Net's own).
+
+    Attributes
+    ----------
+    augmentation: ``"default"`` (nnU-Net's) or ``"light"`` (small rotations and
+        scaling only, no mirroring; :class:`oarbench.train.trainer.OarbenchTrainer`).
+    initial_lr: start of the poly learning-rate schedule (nnU-Net: 0.01).
+    batch_size: patches per iteration (nnU-Net: from the plans).
+    optimizer: ``"sgd"`` (nnU-Net's) or ``"adam"`` (AdamW).
+    """
+
+    augmentation: str = "default"
+    initial_lr: float | None = None
+    batch_size: int | None = None
+    optimizer: str = "sgd"
+
+    def __post_init__(self) -> None:
+        if self.augmentation not in ("default", "light"):
+            raise ValueError(f"augmentation must be 'default' or 'light', got {self.augmentation!r}")
+        if self.initial_lr is not None and not 0 < self.initial_lr < 1:
+            raise ValueError(f"initial_lr must be in (0, 1), got {self.initial_lr}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+
+    def spec(self) -> dict[str, Any]:
+        return {"augmentation": self.augmentation, "initial_lr": self.initial_lr, "batch_size": self.batch_size,
+                "optimizer": self.optimizer}
+
+
+@dataclass(frozen=True)
 class TrainResult:
     """Outcome of one training call.
 
@@ -341,6 +376,8 @@ def train(
     validate: bool = False,
     seed: int = 0,
     log_file: Path | None = None,
+    options: TrainerOptions = TrainerOptions(),
+    snapshot_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train one configuration and fold with :class:`oarbench.train.trainer.OarbenchTrainer`.
 
@@ -360,6 +397,12 @@ def train(
         epoch, write the trained weights (safetensors).
     validate:
         Run nnU-Net's final validation (predicts the fold's validation cases).
+    options:
+        Augmentation, learning rate and batch size (:class:`TrainerOptions`).
+    snapshot_dir:
+        Save the weights after every epoch there (``epoch_<NNNNN>.safetensors``, one
+        entry per distinct tensor, and ``epoch_<NNNNN>.json`` with the epoch's mean
+        training loss and iteration count), for learning curves.
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -371,7 +414,8 @@ def train(
         "initial_weights": str(initial_weights_file) if initial_weights_file else None,
         "resume_from": str(resume_from) if resume_from else None,
         "stop_after_epoch": stop_after_epoch, "weights_out": str(weights_out) if weights_out else None,
-        "validate": bool(validate), "seed": seed, "save_every": 50,
+        "validate": bool(validate), "seed": seed, "save_every": 50, **options.spec(),
+        "snapshot_dir": str(Path(snapshot_dir).resolve()) if snapshot_dir else None,
     }
     r = _run("train", paths, spec, log_file=log_file)
     return TrainResult(Path(r["model_folder"]), Path(r["checkpoint"]), int(r["epochs_done"]), int(r["iterations"]),
@@ -424,9 +468,35 @@ def predict(model_folder: str | Path, input_folder: str | Path, output_folder: s
     return float(res["seconds"])
 
 
+def snapshot_dsc(model_folder: str | Path, snapshots: list[tuple[int, str | Path]],
+                 cases: list[Mapping[str, str]], structures: Mapping[str, int], *,
+                 configuration: str = "3d_fullres", device: str = "cpu") -> list[dict[str, Any]]:
+    """DSC of each weight snapshot ``(iteration, safetensors file)`` on labelled ``cases``.
+
+    ``model_folder`` supplies plans.json and dataset.json (the network); each case is
+    ``{"case", "centre", "image", "label"}`` (image: ``*_0000.nii.gz``). Returns rows
+    ``iteration, centre, case, structure, dsc`` for the ``structures`` present in the
+    reference (prediction without mirroring, as the demo predicts).
+    """
+    model_folder = Path(model_folder)
+    for f in ("plans.json", "dataset.json"):
+        if not (model_folder / f).is_file():
+            raise FileNotFoundError(f"{model_folder / f}: not found (not an nnU-Net model folder)")
+    for _, w in snapshots:
+        if not Path(w).is_file():
+            raise FileNotFoundError(f"{w}: weight snapshot not found")
+    with tempfile.TemporaryDirectory(prefix="oarbench-curve-") as tmp:
+        res = _run("curve", NnunetPaths.under(tmp), {
+            "model_folder": str(model_folder.resolve()), "configuration": configuration, "device": device,
+            "snapshots": [{"iteration": int(i), "weights": str(Path(w).resolve())} for i, w in snapshots],
+            "cases": [dict(c) for c in cases], "structures": {k: int(v) for k, v in structures.items()}})
+    return list(res["rows"])
+
+
 def train_local(dataset_dir: str | Path, out: str | Path, *, configuration: str = "3d_fullres",
                 fold: int | str = "all", epochs: int = 1000, iterations: int = 250, width: str = "default",
-                device: str = "cpu", num_processes: int = 2) -> dict[str, Any]:
+                device: str = "cpu", num_processes: int = 2, options: TrainerOptions = TrainerOptions(),
+                snapshot_dir: str | Path | None = None) -> dict[str, Any]:
     """Plan, preprocess and train one local model; ``out`` holds nnU-Net's three folders.
 
     Returns a summary with the model folder and timings (seconds).
@@ -438,7 +508,8 @@ def train_local(dataset_dir: str | Path, out: str | Path, *, configuration: str 
     plan_and_preprocess(paths, name, configurations=(configuration,), num_processes=num_processes)
     t_plan = time.perf_counter() - t0
     res = train(paths, name, configuration=configuration, fold=fold, epochs=epochs, iterations=iterations,
-                width=width, device=device, log_file=Path(out) / "train.log")
+                width=width, device=device, log_file=Path(out) / "train.log", options=options,
+                snapshot_dir=snapshot_dir)
     return {"model_folder": str(res.model_folder), "fold": fold, "plan_preprocess_s": t_plan,
             "train_s": res.seconds, "s_per_iteration": res.seconds_per_iteration, "num_cases": res.num_cases}
 
@@ -464,6 +535,7 @@ class NnunetSiteTraining:
     width: str = "default"
     device: str = "cpu"
     fold: int | str = "all"
+    options: TrainerOptions = TrainerOptions()
     seconds: list[float] = field(default_factory=list)
 
     def __call__(self, round_: int, global_weights: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
@@ -491,7 +563,7 @@ class NnunetSiteTraining:
                     epochs=self.rounds * self.local_epochs, iterations=self.iterations, width=self.width,
                     device=self.device, initial_weights_file=g, resume_from=resume,
                     stop_after_epoch=(round_ + 1) * self.local_epochs, weights_out=u,
-                    log_file=self.work / "train.log")
+                    log_file=self.work / "train.log", options=self.options)
         self.seconds.append(res.seconds)
         _atomic_text(done, json.dumps({"global_sha256": g_sha, "num_cases": res.num_cases,
                                        "seconds": res.seconds, "step_seconds": res.step_seconds}))
