@@ -43,6 +43,13 @@ def test_demo_runs_every_step_and_resumes(tmp_path):
     assert {"p", "p_adjusted", "verdict"} <= set(stats.columns) and len(stats) > 0
     html = (res / "report.html").read_text()
     assert "<img" in html and "Liver" in html
+    # the finding: both local models on the other centre, fl against each local model on both centres
+    finding = pd.read_csv(res / "finding.csv")
+    local = finding[finding["question"] == "local on other centre"]
+    assert set(zip(local["model"], local["centre"], local["other"])) == {("local-A", "A", "B"), ("local-B", "B", "A")}
+    fed = finding[finding["question"] == "federated vs local"]
+    assert set(zip(fed["reference"], fed["centre"])) == {(m, c) for m in ("local-A", "local-B") for c in ("A", "B")}
+    assert "local-A (trained on A) on centre B: median DSC lower than on A for" in html
     # A second run finds the study and every case cached.
     again = CliRunner().invoke(main, ["demo", "--out", str(out), "--config", str(config), "--workers", "1"],
                                catch_exceptions=False)
