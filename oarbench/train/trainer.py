@@ -85,8 +85,8 @@ class OarbenchTrainer(nnUNetTrainer):
             brightness, contrast, low resolution, gamma, mirroring) or
             ``"light"``: rotation up to 15 degrees and scaling 0.85-1.2 (each
             with probability 0.2), no intensity transforms and no mirroring,
-            so left/right structures keep their side. It converges in far
-            fewer iterations on the synthetic phantoms (docs/demo.md).
+            so left/right structures keep their side; for short schedules on
+            the synthetic phantoms (docs/demo.md).
         initial_lr: start of the poly learning-rate schedule (nnU-Net: 0.01).
         optimizer: ``"sgd"`` (nnU-Net's: SGD, Nesterov momentum 0.99) or ``"adam"``
             (AdamW, same weight decay); both follow the poly learning-rate decay.
