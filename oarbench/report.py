@@ -672,7 +672,9 @@ def _study_line(ctx: ReportContext) -> str:
     parts += [
         f"centres: {', '.join(centres) or 'none'}",
         f"models: {', '.join(sorted(set(df['model'])))}",
-        f"{df['structure'].nunique()} structures",
+        f"{df['structure'].nunique()} structures"
+        + (f" ({len(_present_structures(ctx))} present in a reference or prediction)"
+           if len(_present_structures(ctx)) < df["structure"].nunique() else ""),
         f"conditions: {', '.join(conds)}",
         f"{len(df)} rows (" + ", ".join(f"{s} {int(counts.get(s, 0))}" for s in STATUSES)
         + "".join(f", {s} {int(n)}" for s, n in counts.items() if s not in STATUSES) + ")",
