@@ -216,22 +216,24 @@ def main() -> None:
     variants = {"local": LocalExecutor(2), "dask": cluster, f"dask_batch{args.batch}": batched,
                 "dask_separate_scheduler": separate.executor}
     seconds: dict[str, list[float]] = {k: [] for k in variants}
-    for label, ex in variants.items():  # warm-up, not timed: imports on the workers and the scheduler
-        run(job_for(min(10, args.cases)), args.folder / f"warmup-{label}", executor=ex)
-    for r in range(args.repeats):
-        for label, ex in variants.items():
-            secs, _ = run(job_for(args.cases), args.folder / label, executor=ex)
-            seconds[label].append(secs)
-            print(f"repeat {r}: {label} {secs:.2f} s (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
-    identical = all((args.folder / label / "metrics.csv").read_bytes() == (args.folder / "local" / "metrics.csv").read_bytes()
-                    for label in variants)
-    t = time.perf_counter()
-    cluster.map(_noop, list(range(2000)))
-    noop_s = time.perf_counter() - t
-    t = time.perf_counter()
-    cluster.close()
-    cluster_stop = time.perf_counter() - t
-    separate.close()
+    try:
+        for label, ex in variants.items():  # warm-up, not timed: imports on the workers and the scheduler
+            run(job_for(min(10, args.cases)), args.folder / f"warmup-{label}", executor=ex)
+        for r in range(args.repeats):
+            for label, ex in variants.items():
+                secs, _ = run(job_for(args.cases), args.folder / label, executor=ex)
+                seconds[label].append(secs)
+                print(f"repeat {r}: {label} {secs:.2f} s (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+        identical = all((args.folder / label / "metrics.csv").read_bytes()
+                        == (args.folder / "local" / "metrics.csv").read_bytes() for label in variants)
+        t = time.perf_counter()
+        cluster.map(_noop, list(range(2000)))
+        noop_s = time.perf_counter() - t
+    finally:
+        t = time.perf_counter()
+        cluster.close()
+        cluster_stop = time.perf_counter() - t
+        separate.close()
     sizes = [n for n in (250, 500, 1000) if n <= args.cases]
     memory = scheduler_memory(job_for, sizes, args.folder)
     load_end = os.getloadavg()
