@@ -84,7 +84,7 @@ def test_demo_train_end_to_end(tmp_path):
     curves = pd.read_csv(res / "learning_curves.csv")
     fl_liver = curves[(curves["model"] == "fl") & (curves["structure"] == "Liver")]
     assert set(fl_liver["iteration"]) == {r * TEST_ITERATIONS for r in range(TEST_EPOCHS + 1)}
-    assert fl_liver["dsc"].between(0.0, 1.0).all()
+    assert fl_liver["dsc"].fillna(0.0).between(0.0, 1.0).all()  # a missed liver has no DSC
     # Not asserted: that the federated model segments the liver far better than its untrained
     # weights. This shortened schedule does not learn the liver yet on the reduced study (measured:
     # fl liver DSC at most 0.06 against 0.01 untrained; docs/demo.md).
