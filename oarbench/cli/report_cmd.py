@@ -189,17 +189,10 @@ def _trained_on(run_json: Path) -> dict[str, tuple[str, ...]] | None:
     """Model -> training centres from the study TOML named in run.json, when it can be read."""
     import json
 
-    from oarbench.study import load_study
+    from oarbench.stats.paper import trained_on_from_run
 
     try:
-        study = json.loads(run_json.read_text()).get("study")
-    except (OSError, ValueError, AttributeError):
+        run = json.loads(run_json.read_text())
+    except (OSError, ValueError):
         return None
-    if not isinstance(study, str) or not study.endswith(".toml") or not Path(study).is_file():
-        return None
-    try:
-        s = load_study(study)
-    except (ValueError, OSError):
-        return None
-    out = {m.name: tuple(m.trained_on) for m in s.models if m.trained_on}
-    return out or None
+    return trained_on_from_run(run)
