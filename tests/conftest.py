@@ -22,3 +22,14 @@ def sd_lib():
     if not hasattr(np, "Inf"):
         np.Inf = np.inf  # type: ignore[attr-defined]
     return sd
+
+
+@pytest.fixture()
+def fed(tmp_path):
+    """The coordinator's and sites A and B's views of one local-folder exchange (keys made here)."""
+    pytest.importorskip("cryptography")
+    from oarbench.train.exchange import COORDINATOR, Exchange, generate_keys, load_keyring
+
+    generate_keys(tmp_path / "keys", ["A", "B"])
+    url = str(tmp_path / "bucket")
+    return {n: Exchange(url, load_keyring(tmp_path / "keys", n)) for n in (COORDINATOR, "A", "B")}

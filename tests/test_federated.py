@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("cryptography")
 pytest.importorskip("safetensors")
 
-from oarbench.train.exchange import COORDINATOR, Exchange, generate_keys, load_keyring, tensors_to_bytes  # noqa: E402
+from oarbench.train.exchange import COORDINATOR, Exchange, RejectedObject  # noqa: E402
 from oarbench.train.federated import (  # noqa: E402
     FederationConfig,
     fedavg,
@@ -33,13 +33,6 @@ from oarbench.train.federated import (  # noqa: E402
 FAST = 0.02  # poll interval in seconds
 ONE = {"A": 1, "B": 1}  # pinned case counts
 HEADER = {"labels": {"background": 0, "Liver": 1}, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}
-
-
-@pytest.fixture()
-def fed(tmp_path: Path) -> dict[str, Exchange]:
-    generate_keys(tmp_path / "keys", ["A", "B"])
-    url = str(tmp_path / "bucket")
-    return {n: Exchange(url, load_keyring(tmp_path / "keys", n)) for n in (COORDINATOR, "A", "B")}
 
 
 def _init() -> dict[str, np.ndarray]:

@@ -68,13 +68,6 @@ def _fp(n: int, mean: float = 10.0) -> dict:
     }
 
 
-@pytest.fixture()
-def fed(tmp_path: Path) -> dict[str, Exchange]:
-    generate_keys(tmp_path / "keys", ["A", "B"])
-    url = str(tmp_path / "bucket")
-    return {n: Exchange(url, load_keyring(tmp_path / "keys", n)) for n in (COORDINATOR, "A", "B")}
-
-
 def _init() -> dict[str, np.ndarray]:
     return {"w": np.ones((2, 3), np.float32), "b": np.ones(4, np.float64)}
 
