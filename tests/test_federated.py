@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("cryptography")
 pytest.importorskip("safetensors")
 
-from oarbench.train.exchange import COORDINATOR, Exchange, RejectedObject  # noqa: E402
+from oarbench.train.exchange import COORDINATOR, Exchange, tensors_to_bytes  # noqa: E402
 from oarbench.train.federated import (  # noqa: E402
     FederationConfig,
     fedavg,
