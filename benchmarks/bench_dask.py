@@ -7,10 +7,11 @@ Run by hand (not a test)::
 1. Writes ``--cases`` small synthetic cases (reference + prediction, 24 x 48 x 48
    voxels, three structures, the prediction shifted by 0-2 voxels; deterministic).
 2. Throughput: ``evaluate`` on all cases with the local executor (a process pool of
-   2 workers), a ``distributed.LocalCluster`` of 2 worker processes (1 thread
-   each; its scheduler runs in this process), the same with ``--batch`` tasks
-   per Dask task, and a ``dask scheduler`` process with 2 ``dask worker``
-   processes; alternated round by round ``--repeats`` times; the time of the
+   2 workers); a ``distributed.LocalCluster`` of 2 worker processes (1 thread
+   each; its scheduler runs in this process) with the default ``batch="auto"``,
+   with one case per Dask task, and with ``--batch`` cases per Dask task; and a
+   ``dask scheduler`` process with 2 ``dask worker`` processes (auto);
+   alternated round by round ``--repeats`` times; the time of the
    task map (pool start included for the local executor; the cluster's start-up
    is reported apart; a warm-up run of 10 cases on each first, not timed),
    median over repeats, and the ratio to the local executor's cases per second. All metrics.csv are compared byte for byte.
@@ -208,13 +209,17 @@ def main() -> None:
 
     load_start = os.getloadavg()
     t = time.perf_counter()
-    cluster = DaskExecutor(workers=2, echo=None)
+    cluster = DaskExecutor(workers=2, echo=None)  # batch="auto", the default
     cluster_start = time.perf_counter() - t
-    batched = DaskExecutor.__new__(DaskExecutor)
-    batched.__dict__.update(cluster.__dict__, batch=args.batch)
+
+    def sharing(batch: int | str) -> DaskExecutor:  # the same cluster, another batch size
+        ex = DaskExecutor.__new__(DaskExecutor)
+        ex.__dict__.update(cluster.__dict__, batch=batch)
+        return ex
+
     separate = _SeparateScheduler()
-    variants = {"local": LocalExecutor(2), "dask": cluster, f"dask_batch{args.batch}": batched,
-                "dask_separate_scheduler": separate.executor}
+    variants = {"local": LocalExecutor(2), "dask_auto": cluster, "dask_batch1": sharing(1),
+                f"dask_batch{args.batch}": sharing(args.batch), "dask_separate_scheduler_auto": separate.executor}
     seconds: dict[str, list[float]] = {k: [] for k in variants}
     try:
         for label, ex in variants.items():  # warm-up, not timed: imports on the workers and the scheduler
@@ -227,7 +232,7 @@ def main() -> None:
         identical = all((args.folder / label / "metrics.csv").read_bytes()
                         == (args.folder / "local" / "metrics.csv").read_bytes() for label in variants)
         t = time.perf_counter()
-        cluster.map(_noop, list(range(2000)))
+        sharing(1).map(_noop, list(range(2000)))
         noop_s = time.perf_counter() - t
     finally:
         t = time.perf_counter()

@@ -25,8 +25,11 @@ tasks, and the caller assembles the results in task order.
 
 from __future__ import annotations
 
+import collections
 import functools
+import statistics
 import sys
+import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -37,6 +40,7 @@ __all__ = [
     "DaskExecutor",
     "make_executor",
     "parse_resources",
+    "BatchSizer",
     "DASK_INSTALL_HINT",
 ]
 
@@ -157,11 +161,14 @@ class DaskExecutor:
         the tasks then run only on workers started with ``--resources GPU=1``;
         a local cluster gives each of its workers these resources.
     batch:
-        Tasks sent to a worker together as one Dask task (default 1). On very
-        small tasks (tens of milliseconds) a batch of several amortises the
-        engine's own cost per task; a lost worker then loses the work of its
-        whole batch, which runs again elsewhere. Results, ``on_result`` and the
-        order are per task either way.
+        Cases sent to a worker together as one Dask task. ``"auto"`` (the
+        default) sizes them from the measured time per case
+        (:class:`BatchSizer`): one case per Dask task when cases take longer
+        than about 0.2 s, as CT-sized volumes and model inference do, and
+        enough tiny cases per Dask task to keep the engine's own cost per task
+        (a few milliseconds) small. An integer fixes the size. A lost worker
+        loses the cases of its current Dask task, which run again elsewhere.
+        Results, ``on_result`` and the order are per case either way.
     max_in_flight:
         At most this many Dask tasks are on the cluster at once; more are submitted
         as these finish, so that the scheduler's memory does not grow with the
@@ -178,14 +185,13 @@ class DaskExecutor:
         workers: int = 1,
         resources: Mapping[str, float] | None = None,
         max_in_flight: int = 2000,
-        batch: int = 1,
+        batch: int | str = "auto",
         echo: Callable[[str], None] | None = lambda msg: print(msg, file=sys.stderr),
     ) -> None:
         distributed = _import_distributed()
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
+        BatchSizer(batch, workers)  # checks the value
         self.batch = batch
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
@@ -226,58 +232,51 @@ class DaskExecutor:
 
     def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], *, on_result: OnResult | None = None,
             name: str = "task") -> list[Any]:
-        if self.batch == 1 or len(tasks) <= 1:
-            return self._map(fn, tasks, on_result=on_result, name=name)
-        groups = [list(range(i, min(i + self.batch, len(tasks)))) for i in range(0, len(tasks), self.batch)]
-        results: list[Any] = [None] * len(tasks)
-
-        def expand(g: int, values: list[Any]) -> None:
-            for i, value in zip(groups[g], values):
-                results[i] = value
-                if on_result is not None:
-                    on_result(i, value)
-
-        self._map(functools.partial(_run_batch, fn), [[tasks[i] for i in group] for group in groups],
-                  on_result=expand, name=name)
-        return results
-
-    def _map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], *, on_result: OnResult | None,
-             name: str) -> list[Any]:
         distributed = _import_distributed()
         results: list[Any] = [None] * len(tasks)
         if not tasks:
             return results
+        sizer = BatchSizer(self.batch, self.workers)
+        # auto: a short window, so that batch sizes follow the measured task times;
+        # a fixed size: up to max_in_flight Dask tasks, refilled when half have finished
+        window = self.max_in_flight if sizer.fixed else min(self.max_in_flight, max(8, 4 * self.workers))
+        refill_at = window // 2 if sizer.fixed else window - 1
         run = uuid.uuid4().hex[:8]
-        indices: dict[str, int] = {}
+        groups: dict[str, range] = {}
         next_task = 0
-        # Results are gathered in the background as tasks finish; tasks are
-        # submitted in batches (one message each) and the window refilled when
-        # half of it has finished.
+        # Results are gathered in the background as Dask tasks finish.
         queue = distributed.as_completed(loop=self._client.loop, with_results=True)
 
         def submit(count: int) -> None:
             nonlocal next_task
-            chosen = range(next_task, min(len(tasks), next_task + count))
+            chosen: list[range] = []
+            while len(chosen) < count and next_task < len(tasks):
+                size = sizer.next_size(len(tasks) - next_task)
+                chosen.append(range(next_task, next_task + size))
+                next_task += size
             if not chosen:
                 return
-            futures = self._client.map(fn, [tasks[i] for i in chosen], key=[f"{name}-{run}-{i}" for i in chosen],
-                                       pure=False, resources=self.resources or None)
-            for i, fut in zip(chosen, futures):
-                indices[fut.key] = i
+            futures = self._client.map(functools.partial(_run_batch, fn), [[tasks[i] for i in g] for g in chosen],
+                                       key=[f"{name}-{run}-{g[0]}" for g in chosen], pure=False,
+                                       resources=self.resources or None)
+            for g, fut in zip(chosen, futures):
+                groups[fut.key] = g
             queue.update(futures)
-            next_task = chosen[-1] + 1
 
-        submit(self.max_in_flight)
+        # auto: a few single tasks first, then sizes from their measured times
+        submit(window if sizer.fixed else 2 * self.workers)
         try:
-            for batch in queue.batches():
-                for fut, result in batch:  # an errored task raises its exception here
-                    i = indices.pop(fut.key)
-                    results[i] = result
+            for done in queue.batches():
+                for fut, (values, seconds) in done:  # an errored task raises its exception here
+                    group = groups.pop(fut.key)
                     fut.release()
-                    if on_result is not None:
-                        on_result(i, result)
-                if len(indices) <= self.max_in_flight // 2:
-                    submit(self.max_in_flight - len(indices))
+                    sizer.record(len(group), seconds)
+                    for i, value in zip(group, values):
+                        results[i] = value
+                        if on_result is not None:
+                            on_result(i, value)
+                if len(groups) <= refill_at:
+                    submit(window - len(groups))
         except BaseException:
             pending = list(getattr(queue, "futures", ()))
             if pending:
@@ -300,8 +299,59 @@ class DaskExecutor:
         self.close()
 
 
-def _run_batch(fn: Callable[[Any], Any], tasks: list[Any]) -> list[Any]:
-    return [fn(task) for task in tasks]
+def _run_batch(fn: Callable[[Any], Any], tasks: list[Any]) -> tuple[list[Any], float]:
+    """Run one Dask task's cases; their results and the seconds they took (for :class:`BatchSizer`)."""
+    t0 = time.perf_counter()
+    return [fn(task) for task in tasks], time.perf_counter() - t0
+
+
+#: ``batch="auto"``: the work one Dask task aims at (seconds) ...
+AUTO_BATCH_SECONDS = 0.2
+#: ... and the most cases it holds.
+AUTO_BATCH_MAX = 64
+
+
+class BatchSizer:
+    """How many cases go into the next Dask task.
+
+    A fixed ``batch`` (an int) is used as given. ``"auto"`` starts with one
+    case per Dask task and, once tasks have come back, puts as many cases into
+    one Dask task as take about :data:`AUTO_BATCH_SECONDS` by the median
+    measured time per case (at most :data:`AUTO_BATCH_MAX`), so the engine's
+    cost of a few milliseconds per Dask task stays below about 2 % of the work,
+    and a lost worker loses at most about that much work. Cases that take
+    longer than that (CT-sized volumes, model inference) stay one per Dask
+    task. Near the end the size shrinks so that the remaining cases still
+    spread over all workers (at least two Dask tasks per worker).
+    """
+
+    def __init__(self, batch: int | str, workers: int) -> None:
+        if batch == "auto":
+            self.fixed: int | None = None
+        elif isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1:
+            self.fixed = batch
+        else:
+            raise ValueError(f"batch must be 'auto' or an integer >= 1, got {batch!r}")
+        self.workers = max(1, int(workers))
+        self._per_case: collections.deque[float] = collections.deque(maxlen=32)
+
+    def record(self, cases: int, seconds: float) -> None:
+        """One Dask task of ``cases`` cases took ``seconds`` on its worker."""
+        if cases > 0:
+            self._per_case.append(max(0.0, seconds) / cases)
+
+    def next_size(self, remaining: int) -> int:
+        """Cases for the next Dask task, with ``remaining`` cases not yet submitted."""
+        if remaining < 1:
+            return 0
+        if self.fixed is not None:
+            return min(self.fixed, remaining)
+        if not self._per_case:
+            return 1
+        per_case = statistics.median(self._per_case)
+        size = AUTO_BATCH_MAX if per_case <= 0 else int(AUTO_BATCH_SECONDS / per_case)
+        tail = -(-remaining // (2 * self.workers))  # ceil: keep >= 2 Dask tasks per worker
+        return max(1, min(size, AUTO_BATCH_MAX, tail))
 
 
 def _has_dashboard() -> bool:
@@ -318,7 +368,7 @@ def make_executor(
     workers: int = 1,
     scheduler: str | None = None,
     resources: Mapping[str, float] | Sequence[str] | str | None = None,
-    batch: int = 1,
+    batch: int | str = "auto",
     echo: Callable[[str], None] | None = lambda msg: print(msg, file=sys.stderr),
 ) -> Executor:
     """The executor the CLI options describe (``--executor``, ``--workers``, ``--scheduler``, ``--resources``)."""
@@ -328,7 +378,7 @@ def make_executor(
             raise ValueError("--scheduler needs --executor dask")
         if res:
             raise ValueError("--resources needs --executor dask")
-        if batch != 1:
+        if batch not in ("auto", 1):
             raise ValueError("--batch needs --executor dask")
         return LocalExecutor(workers)
     if kind == "dask":

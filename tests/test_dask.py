@@ -200,6 +200,11 @@ def test_cli_executor_option_errors(tmp_path) -> None:
     r = _cli(base + ["--executor", "dask", "--resources", "GPU"])
     assert r.exit_code == 1 and "NAME=AMOUNT" in r.output
     assert "Traceback" not in r.output
+    r = _cli(base + ["--batch", "4"])
+    assert r.exit_code == 1 and "--batch needs --executor dask" in r.output
+    for bad in ("0", "some"):
+        r = _cli(base + ["--executor", "dask", "--batch", bad])
+        assert r.exit_code == 2 and "neither 'auto' nor a whole number" in r.output
 
 
 def test_killed_worker_loses_only_its_task(tmp_path, cluster) -> None:
@@ -491,3 +496,52 @@ def test_s3_robustness_inputs_and_outputs(tmp_path, s3) -> None:
     s3.invalidate_cache()
     assert s3.cat("bucket/rob/out/robustness.csv") == (tmp_path / "local" / "robustness.csv").read_bytes()
     assert len(s3.find("bucket/rob/out/cache")) == remote.table["condition"].nunique()
+
+
+# --- batch sizes ------------------------------------------------------------------------------------
+
+
+def test_batch_sizer_fixed_and_auto() -> None:
+    from oarbench.executors import AUTO_BATCH_MAX, AUTO_BATCH_SECONDS, BatchSizer
+
+    fixed = BatchSizer(8, workers=2)
+    assert [fixed.next_size(r) for r in (100, 8, 3, 0)] == [8, 8, 3, 0]
+    auto = BatchSizer("auto", workers=2)
+    assert auto.next_size(1000) == 1  # nothing measured yet: one case per Dask task
+    auto.record(1, 0.010)  # 10 ms per case
+    assert auto.next_size(1000) == int(AUTO_BATCH_SECONDS / 0.010)  # 20 cases, about 0.2 s of work
+    # near the end the size shrinks so that every worker still gets two Dask tasks: ceil(30 / 4)
+    assert auto.next_size(30) == 8
+    assert auto.next_size(3) == 1
+    # the median of the measured times per case: one slow first task (imports) does not decide
+    auto.record(4, 0.040)
+    auto.record(20, 5.0)
+    assert auto.next_size(1000) == int(AUTO_BATCH_SECONDS / 0.010)
+    slow = BatchSizer("auto", workers=4)
+    slow.record(1, 2.5)  # CT-sized cases: one case per Dask task
+    assert slow.next_size(1000) == 1
+    fast = BatchSizer("auto", workers=1)
+    fast.record(100, 0.0)
+    assert fast.next_size(10_000) == AUTO_BATCH_MAX
+    for bad in (0, -1, "many", 2.5, True):
+        with pytest.raises(ValueError, match="batch must be 'auto' or an integer"):
+            BatchSizer(bad, workers=1)
+
+
+def _sleep_square(x: int) -> int:
+    time.sleep(0.002)
+    return x * x
+
+
+def test_auto_batches_tiny_tasks_and_keeps_order(cluster) -> None:
+    """auto (the default) groups tiny cases into larger Dask tasks; results and callbacks stay per case."""
+    assert cluster.batch == "auto"
+    seen: list[tuple[int, int]] = []
+    n = 400
+    with distributed.get_task_stream(cluster.client) as stream:
+        out = cluster.map(_sleep_square, list(range(n)), on_result=lambda i, r: seen.append((i, r)), name="sq")
+    assert out == [i * i for i in range(n)]
+    assert sorted(seen) == [(i, i * i) for i in range(n)]
+    keys = {str(t["key"]) for t in stream.data if str(t["key"]).startswith("sq-")}
+    # fewer Dask tasks than cases: tiny cases were grouped
+    assert 0 < len(keys) < n / 4, len(keys)

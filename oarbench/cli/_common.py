@@ -48,11 +48,28 @@ def user_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class BatchParam(click.ParamType):
+    """``--batch``: ``auto`` or a whole number >= 1."""
+
+    name = "auto|N"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+        self.fail(f"{value!r} is neither 'auto' nor a whole number >= 1", param, ctx)
+
+
 def executor_options(func: F) -> F:
     """``--executor``, ``--scheduler`` and ``--resources`` (``--workers`` is each command's own)."""
-    func = click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
-                        help="With --executor dask: cases sent to a worker as one Dask task (several amortise the "
-                             "engine's cost per task on very small cases; docs/scale.md).")(func)
+    func = click.option("--batch", type=BatchParam(), default="auto", show_default=True,
+                        help="With --executor dask: cases sent to a worker as one Dask task. auto: one case per "
+                             "task when cases take over about 0.2 s, more when they are tiny, sized from the "
+                             "measured times; N: always N (docs/scale.md).")(func)
     func = click.option("--resources", "resources", multiple=True, metavar="NAME=N",
                         help="Dask worker resources each task needs, e.g. GPU=1 (with --executor dask).")(func)
     func = click.option("--scheduler", metavar="ADDRESS",
@@ -64,7 +81,8 @@ def executor_options(func: F) -> F:
     return func
 
 
-def open_executor(kind: str, workers: int, scheduler: str | None, resources: tuple[str, ...], batch: int = 1) -> Any:
+def open_executor(kind: str, workers: int, scheduler: str | None, resources: tuple[str, ...],
+                  batch: int | str = "auto") -> Any:
     """The executor of the CLI options; prints the cluster and dashboard address for Dask."""
     from oarbench.executors import make_executor
 

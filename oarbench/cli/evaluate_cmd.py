@@ -115,7 +115,7 @@ def evaluate(study, reference, predictions, labels_path, structures, out, worker
                           device=None if device == "auto" else device,
                           resample_prediction=resample_prediction, allow_missing=allow_missing)
     executor = None
-    if executor_kind != "local" or scheduler or resources or batch != 1:
+    if executor_kind != "local" or scheduler or resources or batch != "auto":
         executor = open_executor(executor_kind, workers, scheduler, resources, batch)
     # One run at a time per output folder; the outputs are written as one set.
     with OutputLock(out):

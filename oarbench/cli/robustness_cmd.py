@@ -164,7 +164,7 @@ def robustness(rotate, conditions, images, reference, predictor_spec, out, label
     if keep_work and is_remote(out):
         raise click.UsageError("--keep-work needs a local --out folder")
     executor = None
-    if executor_kind != "local" or workers > 1 or scheduler or resources or batch != 1:
+    if executor_kind != "local" or workers > 1 or scheduler or resources or batch != "auto":
         executor = open_executor(executor_kind, workers, scheduler, resources, batch)
     results = []
     try:
