@@ -21,23 +21,27 @@ __all__ = ["run_demo", "SCHEDULES", "TrainSettings", "train_models", "predict_st
            "learning_curves"]
 
 # The quick schedule (measured on the phantoms, docs/demo.md).
-QUICK_EPOCHS = 6
+QUICK_EPOCHS = 12
 QUICK_ITERATIONS = 100
 QUICK_BATCH = 8
-QUICK_LR = 0.003
+QUICK_LR = 0.01
 QUICK_OPTIMIZER = "adam"
+QUICK_FOREGROUND = 1.0
 
 
 #: Named training schedules of ``oarbench demo --train`` (docs/demo.md). ``quick`` trains on a
 #: 2-core CPU in minutes: nnU-Net's 2d configuration at the phantoms' grid, the tiny width, light
-#: augmentation, AdamW (nnU-Net's SGD learned far more slowly in the same number of iterations). ``full`` is nnU-Net's default (3d_fullres, planned width, 1000 epochs of 250
-#: iterations, default augmentation), for a GPU; its federated model runs 100 rounds of 10 epochs.
+#: augmentation, AdamW from 0.01 (nnU-Net's SGD learned far more slowly in the same number of
+#: iterations), every patch centred on a structure (small organs are learned sooner). ``full`` is
+#: nnU-Net's default (3d_fullres, planned width, 1000 epochs of 250 iterations, default
+#: augmentation), for a GPU; its federated model runs 100 rounds of 10 epochs.
 SCHEDULES: dict[str, dict[str, Any]] = {
     "quick": dict(configuration="2d", width="tiny", epochs=QUICK_EPOCHS, iterations=QUICK_ITERATIONS,
                   rounds=QUICK_EPOCHS, local_epochs=1, augmentation="light", batch_size=QUICK_BATCH,
-                  initial_lr=QUICK_LR, optimizer=QUICK_OPTIMIZER),
+                  initial_lr=QUICK_LR, optimizer=QUICK_OPTIMIZER, foreground_oversampling=QUICK_FOREGROUND),
     "full": dict(configuration="3d_fullres", width="default", epochs=1000, iterations=250, rounds=100,
-                 local_epochs=10, augmentation="default", batch_size=None, initial_lr=None, optimizer="sgd"),
+                 local_epochs=10, augmentation="default", batch_size=None, initial_lr=None, optimizer="sgd",
+                 foreground_oversampling=None),
 }
 
 
@@ -64,6 +68,7 @@ class TrainSettings:
     batch_size: int | None = QUICK_BATCH
     initial_lr: float | None = QUICK_LR
     optimizer: str = QUICK_OPTIMIZER
+    foreground_oversampling: float | None = QUICK_FOREGROUND
     device: str = "cpu"
     mirroring: bool = False
     conditions: tuple[str, ...] = ("flip_lr", "prone", "rot_z+10")
@@ -102,13 +107,13 @@ class TrainSettings:
         from oarbench.train.nnunet import TrainerOptions
 
         return TrainerOptions(augmentation=self.augmentation, initial_lr=self.initial_lr, batch_size=self.batch_size,
-                              optimizer=self.optimizer)
+                              optimizer=self.optimizer, foreground_oversampling=self.foreground_oversampling)
 
     def training_key(self) -> dict[str, Any]:
         """What a trained model depends on: a re-run reuses models only when this matches."""
         return {k: getattr(self, k) for k in ("epochs", "iterations", "rounds", "local_epochs", "width",
                                                "configuration", "augmentation", "batch_size", "initial_lr",
-                                               "optimizer", "engine")}
+                                               "optimizer", "foreground_oversampling", "engine")}
 
 
 def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings: TrainSettings,
@@ -117,6 +122,8 @@ def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings:
     one trained on several a federated model (FedAvg through an encrypted local-folder
     exchange). Returns model name -> nnU-Net model folder.
 
+    The models train at the same time, each training process with an equal share of
+    the CPU cores (one process per local model, one per site of a federated model).
     Models already trained with the same settings (:meth:`TrainSettings.training_key`)
     are reused; a model folder trained with other settings is refused with an error.
     Local training saves the weights after every epoch under ``MODEL/snapshots`` (the
@@ -124,14 +131,14 @@ def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings:
     :func:`learning_curves`.
     """
     import json
+    import os
+    from concurrent.futures import ThreadPoolExecutor
 
     from oarbench.io import atomic_write_text
-    from oarbench.train.exchange import generate_keys
-    from oarbench.train.federated import FederationConfig, nnunet_simulate
-    from oarbench.train.nnunet import train_local
 
     key = settings.training_key()
     folders: dict[str, Path] = {}
+    todo = []
     for model in study.models:
         work = out_dir / model.name
         done_marker = work / "model_folder.txt"
@@ -149,49 +156,74 @@ def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings:
         missing = [c for c in model.trained_on if c not in datasets]
         if not model.trained_on or missing:
             raise ValueError(f"{study.path}: model {model.name!r} is trained on unknown centres {missing or '[]'}")
-        work.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(key_file, json.dumps(key, indent=1))
-        if len(model.trained_on) == 1:
-            log(f"[demo]   {model.name}: local nnU-Net on centre {model.trained_on[0]}")
-            summary = train_local(datasets[model.trained_on[0]], work, fold="all",
-                                  configuration=settings.configuration, epochs=settings.epochs,
-                                  iterations=settings.iterations, width=settings.width, device=settings.device,
-                                  options=settings.options(), snapshot_dir=work / "snapshots")
-            folder = Path(summary["model_folder"])
-        else:
-            log(f"[demo]   {model.name}: federated nnU-Net across {', '.join(model.trained_on)} "
-                f"({settings.engine} engine)")
-            if settings.engine == "flower":
-                from oarbench.train.flower import run_local
-                from oarbench.train.nnunet import TrainerOptions
+        if len(model.trained_on) > 1 and settings.engine == "flower":
+            from oarbench.train.nnunet import TrainerOptions
 
-                if settings.options() != TrainerOptions():
-                    raise ValueError("the flower engine trains with nnU-Net's default trainer (SGD, default "
-                                     "augmentation, planned batch size), not this schedule's; use the storage "
-                                     "engine, or --schedule full")
-                summary = run_local({c: datasets[c] for c in model.trained_on}, work / "flower",
-                                    rounds=settings.rounds, local_epochs=settings.local_epochs,
-                                    iterations=settings.iterations, configuration=settings.configuration,
-                                    width=settings.width, device=settings.device)
-                folder = Path(summary["model"])
-                atomic_write_text(done_marker, str(folder.resolve()))
-                folders[model.name] = folder
-                continue
-            keys = work / "keys"
-            if not (keys / "federation.key").is_file():
-                generate_keys(keys, list(model.trained_on))
-            storage = (work / "storage").resolve()
-            storage.mkdir(parents=True, exist_ok=True)
-            parties = nnunet_simulate(
-                storage.as_uri(), keys, {c: datasets[c] for c in model.trained_on}, work / "parties",
-                FederationConfig(tuple(model.trained_on), rounds=settings.rounds, poll_s=0.5),
-                local_epochs=settings.local_epochs, iterations=settings.iterations,
-                configuration=settings.configuration, width=settings.width, device=settings.device,
-                options=settings.options())
-            folder = Path(parties["coordinator"])
-        atomic_write_text(done_marker, str(folder.resolve()))
+            if settings.options() != TrainerOptions():
+                raise ValueError("the flower engine trains with nnU-Net's default trainer (SGD, default "
+                                 "augmentation, planned batch size), not this schedule's; use the storage "
+                                 "engine, or --schedule full")
+        todo.append(model)
+    if not todo:
+        return folders
+    processes = sum(len(m.trained_on) for m in todo)
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    for model in todo:
+        work = out_dir / model.name
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(work / "training.json", json.dumps(key, indent=1))
+        kind = (f"local nnU-Net on centre {model.trained_on[0]}" if len(model.trained_on) == 1 else
+                f"federated nnU-Net across {', '.join(model.trained_on)} ({settings.engine} engine)")
+        log(f"[demo]   {model.name}: {kind}")
+    with ThreadPoolExecutor(max_workers=len(todo)) as pool:
+        futures = {m.name: pool.submit(_train_model, m, datasets, out_dir / m.name, settings, threads)
+                   for m in todo}
+    errors = []
+    for model in todo:  # models that finished are kept (reused on a re-run) even when another failed
+        error = futures[model.name].exception()
+        if error is not None:
+            errors.append(error)
+            continue
+        folder = futures[model.name].result()
+        atomic_write_text(out_dir / model.name / "model_folder.txt", str(folder.resolve()))
         folders[model.name] = folder
-    return folders
+    if errors:
+        raise errors[0]
+    return {m.name: folders[m.name] for m in study.models}
+
+
+def _train_model(model: Any, datasets: dict[str, Path], work: Path, settings: TrainSettings, threads: int) -> Path:
+    """Train one model of the study (local, or federated by ``settings.engine``); its nnU-Net model folder."""
+    from oarbench.train.exchange import generate_keys
+    from oarbench.train.federated import FederationConfig, nnunet_simulate
+    from oarbench.train.nnunet import train_local
+
+    if len(model.trained_on) == 1:
+        summary = train_local(datasets[model.trained_on[0]], work, fold="all",
+                              configuration=settings.configuration, epochs=settings.epochs,
+                              iterations=settings.iterations, width=settings.width, device=settings.device,
+                              options=settings.options(), snapshot_dir=work / "snapshots", num_processes=threads)
+        return Path(summary["model_folder"])
+    if settings.engine == "flower":
+        from oarbench.train.flower import run_local
+
+        summary = run_local({c: datasets[c] for c in model.trained_on}, work / "flower",
+                            rounds=settings.rounds, local_epochs=settings.local_epochs,
+                            iterations=settings.iterations, configuration=settings.configuration,
+                            width=settings.width, device=settings.device)
+        return Path(summary["model"])
+    keys = work / "keys"
+    if not (keys / "federation.key").is_file():
+        generate_keys(keys, list(model.trained_on))
+    storage = (work / "storage").resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    parties = nnunet_simulate(
+        storage.as_uri(), keys, {c: datasets[c] for c in model.trained_on}, work / "parties",
+        FederationConfig(tuple(model.trained_on), rounds=settings.rounds, poll_s=0.5),
+        local_epochs=settings.local_epochs, iterations=settings.iterations,
+        configuration=settings.configuration, width=settings.width, device=settings.device,
+        options=settings.options(), num_processes=threads, threads=threads)
+    return Path(parties["coordinator"])
 
 
 #: Structures of the learning curves (the large abdominal organs).
@@ -218,7 +250,7 @@ def _snapshots(model: Any, models_dir: Path, settings: TrainSettings) -> list[tu
 
 
 def learning_curves(study: Any, models: dict[str, Path], models_dir: Path, out_dir: Path,
-                    settings: TrainSettings) -> Any:
+                    settings: TrainSettings, *, workers: int = 1) -> Any:
     """Validation DSC against training iterations for every trained model.
 
     Each model's weights after every epoch (local) or round (federated) predict the
@@ -238,7 +270,7 @@ def learning_curves(study: Any, models: dict[str, Path], models_dir: Path, out_d
         return pd.DataFrame(columns=columns)
     values = {name: study.labels.value(name) for name in CURVE_STRUCTURES if name in study.labels.names}
     centres = {c.name: c for c in study.centres}
-    rows = []
+    jobs = []
     for model in study.models:
         snaps = _snapshots(model, models_dir, settings)
         cases = []
@@ -248,11 +280,20 @@ def learning_curves(study: Any, models: dict[str, Path], models_dir: Path, out_d
             for case in sorted(set(images) & set(refs))[: settings.curve_cases]:
                 cases.append({"case": case, "centre": centre_name, "image": str(images[case]),
                               "label": str(refs[case])})
-        if not snaps or not cases:
-            continue
-        for row in snapshot_dsc(models[model.name], snaps, cases, values, configuration=settings.configuration,
-                                device=settings.device):
-            rows.append({"model": model.name, **row})
+        if snaps and cases:
+            jobs.append((model.name, snaps, cases))
+    threads = _threads_per_worker(workers)
+
+    def score(job: tuple[str, list, list]) -> list[dict[str, Any]]:
+        name, snaps, cases = job
+        return [{"model": name, **row} for row in snapshot_dsc(
+            models[name], snaps, cases, values, configuration=settings.configuration, device=settings.device,
+            threads=threads)]
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # each job predicts in its own process
+        rows = [row for rows_of_model in pool.map(score, jobs) for row in rows_of_model]
     table = pd.DataFrame(rows, columns=columns)
     atomic_write_text(out_dir / "learning_curves.csv", table.to_csv(index=False))
     if len(table):
@@ -296,49 +337,89 @@ def _predictor(folder: Path, settings: TrainSettings) -> Any:
     return NnUNetModelPredictor(folder, folds=("all",), device=settings.device, use_mirroring=settings.mirroring)
 
 
+def _threads_per_worker(workers: int) -> int | None:
+    """CPU threads for each of ``workers`` processes sharing the machine (None: one worker, torch's default)."""
+    import os
+
+    return None if workers <= 1 else max(1, (os.cpu_count() or 1) // workers)
+
+
+def _limit_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _predict_task(task: tuple[Path, TrainSettings, list[Path], Path, int | None]) -> int:
+    """Predict ``images`` with one model into ``target`` (a process of :func:`predict_study`)."""
+    folder, settings, images, target, threads = task
+    _limit_threads(threads)
+    _predictor(folder, settings).predict(images, target)
+    return len(images)
+
+
 def predict_study(study: Any, models: dict[str, Path], out_dir: Path, settings: TrainSettings,
-                  *, force: bool = False) -> Path:
+                  *, force: bool = False, workers: int = 1) -> Path:
     """Predict every centre's test images with every trained model into
     ``out_dir/original/{model}/{centre}``; returns a study file whose predictions pattern
-    ``out_dir/{condition}/{model}/{centre}`` also finds the robustness predictions."""
+    ``out_dir/{condition}/{model}/{centre}`` also finds the robustness predictions.
+    ``workers`` processes predict at once (one model and centre each)."""
+    from oarbench.executors import LocalExecutor
     from oarbench.io import atomic_write_text, find_cases
     from oarbench.study import study_toml_text
 
+    threads = _threads_per_worker(workers)
+    tasks = []
     for model in study.models:
-        predictor = _predictor(models[model.name], settings)
         for centre in study.centres:
             target = out_dir / "original" / model.name / centre.name
             images = find_cases(centre.images, images=True)
             have = set(find_cases(target)) if target.is_dir() and any(target.iterdir()) else set()
             todo = [p for c, p in sorted(images.items()) if force or c not in have]
             if todo:
-                predictor.predict(todo, target)
+                tasks.append((models[model.name], settings, todo, target, threads))
+    LocalExecutor(workers).map(_predict_task, tasks)
     pattern = str(out_dir.resolve()) + "/{condition}/{model}/{centre}"
     return atomic_write_text(out_dir / "study.toml", study_toml_text(study, predictions=pattern,
                                                                      name=f"{study.name}-trained"))
 
 
-def run_study_robustness(study: Any, models: dict[str, Path], out_dir: Path, settings: TrainSettings) -> Any:
+def _robustness_task(task: tuple) -> Any:
+    """Robustness of one model on one centre's cases (a process of :func:`run_study_robustness`)."""
+    from oarbench.robustness.run import run_robustness
+
+    folder, settings, images, refs, labels, tolerance_mm, names, save_to, threads = task
+    _limit_threads(threads)
+    study, centre, model = names
+    return run_robustness(images, refs, _predictor(folder, settings), settings.conditions, labels,
+                          tolerance_mm=tolerance_mm, study=study, centre=centre, model=model,
+                          save_predictions=save_to, progress=False)
+
+
+def run_study_robustness(study: Any, models: dict[str, Path], out_dir: Path, settings: TrainSettings,
+                         *, workers: int = 1) -> Any:
     """Robustness of every trained model on the first test cases of each centre.
 
     Writes robustness.csv, noise_floor.csv and robustness_summary.csv into
-    ``out_dir``; returns the combined table.
+    ``out_dir``; returns the combined table. ``workers`` processes run at once (one
+    model and centre each).
     """
+    from oarbench.executors import LocalExecutor
     from oarbench.io import find_cases
-    from oarbench.robustness.run import combine, run_robustness, write_robustness
+    from oarbench.robustness.run import combine, write_robustness
 
-    results = []
+    threads = _threads_per_worker(workers)
+    tasks = []
     for model in study.models:
-        predictor = _predictor(models[model.name], settings)
         for centre in study.centres:
             images = find_cases(centre.images, images=True)
             refs = find_cases(centre.reference)
             cases = sorted(set(images) & set(refs))[: settings.robustness_cases]
-            results.append(run_robustness({c: images[c] for c in cases}, {c: refs[c] for c in cases}, predictor,
-                                          settings.conditions, study.labels, tolerance_mm=study.tolerance_mm,
-                                          study=study.name, centre=centre.name, model=model.name,
-                                          save_predictions=str(Path(model.root, model.predictions))))
-    result = combine(results)
+            tasks.append((models[model.name], settings, {c: images[c] for c in cases}, {c: refs[c] for c in cases},
+                          study.labels, study.tolerance_mm, (study.name, centre.name, model.name),
+                          str(Path(model.root, model.predictions)), threads))
+    result = combine(LocalExecutor(workers).map(_robustness_task, tasks))
     write_robustness(result, out_dir)
     return result.table
 
@@ -394,13 +475,13 @@ def run_demo(
         models = train_models(study, paths.datasets, out_dir / "models", train, log=log)
         done()
         done = step("predict test sets with the trained models")
-        study_toml = predict_study(study, models, out_dir / "trained", train, force=force)
+        study_toml = predict_study(study, models, out_dir / "trained", train, force=force, workers=workers)
         study = load_study(study_toml)
         done()
         if train.curve_cases:
             done = step("learning curves")
             results.mkdir(parents=True, exist_ok=True)
-            learning_curves(study, models, out_dir / "models", results, train)
+            learning_curves(study, models, out_dir / "models", results, train, workers=workers)
             outputs_extra["learning_curves"] = results / "learning_curves.csv"
             done()
 
@@ -418,7 +499,7 @@ def run_demo(
     robustness = None
     if train is not None:
         done = step("robustness of the trained models")
-        robustness = run_study_robustness(study, models, results, train)
+        robustness = run_study_robustness(study, models, results, train, workers=workers)
         outputs["robustness"] = results / "robustness.csv"
         done()
 

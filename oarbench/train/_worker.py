@@ -136,6 +136,7 @@ def step_train(spec: dict) -> dict:
         initial_lr=spec.get("initial_lr"),
         snapshot_dir=spec.get("snapshot_dir"),
         optimizer=spec.get("optimizer", "sgd"),
+        foreground_oversampling=spec.get("foreground_oversampling"),
     )
     trainer.initialize()
     if resume_from:

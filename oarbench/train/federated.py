@@ -697,6 +697,7 @@ class NnunetSite:
     device: str = "cpu"
     num_processes: int = 2
     options: TrainerOptions | None = None  # nnU-Net's defaults when None
+    threads: int | None = None  # CPU threads of each training process (None: torch's default)
 
     def __post_init__(self) -> None:
         from oarbench.train import nnunet as nn
@@ -737,7 +738,7 @@ class NnunetSite:
         return nn.NnunetSiteTraining(self.paths, self.name, self.work / "rounds", rounds=rounds,
                                      local_epochs=local_epochs, iterations=iterations,
                                      configuration=self.configuration, device=self.device,
-                                     options=self.options or nn.TrainerOptions())
+                                     options=self.options or nn.TrainerOptions(), threads=self.threads)
 
     def write_model(self, plans: Mapping[str, Any], final: Mapping[str, np.ndarray], num_training: int) -> Path:
         """Write the final global weights as an nnU-Net model folder ``work/model``."""
@@ -763,6 +764,7 @@ def nnunet_site(
     num_processes: int = 2,
     plans_timeout_s: float | None = None,
     options: TrainerOptions | None = None,
+    threads: int | None = None,
 ) -> Path:
     """One site of a federated nnU-Net: fingerprint, shared plans, local rounds, final model folder.
 
@@ -771,7 +773,7 @@ def nnunet_site(
     global model. Restartable at any point.
     """
     site = NnunetSite(Path(dataset_dir), Path(work), configuration=configuration, device=device,
-                      num_processes=num_processes, options=options)
+                      num_processes=num_processes, options=options, threads=threads)
     me = exchange.keyring.identity
     if exchange.get("fingerprint", -1, me) is None:
         body = site.fingerprint_message()
@@ -801,8 +803,12 @@ def nnunet_simulate(
     device: str = "cpu",
     num_processes: int = 1,
     options: TrainerOptions | None = None,
+    threads: int | None = None,
 ) -> dict[str, Path]:
     """A coordinator and one site per dataset on this machine, in threads (nnU-Net steps run in child processes).
+
+    The sites train at the same time; ``threads`` (CPU threads of each site's
+    training process) defaults to the machine's cores shared out among them.
 
     ``keys`` is a folder made by :func:`oarbench.train.exchange.generate_keys`.
     Returns the final model folders by party (``"coordinator"`` and each site);
@@ -811,6 +817,8 @@ def nnunet_simulate(
     from oarbench.train.exchange import load_keyring
 
     work = Path(work)
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // max(1, len(datasets)))
 
     def ex(name: str) -> Exchange:
         return Exchange(url, load_keyring(keys, name), federation=federation, storage_options=storage_options)
@@ -822,7 +830,8 @@ def nnunet_simulate(
     for site, ds in datasets.items():
         jobs[site] = (lambda s=site, d=ds: nnunet_site(
             ex(s), config, d, work / s, local_epochs=local_epochs, iterations=iterations,
-            configuration=configuration, device=device, num_processes=num_processes, options=options))
+            configuration=configuration, device=device, num_processes=num_processes, options=options,
+            threads=threads))
     return _run_threads(jobs)
 
 

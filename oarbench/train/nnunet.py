@@ -106,8 +106,9 @@ def nnunet_env(paths: NnunetPaths, *, base: Mapping[str, str] | None = None, thr
     return env
 
 
-def _run(step: str, paths: NnunetPaths, spec: Mapping[str, Any], *, log_file: Path | None = None) -> dict[str, Any]:
-    """Run one worker step in a child process; return its JSON result."""
+def _run(step: str, paths: NnunetPaths, spec: Mapping[str, Any], *, log_file: Path | None = None,
+         threads: int | None = None) -> dict[str, Any]:
+    """Run one worker step in a child process (``threads``: its CPU threads); return its JSON result."""
     _require_nnunet()
     with tempfile.TemporaryDirectory(prefix="oarbench-nnunet-") as tmp:
         spec_path = Path(tmp) / "spec.json"
@@ -117,7 +118,7 @@ def _run(step: str, paths: NnunetPaths, spec: Mapping[str, Any], *, log_file: Pa
         try:
             proc = subprocess.run(
                 [sys.executable, "-m", "oarbench.train._worker", str(spec_path)],
-                env=nnunet_env(paths, training=step == "train"),
+                env=nnunet_env(paths, training=step == "train", threads=threads),
                 stdout=out if out else subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -305,12 +306,14 @@ class TrainerOptions:
     initial_lr: start of the poly learning-rate schedule (nnU-Net: 0.01).
     batch_size: patches per iteration (nnU-Net: from the plans).
     optimizer: ``"sgd"`` (nnU-Net's) or ``"adam"`` (AdamW).
+    foreground_oversampling: share of patches centred on a structure (nnU-Net: 0.33).
     """
 
     augmentation: str = "default"
     initial_lr: float | None = None
     batch_size: int | None = None
     optimizer: str = "sgd"
+    foreground_oversampling: float | None = None
 
     def __post_init__(self) -> None:
         if self.augmentation not in ("default", "light"):
@@ -321,10 +324,12 @@ class TrainerOptions:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.foreground_oversampling is not None and not 0 <= self.foreground_oversampling <= 1:
+            raise ValueError(f"foreground_oversampling must be in [0, 1], got {self.foreground_oversampling}")
 
     def spec(self) -> dict[str, Any]:
         return {"augmentation": self.augmentation, "initial_lr": self.initial_lr, "batch_size": self.batch_size,
-                "optimizer": self.optimizer}
+                "optimizer": self.optimizer, "foreground_oversampling": self.foreground_oversampling}
 
 
 @dataclass(frozen=True)
@@ -378,6 +383,7 @@ def train(
     log_file: Path | None = None,
     options: TrainerOptions = TrainerOptions(),
     snapshot_dir: str | Path | None = None,
+    threads: int | None = None,
 ) -> TrainResult:
     """Train one configuration and fold with :class:`oarbench.train.trainer.OarbenchTrainer`.
 
@@ -403,6 +409,9 @@ def train(
         Save the weights after every epoch there (``epoch_<NNNNN>.safetensors``, one
         entry per distinct tensor, and ``epoch_<NNNNN>.json`` with the epoch's mean
         training loss and iteration count), for learning curves.
+    threads:
+        CPU threads of the training process (default: torch's, one per core); set it
+        when several trainings share the machine.
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -417,7 +426,7 @@ def train(
         "validate": bool(validate), "seed": seed, "save_every": 50, **options.spec(),
         "snapshot_dir": str(Path(snapshot_dir).resolve()) if snapshot_dir else None,
     }
-    r = _run("train", paths, spec, log_file=log_file)
+    r = _run("train", paths, spec, log_file=log_file, threads=threads)
     return TrainResult(Path(r["model_folder"]), Path(r["checkpoint"]), int(r["epochs_done"]), int(r["iterations"]),
                        float(r["seconds"]), int(r["num_cases"]), float(r["step_seconds"]))
 
@@ -470,13 +479,15 @@ def predict(model_folder: str | Path, input_folder: str | Path, output_folder: s
 
 def snapshot_dsc(model_folder: str | Path, snapshots: list[tuple[int, str | Path]],
                  cases: list[Mapping[str, str]], structures: Mapping[str, int], *,
-                 configuration: str = "3d_fullres", device: str = "cpu") -> list[dict[str, Any]]:
+                 configuration: str = "3d_fullres", device: str = "cpu",
+                 threads: int | None = None) -> list[dict[str, Any]]:
     """DSC of each weight snapshot ``(iteration, safetensors file)`` on labelled ``cases``.
 
     ``model_folder`` supplies plans.json and dataset.json (the network); each case is
     ``{"case", "centre", "image", "label"}`` (image: ``*_0000.nii.gz``). Returns rows
     ``iteration, centre, case, structure, dsc`` for the ``structures`` present in the
-    reference (prediction without mirroring, as the demo predicts).
+    reference (prediction without mirroring, as the demo predicts). ``threads``: CPU
+    threads of the child process that predicts (default: torch's).
     """
     model_folder = Path(model_folder)
     for f in ("plans.json", "dataset.json"):
@@ -489,7 +500,8 @@ def snapshot_dsc(model_folder: str | Path, snapshots: list[tuple[int, str | Path
         res = _run("curve", NnunetPaths.under(tmp), {
             "model_folder": str(model_folder.resolve()), "configuration": configuration, "device": device,
             "snapshots": [{"iteration": int(i), "weights": str(Path(w).resolve())} for i, w in snapshots],
-            "cases": [dict(c) for c in cases], "structures": {k: int(v) for k, v in structures.items()}})
+            "cases": [dict(c) for c in cases], "structures": {k: int(v) for k, v in structures.items()}},
+            threads=threads)
     return list(res["rows"])
 
 
@@ -498,6 +510,8 @@ def train_local(dataset_dir: str | Path, out: str | Path, *, configuration: str 
                 device: str = "cpu", num_processes: int = 2, options: TrainerOptions = TrainerOptions(),
                 snapshot_dir: str | Path | None = None) -> dict[str, Any]:
     """Plan, preprocess and train one local model; ``out`` holds nnU-Net's three folders.
+
+    ``num_processes``: CPU cores to use (preprocessing processes, training threads).
 
     Returns a summary with the model folder and timings (seconds).
     """
@@ -509,7 +523,7 @@ def train_local(dataset_dir: str | Path, out: str | Path, *, configuration: str 
     t_plan = time.perf_counter() - t0
     res = train(paths, name, configuration=configuration, fold=fold, epochs=epochs, iterations=iterations,
                 width=width, device=device, log_file=Path(out) / "train.log", options=options,
-                snapshot_dir=snapshot_dir)
+                snapshot_dir=snapshot_dir, threads=num_processes)
     return {"model_folder": str(res.model_folder), "fold": fold, "plan_preprocess_s": t_plan,
             "train_s": res.seconds, "s_per_iteration": res.seconds_per_iteration, "num_cases": res.num_cases}
 
@@ -536,6 +550,7 @@ class NnunetSiteTraining:
     device: str = "cpu"
     fold: int | str = "all"
     options: TrainerOptions = TrainerOptions()
+    threads: int | None = None
     seconds: list[float] = field(default_factory=list)
 
     def __call__(self, round_: int, global_weights: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
@@ -563,7 +578,7 @@ class NnunetSiteTraining:
                     epochs=self.rounds * self.local_epochs, iterations=self.iterations, width=self.width,
                     device=self.device, initial_weights_file=g, resume_from=resume,
                     stop_after_epoch=(round_ + 1) * self.local_epochs, weights_out=u,
-                    log_file=self.work / "train.log", options=self.options)
+                    log_file=self.work / "train.log", options=self.options, threads=self.threads)
         self.seconds.append(res.seconds)
         _atomic_text(done, json.dumps({"global_sha256": g_sha, "num_cases": res.num_cases,
                                        "seconds": res.seconds, "step_seconds": res.step_seconds}))

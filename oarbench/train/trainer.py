@@ -70,6 +70,7 @@ class OarbenchTrainer(nnUNetTrainer):
         initial_lr: float | None = None,
         snapshot_dir: str | None = None,
         optimizer: str = "sgd",
+        foreground_oversampling: float | None = None,
     ) -> None:
         """Set the schedule.
 
@@ -90,6 +91,10 @@ class OarbenchTrainer(nnUNetTrainer):
         initial_lr: start of the poly learning-rate schedule (nnU-Net: 0.01).
         optimizer: ``"sgd"`` (nnU-Net's: SGD, Nesterov momentum 0.99) or ``"adam"``
             (AdamW, same weight decay); both follow the poly learning-rate decay.
+        foreground_oversampling: share of each batch's patches centred on a
+            structure (a class drawn at random among those in the case, then
+            one of its voxels); nnU-Net: 0.33, the rest at random. 1.0 samples
+            every structure alike, which teaches small ones sooner.
         snapshot_dir: save the weights after every epoch there
             (``epoch_<NNNNN>.safetensors`` and ``epoch_<NNNNN>.json`` with the
             epoch's mean training loss and the iterations done).
@@ -104,6 +109,10 @@ class OarbenchTrainer(nnUNetTrainer):
             self.initial_lr = float(initial_lr)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        if foreground_oversampling is not None:
+            if not 0 <= foreground_oversampling <= 1:
+                raise ValueError(f"foreground_oversampling must be in [0, 1], got {foreground_oversampling}")
+            self.oversample_foreground_percent = float(foreground_oversampling)
         self.augmentation = augmentation
         self.optimizer_name = optimizer
         self.snapshot_dir = snapshot_dir

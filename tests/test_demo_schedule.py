@@ -1,0 +1,105 @@
+"""`oarbench demo --train` settings and model orchestration, without training (fast)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from oarbench.demo import SCHEDULES, TrainSettings, train_models
+from oarbench.train.nnunet import NnunetPaths, TrainerOptions, nnunet_env
+
+
+def test_quick_schedule_options_and_key() -> None:
+    quick = TrainSettings.schedule("quick")
+    assert (quick.configuration, quick.width, quick.optimizer) == ("2d", "tiny", "adam")
+    assert quick.rounds * quick.local_epochs == quick.epochs  # federated sites follow the local schedule
+    opts = quick.options()
+    assert opts == TrainerOptions(augmentation="light", initial_lr=quick.initial_lr, batch_size=quick.batch_size,
+                                  optimizer="adam", foreground_oversampling=1.0)
+    assert opts.spec()["foreground_oversampling"] == 1.0
+    # a model trained with another oversampling is another model
+    assert "foreground_oversampling" in quick.training_key()
+    full = TrainSettings.schedule("full")
+    assert full.options() == TrainerOptions()  # nnU-Net's own trainer settings
+    assert SCHEDULES["full"]["foreground_oversampling"] is None
+
+
+def test_schedule_overrides_keep_fl_sites_on_the_local_schedule() -> None:
+    s = TrainSettings.schedule("quick", epochs=4, iterations=20)
+    assert (s.epochs, s.rounds, s.local_epochs, s.iterations) == (4, 4, 1, 20)
+    s = TrainSettings.schedule("quick", epochs=6, rounds=3)
+    assert (s.rounds, s.local_epochs) == (3, 2)
+    with pytest.raises(ValueError, match="multiple of rounds"):
+        TrainSettings.schedule("quick", epochs=5, rounds=2)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5])
+def test_foreground_oversampling_is_checked(bad: float) -> None:
+    with pytest.raises(ValueError, match="foreground_oversampling must be in"):
+        TrainerOptions(foreground_oversampling=bad)
+
+
+def test_training_threads_reach_the_child_environment(tmp_path: Path) -> None:
+    env = nnunet_env(NnunetPaths.under(tmp_path), training=True, threads=1)
+    assert env["OMP_NUM_THREADS"] == "1"
+
+
+def _study(tmp_path: Path) -> SimpleNamespace:
+    models = [SimpleNamespace(name="local-A", trained_on=("A",)), SimpleNamespace(name="local-B", trained_on=("B",)),
+              SimpleNamespace(name="fl", trained_on=("A", "B"))]
+    return SimpleNamespace(models=models, path=tmp_path / "study.toml")
+
+
+def test_models_train_at_the_same_time_sharing_the_cores(tmp_path: Path, monkeypatch) -> None:
+    import oarbench.demo as demo
+
+    barrier = threading.Barrier(3, timeout=20)  # breaks unless all three models train at once
+    calls = {}
+
+    def fake(model, datasets, work, settings, threads):
+        calls[model.name] = threads
+        barrier.wait()
+        folder = work / "model"
+        folder.mkdir(parents=True)
+        return folder
+
+    monkeypatch.setattr(demo, "_train_model", fake)
+    datasets = {"A": tmp_path / "A", "B": tmp_path / "B"}
+    settings = TrainSettings.schedule("quick")
+    folders = train_models(_study(tmp_path), datasets, tmp_path / "models", settings, log=lambda _: None)
+    assert list(folders) == ["local-A", "local-B", "fl"]
+    # four training processes (two local models, two federated sites) share the machine's cores
+    assert set(calls.values()) == {max(1, (os.cpu_count() or 1) // 4)}
+    for name, folder in folders.items():
+        assert Path((tmp_path / "models" / name / "model_folder.txt").read_text()) == folder.resolve()
+        assert json.loads((tmp_path / "models" / name / "training.json").read_text()) == settings.training_key()
+    # a re-run reuses them; another schedule is refused, naming what differs
+    calls.clear()
+    assert train_models(_study(tmp_path), datasets, tmp_path / "models", settings, log=lambda _: None) == folders
+    assert calls == {}
+    other = TrainSettings.schedule("quick", iterations=7)
+    with pytest.raises(ValueError, match=r"other settings \(iterations differ\)"):
+        train_models(_study(tmp_path), datasets, tmp_path / "models", other, log=lambda _: None)
+
+
+def test_a_failing_model_fails_the_run(tmp_path: Path, monkeypatch) -> None:
+    import oarbench.demo as demo
+
+    def fake(model, datasets, work, settings, threads):
+        if model.name == "local-B":
+            raise RuntimeError("nnU-Net step 'train' failed (exit 1)")
+        return work
+
+    monkeypatch.setattr(demo, "_train_model", fake)
+    with pytest.raises(RuntimeError, match="'train' failed"):
+        train_models(_study(tmp_path), {"A": tmp_path, "B": tmp_path}, tmp_path / "models",
+                     TrainSettings.schedule("quick"), log=lambda _: None)
+    # the failed model is not marked trained; the ones that finished are, and a re-run reuses them
+    assert not (tmp_path / "models" / "local-B" / "model_folder.txt").exists()
+    assert (tmp_path / "models" / "local-A" / "model_folder.txt").is_file()
+    assert (tmp_path / "models" / "fl" / "model_folder.txt").is_file()
