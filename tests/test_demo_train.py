@@ -2,10 +2,9 @@
 
 Trains local-A, local-B (nnU-Net v2) and the federated model (FedAvg through the
 encrypted local-folder exchange), predicts both centres' test sets, and runs the
-analysis including robustness with the trained models. Asserts that the local
-models' training loss falls and that every output of the analysis is written. It
-does not yet assert that the federated model segments better than untrained
-weights: the shortened schedule does not learn that far (docs/demo.md).
+analysis including robustness with the trained models. Asserts that every output
+of the analysis is written, that the local models' training loss falls, and that
+the federated model segments the liver far better than its untrained weights.
 """
 
 from __future__ import annotations
@@ -23,20 +22,23 @@ from oarbench.labels import DEFAULT_LABELS
 pytest.importorskip("nnunetv2")
 
 DEMO_TOML = Path(__file__).resolve().parents[1] / "cases" / "demo.toml"
-TEST_EPOCHS = 4
-TEST_ITERATIONS = 50
+TEST_EPOCHS = 6
+TEST_ITERATIONS = 70
 
 
 def _tiny_config(tmp_path: Path) -> Path:
     text = DEMO_TOML.read_text()
     text = re.sub(r"(?m)^test_cases_per_centre = \d+", "test_cases_per_centre = 2", text)
-    text = re.sub(r"(?m)^train_cases_per_centre = \d+", "train_cases_per_centre = 2", text)
-    # Half the matrix at twice the spacing: the same field of view, an eighth of the voxels.
-    text = text.replace("size_xyz = [128, 128, 64]", "size_xyz = [64, 64, 32]")
-    text = text.replace("spacing_xyz_mm = [2.8, 2.8, 4.0]", "spacing_xyz_mm = [5.6, 5.6, 8.0]")
-    text = text.replace("size_xyz = [96, 96, 44]", "size_xyz = [48, 48, 22]")
-    text = text.replace("spacing_xyz_mm = [4.0, 4.0, 6.0]", "spacing_xyz_mm = [8.0, 8.0, 12.0]")
-    assert text.count("size_xyz = [64, 64, 32]") == 1 and text.count("size_xyz = [48, 48, 22]") == 1
+    text = re.sub(r"(?m)^train_cases_per_centre = \d+", "train_cases_per_centre = 4", text)
+    # Half the slices at twice the slice spacing: the same field of view and in-plane grid (the 2d
+    # network's cost per iteration), half the voxels. (At half the in-plane matrix too, centre B's
+    # 8 mm pixels left its local and the federated model at a liver DSC of about 0.2 after 360
+    # iterations.)
+    text = text.replace("size_xyz = [128, 128, 64]", "size_xyz = [128, 128, 32]")
+    text = text.replace("spacing_xyz_mm = [2.8, 2.8, 4.0]", "spacing_xyz_mm = [2.8, 2.8, 8.0]")
+    text = text.replace("size_xyz = [96, 96, 44]", "size_xyz = [96, 96, 22]")
+    text = text.replace("spacing_xyz_mm = [4.0, 4.0, 6.0]", "spacing_xyz_mm = [4.0, 4.0, 12.0]")
+    assert text.count("size_xyz = [128, 128, 32]") == 1 and text.count("size_xyz = [96, 96, 22]") == 1
     path = tmp_path / "tiny-demo.toml"
     path.write_text(text)
     return path
@@ -48,7 +50,7 @@ def test_demo_train_end_to_end(tmp_path):
     from oarbench.demo import TrainSettings, run_demo
 
     settings = dataclasses.replace(TrainSettings.schedule("quick", epochs=TEST_EPOCHS, iterations=TEST_ITERATIONS),
-                                   conditions=("flip_lr",), robustness_cases=1, curve_cases=1)
+                                   conditions=("flip_lr",), robustness_cases=1, curve_cases=2)
     assert settings.rounds * settings.local_epochs == settings.epochs  # fl sites follow the local schedule
     out = tmp_path / "demo"
     outputs = run_demo(out, config=_tiny_config(tmp_path), workers=1, train=settings, log=lambda _: None)
@@ -84,7 +86,13 @@ def test_demo_train_end_to_end(tmp_path):
     curves = pd.read_csv(res / "learning_curves.csv")
     fl_liver = curves[(curves["model"] == "fl") & (curves["structure"] == "Liver")]
     assert set(fl_liver["iteration"]) == {r * TEST_ITERATIONS for r in range(TEST_EPOCHS + 1)}
-    assert fl_liver["dsc"].fillna(0.0).between(0.0, 1.0).all()  # a missed liver has no DSC
-    # Not asserted: that the federated model segments the liver far better than its untrained
-    # weights. This shortened schedule does not learn the liver yet on the reduced study (measured:
-    # fl liver DSC at most 0.06 against 0.01 untrained; docs/demo.md).
+    dsc = fl_liver["dsc"].fillna(0.0)  # a missed liver has no DSC: 0
+    assert dsc.between(0.0, 1.0).all()
+    # training learns: the federated model's median liver DSC on both centres' test cases is far
+    # above that of its untrained initial weights (the curve's first point)
+    untrained = dsc[fl_liver["iteration"] == 0].median()
+    trained = dsc[fl_liver["iteration"] == TEST_EPOCHS * TEST_ITERATIONS].median()
+    assert trained >= untrained + 0.3, (untrained, trained)
+    # ... and so is its liver DSC in the evaluated table (every test case of both centres)
+    fl_table = table[(table["model"] == "fl") & (table["structure"] == "Liver")]
+    assert fl_table["dsc"].fillna(0.0).median() >= untrained + 0.3
