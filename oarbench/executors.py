@@ -264,7 +264,7 @@ class DaskExecutor:
             queue.update(futures)
 
         # auto: a few single tasks first, then sizes from their measured times
-        submit(window if sizer.fixed else 2 * self.workers)
+        submit(window if sizer.fixed else min(window, 2 * self.workers))
         try:
             for done in queue.batches():
                 for fut, (values, seconds) in done:  # an errored task raises its exception here
