@@ -202,7 +202,8 @@ def _train_model(model: Any, datasets: dict[str, Path], work: Path, settings: Tr
         summary = train_local(datasets[model.trained_on[0]], work, fold="all",
                               configuration=settings.configuration, epochs=settings.epochs,
                               iterations=settings.iterations, width=settings.width, device=settings.device,
-                              options=settings.options(), snapshot_dir=work / "snapshots", num_processes=threads)
+                              options=settings.options(), snapshot_dir=work / "snapshots", num_processes=threads,
+                              threads=threads)
         return Path(summary["model_folder"])
     if settings.engine == "flower":
         from oarbench.train.flower import run_local

@@ -508,10 +508,11 @@ def snapshot_dsc(model_folder: str | Path, snapshots: list[tuple[int, str | Path
 def train_local(dataset_dir: str | Path, out: str | Path, *, configuration: str = "3d_fullres",
                 fold: int | str = "all", epochs: int = 1000, iterations: int = 250, width: str = "default",
                 device: str = "cpu", num_processes: int = 2, options: TrainerOptions = TrainerOptions(),
-                snapshot_dir: str | Path | None = None) -> dict[str, Any]:
+                snapshot_dir: str | Path | None = None, threads: int | None = None) -> dict[str, Any]:
     """Plan, preprocess and train one local model; ``out`` holds nnU-Net's three folders.
 
-    ``num_processes``: CPU cores to use (preprocessing processes, training threads).
+    ``num_processes``: preprocessing processes; ``threads``: CPU threads of the training
+    process (default: torch's, one per core).
 
     Returns a summary with the model folder and timings (seconds).
     """
@@ -523,7 +524,7 @@ def train_local(dataset_dir: str | Path, out: str | Path, *, configuration: str 
     t_plan = time.perf_counter() - t0
     res = train(paths, name, configuration=configuration, fold=fold, epochs=epochs, iterations=iterations,
                 width=width, device=device, log_file=Path(out) / "train.log", options=options,
-                snapshot_dir=snapshot_dir, threads=num_processes)
+                snapshot_dir=snapshot_dir, threads=threads)
     return {"model_folder": str(res.model_folder), "fold": fold, "plan_preprocess_s": t_plan,
             "train_s": res.seconds, "s_per_iteration": res.seconds_per_iteration, "num_cases": res.num_cases}
 
