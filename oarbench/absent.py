@@ -389,7 +389,9 @@ def write_absent(result: AbsentResult, out_dir: str | Path) -> dict[str, Path]:
         "absent_cases.csv": result.fp_cases,
         "absent_warnings.csv": result.warnings,
     }
-    return {name: storage.write_text(storage.join(out, name), df.to_csv(index=False))  # type: ignore[misc]
+    from oarbench.tables import csv_text
+
+    return {name: storage.write_text(storage.join(out, name), csv_text(df))  # type: ignore[misc]
             for name, df in files.items()}
 
 
