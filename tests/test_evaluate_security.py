@@ -18,7 +18,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -483,3 +482,38 @@ def test_no_csv_is_written_around_the_shared_writer():
         if "DictWriter(" in text and "csv_row" not in text:
             offenders.append(f"{path.relative_to(root)}: DictWriter without csv_row")
     assert not offenders, offenders
+
+
+def test_dicom_roi_names_like_formulas_are_neutralised_in_import_csv(tmp_path):
+    pytest.importorskip("pydicom")
+    pytest.importorskip("skimage")
+    from oarbench.dicom.importer import ImportOptions, import_dicom
+    from oarbench.labels import DEFAULT_LABELS
+    from tests._dicom import ct_series, rtstruct, square
+
+    s = ct_series(tmp_path / "in" / "ct")
+    roi = '=HYPERLINK("http:x","Liver")'
+    rtstruct(tmp_path / "in" / "rs.dcm", s, {"Lever": [square(10.5, -19.5, 14.5, -16.5, 32.5)],
+                                             roi: [square(10.5, -19.5, 12.5, -17.5, 32.5)]})
+    import_dicom(tmp_path / "in", tmp_path / "out", ImportOptions(DEFAULT_LABELS))
+    for name in ("import.csv", "metadata.csv", "cases.csv"):
+        _assert_no_formula(tmp_path / "out" / name)
+    names = [row[2] for row in _cells(tmp_path / "out" / "import.csv")[1:]]
+    assert "'" + roi in names and "Lever" in names
+
+
+def test_metadata_written_neutralised_is_read_back_exactly(tmp_path):
+    """metadata.csv as the DICOM import writes it (cells through csv_row) gives the original names back."""
+    from oarbench.absent import read_nephrectomy
+    from oarbench.evaluate import read_patients
+    from oarbench.tables import csv_row
+
+    rows = [{"case": "=c1", "patient": "@p1", "nephrectomy": "left"}, {"case": "c2", "patient": "-p2", "nephrectomy": "none"}]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["case", "patient", "nephrectomy"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(map(csv_row, rows))
+    (tmp_path / "metadata.csv").write_text(buf.getvalue())
+    assert "'=c1" in buf.getvalue()
+    assert read_patients(tmp_path / "metadata.csv") == (("=c1", "@p1"), ("c2", "-p2"))
+    assert read_nephrectomy(tmp_path / "metadata.csv") == {"=c1": "left", "c2": "none"}
