@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import stat
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -288,27 +289,39 @@ def evaluate_case(reference: Path, prediction: Path | None, options: EvalOptions
 
 #: Format of a cache entry (``OUT/cache/<options>/<job>/CASE.json``).
 CACHE_FORMAT = 2
+_MAX_ENTRY_BYTES = 16 << 20  # an entry of 200 structures is about 100 kB
 _DISTANCES = ("hd95", "hd", "msd", "assd", "centroid_mm", "apl_mm", "apl_mm_per_slice")
 _FRACTIONS = ("sdsc", "vs")
 
 
-def cache_secret() -> bytes:
+def cache_key_path() -> Path:
+    """``$XDG_CONFIG_HOME/oarbench/cache.key`` (default ``~/.config/oarbench/cache.key``)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "oarbench" / "cache.key"
+
+
+def cache_secret(warn: Any = None) -> bytes:
     """This user's secret for authenticating cache entries (32 random bytes).
 
-    Kept outside every output folder, in ``$XDG_CONFIG_HOME/oarbench/cache.key``
-    (default ``~/.config/oarbench/cache.key``), created on first use with mode
-    0600: whoever can write an output folder (or its bucket) but not this
-    user's home can neither read nor replace it. Raises ValueError when the
-    file is not this user's or others may read or write it.
+    Kept outside every output folder, in :func:`cache_key_path`, created on
+    first use with mode 0600: whoever can write an output folder (or its
+    bucket) but not this user's home can neither read nor replace it. Raises
+    ValueError when the file is not this user's or others may read or write
+    it. When it cannot be created (a read-only home), a key for this run only
+    is returned and ``warn`` is called with a message saying so.
     """
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    path = Path(base) / "oarbench" / "cache.key"
+    path = cache_key_path()
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         except FileExistsError:
             pass  # made by a run started at the same moment
+        except OSError as exc:
+            if warn is not None:
+                warn(f"{path}: cannot keep a cache key there ({exc.strerror}); cached cases of this run will not "
+                     "be reused by later runs (set XDG_CONFIG_HOME to a writable folder)")
+            return os.urandom(32)
         else:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(os.urandom(32))
@@ -421,6 +434,15 @@ class _CaseCache:
 
     def load(self, case: str, inputs: list[str | None]) -> list[dict[str, Any]] | None:
         path = self._path(case)
+        if isinstance(path, Path):
+            try:
+                st = path.lstat()
+            except OSError:
+                return None  # no entry: scored
+            if not stat.S_ISREG(st.st_mode):
+                return self._reject(path, "not a regular file")  # a FIFO, a device or a link is never opened
+            if st.st_size > _MAX_ENTRY_BYTES:
+                return self._reject(path, f"{st.st_size} bytes, more than any entry holds")
         try:
             text = storage.read_text(path)
         except (OSError, UnicodeDecodeError):
@@ -587,7 +609,7 @@ def _evaluate_jobs(
                 warnings.append(f"{pred}: has the same content as its reference {ref}; its scores (DSC 1) say "
                                 "nothing about a model")
 
-    secret = cache_secret()
+    secret = cache_secret(warnings.append)
     caches = {job.tag: _CaseCache(out_dir, options, job, secret) for job, _ in planned}
     for job, pairs in planned:
         cache = caches[job.tag]

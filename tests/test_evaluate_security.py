@@ -189,6 +189,34 @@ def test_entry_signed_with_another_key_is_not_used(data, tmp_path, monkeypatch):
     assert table[(table["case"] == "c1") & (table["structure"] == "Liver")]["dsc"].item() == pytest.approx(LIVER_DSC)
 
 
+@pytest.mark.parametrize("plant", ["fifo", "huge", "link"])
+def test_cache_entry_that_is_no_plain_file_is_never_opened(data, plant):
+    """A FIFO would block a reader forever, a huge file fill its memory, a link point anywhere."""
+    assert _evaluate(data).exit_code == 0
+    entry = _entries(data / "out")["c1"]
+    entry.unlink()
+    if plant == "fifo":
+        os.mkfifo(entry)
+    elif plant == "huge":
+        with open(entry, "wb") as fh:
+            fh.truncate(17 << 20)  # sparse: 17 MiB of zeros
+    else:
+        entry.symlink_to(data / "labels.toml")
+    result = _evaluate(data)
+    assert result.exit_code == 0, result.output
+    assert f"{entry}: cache entry not used" in result.output
+    assert (data / "labels.toml").read_text() == LABELS_TOML  # the link's target is untouched
+
+
+def test_key_folder_that_cannot_be_made_runs_with_a_warning(data, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(data / "labels.toml"))  # a file: no folder can be made in it
+    result = _evaluate(data)
+    assert result.exit_code == 0, result.output
+    assert "cannot keep a cache key there" in result.output
+    second = _evaluate(data)  # the first run's entries were signed with a key of that run only
+    assert second.exit_code == 0 and "cache entry not used" in second.output
+
+
 def test_cache_key_file_is_private(data, tmp_path):
     assert _evaluate(data).exit_code == 0
     key = tmp_path / "config" / "oarbench" / "cache.key"
