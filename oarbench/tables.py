@@ -103,8 +103,22 @@ def restore_cells(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` (read from a CSV oarbench wrote) with every text cell passed through :func:`restore_cell`."""
     for col in df.columns:
         if _is_text(df[col]):
-            df[col] = df[col].map(restore_cell)
+            df[col] = _map_cells(df[col], restore_cell)
     return df
+
+
+def _map_cells(values: pd.Series, fn: Any) -> pd.Series:
+    """``values`` with ``fn`` applied to each distinct text (a few names in a long table: fast)."""
+    values = values.astype(object)
+    changed = {}
+    for value in pd.unique(values):
+        if isinstance(value, str):
+            new = fn(value)
+            if new != value:
+                changed[value] = new
+    if not changed:
+        return values
+    return values.map(changed).where(values.isin(list(changed)), values)
 
 
 def _is_text(values: pd.Series) -> bool:
@@ -121,7 +135,7 @@ def csv_text(df: pd.DataFrame, **to_csv: Any) -> str:
     safe = df.copy()
     for col in safe.columns:
         if _is_text(safe[col]):
-            safe[col] = safe[col].astype(object).map(csv_cell)
+            safe[col] = _map_cells(safe[col], csv_cell)
     safe.columns = [csv_cell(c) for c in safe.columns]
     to_csv.setdefault("index", False)
     return safe.to_csv(**to_csv)
