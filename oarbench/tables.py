@@ -109,6 +109,7 @@ def restore_cells(df: pd.DataFrame) -> pd.DataFrame:
 
 def _map_cells(values: pd.Series, fn: Any) -> pd.Series:
     """``values`` with ``fn`` applied to each distinct text (a few names in a long table: fast)."""
+    original = values
     values = values.astype(object)
     changed = {}
     for value in pd.unique(values):
@@ -117,8 +118,9 @@ def _map_cells(values: pd.Series, fn: Any) -> pd.Series:
             if new != value:
                 changed[value] = new
     if not changed:
-        return values
-    return values.map(changed).where(values.isin(list(changed)), values)
+        return original
+    out = values.map(changed).where(values.isin(list(changed)), values)
+    return out.astype(original.dtype) if isinstance(original.dtype, pd.StringDtype) else out
 
 
 def _is_text(values: pd.Series) -> bool:
