@@ -8,6 +8,7 @@ tables are written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -311,10 +312,16 @@ def cache_secret(warn: Any = None) -> bytes:
     is returned and ``warn`` is called with a message saying so.
     """
     path = cache_key_path()
-    if not path.exists():
+    if not os.path.lexists(path):
+        tmp = path.with_name(f".cache.key.{os.getpid()}.partial")
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(os.urandom(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.link(tmp, path)  # complete or absent: a run started at the same moment reads a whole key
         except FileExistsError:
             pass  # made by a run started at the same moment
         except OSError as exc:
@@ -322,17 +329,17 @@ def cache_secret(warn: Any = None) -> bytes:
                 warn(f"{path}: cannot keep a cache key there ({exc.strerror}); cached cases of this run will not "
                      "be reused by later runs (set XDG_CONFIG_HOME to a writable folder)")
             return os.urandom(32)
-        else:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(os.urandom(32))
-                fh.flush()
-                os.fsync(fh.fileno())
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise ValueError(f"{path}: cannot read the cache key ({exc.strerror})") from None
     with os.fdopen(fd, "rb") as fh:
         st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path}: the cache key is not a regular file; remove it to make a new one")
         if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o077):
             raise ValueError(f"{path}: the cache key must belong to this user and be readable by no one else "
                              "(chmod 600, or remove it to make a new one)")
