@@ -304,21 +304,40 @@ def _sitk_pixel_bytes(pixel_id: int) -> int:
     return sitk.Image([1, 1], pixel_id).GetSizeOfPixelComponent()
 
 
-def read_header(path: str | Path) -> ImageHeader:
+def read_header(path: Any) -> ImageHeader:
     """The grid size and voxel data size an image file's header announces, without reading its voxels.
 
     ``.nii`` / ``.nii.gz``: the NIfTI header (348 bytes, NIfTI-2: 540) from the
     start of the (decompressed) stream; only those bytes are decompressed.
-    Other formats: SimpleITK's ``ReadImageInformation``. Raises ValueError
-    naming the file when the header cannot be read.
+    Other formats: SimpleITK's ``ReadImageInformation``. ``path`` may be an
+    fsspec URL: a NIfTI header is read from the start of the remote stream,
+    other formats from a temporary local copy. Raises ValueError naming the
+    file when the header cannot be read.
     """
-    path = Path(path)
-    name = path.name.lower()
+    from oarbench import storage
+
+    remote = storage.is_remote(path)
+    name = str(path).lower()
+    if remote and not name.endswith((".nii.gz", ".nii")):
+        with storage.local_copy(str(path)) as local:
+            try:
+                return read_header(local)
+            except ValueError as exc:
+                raise ValueError(str(exc).replace(str(local), str(path))) from None
+    if not remote:
+        path = Path(path)
     if name.endswith((".nii.gz", ".nii")):
         try:
-            opener = gzip.open if name.endswith(".gz") else open
-            with opener(path, "rb") as stream:  # type: ignore[operator]
-                head = stream.read(540)
+            if remote:
+                import fsspec
+
+                with fsspec.open(str(path), "rb") as raw:
+                    head = (gzip.GzipFile(fileobj=raw) if name.endswith(".gz") else raw).read(540)
+            else:
+                with (gzip.open if name.endswith(".gz") else open)(path, "rb") as stream:  # type: ignore[operator]
+                    head = stream.read(540)
+        except FileNotFoundError:
+            raise ValueError(f"{path}: file not found") from None
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raise ValueError(f"{path}: cannot read image: damaged or incomplete gzip stream ({exc}); an interrupted copy?") from None
         _offset, nbytes, _item, _float = _nifti_layout(head, path)
