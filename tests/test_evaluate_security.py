@@ -189,6 +189,36 @@ def test_entry_signed_with_another_key_is_not_used(data, tmp_path, monkeypatch):
     assert table[(table["case"] == "c1") & (table["structure"] == "Liver")]["dsc"].item() == pytest.approx(LIVER_DSC)
 
 
+@pytest.mark.parametrize("backend, device", [
+    ("numpy", None), ("torch", "cpu"), pytest.param("torch", "cuda", marks=pytest.mark.cuda)])
+def test_genuine_entries_of_every_status_pass_the_checks(tmp_path, backend, device):
+    """Entries as each backend writes them (ok, missed, hallucinated, absent, missing) are reused silently."""
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        if device == "cuda" and not torch.cuda.is_available():
+            pytest.skip("no CUDA GPU")
+    from oarbench.evaluate import EvalOptions, jobs_from_folders, evaluate_jobs
+    from oarbench.labels import LabelMap
+
+    labels = LabelMap({1: "Liver", 2: "Kidney_L", 3: "Kidney_R", 4: "Spleen", 5: "Pancreas"})  # Pancreas: absent
+    ref = _ref_array()
+    ref[8:11, 11:15, 2:6] = 3  # Kidney_R: missed by the prediction
+    pred = _pred_array()
+    pred[8:11, 2:6, 11:15] = 4  # Spleen: hallucinated
+    _write(tmp_path / "ref" / "c1.nii.gz", ref)
+    _write(tmp_path / "ref" / "c2.nii.gz", ref)  # c2 has no prediction: missing
+    _write(tmp_path / "pred" / "c1.nii.gz", pred)
+    options = EvalOptions(labels=labels, backend=backend, device=device,
+                          allow_missing=True, tolerances=(("Spleen", 1.5),))
+    jobs = jobs_from_folders(tmp_path / "ref", tmp_path / "pred")
+    first, _ = evaluate_jobs(jobs, options, tmp_path / "out", progress=False)
+    assert set(first["status"]) == {"ok", "missed", "hallucinated", "absent", "missing"}
+    second, prov = evaluate_jobs(jobs, options, tmp_path / "out", progress=False)
+    assert prov["cases_from_cache"] == 2 and prov["cases_computed"] == 0
+    assert not [w for w in prov["warnings"] if "cache entry" in w]
+    pd.testing.assert_frame_equal(first, second)
+
+
 @pytest.mark.parametrize("plant", ["fifo", "huge", "link"])
 def test_cache_entry_that_is_no_plain_file_is_never_opened(data, plant):
     """A FIFO would block a reader forever, a huge file fill its memory, a link point anywhere."""
