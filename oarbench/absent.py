@@ -28,7 +28,7 @@ import pandas as pd
 from scipy import ndimage
 
 from oarbench.io import read_volume
-from oarbench.tables import DEFAULT_CENTRE, DEFAULT_STUDY
+from oarbench.tables import DEFAULT_CENTRE, DEFAULT_STUDY, restore_cells
 from oarbench.labels import DEFAULT_LABELS, LabelMap
 
 __all__ = [
@@ -86,7 +86,7 @@ def read_nephrectomy(path: str | Path, *, centre: str | None = None) -> dict[str
     """
     path = Path(path)
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = restore_cells(pd.read_csv(path, dtype=str, keep_default_na=False))
     except FileNotFoundError:
         raise ValueError(f"{path}: metadata file not found") from None
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
@@ -389,7 +389,9 @@ def write_absent(result: AbsentResult, out_dir: str | Path) -> dict[str, Path]:
         "absent_cases.csv": result.fp_cases,
         "absent_warnings.csv": result.warnings,
     }
-    return {name: storage.write_text(storage.join(out, name), df.to_csv(index=False))  # type: ignore[misc]
+    from oarbench.tables import csv_text
+
+    return {name: storage.write_text(storage.join(out, name), csv_text(df))  # type: ignore[misc]
             for name, df in files.items()}
 
 

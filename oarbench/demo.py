@@ -296,7 +296,9 @@ def learning_curves(study: Any, models: dict[str, Path], models_dir: Path, out_d
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # each job predicts in its own process
         rows = [row for rows_of_model in pool.map(score, jobs) for row in rows_of_model]
     table = pd.DataFrame(rows, columns=columns)
-    atomic_write_text(out_dir / "learning_curves.csv", table.to_csv(index=False))
+    from oarbench.tables import csv_text
+
+    atomic_write_text(out_dir / "learning_curves.csv", csv_text(table))
     if len(table):
         plot_learning_curves(table, out_dir / "learning_curves.png")
     return table
@@ -529,7 +531,9 @@ def run_demo(
     from oarbench.io import atomic_write_text
 
     finding = centre_shift_finding(stats, {m.name: m.trained_on for m in study.models if m.trained_on})
-    outputs["finding"] = atomic_write_text(results / "finding.csv", finding.to_csv(index=False))
+    from oarbench.tables import csv_text
+
+    outputs["finding"] = atomic_write_text(results / "finding.csv", csv_text(finding))
     notes = finding_lines(finding)
     for line in notes:
         log(f"[demo]   {line}")

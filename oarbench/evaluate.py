@@ -8,11 +8,14 @@ tables are written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import json
 import math
 import os
 import platform
+import stat
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -26,11 +29,14 @@ from oarbench import __version__
 from oarbench import storage
 from oarbench.executors import Executor, LocalExecutor
 from oarbench.io import (
+    MAX_IMAGE_BYTES,
     OutputLock,
     case_id,
+    check_header_size,
     check_same_grid,
     content_sha256,
     find_cases,
+    read_header,
     read_volume,
     resample_nearest,
     safe_name,
@@ -38,9 +44,9 @@ from oarbench.io import (
     write_output_set,
 )
 from oarbench.labels import LABELS_HINT, LabelMap
-from oarbench.metrics import RESULT_COLUMNS, evaluate_labels, resolve_backend
+from oarbench.metrics import RESULT_COLUMNS, STATUSES, evaluate_labels, resolve_backend
 from oarbench.progress import progress_bar
-from oarbench.tables import DEFAULT_CENTRE, DEFAULT_STUDY, check_keys
+from oarbench.tables import DEFAULT_CENTRE, DEFAULT_STUDY, check_keys, csv_text, restore_cell
 
 __all__ = [
     "TABLE_COLUMNS",
@@ -76,6 +82,8 @@ class EvalOptions:
     threads: int | None = None  # per case; None: the cores left per worker process
     tolerances: tuple[tuple[str, float], ...] = ()  # per-structure tolerances (mm), overriding tolerance_mm
     apl_convention: str = "exact"
+    # Largest voxel data an input's header may announce (bytes; None: no limit). Changes no number.
+    max_image_bytes: int | None = MAX_IMAGE_BYTES
 
     def tolerance_of(self, structure: str) -> float:
         return dict(self.tolerances).get(structure, self.tolerance_mm)
@@ -181,7 +189,7 @@ def read_patients(path: str | Path | None) -> tuple[tuple[str, str], ...]:
     if "case" not in meta.columns:
         raise ValueError(f"{path}: metadata has a 'patient' column but no 'case' column")
     pairs = {}
-    for case, patient in zip(meta["case"].str.strip(), meta["patient"].str.strip()):
+    for case, patient in zip(meta["case"].str.strip().map(restore_cell), meta["patient"].str.strip().map(restore_cell)):
         if case in pairs and pairs[case] != (patient or case):
             raise ValueError(f"{path}: case {case!r} is listed with two patients")
         pairs[case] = patient or case
@@ -234,8 +242,22 @@ def evaluate_case(reference: Path, prediction: Path | None, options: EvalOptions
     """Rows (dicts of the metric columns) for one case; ``prediction=None`` means missing."""
     if prediction is None:
         return _missing_rows(options)
-    ref = read_volume(reference)
-    pred = read_volume(prediction)
+    # The headers first: a grid that cannot match, or more voxel data than the limit, is refused
+    # before any voxel is decompressed.
+    ref_head = read_header(reference)
+    check_header_size(ref_head, reference, options.max_image_bytes)
+    pred_head = read_header(prediction)
+    check_header_size(pred_head, prediction, options.max_image_bytes)
+    for head, path in ((ref_head, reference), (pred_head, prediction)):
+        if len(head.size) > 3:
+            raise ValueError(f"{path}: is a {len(head.size)}D image; expected 3D (or 2D)")
+    if ref_head.size != pred_head.size and not options.resample_prediction:
+        raise ValueError(
+            f"{prediction} is not on the grid of {reference}: size {ref_head.size} vs {pred_head.size} (from the "
+            "headers; use --resample-prediction to resample it onto the reference grid)"
+        )
+    ref = read_volume(reference, max_bytes=options.max_image_bytes)
+    pred = read_volume(prediction, max_bytes=options.max_image_bytes)
     if not same_grid(ref, pred):
         if options.resample_prediction and ref.array.ndim == pred.array.ndim:
             pred = resample_nearest(pred, ref)
@@ -266,39 +288,205 @@ def evaluate_case(reference: Path, prediction: Path | None, options: EvalOptions
     return [r.as_dict() for r in results]
 
 
+#: Format of a cache entry (``OUT/cache/<options>/<job>/CASE.json``).
+CACHE_FORMAT = 2
+_MAX_ENTRY_BYTES = 16 << 20  # an entry of 200 structures is about 100 kB
+_DISTANCES = ("hd95", "hd", "msd", "assd", "centroid_mm", "apl_mm", "apl_mm_per_slice")
+_FRACTIONS = ("sdsc", "vs")
+
+
+def cache_key_path() -> Path:
+    """``$XDG_CONFIG_HOME/oarbench/cache.key`` (default ``~/.config/oarbench/cache.key``)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "oarbench" / "cache.key"
+
+
+def cache_secret(warn: Any = None) -> bytes:
+    """This user's secret for authenticating cache entries (32 random bytes).
+
+    Kept outside every output folder, in :func:`cache_key_path`, created on
+    first use with mode 0600: whoever can write an output folder (or its
+    bucket) but not this user's home can neither read nor replace it. Raises
+    ValueError when the file is not this user's or others may read or write
+    it. When it cannot be created (a read-only home), a key for this run only
+    is returned and ``warn`` is called with a message saying so.
+    """
+    path = cache_key_path()
+    if not os.path.lexists(path):
+        tmp = path.with_name(f".cache.key.{os.getpid()}.partial")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(os.urandom(32))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.link(tmp, path)  # complete or absent: a run started at the same moment reads a whole key
+        except FileExistsError:
+            pass  # made by a run started at the same moment
+        except OSError as exc:
+            if warn is not None:
+                warn(f"{path}: cannot keep a cache key there ({exc.strerror}); cached cases of this run will not "
+                     "be reused by later runs (set XDG_CONFIG_HOME to a writable folder)")
+            return os.urandom(32)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the cache key ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path}: the cache key is not a regular file; remove it to make a new one")
+        if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o077):
+            raise ValueError(f"{path}: the cache key must belong to this user and be readable by no one else "
+                             "(chmod 600, or remove it to make a new one)")
+        key = fh.read(64)
+    if len(key) < 32:
+        raise ValueError(f"{path}: the cache key is shorter than 32 bytes; remove it to make a new one")
+    return key
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_cached_rows(rows: Any, options: EvalOptions, has_prediction: bool) -> str | None:
+    """Why ``rows`` (a cache entry's) cannot be the rows of one case under ``options``, or None.
+
+    The rows must be the label map's structures in order, with every result
+    column, a known status, whole non-negative ``tp``/``fp``/``fn``, DSC in
+    [0, 1] and equal to 2 tp / (2 tp + fp + fn) (NaN for absent and missing
+    structures), non-negative distances and volumes, surface Dice and
+    volumetric similarity in [0, 1] and the structure's tolerance.
+    """
+    if not isinstance(rows, list):
+        return f"rows is {type(rows).__name__}, not a list"
+    expected = list(options.labels)
+    if len(rows) != len(expected):
+        return f"{len(rows)} rows for {len(expected)} structures"
+    for row, (value, name) in zip(rows, expected):
+        if not isinstance(row, dict) or set(row) != set(RESULT_COLUMNS):
+            return f"a row of {name} without exactly the result columns"
+        where = f"{name}: "
+        if row["label"] != value or row["structure"] != name or isinstance(row["label"], bool):
+            return f"row for label {row['label']!r} / {row['structure']!r} where {value} / {name} was expected"
+        status = row["status"]
+        if status not in STATUSES or (status == "missing") == has_prediction:
+            return where + f"status {status!r}"
+        for col in ("tp", "fp", "fn"):
+            if not isinstance(row[col], int) or isinstance(row[col], bool) or row[col] < 0:
+                return where + f"{col} {row[col]!r} is not a whole number >= 0"
+        for col in ("dsc", "ref_ml", "pred_ml", "tolerance_mm", "spacing_max_mm", *_DISTANCES, *_FRACTIONS):
+            if not _is_number(row[col]):
+                return where + f"{col} {row[col]!r} is not a number"
+            if row[col] < 0:
+                return where + f"{col} {row[col]!r} is negative"
+        tp, fp, fn, dsc = row["tp"], row["fp"], row["fn"], row["dsc"]
+        if status in ("absent", "missing"):
+            if not math.isnan(dsc) or tp or fp or fn:
+                return where + f"a {status} structure with DSC {dsc!r} and tp/fp/fn {tp}/{fp}/{fn}"
+        else:
+            if not 0.0 <= dsc <= 1.0:
+                return where + f"DSC {dsc!r} is outside [0, 1]"
+            if status == "ok" and (tp + fp == 0 or tp + fn == 0):
+                return where + f"status ok without both reference and predicted voxels (tp/fp/fn {tp}/{fp}/{fn})"
+            if 2 * tp + fp + fn == 0 or not math.isclose(dsc, 2 * tp / (2 * tp + fp + fn), rel_tol=1e-9, abs_tol=1e-12):
+                return where + f"DSC {dsc!r} is not 2 tp / (2 tp + fp + fn) for tp/fp/fn {tp}/{fp}/{fn}"
+            if status == "missed" and (tp or fp or not fn):
+                return where + f"a missed structure with tp/fp/fn {tp}/{fp}/{fn}"
+            if status == "hallucinated" and (tp or fn or not fp):
+                return where + f"a hallucinated structure with tp/fp/fn {tp}/{fp}/{fn}"
+        for col in _FRACTIONS:
+            if row[col] > 1.0:
+                return where + f"{col} {row[col]!r} is above 1"
+        if status == "ok" and not row["hd95"] <= row["hd"] + 1e-9:
+            return where + f"hd95 {row['hd95']!r} above hd {row['hd']!r}"
+        if row["tolerance_mm"] != options.tolerance_of(name):
+            return where + f"tolerance {row['tolerance_mm']!r} mm, not {options.tolerance_of(name)!r}"
+    return None
+
+
 class _CaseCache:
     """Per-case JSON files under ``OUT/cache/<options key>/<job tag>/CASE.json``.
 
     An entry is used only when the sha256 of the reference and the prediction
     it was computed from equal those of the files now: replacing a file by
     other content of the same size and modification time (``cp -p``, rsync)
-    makes the case be scored again. Temporary files of a killed run are removed
-    under the lock on OUT (:class:`oarbench.io.OutputLock`).
+    makes the case be scored again. Every entry carries an HMAC-SHA256, with
+    this user's secret (:func:`cache_secret`), of its case, job, options key,
+    input sha256 and rows; an entry whose MAC or rows (:func:`check_cached_rows`)
+    do not check out is never used: the case is scored again and a warning
+    names the entry. Temporary files of a killed run are removed under the
+    lock on OUT (:class:`oarbench.io.OutputLock`).
     """
 
-    def __init__(self, out_dir: storage.Location, options: EvalOptions, job: Job) -> None:
-        self.folder = storage.join(out_dir, "cache", options.cache_key(), job.tag)
+    def __init__(self, out_dir: storage.Location, options: EvalOptions, job: Job, secret: bytes) -> None:
+        self.key = options.cache_key()
+        self.folder = storage.join(out_dir, "cache", self.key, job.tag)
+        self.options = options
+        self.job = [job.study, job.centre, job.model, job.condition]
+        self._secret = secret
+        self.rejected: list[str] = []
 
     def _path(self, case: str) -> storage.Location:
         return storage.join(self.folder, f"{_short_name(case)}.json")
 
+    def _mac(self, case: str, inputs: list[str | None], rows: Any) -> str:
+        body = json.dumps({"format": CACHE_FORMAT, "options": self.key, "job": self.job, "case": case,
+                           "sha256": inputs, "rows": rows}, sort_keys=True, allow_nan=True, separators=(",", ":"))
+        return hmac.new(self._secret, body.encode("utf-8"), hashlib.sha256).hexdigest()
+
     def load(self, case: str, inputs: list[str | None]) -> list[dict[str, Any]] | None:
         path = self._path(case)
+        if isinstance(path, Path):
+            try:
+                st = path.lstat()
+            except OSError:
+                return None  # no entry: scored
+            if not stat.S_ISREG(st.st_mode):
+                return self._reject(path, "not a regular file")  # a FIFO, a device or a link is never opened
+            if st.st_size > _MAX_ENTRY_BYTES:
+                return self._reject(path, f"{st.st_size} bytes, more than any entry holds")
         try:
-            data = json.loads(storage.read_text(path))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        if not isinstance(data, dict) or data.get("case") != case or data.get("sha256") != inputs:
-            return None
-        return data.get("rows")
+            text = storage.read_text(path)
+        except (OSError, UnicodeDecodeError):
+            return None  # no entry (or an unreadable one): scored
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError):
+            return self._reject(path, "not valid JSON")
+        if not isinstance(data, dict):
+            return self._reject(path, "not a JSON object")
+        if data.get("sha256") != inputs and data.get("case") == case:
+            return None  # an input changed since: scored again, as it should be
+        if data.get("case") != case or data.get("job") != self.job or data.get("format") != CACHE_FORMAT:
+            return self._reject(path, f"made for case {data.get('case')!r} of job {data.get('job')!r} "
+                                      f"(format {data.get('format')!r})")
+        mac = data.get("mac")
+        if not isinstance(mac, str) or not hmac.compare_digest(mac, self._mac(case, inputs, data.get("rows"))):
+            return self._reject(path, "its authentication code does not match (edited, or written by another user or "
+                                      "an older oarbench)")
+        why = check_cached_rows(data.get("rows"), self.options, inputs[1] is not None)
+        if why:
+            return self._reject(path, why)
+        return data["rows"]
+
+    def _reject(self, path: storage.Location, why: str) -> None:
+        self.rejected.append(f"{path}: cache entry not used ({why}); the case was scored again")
+        return None
 
     def store(self, case: str, inputs: list[str | None], rows: list[dict[str, Any]]) -> None:
-        payload = {"case": case, "sha256": inputs, "rows": rows}
+        rows = json.loads(json.dumps(rows, allow_nan=True))  # the rows as they will be read back
+        payload = {"format": CACHE_FORMAT, "case": case, "job": self.job, "sha256": inputs, "rows": rows,
+                   "mac": self._mac(case, inputs, rows)}
         storage.write_text(self._path(case), json.dumps(payload, allow_nan=True))
 
 
-def _pair_cases(job: Job, options: EvalOptions) -> tuple[list[tuple[str, Path, Path | None]], list[str]]:
-    refs = find_cases(job.reference)
+def _pair_cases(job: Job, options: EvalOptions, follow_links: bool = True) -> tuple[list[tuple[str, Path, Path | None]], list[str]]:
+    refs = find_cases(job.reference, follow_links=follow_links)
     if not storage.is_dir(job.prediction):
         if options.allow_missing:
             preds: dict[str, Path] = {}
@@ -306,9 +494,9 @@ def _pair_cases(job: Job, options: EvalOptions) -> tuple[list[tuple[str, Path, P
             raise ValueError(f"{job.prediction}: prediction folder not found")
     else:
         try:
-            preds = find_cases(job.prediction)
-        except ValueError:
-            if not options.allow_missing:
+            preds = find_cases(job.prediction, follow_links=follow_links)
+        except ValueError as exc:
+            if not options.allow_missing or "no images found" not in str(exc):
                 raise
             preds = {}
     if job.cases:
@@ -357,6 +545,8 @@ def evaluate_jobs(
     force: bool = False,
     progress: bool = True,
     executor: Executor | None = None,
+    strict: bool = False,
+    follow_links: bool = False,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Score every case of every job; returns (results table, provenance).
 
@@ -364,18 +554,23 @@ def evaluate_jobs(
     :class:`~oarbench.executors.LocalExecutor` of ``workers`` processes).
     Raises ValueError naming the file(s) on the first bad input; cases already
     scored stay cached, so a corrected re-run resumes.
+
+    A prediction with the same content (sha256) as its reference is scored
+    with a warning and listed in the provenance under ``same_as_reference``;
+    ``strict=True`` refuses it instead. An image that is a symbolic link
+    to a file outside its folder is refused unless ``follow_links=True``.
     """
     out_dir = storage.as_location(out_dir)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     with OutputLock(out_dir):
         return _evaluate_jobs(jobs, options, out_dir, workers=workers, force=force, progress=progress,
-                              executor=executor)
+                              executor=executor, strict=strict, follow_links=follow_links)
 
 
 def _evaluate_jobs(
     jobs: list[Job], options: EvalOptions, out_dir: storage.Location, *, workers: int, force: bool,
-    progress: bool, executor: Executor | None,
+    progress: bool, executor: Executor | None, strict: bool = False, follow_links: bool = False,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     # Backends that hold a GPU stay in this process.
     backend, device = resolve_backend(options.backend, options.device)
@@ -389,7 +584,7 @@ def _evaluate_jobs(
     planned: list[tuple[Job, list[tuple[str, Path, Path | None]]]] = []
     warnings: list[str] = []
     for job in jobs:
-        pairs, extra = _pair_cases(job, options)
+        pairs, extra = _pair_cases(job, options, follow_links)
         if extra:
             warnings.append(f"{job.prediction}: {len(extra)} prediction(s) without a reference ignored: {', '.join(extra[:5])}")
         planned.append((job, pairs))
@@ -408,7 +603,21 @@ def _evaluate_jobs(
     def hashes(ref: Path, pred: Path | None) -> list[str | None]:
         return [inputs[str(ref)], None if pred is None else inputs[str(pred)]]
 
-    caches = {job.tag: _CaseCache(out_dir, options, job) for job, _ in planned}
+    # A prediction that is its reference (a copy, a link) scores DSC 1 whatever the model.
+    same: list[dict[str, str]] = []
+    for job, pairs in planned:
+        for case, ref, pred in pairs:
+            if pred is not None and inputs[str(ref)] == inputs[str(pred)]:
+                if strict:
+                    raise ValueError(f"{pred}: has the same content as its reference {ref} (sha256 "
+                                     f"{inputs[str(ref)][:12]}...); refused (--strict)")
+                same.append({"study": job.study, "centre": job.centre, "model": job.model,
+                             "condition": job.condition, "case": case, "reference": str(ref), "prediction": str(pred)})
+                warnings.append(f"{pred}: has the same content as its reference {ref}; its scores (DSC 1) say "
+                                "nothing about a model")
+
+    secret = cache_secret(warnings.append)
+    caches = {job.tag: _CaseCache(out_dir, options, job, secret) for job, _ in planned}
     for job, pairs in planned:
         cache = caches[job.tag]
         for case, ref, pred in pairs:
@@ -417,6 +626,8 @@ def _evaluate_jobs(
                 todo.append((job, case, ref, pred))
             else:
                 done[(job.tag, case)] = cached
+    for cache in caches.values():
+        warnings.extend(cache.rejected)
 
     bar = progress_bar(len(todo), desc="evaluate", unit="case", enabled=progress)
     start = time.perf_counter()
@@ -472,6 +683,7 @@ def _evaluate_jobs(
         "cases_from_cache": sum(len(p) for _, p in planned) - len(todo),
         "seconds_computing": round(elapsed, 3),
         "warnings": warnings,
+        "same_as_reference": same,
         "resolution_warnings": resolution_warnings(table),
         "input_sha256": inputs,
     }
@@ -553,6 +765,16 @@ def summarise(table: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS, boo
     return pd.DataFrame(out)
 
 
+def same_as_reference_counts(summary: pd.DataFrame, same: Iterable[dict[str, str]]) -> list[int]:
+    """Per row of ``summary``: how many of its group's cases had a prediction with the reference's content."""
+    keys = ("study", "centre", "model", "condition")
+    counts: dict[tuple[str, ...], int] = {}
+    for entry in same:
+        k = tuple(str(entry[c]) for c in keys)
+        counts[k] = counts.get(k, 0) + 1
+    return [counts.get(tuple(str(row[c]) for c in keys), 0) for _, row in summary.iterrows()]
+
+
 def write_outputs(out_dir: str | Path, table: pd.DataFrame, provenance: dict[str, Any]) -> dict[str, Any]:
     """Write metrics.csv, summary.csv, metrics.parquet (where pyarrow is installed;
     partitioned by centre / model / condition, :mod:`oarbench.tables`) and run.json as one set.
@@ -567,9 +789,11 @@ def write_outputs(out_dir: str | Path, table: pd.DataFrame, provenance: dict[str
     out_dir = storage.as_location(out_dir)
     check_keys(table, str(storage.join(out_dir, "metrics.csv")))
     summary = summarise(table)
+    if "same_as_reference" in provenance and not summary.empty:
+        summary["n_same_as_reference"] = same_as_reference_counts(summary, provenance["same_as_reference"])
     files = {
-        "metrics.csv": table.to_csv(index=False, float_format="%.10g").encode("utf-8"),
-        "summary.csv": summary.to_csv(index=False, float_format="%.6g").encode("utf-8"),
+        "metrics.csv": csv_text(table, float_format="%.10g").encode("utf-8"),
+        "summary.csv": csv_text(summary, float_format="%.6g").encode("utf-8"),
     }
     from oarbench.tables import have_pyarrow, write_parquet
 

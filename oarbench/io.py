@@ -43,6 +43,12 @@ __all__ = [
     "OutputLock",
     "safe_name",
     "sha256_file",
+    "check_case_name",
+    "check_inside",
+    "ImageHeader",
+    "read_header",
+    "MAX_IMAGE_BYTES",
+    "check_header_size",
 ]
 
 #: File endings recognised as images, longest first.
@@ -120,14 +126,16 @@ def case_id(path: str | Path, *, channel: bool = False) -> str | None:
     return None
 
 
-def find_cases(folder: str | Path, *, images: bool = False) -> dict[str, Path]:
+def find_cases(folder: str | Path, *, images: bool = False, follow_links: bool = True) -> dict[str, Path]:
     """Map case id -> file for every image in ``folder`` (not recursive).
 
     ``images=True`` reads an nnU-Net image folder: ``CASE_0000.nii.gz`` is case
     ``CASE``; further channels (``_0001``, ...) are not oarbench's business and
     are left out. Raises ValueError when the folder does not exist, holds no
-    images, holds an image name that is a broken symbolic link, or two files
-    claim the same case id.
+    images, holds an image name that is a broken symbolic link, an image name
+    with a control character (a line feed, a tab ...), or two files claim the
+    same case id. ``follow_links=False``: an image that is a symbolic link to a
+    file outside ``folder`` is refused too (:func:`check_inside`).
 
     ``folder`` may be an fsspec URL (``s3://bucket/study/labelsTs``); the
     values are then URL strings (:mod:`oarbench.storage`).
@@ -147,6 +155,9 @@ def find_cases(folder: str | Path, *, images: bool = False) -> dict[str, Path]:
         stem = case_id(fname)
         if stem is None:
             continue
+        check_case_name(stem, path)
+        if not follow_links and isinstance(path, Path):
+            check_inside(path, folder)  # type: ignore[arg-type]
         if images:
             match = re.search(r"_(\d{4})$", stem)
             if match and match.group(1) != "0000":
@@ -158,6 +169,28 @@ def find_cases(folder: str | Path, *, images: bool = False) -> dict[str, Path]:
     if not cases:
         raise ValueError(f"{folder}: no images found ({', '.join(IMAGE_SUFFIXES)})")
     return cases
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def check_case_name(case: str, path: Any) -> str:
+    """``case`` unless it holds a control character (a line feed, tab, ...): ValueError naming ``path``."""
+    bad = _CONTROL.search(case)
+    if bad:
+        shown = repr(str(path))[1:-1]
+        raise ValueError(f"{shown}: the case name {case!r} holds a control character ({bad.group()!r}); rename the file")
+    return case
+
+
+def check_inside(path: Path, folder: Path) -> None:
+    """Raise ValueError when ``path`` is (or goes through) a symbolic link that leaves ``folder``."""
+    real = Path(os.path.realpath(path))
+    base = Path(os.path.realpath(folder))
+    if real != base and base not in real.parents:
+        raise ValueError(
+            f"{path}: symbolic link to {real}, outside {folder}; not followed (use --follow-links to read it)"
+        )
 
 
 # NIfTI datatype codes of floating-point voxels -> numpy type (docs/evaluate.md, "Damaged files").
@@ -208,6 +241,11 @@ def _scan_payload(stream: Any, path: Path, what: str) -> None:
             break
         block_data = block[offset - seen:] if seen < offset else block
         seen += len(block)
+        if seen - offset > need + _TRAILING_SLACK:
+            raise ValueError(
+                f"{path}: cannot read image: {what} holds more than {need + _TRAILING_SLACK} bytes after the header, "
+                f"which announces {need} bytes of voxel data; refusing to read on"
+            )
         if float_dtype is not None and block_data:
             carry += block_data
             usable = len(carry) - len(carry) % item
@@ -224,6 +262,109 @@ def _scan_payload(stream: Any, path: Path, what: str) -> None:
         )
     if nan:
         raise ValueError(f"{path}: {nan} voxel(s) are NaN (not a number); refusing to read them as 0")
+
+
+#: Largest voxel data one image may hold, as its header states (dimensions x bytes per voxel): 2 GiB,
+#: checked before any voxel is read (docs/evaluate.md, "Guarantees"). A 1000 x 1024 x 1024 int16 CT is 2 GiB.
+MAX_IMAGE_BYTES = 2 << 30
+# A decompressed NIfTI stream may run on past its voxel data by at most this much before it is refused.
+_TRAILING_SLACK = 16 << 20
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header says, read without its voxels.
+
+    ``size`` is in SimpleITK's (x, y, z) order with trailing dimensions of 1
+    dropped; ``nbytes`` is the voxel data the header announces (all voxels x
+    bytes per voxel).
+    """
+
+    size: tuple[int, ...]
+    nbytes: int
+
+    def shape_text(self) -> str:
+        return " x ".join(str(d) for d in self.size)
+
+
+def _nifti_dims(header: bytes) -> tuple[int, ...]:
+    """Dimensions (x, y, z, ...) of a NIfTI-1/2 header already checked by :func:`_nifti_layout`."""
+    for order in "<>":
+        size = struct.unpack(order + "i", header[:4])[0]
+        if size in (348, 540):
+            break
+    if size == 348:
+        dims = struct.unpack(order + "8h", header[40:56])
+    else:
+        dims = struct.unpack(order + "8q", header[16:80])
+    return tuple(int(d) for d in dims[1 : dims[0] + 1])
+
+
+def _sitk_pixel_bytes(pixel_id: int) -> int:
+    return sitk.Image([1, 1], pixel_id).GetSizeOfPixelComponent()
+
+
+def read_header(path: Any) -> ImageHeader:
+    """The grid size and voxel data size an image file's header announces, without reading its voxels.
+
+    ``.nii`` / ``.nii.gz``: the NIfTI header (348 bytes, NIfTI-2: 540) from the
+    start of the (decompressed) stream; only those bytes are decompressed.
+    Other formats: SimpleITK's ``ReadImageInformation``. ``path`` may be an
+    fsspec URL: a NIfTI header is read from the start of the remote stream,
+    other formats from a temporary local copy. Raises ValueError naming the
+    file when the header cannot be read.
+    """
+    from oarbench import storage
+
+    remote = storage.is_remote(path)
+    name = str(path).lower()
+    if remote and not name.endswith((".nii.gz", ".nii")):
+        with storage.local_copy(str(path)) as local:
+            try:
+                return read_header(local)
+            except ValueError as exc:
+                raise ValueError(str(exc).replace(str(local), str(path))) from None
+    if not remote:
+        path = Path(path)
+    if name.endswith((".nii.gz", ".nii")):
+        try:
+            if remote:
+                import fsspec
+
+                with fsspec.open(str(path), "rb") as raw:
+                    head = (gzip.GzipFile(fileobj=raw) if name.endswith(".gz") else raw).read(540)
+            else:
+                with (gzip.open if name.endswith(".gz") else open)(path, "rb") as stream:  # type: ignore[operator]
+                    head = stream.read(540)
+        except FileNotFoundError:
+            raise ValueError(f"{path}: file not found") from None
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise ValueError(f"{path}: cannot read image: damaged or incomplete gzip stream ({exc}); an interrupted copy?") from None
+        _offset, nbytes, _item, _float = _nifti_layout(head, path)
+        dims = _nifti_dims(head)
+    else:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            detail = next((ln for ln in lines if "ERROR" in ln or "Unable" in ln), lines[0] if lines else "")
+            raise ValueError(f"{path}: cannot read image header ({detail})") from None
+        dims = tuple(int(d) for d in reader.GetSize())
+        nbytes = math.prod(dims) * reader.GetNumberOfComponents() * _sitk_pixel_bytes(reader.GetPixelID())
+    while len(dims) > 1 and dims[-1] == 1:
+        dims = dims[:-1]
+    return ImageHeader(dims, int(nbytes))
+
+
+def check_header_size(header: ImageHeader, path: Any, max_bytes: int | None = MAX_IMAGE_BYTES) -> None:
+    """Raise ValueError naming ``path`` when ``header`` announces more voxel data than ``max_bytes``."""
+    if max_bytes is not None and header.nbytes > max_bytes:
+        raise ValueError(
+            f"{path}: the header announces a {header.shape_text()} grid, {header.nbytes / 2**30:.2f} GiB of voxel "
+            f"data, above the limit of {max_bytes / 2**30:.2f} GiB for one image; not read"
+        )
 
 
 def check_image_file(path: str | Path) -> None:
@@ -251,11 +392,13 @@ def check_image_file(path: str | Path) -> None:
             _scan_payload(stream, path, "the file")
 
 
-def read_volume(path: str | Path, *, allow_4d: bool = False) -> Volume:
+def read_volume(path: str | Path, *, allow_4d: bool = False, max_bytes: int | None = MAX_IMAGE_BYTES) -> Volume:
     """Read an image file into a :class:`Volume`.
 
     Raises ValueError naming the file when it is missing, unreadable, corrupt,
-    incomplete (:func:`check_image_file`), holds NaN voxels, or is not 2D/3D.
+    incomplete (:func:`check_image_file`), holds NaN voxels, or is not 2D/3D,
+    and, before any voxel is decompressed, when its header announces more
+    than ``max_bytes`` of voxel data (:func:`read_header`; ``None``: no limit).
     ``path`` may be an fsspec URL: the file is copied to a temporary local file
     and read (and checked) from there.
     """
@@ -266,7 +409,7 @@ def read_volume(path: str | Path, *, allow_4d: bool = False) -> Volume:
             raise ValueError(f"{path}: file not found")
         with storage.local_copy(str(path)) as local:
             try:
-                return read_volume(local, allow_4d=allow_4d)
+                return read_volume(local, allow_4d=allow_4d, max_bytes=max_bytes)
             except ValueError as exc:
                 raise ValueError(str(exc).replace(str(local), str(path))) from None
     path = Path(path)
@@ -274,6 +417,7 @@ def read_volume(path: str | Path, *, allow_4d: bool = False) -> Volume:
         raise ValueError(f"{path}: broken symbolic link (points to {os.readlink(path)})")
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
+    check_header_size(read_header(path), path, max_bytes)
     check_image_file(path)
     try:
         image = sitk.ReadImage(str(path))

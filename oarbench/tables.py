@@ -26,7 +26,8 @@ from typing import Any, Sequence
 import pandas as pd
 
 __all__ = ["PARTITION_COLUMNS", "PARQUET_INSTALL_HINT", "KEY_COLUMNS", "DEFAULT_STUDY", "DEFAULT_CENTRE",
-           "DEFAULT_CONDITION", "check_keys", "have_pyarrow", "write_parquet", "read_table"]
+           "DEFAULT_CONDITION", "check_keys", "have_pyarrow", "write_parquet", "read_table",
+           "csv_cell", "csv_row", "csv_text", "restore_cell", "restore_cells"]
 
 #: Columns that address a row; each must be a non-empty string in every row.
 KEY_COLUMNS: tuple[str, ...] = ("study", "centre", "model", "condition", "case", "structure")
@@ -55,6 +56,92 @@ def check_keys(table: pd.DataFrame, source: str, columns: Sequence[str] = KEY_CO
                 f"{source}: {int(bad.sum())} row(s) with an empty '{col}' (first: row {first}); every row needs "
                 f"{', '.join(KEY_COLUMNS)} (re-run `oarbench evaluate` with --study-name/--centre/--model/--condition)"
             )
+
+# --- spreadsheet formulas in CSV cells ------------------------------------------------------------
+# A spreadsheet opening a CSV file runs a cell that starts with = + - @ (or a tab or carriage return
+# before one) as a formula (OWASP, "CSV Injection"). Every CSV oarbench writes goes through
+# csv_text / csv_row, which put a single quote before such a text cell; restore_cell undoes it when
+# oarbench reads its own tables back, so names survive the round trip exactly.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def csv_cell(value: Any) -> Any:
+    """``value`` safe to put in a CSV cell that a spreadsheet opens.
+
+    A text that starts with ``= + - @``, a tab, a carriage return or a line feed,
+    optionally after single quotes, gets one more single quote in front
+    (``=HYPERLINK("x")`` -> ``'=HYPERLINK("x")``); a text that is a plain number
+    (``-2.5``) and anything that is not text are returned unchanged.
+    :func:`restore_cell` is the exact inverse.
+    """
+    if not isinstance(value, str):
+        return value
+    body = value.lstrip("'")
+    if body.startswith(_FORMULA_START) and not (body == value and _is_number(value)):
+        return "'" + value
+    return value
+
+
+def restore_cell(value: Any) -> Any:
+    """The text :func:`csv_cell` was given (one leading quote removed where it added one)."""
+    if isinstance(value, str) and value.startswith("'"):
+        body = value.lstrip("'")
+        if body.startswith(_FORMULA_START):
+            return value[1:]
+    return value
+
+
+def restore_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` (read from a CSV oarbench wrote) with every text cell passed through :func:`restore_cell`."""
+    for col in df.columns:
+        if _is_text(df[col]):
+            df[col] = _map_cells(df[col], restore_cell)
+    return df
+
+
+def _map_cells(values: pd.Series, fn: Any) -> pd.Series:
+    """``values`` with ``fn`` applied to each distinct text (a few names in a long table: fast)."""
+    original = values
+    values = values.astype(object)
+    changed = {}
+    for value in pd.unique(values):
+        if isinstance(value, str):
+            new = fn(value)
+            if new != value:
+                changed[value] = new
+    if not changed:
+        return original
+    out = values.map(changed).where(values.isin(list(changed)), values)
+    return out.astype(original.dtype) if isinstance(original.dtype, pd.StringDtype) else out
+
+
+def _is_text(values: pd.Series) -> bool:
+    return values.dtype == object or isinstance(values.dtype, (pd.StringDtype, pd.CategoricalDtype))
+
+
+def csv_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row for :class:`csv.DictWriter` with every cell passed through :func:`csv_cell`."""
+    return {key: csv_cell(value) for key, value in row.items()}
+
+
+def csv_text(df: pd.DataFrame, **to_csv: Any) -> str:
+    """``df.to_csv(index=False, **to_csv)`` with every text cell and column name passed through :func:`csv_cell`."""
+    safe = df.copy()
+    for col in safe.columns:
+        if _is_text(safe[col]):
+            safe[col] = _map_cells(safe[col], csv_cell)
+    safe.columns = [csv_cell(c) for c in safe.columns]
+    to_csv.setdefault("index", False)
+    return safe.to_csv(**to_csv)
+
 
 #: Partition columns of ``metrics.parquet``, outermost first.
 PARTITION_COLUMNS = ("centre", "model", "condition")
@@ -203,7 +290,7 @@ def read_table(url: str | Path, *, columns: Sequence[str] | None = None, what: s
                 df = pd.read_csv(fh, dtype={c: str for c in text}, keep_default_na=False, na_values=na)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise ValueError(f"{url}: cannot read the {what} as CSV ({exc})") from exc
-        df = _text_keys(df)
+        df = restore_cells(_text_keys(df))
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise ValueError(f"{url}: missing required column(s) {', '.join(missing)}; have {', '.join(map(str, df.columns))}")

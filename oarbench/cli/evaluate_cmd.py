@@ -58,12 +58,18 @@ def print_summary(table, echo=click.echo) -> None:
 @click.option("--condition", default=None, help="With folders: the condition name [default: original].")
 @click.option("--study-name", default=None, help="With folders: the study name [default: own-data].")
 @click.option("--force", is_flag=True, help="Recompute cached cases.")
+@click.option("--strict", is_flag=True,
+              help="Refuse a prediction with the same content as its reference (by default: scored, with a warning).")
+@click.option("--follow-links", is_flag=True,
+              help="Read images that are symbolic links to files outside their folder (by default: refused).")
+@click.option("--max-image-gib", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="Refuse an image whose header announces more voxel data than this, before reading it.")
 @click.option("--quiet", is_flag=True, help="No summary table (the progress bar stays; see --no-progress).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @user_errors
 def evaluate(study, reference, predictions, labels_path, structures, out, workers, device, tolerance, apl_convention,
-             resample_prediction, allow_missing, models, centres, condition, study_name, force, quiet, no_progress,
-             executor_kind, scheduler, resources, batch):
+             resample_prediction, allow_missing, models, centres, condition, study_name, force, strict, follow_links,
+             max_image_gib, quiet, no_progress, executor_kind, scheduler, resources, batch):
     """Score predictions against references: metrics.csv, summary.csv, run.json.
 
     Either a STUDY.toml (several centres x models, docs/study-toml.md) or
@@ -113,7 +119,8 @@ def evaluate(study, reference, predictions, labels_path, structures, out, worker
     options = EvalOptions(labels=labels, tolerance_mm=tol, tolerances=tuple(sorted(tolerances.items())),
                           apl_convention=apl_convention, backend="auto",
                           device=None if device == "auto" else device,
-                          resample_prediction=resample_prediction, allow_missing=allow_missing)
+                          resample_prediction=resample_prediction, allow_missing=allow_missing,
+                          max_image_bytes=int(max_image_gib * 2**30))
     executor = None
     if executor_kind != "local" or scheduler or resources or batch != "auto":
         executor = open_executor(executor_kind, workers, scheduler, resources, batch)
@@ -121,7 +128,7 @@ def evaluate(study, reference, predictions, labels_path, structures, out, worker
     with OutputLock(out):
         try:
             table, provenance = evaluate_jobs(jobs, options, out, workers=workers, force=force, progress=not no_progress,
-                                              executor=executor)
+                                              executor=executor, strict=strict, follow_links=follow_links)
         finally:
             if executor is not None:
                 executor.close()
@@ -132,6 +139,11 @@ def evaluate(study, reference, predictions, labels_path, structures, out, worker
         click.echo(f"warning: {w}", err=True)
     if not quiet:
         print_summary(table)
+    same = provenance.get("same_as_reference") or []
+    if same:
+        n_pairs = sum(j["cases"] for j in provenance["jobs"])
+        click.echo(f"warning: {len(same)} of {n_pairs} predictions have the same content as their reference; "
+                   "their DSC 1 says nothing about a model (listed in run.json, same_as_reference)", err=True)
     click.echo(
         f"{len(table)} rows ({provenance['cases_computed']} cases computed, "
         f"{provenance['cases_from_cache']} from cache) -> {paths['metrics']}"

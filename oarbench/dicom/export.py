@@ -28,6 +28,7 @@ from oarbench.dicom.discover import scan
 from oarbench.dicom.rtstruct import Grid, trace_mask
 from oarbench.io import Volume, atomic_write_bytes, atomic_write_text, check_same_grid, find_cases, read_volume
 from oarbench.labels import LabelMap
+from oarbench.tables import csv_row, restore_cell
 
 __all__ = ["COLOURS", "colour_of", "new_uid", "write_ct_series", "build_rtstruct", "build_seg",
            "ExportResult", "export_predictions", "save_dataset"]
@@ -343,7 +344,7 @@ def _cases_table(path: Path) -> dict[str, str]:
     if rows and ("case" not in rows[0] or "series_instance_uid" not in rows[0]):
         raise ValueError(f"{path}: a cases table needs columns case and series_instance_uid "
                          "(the cases.csv written by oarbench dicom import)")
-    return {r["case"]: r["series_instance_uid"] for r in rows}
+    return {restore_cell(r["case"]): r["series_instance_uid"] for r in rows}
 
 
 def export_predictions(pred_dir: str | Path, dicom_dir: str | Path, out: str | Path, label_map: LabelMap, *,
@@ -410,6 +411,6 @@ def export_predictions(pred_dir: str | Path, dicom_dir: str | Path, out: str | P
     buf = _stdio.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(EXPORT_COLUMNS), lineterminator="\n")
     w.writeheader()
-    w.writerows(rows)
+    w.writerows(map(csv_row, rows))
     atomic_write_text(out / "export.csv", buf.getvalue())
     return ExportResult(rows, files)

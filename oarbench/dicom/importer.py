@@ -36,6 +36,7 @@ from oarbench.dicom.rtstruct import Grid, RoiMask, check_contours, rasterise, re
 from oarbench.executors import LocalExecutor
 from oarbench.io import atomic_write_text, write_volume
 from oarbench.labels import LabelMap
+from oarbench.tables import csv_row, restore_cell
 
 __all__ = ["ImportOptions", "ImportResult", "import_dicom", "IMPORT_COLUMNS", "METADATA_COLUMNS", "CASES_COLUMNS",
            "position_of", "age_years"]
@@ -114,7 +115,7 @@ def _csv_text(rows: list[dict], columns: tuple[str, ...]) -> str:
     w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow(r)
+        w.writerow(csv_row(r))
     return buf.getvalue()
 
 
@@ -129,7 +130,7 @@ def _read_cases_csv(path: Path) -> dict[tuple[str, str], str]:
     out = {}
     for r in rows:
         try:
-            out[(r["series_instance_uid"], r["rtstruct_sop_instance_uid"])] = r["case"]
+            out[(r["series_instance_uid"], r["rtstruct_sop_instance_uid"])] = restore_cell(r["case"])
         except KeyError as exc:
             raise ValueError(f"{path}: cases table without column {exc}") from exc
     return out

@@ -28,6 +28,7 @@ from oarbench.dicom.export import build_rtstruct, new_uid, save_dataset, write_c
 from oarbench.io import Volume, atomic_write_text, resample_nearest
 from oarbench.labels import DEFAULT_LABELS
 from oarbench.phantoms import DemoConfig, draw_cases, render_case
+from oarbench.tables import csv_row
 
 __all__ = ["CENTRE_NAMES", "DUTCH_NAMES", "GERMAN_NAMES", "generate_dicom_study", "patient_header"]
 
@@ -101,5 +102,5 @@ def generate_dicom_study(out_dir: str | Path, config: DemoConfig, *,
     buf = _stdio.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     w.writeheader()
-    w.writerows(rows)
+    w.writerows(map(csv_row, rows))
     return atomic_write_text(out / "dicom_manifest.csv", buf.getvalue())

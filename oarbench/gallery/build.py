@@ -14,6 +14,7 @@ import pandas as pd
 from oarbench.gallery.paths import PathResolver, find_case_file
 from oarbench.gallery.selection import FailureCriteria, select_failures
 from oarbench.gallery.slices import Tile, island_sizes, make_tile, orient_lps
+from oarbench.tables import csv_text
 
 __all__ = ["SELECTION_FILE", "GalleryResult", "tile_for_row", "build_gallery"]
 
@@ -228,7 +229,7 @@ def build_gallery(
     index = pd.DataFrame.from_records(records)
     if index.empty:
         index = pd.DataFrame(columns=["structure", "centre", "model", "condition", "case", "status", "dsc", "hd95", "dsc_drop", "reason", "drawn", "note", "montage", "panel", "plane", "slice_index", "ref_islands", "ref_small_islands", "ref_smallest_island_voxels"])
-    atomic_write_text(out / "index.csv", index.to_csv(index=False))
+    atomic_write_text(out / "index.csv", csv_text(index))
     atomic_write_text(out / "index.html", _index_html(index, montages, crit))
     atomic_write_text(out / SELECTION_FILE, json.dumps({**crit.as_dict(), "small_island_voxels": int(small_island_voxels)}, indent=2) + "\n")
     return GalleryResult(out, montages, index)

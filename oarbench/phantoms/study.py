@@ -30,6 +30,7 @@ from oarbench.io import Volume, atomic_write_text, read_volume, sha256_file, wri
 from oarbench.labels import DEFAULT_LABELS
 from oarbench.phantoms.anatomy import CONTRAST_PHASES, Grid, build_anatomy, render
 from oarbench.phantoms.errors import ErrorModel, InjectedError, signed_distances, simulate_case
+from oarbench.tables import csv_row
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -369,7 +370,7 @@ def _csv_text(rows: Iterable[dict], columns: Iterable[str]) -> str:
     writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow(row)
+        writer.writerow(csv_row(row))
     return buf.getvalue()
 
 

@@ -28,7 +28,7 @@ from oarbench.labels import DEFAULT_LABELS, LabelMap, contralateral, laterality
 from oarbench.metrics import RESULT_COLUMNS, dice, evaluate_labels
 from oarbench.robustness.predictors import Predictor
 from oarbench.progress import progress_bar
-from oarbench.tables import DEFAULT_CENTRE, DEFAULT_STUDY, check_keys
+from oarbench.tables import DEFAULT_CENTRE, DEFAULT_STUDY, check_keys, csv_text
 from oarbench.robustness.transforms import (
     Identity,
     Perturbation,
@@ -587,5 +587,5 @@ def write_robustness(result: RobustnessResult, out_dir: str | Path) -> dict[str,
     paths = {}
     for name, df in (("robustness.csv", result.table), ("noise_floor.csv", result.noise_floor),
                      ("robustness_summary.csv", result.summary), ("robustness_skipped.csv", result.skipped)):
-        paths[name] = storage.write_text(storage.join(out, name), df.to_csv(index=False))
+        paths[name] = storage.write_text(storage.join(out, name), csv_text(df))
     return paths

@@ -634,5 +634,6 @@ def run_stats(
 def write_stats(df: pd.DataFrame, path: str | Path) -> Path:
     """Write the statistics table as CSV atomically (temp file in the same folder, then rename)."""
     from oarbench.io import atomic_write_text
+    from oarbench.tables import csv_text
 
-    return atomic_write_text(path, df.to_csv(index=False))
+    return atomic_write_text(path, csv_text(df))

@@ -380,11 +380,12 @@ def _corr_name(method: str) -> str:
 def write_paper_outputs(out_dir: str | Path, paper: pd.DataFrame, methods: str) -> dict[str, Path]:
     """Write ``paper_table.csv``, ``paper_table.tex`` and ``methods.md`` atomically."""
     from oarbench.io import atomic_write_text
+    from oarbench.tables import csv_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return {
-        "paper_table.csv": atomic_write_text(out / "paper_table.csv", paper.to_csv(index=False)),
+        "paper_table.csv": atomic_write_text(out / "paper_table.csv", csv_text(paper)),
         "paper_table.tex": atomic_write_text(out / "paper_table.tex", paper_table_latex(paper)),
         "methods.md": atomic_write_text(out / "methods.md", methods + "\n"),
     }
