@@ -528,3 +528,115 @@ def test_supernode_refuses_an_unsigned_app_a_plain_superlink_hands_it(tmp_path: 
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def _cli(args: list[str]):
+    from click.testing import CliRunner
+
+    from oarbench.cli import main
+
+    res = CliRunner().invoke(main, args)
+    assert "Traceback" not in res.output, res.output
+    return res
+
+
+def _one_line_error(res, *parts: str) -> None:
+    assert res.exit_code != 0, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("Error: "), res.output
+    for p in parts:
+        assert p in last, res.output
+
+
+def test_cli_flower_bad_input_is_one_line(tmp_path: Path) -> None:
+    setup = tmp_path / "setup"
+    assert _cli(["fl", "flower-setup", "--out", str(setup)]).exit_code == 0
+    assert (setup / "trusted-entities.yaml").is_file() and (setup / "coordinator/coordinator-signing").is_file()
+    _one_line_error(_cli(["fl", "flower-setup", "--out", str(setup)]), str(setup / "tls"), "never overwrites")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(_cli(["fl", "superlink", "--setup", str(empty)]), str(empty / "tls/ca.pem"), "missing")
+    bad_pub = tmp_path / "A.pub"
+    bad_pub.write_text("ssh-rsa notbase64!")
+    _one_line_error(_cli(["fl", "register", "--setup", str(setup), "--site", "A", "--public-key", str(bad_pub)]),
+                    str(bad_pub), "not an OpenSSH public key")
+    # a roster edited by hand is refused before anything is registered
+    from oarbench.train.flower import make_node_key, write_roster
+
+    _, a = make_node_key(tmp_path, "A")
+    roster = write_roster(tmp_path / "roster.json", {"A": (a, 11)}, setup / "coordinator/coordinator-signing")
+    doc = json.loads(roster.read_text())
+    doc["roster"]["sites"]["A"]["node_id"] = 12
+    roster.write_text(json.dumps(doc))
+    _one_line_error(_cli(["fl", "register", "--setup", str(setup), "--site", "B", "--public-key", str(a),
+                          "--roster", str(roster)]), str(roster), "signature does not match")
+    # no SuperLink listening: one line
+    _one_line_error(_cli(["fl", "register", "--setup", str(setup), "--site", "A", "--public-key", str(a),
+                          "--control-port", "9"]), "flwr supernode register")
+    # the hospital's SuperNode needs the trusted-entities file, and a valid one
+    common = ["fl", "site", "--engine", "flower", "--site", "A", "--dataset", str(tmp_path), "--work",
+              str(tmp_path / "w"), "--superlink", "127.0.0.1:9", "--root-certificates", str(setup / "tls/ca.pem"),
+              "--auth-key", str(tmp_path / "A")]
+    _one_line_error(_cli(common), "--trusted-entities")
+    bad_te = tmp_path / "te.yaml"
+    bad_te.write_text("k: ssh-ed25519 AAAA\n")
+    _one_line_error(_cli(common + ["--trusted-entities", str(bad_te)]), str(bad_te), "not an OpenSSH public key")
+    # the coordinator: a signing key that is not Ed25519, a roster signed by someone else
+    coord = ["fl", "coordinator", "--engine", "flower", "--superlink", "127.0.0.1:9", "--root-certificates",
+             str(setup / "tls/ca.pem"), "--sites", "A", "--rounds", "1", "--work", str(tmp_path / "cw")]
+    _one_line_error(_cli(coord + ["--signing-key", str(tmp_path / "A"), "--roster", str(roster)]),
+                    str(tmp_path / "A"), "must be Ed25519")
+    other, _ = ft.make_coordinator_key(tmp_path / "other")
+    foreign = write_roster(tmp_path / "foreign.json", {"A": (a, 11)}, other)
+    _one_line_error(_cli(coord + ["--signing-key", str(setup / "coordinator/coordinator-signing"), "--roster",
+                                  str(foreign)]), str(foreign), "not by the coordinator's key")
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_cli_setup_superlink_register_roster(tmp_path: Path) -> None:
+    """The coordinator's documented commands: flower-setup, superlink, register (twice) -> a signed roster whose node
+    ids are the SuperLink's own (flwr supernode ls)."""
+    import signal
+    import socket
+
+    from oarbench.train.flower import _free_port, make_node_key
+
+    setup = tmp_path / "setup"
+    assert _cli(["fl", "flower-setup", "--out", str(setup)]).exit_code == 0
+    public, control = _free_port(), _free_port()
+    with open(tmp_path / "superlink.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "oarbench", "fl", "superlink", "--setup", str(setup),
+                                 "--public", f"127.0.0.1:{public}", "--control-port", str(control)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for port in (control, public):
+            for _ in range(600):
+                try:
+                    socket.create_connection(("127.0.0.1", port), 0.5).close()
+                    break
+                except OSError:
+                    assert proc.poll() is None, (tmp_path / "superlink.log").read_text()
+                    time.sleep(0.2)
+        pubs = {s: make_node_key(tmp_path / "keys", s)[1] for s in ("A", "B")}
+        for s, pub in pubs.items():
+            res = _cli(["fl", "register", "--setup", str(setup), "--site", s, "--public-key", str(pub),
+                        "--control-port", str(control)])
+            assert res.exit_code == 0, res.output
+        public_key = ft.load_public_key_text(setup / "coordinator/coordinator-signing.pub")
+        doc, bound = ft.load_roster(setup / "roster.json", public_key)
+        listed = _flwr(["supernode", "ls", "coordinator", "--format", "json"], setup / "flwr-home")
+        nodes = json.loads(listed.stdout[listed.stdout.index("{"):])["nodes"]
+        assert sorted(int(n["node-id"]) for n in nodes) == sorted(bound.values())
+        for s, pub in pubs.items():
+            assert doc["roster"]["sites"][s]["public_key"] == " ".join(pub.read_text().split()[:2])
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

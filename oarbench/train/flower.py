@@ -69,6 +69,7 @@ __all__ = [
     "superlink_command",
     "register_supernode",
     "write_roster",
+    "add_to_roster",
     "weights_to_record",
     "record_to_weights",
 ]
@@ -849,17 +850,41 @@ def write_roster(path: str | Path, sites: Mapping[str, tuple[str | Path, int]], 
                  federation: str = "oarbench") -> Path:
     """Write the coordinator-signed roster: site -> (SuperNode public key file or text, node id)."""
     from oarbench.train import nnunet as nn
-    from oarbench.train.flower_trust import load_signing_key, make_roster
+    from oarbench.train.flower_trust import load_signing_key, make_roster, read_node_public_key
 
     entries: dict[str, tuple[str, int]] = {}
     for site, (pub, node) in sites.items():
-        text = Path(pub).read_text() if isinstance(pub, Path) else str(pub)
+        text = read_node_public_key(pub) if isinstance(pub, Path) else str(pub)
         entries[site] = (text, int(node))
     doc = make_roster(entries, load_signing_key(signing_key), federation=federation)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     nn._atomic_text(path, json.dumps(doc, indent=1, sort_keys=True))
     return path
+
+
+def add_to_roster(path: str | Path, site: str, public_key: str | Path, node_id: int,
+                  signing_key: str | Path) -> Path:
+    """Add or replace one site in the signed roster at ``path`` (created if missing) and sign it again.
+
+    An existing roster must carry the coordinator's valid signature (it is
+    checked before anything is added).
+    """
+    from oarbench.train.flower_trust import load_roster, load_signing_key
+
+    from cryptography.hazmat.primitives import serialization
+
+    path = Path(path)
+    entries: dict[str, tuple[str | Path, int]] = {}
+    federation = "oarbench"
+    if path.exists():
+        public = load_signing_key(signing_key).public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+        doc, _ = load_roster(path, public)
+        federation = str(doc["roster"].get("federation", federation))
+        entries = {s: (str(e["public_key"]), int(e["node_id"])) for s, e in doc["roster"]["sites"].items()}
+    entries[str(site)] = (Path(public_key), int(node_id))
+    return write_roster(path, entries, signing_key, federation=federation)
 
 
 def coordinate(superlink: str, root_certificates: str | Path, work: str | Path, *, sites: Sequence[str],

@@ -38,9 +38,11 @@ __all__ = [
     "load_public_key_text",
     "key_id",
     "write_trusted_entities",
+    "check_trusted_entities",
     "fab_message",
     "sign_fab",
     "verify_fab",
+    "read_node_public_key",
     "make_roster",
     "verify_roster",
     "load_roster",
@@ -161,6 +163,26 @@ def write_trusted_entities(path: str | Path, public_key: str) -> Path:
     return path
 
 
+def check_trusted_entities(path: str | Path) -> dict[str, str]:
+    """Read a trusted-entities file as ``flower-supernode`` will (YAML, key id -> Ed25519 OpenSSH key); ``ValueError``
+    naming the file and the problem otherwise."""
+    import yaml
+
+    path = Path(path)
+    raw = _read_small(path, _MAX_KEY_FILE, "the trusted-entities file")
+    try:
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: the trusted-entities file is not YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path}: the trusted-entities file must map a key id to the coordinator's public key")
+    for kid, text in data.items():
+        if not isinstance(text, str):
+            raise ValueError(f"{path}: entry {kid!r} is not an OpenSSH public key line")
+        _ed25519_public(text, f"{path}: entry {kid!r}")
+    return {str(k): str(v) for k, v in data.items()}
+
+
 def fab_message(fab: bytes, signed_at: int) -> bytes:
     """What is signed: ``signed_at`` as 8 bytes big-endian, then SHA-256 of the FAB (as Flower's SuperNode checks)."""
     return int(signed_at).to_bytes(8, "big") + hashlib.sha256(fab).digest()
@@ -211,6 +233,17 @@ def _node_public_key(text: str, where: str) -> str:
     except (ValueError, TypeError, UnicodeError) as exc:
         raise ValueError(f"{where}: not an OpenSSH public key ({exc})") from None
     return " ".join(str(text).split()[:2])
+
+
+def read_node_public_key(path: str | Path) -> str:
+    """A SuperNode's public key file (OpenSSH, e.g. ``ssh-keygen -t ecdsa -b 384``), checked; one line."""
+    path = Path(path)
+    raw = _read_small(path, _MAX_KEY_FILE, "the SuperNode public key")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: the SuperNode public key is not text") from None
+    return _node_public_key(text, str(path))
 
 
 def make_roster(sites: Mapping[str, tuple[str, int]], private_key: Any, federation: str = "oarbench") -> dict[str, Any]:
