@@ -606,7 +606,8 @@ def test_cli_setup_superlink_register_roster(tmp_path: Path) -> None:
     from oarbench.train.flower import _free_port, make_node_key
 
     setup = tmp_path / "setup"
-    assert _cli(["fl", "flower-setup", "--out", str(setup)]).exit_code == 0
+    # the hospitals' host name only: the certificate still covers 127.0.0.1, where the Control API is
+    assert _cli(["fl", "flower-setup", "--out", str(setup), "--host", "coordinator.example.org"]).exit_code == 0
     public, control = _free_port(), _free_port()
     with open(tmp_path / "superlink.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "oarbench", "fl", "superlink", "--setup", str(setup),
@@ -640,3 +641,23 @@ def test_cli_setup_superlink_register_roster(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_locked_superlink_refuses_a_public_control_api_no_tls_no_node_auth(tmp_path: Path) -> None:
+    from oarbench.train.flower import _free_port, make_tls, superlink_command
+
+    tls = make_tls(tmp_path / "tls")
+    _, pub = ft.make_coordinator_key(tmp_path / "k")
+    base = superlink_command("127.0.0.1", _free_port(), _free_port(), tls, pub, tmp_path / "db")
+    i = base.index("--host")
+
+    def run(cmd: list[str]) -> str:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert res.returncode != 0
+        return res.stdout + res.stderr
+
+    assert "must be on loopback" in run(base[:i + 1] + ["0.0.0.0"] + base[i + 2:])
+    assert "needs --enable-supernode-auth" in run([a for a in base if a != "--enable-supernode-auth"])
+    j = base.index("--ssl-ca-certfile")
+    plain = [a for a in base[:j] + ["--insecure"] + base[j + 6:] if a != "--enable-supernode-auth"]
+    assert "needs TLS" in run(plain)

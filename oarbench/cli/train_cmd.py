@@ -261,8 +261,9 @@ def site(engine: str, storage: str | None, storage_options: str | None, keys_dir
 @fl.command("flower-setup")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="The coordinator's Flower folder (new, or without these files).")
-@click.option("--host", "hosts", multiple=True, default=("localhost", "127.0.0.1"), show_default=True,
-              help="Host name or IP address the hospitals use for the SuperLink (its TLS certificate); repeat.")
+@click.option("--host", "hosts", multiple=True,
+              help="Host name or IP address the hospitals use for the SuperLink (its TLS certificate); repeat. "
+                   "localhost and 127.0.0.1 (the Control API) are always included.")
 @user_errors
 def flower_setup(out_dir: Path, hosts: tuple[str, ...]) -> None:
     """Coordinator, Flower engine: a TLS CA and SuperLink certificate, the app-signing key, the trusted-entities file."""
@@ -273,7 +274,7 @@ def flower_setup(out_dir: Path, hosts: tuple[str, ...]) -> None:
     taken = [p for p in (out_dir / "tls", out_dir / "coordinator", out_dir / "trusted-entities.yaml") if p.exists()]
     if taken:
         raise ValueError(f"{taken[0]}: already exists; oarbench fl flower-setup never overwrites keys")
-    tls = make_tls(out_dir / "tls", hosts=hosts)
+    tls = make_tls(out_dir / "tls", hosts=tuple(dict.fromkeys((*hosts, "localhost", "127.0.0.1"))))
     priv, pub = make_coordinator_key(out_dir / "coordinator")
     te = write_trusted_entities(out_dir / "trusted-entities.yaml", load_public_key_text(pub))
     click.echo(f"app-signing key {priv} (mode 0600, never leaves the coordinator); SuperLink TLS key {tls.key}")
