@@ -383,6 +383,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.mark.flower
 @pytest.mark.slow
+@pytest.mark.xdist_group("flower_trust")  # one deployment for the three
 def test_outsider_with_the_ca_certificate_cannot_register_list_or_run(deployment) -> None:
     from oarbench.train.flower import make_node_key, write_connection
 
@@ -417,6 +418,7 @@ def test_outsider_with_the_ca_certificate_cannot_register_list_or_run(deployment
 
 @pytest.mark.flower
 @pytest.mark.slow
+@pytest.mark.xdist_group("flower_trust")  # one deployment for the three
 def test_unsigned_or_foreign_signed_app_refused_at_the_control_api(deployment) -> None:
     fed, root = deployment["fed"], deployment["root"]
     markers = root / "rogue-markers"
@@ -439,6 +441,7 @@ def test_unsigned_or_foreign_signed_app_refused_at_the_control_api(deployment) -
 
 @pytest.mark.flower
 @pytest.mark.slow
+@pytest.mark.xdist_group("flower_trust")  # one deployment for the three
 def test_signed_app_runs_only_on_supernodes_trusting_the_coordinator(deployment) -> None:
     """A and B trust the coordinator's key and run its signed probe; C trusts another key and refuses it."""
     fed, root = deployment["fed"], deployment["root"]
