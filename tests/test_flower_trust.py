@@ -664,3 +664,26 @@ def test_locked_superlink_refuses_a_public_control_api_no_tls_no_node_auth(tmp_p
     j = base.index("--ssl-ca-certfile")
     plain = [a for a in base[:j] + ["--insecure"] + base[j + 6:] if a != "--enable-supernode-auth"]
     assert "needs TLS" in run(plain)
+
+
+def test_server_app_verifies_the_roster_in_the_run_config(tmp_path: Path, fake_messages) -> None:
+    """The ServerApp takes the roster from the run config and accepts it only with the coordinator's signature
+    (the key comes from the signed app); an edited roster stops it before any message is sent."""
+    from types import SimpleNamespace
+
+    from oarbench.train.flower import make_node_key, make_server_app, write_roster
+
+    priv, pub = ft.make_coordinator_key(tmp_path / "k")
+    public = ft.load_public_key_text(pub)
+    _, a = make_node_key(tmp_path, "A")
+    _, b = make_node_key(tmp_path, "B")
+    doc = json.loads(write_roster(tmp_path / "r.json", {"A": (a, 11), "B": (b, 22)}, priv).read_text())
+    doc["roster"]["sites"]["A"]["node_id"] = 5  # the impostor's node
+    grid = _Grid({5: _site("A", 50, 9.0), 11: _site("A", 2, 1.0), 22: _site("B", 3, 2.0)})
+    cfg = {"sites": "A,B", "rounds": 1, "out": str(tmp_path / "srv"), "roster": json.dumps(doc)}
+    app = make_server_app(public)
+    with pytest.raises(ValueError, match="signature does not match"):
+        app._main(grid, SimpleNamespace(run_config=cfg))
+    assert grid.sent == []
+    with pytest.raises(RuntimeError, match="carries no coordinator key"):
+        make_server_app("")._main(grid, SimpleNamespace(run_config=cfg))
