@@ -395,7 +395,8 @@ def test_outsider_with_the_ca_certificate_cannot_register_list_or_run(deployment
     reg = _flwr(["supernode", "register", str(rogue_pub), "outsider", "--name", "rogue"], home)
     ls = _flwr(["ls", "outsider"], home)
     run = _flwr(["run", str(app), "outsider"], home)
-    for res in (reg, ls, run):
+    nodes_ls = _flwr(["supernode", "ls", "outsider"], home)
+    for res in (reg, ls, run, nodes_ls):
         assert res.returncode != 0, res.stdout + res.stderr
     # the coordinator sees only its three nodes and no run from anyone
     nodes = _flwr(["supernode", "ls", "local", "--format", "json"], fed.flwr_home)
