@@ -661,6 +661,9 @@ def test_locked_superlink_refuses_a_public_control_api_no_tls_no_node_auth(tmp_p
         return res.stdout + res.stderr
 
     assert "must be on loopback" in run(base[:i + 1] + ["0.0.0.0"] + base[i + 2:])
+    legacy = subprocess.run(base, capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, FLWR_INTERNAL_GRPC_CONTROL_API="1"))
+    assert legacy.returncode != 0 and "unset FLWR_INTERNAL_GRPC_CONTROL_API" in legacy.stdout + legacy.stderr
     assert "needs --enable-supernode-auth" in run([a for a in base if a != "--enable-supernode-auth"])
     j = base.index("--ssl-ca-certfile")
     plain = [a for a in base[:j] + ["--insecure"] + base[j + 6:] if a != "--enable-supernode-auth"]

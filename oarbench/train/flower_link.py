@@ -29,6 +29,7 @@ import argparse
 import importlib
 import ipaddress
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -142,6 +143,9 @@ def run_superlink(public_host: str, public_port: int, coordinator_key: Path, sup
     if flwr.__version__ != FLWR_VERSION:
         raise SystemExit(f"oarbench's locked SuperLink wraps flwr {FLWR_VERSION}; this is flwr {flwr.__version__}")
     public_key = load_public_key_text(coordinator_key)
+    legacy = [v for v in ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API") if os.environ.get(v)]
+    if legacy:  # flwr's legacy gRPC listeners would bypass the two HTTP listeners below
+        raise SystemExit(f"unset {', '.join(legacy)}: the locked SuperLink serves its APIs over HTTPS only")
     sys.argv = ["flower-superlink", *superlink_args]
     config = fs._parse_superlink_lifespan_config()
     if config.certificates is None:
