@@ -426,6 +426,8 @@ def test_unsigned_or_foreign_signed_app_refused_at_the_control_api(deployment) -
     app, result = _probe_app(root / "rogue-app", "rogue", markers)
     plain = _flwr(["run", str(app), "local"], fed.flwr_home)  # plain flwr run from the coordinator's machine
     assert plain.returncode != 0 and "not signed by the coordinator's key" in _words(plain), plain.stderr
+    hub = _flwr(["run", "@tester/rogue", "local"], fed.flwr_home)  # an app from Flower Hub (never fetched)
+    assert hub.returncode != 0 and "only Flower Apps submitted with the coordinator's signature" in _words(hub)
     other_priv, _ = ft.make_coordinator_key(root / "rogue-key")
     cfg = root / "rogue-cfg.json"
     cfg.write_text(json.dumps({"nodes": 3, "wait": 20.0}))
