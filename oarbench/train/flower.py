@@ -1,17 +1,20 @@
 """Federated nnU-Net on Flower (flwr 1.42): a ServerApp and a ClientApp around oarbench's site code.
 
 The same federation as the shared-storage engine (:mod:`oarbench.train.federated`),
-on Flower's deployment runtime: ``flower-superlink`` at the coordinator, one
-``flower-supernode`` per hospital (outbound connections only), TLS and
+on Flower's deployment runtime: the coordinator's locked SuperLink
+(:mod:`oarbench.train.flower_link`: Fleet API alone on the public port,
+coordinator-signed runs only), one ``flower-supernode`` per hospital (outbound
+connections only) that runs only apps signed by the coordinator, TLS and
 SuperNode authentication.
 
 Protocol (one Flower run):
 
 1. **Fingerprints** (``query`` messages): every SuperNode sends its site
    name and its nnU-Net fingerprint message (:meth:`NnunetSite.fingerprint_message`).
-   The server validates each (:func:`oarbench.train.aggregate.check_fingerprint_body`),
-   binds the site to the SuperNode's authenticated node id, and pins its case
-   count. It merges the fingerprints and plans once
+   The server accepts a site's answer only from the node the coordinator's
+   signed roster binds it to (:mod:`oarbench.train.flower_trust`), validates
+   it (:func:`oarbench.train.aggregate.check_fingerprint_body`) and pins its
+   case count. It merges the fingerprints and plans once
    (:func:`oarbench.train.federated.merge_site_messages`, :func:`nnunet_plans`).
 2. **Rounds** (``train`` messages): the global weights, the plans and the
    schedule go to every site; each trains locally with the same trainer and
