@@ -248,19 +248,20 @@ def _steps():
 
 
 def test_server_pins_counts_binds_nodes_and_averages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Node 33 claims site A again: ignored. FedAvg 2:3 of +1 and +2 adds (2*1 + 3*2)/5 = 1.6 a round: 1 -> 4.2."""
+    """Node 33 claims site X, not in the federation: refused. FedAvg 2:3 of +1 and +2 adds (2*1 + 3*2)/5 = 1.6 a
+    round: 1 -> 4.2. (Two nodes claiming one site: tests/test_flower_trust.py.)"""
     flwr_app = pytest.importorskip("flwr.app")
     from safetensors.numpy import load_file
 
     from oarbench.train.flower import ServerSettings, serve
 
     monkeypatch.setattr(flwr_app, "Message", _Msg)
-    grid = _Grid({11: _site("A", 2, 1.0), 22: _site("B", 3, 2.0), 33: _site("A", 50, 9.0)})
+    grid = _Grid({11: _site("A", 2, 1.0), 22: _site("B", 3, 2.0), 33: _site("X", 50, 9.0)})
     st = ServerSettings(sites=("A", "B"), rounds=2, out=tmp_path / "srv")
-    summary = serve(grid, st, _steps())
+    summary = serve(grid, st, _steps(), roster={"A": 11, "B": 22})
     assert summary["sites"] == {"11": "A", "22": "B"} and summary["case_counts"] == {"A": 2, "B": 3}
     assert [c for r in summary["rounds"] for c in r["contributors"]] == [["A", 2], ["B", 3]] * 2
-    assert (33, "train") not in grid.sent  # the node that claimed a taken site never trains
+    assert (33, "train") not in grid.sent  # the node that claimed another site never trains
     final = load_file(str(tmp_path / "srv/final.safetensors"))
     np.testing.assert_allclose(final["w"], np.full(4, 1 + 2 * 1.6, np.float32), rtol=1e-6)
     assert json.loads((tmp_path / "srv/plans.json").read_text()) == {"n": 5}
@@ -273,7 +274,9 @@ def test_server_refuses_a_site_claiming_more_cases(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(flwr_app, "Message", _Msg)
     grid = _Grid({11: _site("A", 2, 1.0), 22: _site("B", 3, 2.0, claim=300)})
     with pytest.raises(RuntimeError, match="claims 300 cases, its fingerprint has 3"):
-        serve(grid, ServerSettings(sites=("A", "B"), rounds=1, out=tmp_path / "srv"), _steps())
+        serve(grid, ServerSettings(sites=("A", "B"), rounds=1, out=tmp_path / "srv"), _steps(),
+              roster={"A": 11, "B": 22})
     grid = _Grid({11: _site("A", 2, 1.0), 22: _site("B", 3, 1e30)})
     with pytest.raises(RuntimeError, match="> 1e\\+06"):
-        serve(grid, ServerSettings(sites=("A", "B"), rounds=1, out=tmp_path / "srv2"), _steps())
+        serve(grid, ServerSettings(sites=("A", "B"), rounds=1, out=tmp_path / "srv2"), _steps(),
+              roster={"A": 11, "B": 22})

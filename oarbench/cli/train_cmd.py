@@ -131,7 +131,9 @@ def _common(f):  # type: ignore[no-untyped-def]
         click.option("--keys", "keys_dir", default=None, type=click.Path(file_okay=False, exists=True,
                                                                           path_type=Path),
                      help="storage: this party's key folder."),
-        click.option("--superlink", default=None, help="flower: the SuperLink's address HOST:PORT."),
+        click.option("--superlink", default=None,
+                     help="flower: HOST:PORT of the SuperLink: its public Fleet API port (site), its Control API "
+                          "127.0.0.1:9093 (coordinator)."),
         click.option("--root-certificates", default=None, type=click.Path(dir_okay=False, exists=True, path_type=Path),
                      help="flower: PEM CA certificate that signed the SuperLink's TLS certificate."),
         click.option("--sites", default=None, help="Comma-separated names of all sites."),
@@ -165,21 +167,32 @@ def _exchange(storage: str, storage_options: str | None, keys_dir: Path, identit
               help="flower: local epochs per round (the server sends the schedule).")
 @click.option("--iterations", type=click.IntRange(min=1), default=250, show_default=True,
               help="flower: iterations per local epoch.")
+@click.option("--signing-key", default=None, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="flower: the coordinator's Ed25519 app-signing key (oarbench fl flower-setup); the run is signed "
+                   "with it.")
+@click.option("--roster", default=None, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="flower: the signed roster (site -> registered SuperNode key; oarbench fl register).")
 @user_errors
 def coordinator(engine: str, storage: str | None, storage_options: str | None, keys_dir: Path | None,
                 superlink: str | None, root_certificates: Path | None, sites: str | None, rounds: int | None,
                 federation: str, work: Path, configuration: str, poll: float, verbose: bool,
-                quorum: int | None, timeout: float | None, width: str, local_epochs: int, iterations: int) -> None:
-    """Merge fingerprints, publish plans, aggregate rounds; restartable (storage) or one Flower run."""
+                quorum: int | None, timeout: float | None, width: str, local_epochs: int, iterations: int,
+                signing_key: Path | None, roster: Path | None) -> None:
+    """Merge fingerprints, publish plans, aggregate rounds; restartable (storage) or one signed Flower run."""
     _logging(verbose)
     if engine == "flower":
         from oarbench.train.flower import coordinate
 
-        _need(engine, superlink=superlink, root_certificates=root_certificates, sites=sites, rounds=rounds)
-        summary = coordinate(str(superlink), Path(str(root_certificates)), work, sites=_sites(str(sites)),
-                             rounds=int(str(rounds)),
-                             local_epochs=local_epochs, iterations=iterations, configuration=configuration,
-                             width=width, timeout_s=timeout if timeout is not None else 24 * 3600.0)
+        _need(engine, superlink=superlink, root_certificates=root_certificates, sites=sites, rounds=rounds,
+              signing_key=signing_key, roster=roster)
+        try:
+            summary = coordinate(str(superlink), Path(str(root_certificates)), work, sites=_sites(str(sites)),
+                                 rounds=int(str(rounds)),
+                                 local_epochs=local_epochs, iterations=iterations, configuration=configuration,
+                                 width=width, timeout_s=timeout if timeout is not None else 24 * 3600.0,
+                                 signing_key=Path(str(signing_key)), roster=Path(str(roster)))
+        except RuntimeError as exc:
+            raise click.ClickException(" ".join(str(exc).split())) from None
         click.echo(f"final federated model: {summary['model']}")
         return
     from oarbench.train.exchange import COORDINATOR
@@ -204,26 +217,34 @@ def coordinator(engine: str, storage: str | None, storage_options: str | None, k
               help="flower: this SuperNode's private key (EC P-384, OpenSSH format) registered at the SuperLink.")
 @click.option("--port", type=click.IntRange(min=1, max=65535), default=9094, show_default=True,
               help="flower: local port of the SuperNode's ClientApp API (loopback).")
+@click.option("--trusted-entities", default=None, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="flower: the file naming the coordinator's app-signing key (from the coordinator); the SuperNode "
+                   "runs only apps signed with it.")
 @user_errors
 def site(engine: str, storage: str | None, storage_options: str | None, keys_dir: Path | None,
          superlink: str | None, root_certificates: Path | None, sites: str | None, rounds: int | None,
          federation: str, work: Path, configuration: str, poll: float, verbose: bool, site: str, dataset_dir: Path,
-         local_epochs: int, iterations: int, device: str, auth_key: Path | None, port: int) -> None:
+         local_epochs: int, iterations: int, device: str, auth_key: Path | None, port: int,
+         trusted_entities: Path | None) -> None:
     """Upload the fingerprint, train the rounds locally, keep the final model; restartable (storage),
     or run this hospital's Flower SuperNode until stopped (flower)."""
     _logging(verbose)
     if engine == "flower":
         import subprocess
 
-        from oarbench.train.flower import require_flower, supernode_command
+        from oarbench.train.flower import flower_env, require_flower, supernode_command
 
         require_flower()
-        _need(engine, superlink=superlink, root_certificates=root_certificates, auth_key=auth_key)
+        _need(engine, superlink=superlink, root_certificates=root_certificates, auth_key=auth_key,
+              trusted_entities=trusted_entities)
+        from oarbench.train.flower_trust import check_trusted_entities
+
+        check_trusted_entities(Path(str(trusted_entities)))
         cmd = supernode_command(str(superlink), Path(str(root_certificates)), Path(str(auth_key)), site=site,
                                 dataset=dataset_dir, work=work, device=device, configuration=configuration,
-                                port=port)
+                                port=port, trusted_entities=Path(str(trusted_entities)))
         click.echo(f"SuperNode of site {site}: {' '.join(cmd)}")
-        code = subprocess.call(cmd)
+        code = subprocess.call(cmd, env=flower_env(work / "flwr-home"))
         if code != 0:
             raise click.ClickException(f"flower-supernode exited with code {code}")
         return
@@ -235,6 +256,106 @@ def site(engine: str, storage: str | None, storage_options: str | None, keys_dir
                         dataset_dir, work, local_epochs=local_epochs, iterations=iterations,
                         configuration=configuration, device=device)
     click.echo(f"final federated model: {model}")
+
+
+@fl.command("flower-setup")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The coordinator's Flower folder (new, or without these files).")
+@click.option("--host", "hosts", multiple=True,
+              help="Host name or IP address the hospitals use for the SuperLink (its TLS certificate); repeat. "
+                   "localhost and 127.0.0.1 (the Control API) are always included.")
+@user_errors
+def flower_setup(out_dir: Path, hosts: tuple[str, ...]) -> None:
+    """Coordinator, Flower engine: a TLS CA and SuperLink certificate, the app-signing key, the trusted-entities file."""
+    from oarbench.train.flower import make_tls, require_flower
+    from oarbench.train.flower_trust import load_public_key_text, make_coordinator_key, write_trusted_entities
+
+    require_flower()
+    taken = [p for p in (out_dir / "tls", out_dir / "coordinator", out_dir / "trusted-entities.yaml") if p.exists()]
+    if taken:
+        raise ValueError(f"{taken[0]}: already exists; oarbench fl flower-setup never overwrites keys")
+    tls = make_tls(out_dir / "tls", hosts=tuple(dict.fromkeys((*hosts, "localhost", "127.0.0.1"))))
+    priv, pub = make_coordinator_key(out_dir / "coordinator")
+    te = write_trusted_entities(out_dir / "trusted-entities.yaml", load_public_key_text(pub))
+    click.echo(f"app-signing key {priv} (mode 0600, never leaves the coordinator); SuperLink TLS key {tls.key}")
+    click.echo(f"give every hospital {tls.ca} and {te}")
+
+
+def _setup_files(setup_dir: Path) -> dict[str, Path]:
+    files = {"ca": setup_dir / "tls/ca.pem", "cert": setup_dir / "tls/superlink.pem",
+             "key": setup_dir / "tls/superlink.key", "signing": setup_dir / "coordinator/coordinator-signing",
+             "public": setup_dir / "coordinator/coordinator-signing.pub"}
+    for path in files.values():
+        if not path.is_file():
+            raise ValueError(f"{path}: missing; make the folder with oarbench fl flower-setup --out {setup_dir}")
+    return files
+
+
+@fl.command("superlink")
+@click.option("--setup", "setup_dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="The folder of oarbench fl flower-setup.")
+@click.option("--public", "public", default="0.0.0.0:9092", show_default=True,
+              help="HOST:PORT of the public listener: the Fleet API only, for the hospitals' SuperNodes.")
+@click.option("--control-port", type=click.IntRange(min=1, max=65535), default=9093, show_default=True,
+              help="Port of the Control and Runtime APIs, on 127.0.0.1 only (flwr CLI, registration, runs).")
+@click.option("--database", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="The SuperLink's state database (default: SETUP/superlink.db).")
+@user_errors
+def superlink_cmd(setup_dir: Path, public: str, control_port: int, database: Path | None) -> None:
+    """Coordinator, Flower engine: run the locked SuperLink until stopped (Fleet API public, the rest loopback,
+    coordinator-signed runs only)."""
+    import subprocess
+
+    from oarbench.train.flower import TlsFiles, flower_env, require_flower, superlink_command
+
+    require_flower()
+    host, sep, port = public.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"--public must be HOST:PORT, got {public!r}")
+    if int(port) == control_port:
+        raise click.BadParameter("--public's port must differ from --control-port")
+    f = _setup_files(setup_dir)
+    cmd = superlink_command(host.strip("[]"), int(port), control_port, TlsFiles(f["ca"], f["cert"], f["key"]),
+                            f["public"], database or setup_dir / "superlink.db")
+    click.echo(f"SuperLink: Fleet API on {public}, Control API on 127.0.0.1:{control_port}")
+    code = subprocess.call(cmd, env=flower_env(setup_dir / "flwr-home"))
+    if code != 0:
+        raise click.ClickException(f"the SuperLink exited with code {code}")
+
+
+@fl.command("register")
+@click.option("--setup", "setup_dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="The folder of oarbench fl flower-setup.")
+@click.option("--site", required=True, help="The hospital's site name.")
+@click.option("--public-key", required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="The hospital's SuperNode public key (EC P-384, OpenSSH format).")
+@click.option("--control-port", type=click.IntRange(min=1, max=65535), default=9093, show_default=True)
+@click.option("--roster", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="The signed roster to add the site to (default: SETUP/roster.json).")
+@user_errors
+def register_cmd(setup_dir: Path, site: str, public_key: Path, control_port: int, roster: Path | None) -> None:
+    """Coordinator, Flower engine: register a hospital's SuperNode key and sign it into the roster under its site."""
+    from cryptography.hazmat.primitives import serialization
+
+    from oarbench.train.flower import add_to_roster, register_supernode, require_flower, write_connection
+    from oarbench.train.flower_trust import load_roster, load_signing_key, read_node_public_key
+
+    require_flower()
+    f = _setup_files(setup_dir)
+    read_node_public_key(public_key)
+    key = load_signing_key(f["signing"])
+    roster = roster or setup_dir / "roster.json"
+    if roster.exists():  # checked before anything is registered
+        load_roster(roster, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                          serialization.PublicFormat.OpenSSH).decode())
+    home = setup_dir / "flwr-home"
+    write_connection(home, "coordinator", f"127.0.0.1:{control_port}", f["ca"])
+    try:
+        node = register_supernode(home, "coordinator", public_key, site)
+    except RuntimeError as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from None
+    add_to_roster(roster, site, public_key, node, f["signing"])
+    click.echo(f"site {site}: node {node}; roster {roster}")
 
 
 @fl.command("simulate")
@@ -273,8 +394,11 @@ def simulate(engine: str, storage: str | None, storage_options: str | None, keys
     if engine == "flower":
         from oarbench.train.flower import run_local
 
-        summary = run_local(pairs, work, rounds=rounds, local_epochs=local_epochs, iterations=iterations,
-                            configuration=configuration, width=width, device=device)
+        try:
+            summary = run_local(pairs, work, rounds=rounds, local_epochs=local_epochs, iterations=iterations,
+                                configuration=configuration, width=width, device=device)
+        except RuntimeError as exc:
+            raise click.ClickException(" ".join(str(exc).split())) from None
         click.echo(f"{COORDINATOR_LABEL}: {summary['model']}")
         for party, folder in sorted(summary["site_models"].items()):
             click.echo(f"{party}: {folder}")

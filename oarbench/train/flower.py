@@ -1,17 +1,20 @@
 """Federated nnU-Net on Flower (flwr 1.42): a ServerApp and a ClientApp around oarbench's site code.
 
 The same federation as the shared-storage engine (:mod:`oarbench.train.federated`),
-on Flower's deployment runtime: ``flower-superlink`` at the coordinator, one
-``flower-supernode`` per hospital (outbound connections only), TLS and
+on Flower's deployment runtime: the coordinator's locked SuperLink
+(:mod:`oarbench.train.flower_link`: Fleet API alone on the public port,
+coordinator-signed runs only), one ``flower-supernode`` per hospital (outbound
+connections only) that runs only apps signed by the coordinator, TLS and
 SuperNode authentication.
 
 Protocol (one Flower run):
 
 1. **Fingerprints** (``query`` messages): every SuperNode sends its site
    name and its nnU-Net fingerprint message (:meth:`NnunetSite.fingerprint_message`).
-   The server validates each (:func:`oarbench.train.aggregate.check_fingerprint_body`),
-   binds the site to the SuperNode's authenticated node id, and pins its case
-   count. It merges the fingerprints and plans once
+   The server accepts a site's answer only from the node the coordinator's
+   signed roster binds it to (:mod:`oarbench.train.flower_trust`), validates
+   it (:func:`oarbench.train.aggregate.check_fingerprint_body`) and pins its
+   case count. It merges the fingerprints and plans once
    (:func:`oarbench.train.federated.merge_site_messages`, :func:`nnunet_plans`).
 2. **Rounds** (``train`` messages): the global weights, the plans and the
    schedule go to every site; each trains locally with the same trainer and
@@ -66,6 +69,10 @@ __all__ = [
     "run_local",
     "coordinate",
     "supernode_command",
+    "superlink_command",
+    "register_supernode",
+    "write_roster",
+    "add_to_roster",
     "weights_to_record",
     "record_to_weights",
 ]
@@ -203,16 +210,27 @@ def nnunet_server_steps() -> ServerSteps:
     return ServerSteps(plan, initial, write_model)
 
 
-def serve(grid: Any, settings: ServerSettings, steps: ServerSteps | None = None) -> dict[str, Any]:
+def serve(grid: Any, settings: ServerSettings, steps: ServerSteps | None = None, *,
+          roster: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The ServerApp's work: fingerprint round, shared plans, training rounds, final model.
 
-    Returns the summary also written to ``OUT/summary.json``.
+    ``roster`` maps each site to the node id of the SuperNode key the
+    coordinator registered for it (the verified, signed roster:
+    :func:`oarbench.train.flower_trust.verify_roster`). A site's replies are
+    accepted from that node only; any other node's claim to a site is refused
+    and recorded, and two nodes claiming one site stop the run with a message
+    naming both.
+
+    Returns the summary also written to ``OUT/summary.json`` (also written,
+    with ``"status": "failed"`` and the identity checks, when the run stops
+    over a site's identity).
 
     Raises
     ------
     RuntimeError
-        Too few SuperNodes connected in time, or a site's fingerprint or update
-        was refused or missing (every listed site must take part).
+        No roster, a listed site missing from it, its SuperNodes not connected
+        in time, a site claimed by two nodes, or a site's fingerprint or update
+        refused or missing (every listed site must take part).
     """
     from flwr.app import ConfigRecord, Message, RecordDict
 
@@ -238,39 +256,71 @@ def serve(grid: Any, settings: ServerSettings, steps: ServerSteps | None = None)
             replies[src] = reply.content
         return replies
 
-    # 1. SuperNodes (authenticated by the SuperLink)
-    while len(list(grid.get_node_ids())) < len(settings.sites):
+    # 1. SuperNodes (authenticated by the SuperLink), the ones the roster names first
+    if roster is None:
+        raise RuntimeError("no federation roster: the server accepts a site only from the node the coordinator "
+                           "registered for it")
+    unlisted = sorted(set(settings.sites) - set(roster))
+    if unlisted:
+        raise RuntimeError(f"site(s) {unlisted} have no entry in the federation roster")
+    wanted = {int(roster[s]) for s in settings.sites}
+    while not wanted <= {int(n) for n in grid.get_node_ids()}:
         if time.monotonic() - started > settings.timeout_s:
-            raise RuntimeError(f"only {len(list(grid.get_node_ids()))} SuperNode(s) connected after "
-                               f"{settings.timeout_s:.0f} s; the federation needs {len(settings.sites)}")
+            absent = sorted(s for s in settings.sites if int(roster[s]) not in {int(n) for n in grid.get_node_ids()})
+            raise RuntimeError(f"the SuperNode(s) of site(s) {absent} did not connect within "
+                               f"{settings.timeout_s:.0f} s")
         time.sleep(0.5)
     nodes = sorted(int(n) for n in grid.get_node_ids())
 
-    # 2. fingerprint round: bind each site to its node id, pin its case count
+    # 2. fingerprint round: a site's claim counts only from its roster node; pin its case count
     replies = ask(nodes, "query", RecordDict({"oarbench": ConfigRecord({"step": "fingerprint"})}))
     node_site: dict[int, str] = {}
     bodies: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
+    claims: list[dict[str, Any]] = []
+    claimed_by: dict[str, list[int]] = {}
     for node, content in sorted(replies.items()):
         if isinstance(content, Exception):
             problems.append(str(content))
             continue
         try:
-            rec = content["fingerprint"]
-            site, body = str(rec["site"]), json.loads(str(rec["message"]))
-            check_fingerprint_body(body, rules=settings.rules)
-        except (KeyError, TypeError, ValueError, RecursionError) as exc:
+            site = str(content["fingerprint"]["site"])
+        except (KeyError, TypeError, ValueError) as exc:
             problems.append(f"node {node}: invalid fingerprint reply: {exc}")
             continue
+        claimed_by.setdefault(site, []).append(node)
+        claim: dict[str, Any] = {"node": node, "site": site[:200], "accepted": False}
+        claims.append(claim)
         if site not in settings.sites:
-            problems.append(f"node {node}: site {site!r} is not in this federation {settings.sites}")
-        elif site in bodies:
-            problems.append(f"node {node}: site {site!r} is claimed by two SuperNodes")
+            claim["reason"] = f"site {site[:200]!r} is not in this federation {settings.sites}"
+        elif int(roster[site]) != node:
+            claim["reason"] = f"the roster binds site {site!r} to node {int(roster[site])}"
         else:
+            try:
+                body = json.loads(str(content["fingerprint"]["message"]))
+                check_fingerprint_body(body, rules=settings.rules)
+            except (KeyError, TypeError, ValueError, RecursionError) as exc:
+                claim["reason"] = f"invalid fingerprint: {exc}"
+                problems.append(f"node {node}: invalid fingerprint reply: {exc}")
+                continue
+            claim["accepted"] = True
             node_site[node], bodies[site] = site, body
+            continue
+        problems.append(f"node {node}: refused: {claim['reason']}")
+        log.warning("flower server: node %d claims site %r: refused (%s)", node, site[:200], claim["reason"])
+    identity = {"roster": {s: int(roster[s]) for s in settings.sites}, "claims": claims,
+                "ignored_nodes": sorted(set(nodes) - {c["node"] for c in claims} - set(node_site))}
+    twice = {s: ns for s, ns in claimed_by.items() if s in settings.sites and len(ns) > 1}
+    if twice:
+        error = "; ".join(f"site {s!r} is claimed by nodes {' and '.join(str(n) for n in ns)} (the roster binds it "
+                          f"to node {int(roster[s])})" for s, ns in sorted(twice.items()))
+        _write_failed(out, error, identity, started)
+        raise RuntimeError(error)
     missing = sorted(set(settings.sites) - set(bodies))
     if missing:
-        raise RuntimeError(f"no valid fingerprint from site(s) {missing}: {problems}")
+        error = f"no valid fingerprint from site(s) {missing}: {problems}"
+        _write_failed(out, error, identity, started)
+        raise RuntimeError(error)
     pinned = {s: int(b["num_cases"]) for s, b in bodies.items()}
     nn._atomic_text(out / "fingerprints.json", json.dumps(bodies, indent=1, sort_keys=True))
     merged, header = merge_site_messages(bodies)
@@ -319,7 +369,9 @@ def serve(grid: Any, settings: ServerSettings, steps: ServerSteps | None = None)
     done = ask(sorted(node_site), "evaluate", RecordDict({"global": weights_to_record(global_w), "config": fin}))
     model = steps.write_model(plans, header, final, settings)
     summary = {
+        "status": "completed",
         "sites": {str(n): s for n, s in node_site.items()},
+        "identity": identity,
         "case_counts": pinned,
         "rounds": rounds_log,
         "final_sha256": sha,
@@ -333,8 +385,20 @@ def serve(grid: Any, settings: ServerSettings, steps: ServerSteps | None = None)
     return summary
 
 
-def make_server_app() -> Any:
-    """The Flower ``ServerApp`` (its run config: see :class:`ServerSettings`)."""
+def _write_failed(out: Path, error: str, identity: Mapping[str, Any], started: float) -> None:
+    from oarbench.train import nnunet as nn
+
+    nn._atomic_text(out / "summary.json", json.dumps({"status": "failed", "error": error, "identity": identity,
+                                                      "seconds": time.monotonic() - started}, indent=1))
+
+
+def make_server_app(coordinator_key: str | None = None) -> Any:
+    """The Flower ``ServerApp`` (its run config: see :class:`ServerSettings`).
+
+    ``coordinator_key`` (the coordinator's Ed25519 public key, written into
+    the signed Flower App by :func:`write_app`) verifies the run config's
+    ``roster``; without it the server refuses to run.
+    """
     require_flower()
     from flwr.serverapp import ServerApp
 
@@ -342,7 +406,13 @@ def make_server_app() -> Any:
 
     @app.main()
     def main(grid: Any, context: Any) -> None:
-        serve(grid, ServerSettings.from_run_config(context.run_config))
+        from oarbench.train.flower_trust import verify_roster
+
+        if not coordinator_key:
+            raise RuntimeError("this Flower App carries no coordinator key; write it with write_app(coordinator_key=...)")
+        roster = verify_roster(str(context.run_config.get("roster", "")), coordinator_key,
+                               where="run config 'roster'")
+        serve(grid, ServerSettings.from_run_config(context.run_config), roster=roster)
 
     return app
 
@@ -447,17 +517,26 @@ width = "default"
 seed = 0
 timeout = 86400.0
 out = ""
+roster = ""
 """
 
 
-def write_app(folder: str | Path) -> Path:
-    """Write the Flower App (``pyproject.toml`` and two one-line modules) that ``flwr run`` submits."""
+def write_app(folder: str | Path, coordinator_key: str | None = None) -> Path:
+    """Write the Flower App (``pyproject.toml`` and small modules) that the coordinator signs and submits.
+
+    ``coordinator_key`` (an ``ssh-ed25519 ...`` line) goes into the app's
+    ``trust.py``, inside what the coordinator signs; the ServerApp verifies
+    the roster with it.
+    """
     folder = Path(folder)
     pkg = folder / "oarbench_fl_app"
     pkg.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text(_PYPROJECT)
     (pkg / "__init__.py").write_text('"""oarbench on Flower."""\n')
-    (pkg / "server.py").write_text("from oarbench.train.flower import make_server_app\n\napp = make_server_app()\n")
+    (pkg / "trust.py").write_text(f"COORDINATOR_KEY = {json.dumps(coordinator_key or '')}\n")
+    (pkg / "server.py").write_text("from oarbench.train.flower import make_server_app\n"
+                                   "from oarbench_fl_app.trust import COORDINATOR_KEY\n\n"
+                                   "app = make_server_app(COORDINATOR_KEY)\n")
     (pkg / "client.py").write_text("from oarbench.train.flower import make_client_app\n\napp = make_client_app()\n")
     return folder
 
@@ -575,23 +654,50 @@ def _run_config(values: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
+def superlink_command(public_host: str, public_port: int, control_port: int, tls: TlsFiles, coordinator_key: Path,
+                      database: str | Path, control_host: str = "127.0.0.1") -> list[str]:
+    """The coordinator's locked SuperLink (:mod:`oarbench.train.flower_link`): Flower's SuperLink with TLS and
+    SuperNode authentication, the Fleet API alone on ``public_host:public_port``, the Control and Runtime APIs on
+    ``control_host:control_port`` (loopback), and only runs signed by ``coordinator_key`` (its public key)."""
+    return [sys.executable, "-m", "oarbench.train.flower_link", "superlink", "--public-host", public_host,
+            "--public-port", str(public_port), "--coordinator-key", str(Path(coordinator_key).resolve()),
+            "--ssl-ca-certfile", str(Path(tls.ca).resolve()), "--ssl-certfile", str(Path(tls.cert).resolve()),
+            "--ssl-keyfile", str(Path(tls.key).resolve()), "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation", "--host", control_host, "--port", str(control_port),
+            "--database", str(database)]
+
+
 class LocalFlowerFederation:
-    """A SuperLink and SuperNodes on this machine (loopback), with TLS and SuperNode authentication.
+    """A locked SuperLink and SuperNodes on this machine (loopback): TLS, SuperNode authentication, signed apps.
 
     Used by ``oarbench fl simulate --engine flower``, the demo and the tests;
-    each process is a real Flower process (``flower-superlink``,
-    ``flower-supernode``), exactly as at a coordinator and in hospitals.
+    each process is a real Flower process (the coordinator's SuperLink of
+    :func:`superlink_command`, ``flower-supernode``), exactly as at a
+    coordinator and in hospitals. ``address`` is the public (Fleet API) port
+    the SuperNodes use; ``control_address`` the coordinator's Control API
+    (``flwr`` CLI, registration, run submission). The coordinator's
+    app-signing key is ``signing_key`` (public: ``signing_public``), and
+    ``trusted_entities`` the file each SuperNode is started with.
     """
 
     def __init__(self, work: str | Path) -> None:
         require_flower()
+        from oarbench.train.flower_trust import load_public_key_text, make_coordinator_key, write_trusted_entities
+
         self.work = Path(work).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         self.tls = make_tls(self.work / "tls")
         self.flwr_home = self.work / "flwr-home"
+        self.signing_key, self.signing_public = make_coordinator_key(self.work / "coordinator")
+        self.coordinator_key = load_public_key_text(self.signing_public)
+        self.trusted_entities = write_trusted_entities(self.work / "trusted-entities.yaml", self.coordinator_key)
         self.port = _free_port()
+        self.control_port = _free_port()
+        while self.control_port == self.port:
+            self.control_port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
-        write_connection(self.flwr_home, "local", self.address, self.tls.ca)
+        self.control_address = f"127.0.0.1:{self.control_port}"
+        write_connection(self.flwr_home, "local", self.control_address, self.tls.ca)
         self.env = flower_env(self.flwr_home)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs = self.work / "logs"
@@ -606,38 +712,39 @@ class LocalFlowerFederation:
         return proc
 
     def start_superlink(self, timeout_s: float = 120.0) -> None:
-        self._start("superlink", [
-            _flower_bin("flower-superlink"), "--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile",
-            str(self.tls.cert), "--ssl-keyfile", str(self.tls.key), "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port),
-            "--database", str(self.work / "superlink.db"),
-        ])
+        self._start("superlink", superlink_command("127.0.0.1", self.port, self.control_port, self.tls,
+                                                   self.signing_public, self.work / "superlink.db"))
         deadline = time.monotonic() + timeout_s
-        while True:
-            if self.procs["superlink"].poll() is not None:
-                raise RuntimeError(f"flower-superlink exited; see {self.logs / 'superlink.log'}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.5).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"flower-superlink did not listen on {self.address} within {timeout_s:.0f} s")
-                time.sleep(0.2)
+        for port in (self.control_port, self.port):
+            while True:
+                if self.procs["superlink"].poll() is not None:
+                    raise RuntimeError(f"the SuperLink exited; see {self.logs / 'superlink.log'}")
+                try:
+                    socket.create_connection(("127.0.0.1", port), 0.5).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the SuperLink did not listen on 127.0.0.1:{port} within "
+                                           f"{timeout_s:.0f} s") from None
+                    time.sleep(0.2)
 
-    def register(self, public_key: Path, name: str) -> None:
-        """Register a SuperNode's public key with the SuperLink (``flwr supernode register``)."""
-        res = subprocess.run([_flower_bin("flwr"), "supernode", "register", str(public_key), "local", "--name", name],
-                             env=self.env, capture_output=True, text=True, timeout=120)
-        if res.returncode != 0:
-            raise RuntimeError(f"flwr supernode register {public_key} failed: {(res.stdout + res.stderr)[-800:]}")
+    def register(self, public_key: Path, name: str) -> int:
+        """Register a SuperNode's public key through the Control API (``flwr supernode register``); its node id."""
+        return register_supernode(self.flwr_home, "local", public_key, name)
+
+    def roster(self, sites: Mapping[str, str | Path], path: str | Path) -> Path:
+        """Register each site's SuperNode public key file and write the signed roster (site -> key, node id)."""
+        return write_roster(path, {site: (Path(pub), self.register(Path(pub), site)) for site, pub in sites.items()},
+                            self.signing_key)
 
     def start_supernode(self, name: str, private_key: Path, *, site: str, dataset: str | Path, work: str | Path,
                         device: str = "cpu", configuration: str = "3d_fullres", processes: int = 1,
-                        max_retries: int | None = None) -> subprocess.Popen[bytes]:
-        """Start one hospital's SuperNode (the command of :func:`supernode_command`)."""
+                        max_retries: int | None = None,
+                        trusted_entities: Path | None = None) -> subprocess.Popen[bytes]:
+        """Start one hospital's SuperNode (the command of :func:`supernode_command`), trusting the coordinator's key."""
         args = supernode_command(self.address, self.tls.ca, private_key, site=site, dataset=dataset, work=work,
                                  device=device, configuration=configuration, processes=processes,
-                                 port=_free_port())
+                                 port=_free_port(), trusted_entities=trusted_entities or self.trusted_entities)
         if max_retries is not None:
             args += ["--max-retries", str(max_retries)]
         return self._start(f"supernode-{name}", args)
@@ -702,17 +809,21 @@ def run_local(
             fed.start_superlink()
         keys = work / "node-keys"
         keys.mkdir(parents=True, exist_ok=True)
+        pubs: dict[str, Path] = {}
         for site, ds in datasets.items():
             priv, pub = (keys / site, keys / f"{site}.pub")
             if not priv.is_file():
                 priv, pub = make_node_key(keys, site)
-            fed.register(pub, site)
-            fed.start_supernode(site, priv, site=site, dataset=ds, work=work / "sites" / site, device=device,
+            pubs[site] = pub
+        roster = fed.roster(pubs, work / "roster.json")
+        for site, ds in datasets.items():
+            fed.start_supernode(site, keys / site, site=site, dataset=ds, work=work / "sites" / site, device=device,
                                 configuration=configuration, processes=num_processes)
-        # the coordinator's own path: write the Flower App, flwr run against the SuperLink, wait
-        summary = coordinate(fed.address, fed.tls.ca, work, sites=list(datasets), rounds=rounds,
+        # the coordinator's own path: write the Flower App, sign it, submit it to the SuperLink, wait
+        summary = coordinate(fed.control_address, fed.tls.ca, work, sites=list(datasets), rounds=rounds,
                              local_epochs=local_epochs, iterations=iterations, configuration=configuration,
-                             width=width, seed=seed, timeout_s=timeout_s)
+                             width=width, seed=seed, timeout_s=timeout_s, signing_key=fed.signing_key,
+                             roster=roster)
         summary["site_models"] = {s: str(work / "sites" / s / "model") for s in summary["site_models_written"]}
         return summary
     finally:
@@ -723,38 +834,126 @@ def run_local(
 # --------------------------------------------------------------------------- deployment across machines
 
 
+def register_supernode(flwr_home: str | Path, connection: str, public_key: str | Path, name: str) -> int:
+    """``flwr supernode register PUBLIC_KEY CONNECTION --name NAME`` through the coordinator's Control API; the
+    node id the SuperLink gave the key."""
+    res = subprocess.run([_flower_bin("flwr"), "supernode", "register", str(public_key), connection, "--name", name,
+                          "--format", "json"], env=flower_env(flwr_home), capture_output=True, text=True, timeout=120)
+    text = res.stdout + res.stderr
+    try:
+        node = int(json.loads(res.stdout[res.stdout.index("{"):])["node-id"])
+    except (ValueError, KeyError, TypeError):
+        node = 0
+    if res.returncode != 0 or node <= 0:
+        raise RuntimeError(f"flwr supernode register {public_key} failed: {text.strip()[-800:]}")
+    return node
+
+
+def write_roster(path: str | Path, sites: Mapping[str, tuple[str | Path, int]], signing_key: str | Path,
+                 federation: str = "oarbench") -> Path:
+    """Write the coordinator-signed roster: site -> (SuperNode public key file or text, node id)."""
+    from oarbench.train import nnunet as nn
+    from oarbench.train.flower_trust import load_signing_key, make_roster, read_node_public_key
+
+    entries: dict[str, tuple[str, int]] = {}
+    for site, (pub, node) in sites.items():
+        text = read_node_public_key(pub) if isinstance(pub, Path) else str(pub)
+        entries[site] = (text, int(node))
+    doc = make_roster(entries, load_signing_key(signing_key), federation=federation)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nn._atomic_text(path, json.dumps(doc, indent=1, sort_keys=True))
+    return path
+
+
+def add_to_roster(path: str | Path, site: str, public_key: str | Path, node_id: int,
+                  signing_key: str | Path) -> Path:
+    """Add or replace one site in the signed roster at ``path`` (created if missing) and sign it again.
+
+    An existing roster must carry the coordinator's valid signature (it is
+    checked before anything is added).
+    """
+    from oarbench.train.flower_trust import load_roster, load_signing_key
+
+    from cryptography.hazmat.primitives import serialization
+
+    path = Path(path)
+    entries: dict[str, tuple[str | Path, int]] = {}
+    federation = "oarbench"
+    if path.exists():
+        public = load_signing_key(signing_key).public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+        doc, _ = load_roster(path, public)
+        federation = str(doc["roster"].get("federation", federation))
+        entries = {s: (str(e["public_key"]), int(e["node_id"])) for s, e in doc["roster"]["sites"].items()}
+    entries[str(site)] = (Path(public_key), int(node_id))
+    return write_roster(path, entries, signing_key, federation=federation)
+
+
 def coordinate(superlink: str, root_certificates: str | Path, work: str | Path, *, sites: Sequence[str],
                rounds: int, local_epochs: int = 1, iterations: int = 250, configuration: str = "3d_fullres",
-               width: str = "default", seed: int = 0, timeout_s: float = 24 * 3600.0) -> dict[str, Any]:
-    """Coordinator side: submit the federated run to a running SuperLink (``flwr run``) and wait for it.
+               width: str = "default", seed: int = 0, timeout_s: float = 24 * 3600.0,
+               signing_key: str | Path, roster: str | Path) -> dict[str, Any]:
+    """Coordinator side: sign the Flower App with ``signing_key``, submit it to the SuperLink's Control API
+    (``superlink``, on the coordinator's machine) with the signed ``roster`` file, and wait for it.
 
     The ServerApp runs at the SuperLink, so ``work`` must be a folder on the
     SuperLink's machine (the coordinator runs both). Returns the server's summary.
+    Raises ``ValueError`` for an unusable key or roster (naming the file) and
+    ``RuntimeError`` when the run fails.
     """
     require_flower()
+    from oarbench.train import nnunet as nn
+    from oarbench.train.flower_trust import load_roster, load_signing_key
+
+    from cryptography.hazmat.primitives import serialization
+
     work = Path(work).resolve()
+    key = load_signing_key(signing_key)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH).decode()
+    doc, bound = load_roster(roster, public)
+    unlisted = sorted(set(sites) - set(bound))
+    if unlisted:
+        raise ValueError(f"{roster}: no roster entry for site(s) {unlisted}")
     flwr_home = work / "flwr-home"
     write_connection(flwr_home, "coordinator", superlink, root_certificates)
-    app = write_app(work / "app")
+    app = write_app(work / "app", coordinator_key=public)
     out = work / "server"
+    out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
     cfg = {"sites": ",".join(sites), "rounds": rounds, "local-epochs": local_epochs, "iterations": iterations,
-           "configuration": configuration, "width": width, "seed": seed, "timeout": float(timeout_s), "out": str(out)}
-    res = subprocess.run([_flower_bin("flwr"), "run", str(app), "coordinator", "--run-config", _run_config(cfg),
-                          "--stream"], env=flower_env(flwr_home), capture_output=True, text=True, cwd=work)
+           "configuration": configuration, "width": width, "seed": seed, "timeout": float(timeout_s), "out": str(out),
+           "roster": json.dumps(doc, sort_keys=True)}
+    cfg_file = work / "run-config.json"
+    nn._atomic_text(cfg_file, json.dumps(cfg))
+    res = subprocess.run([sys.executable, "-m", "oarbench.train.flower_link", "submit", str(app), "coordinator",
+                          "--signing-key", str(Path(signing_key).resolve()), "--run-config-json", str(cfg_file)],
+                         env=flower_env(flwr_home), capture_output=True, text=True, cwd=work)
     (work / "flwr-run.log").write_text(res.stdout + res.stderr)
-    if res.returncode != 0 or not (out / "summary.json").is_file():
-        raise RuntimeError(f"flwr run failed (exit {res.returncode}); see {work / 'flwr-run.log'}: "
+    summary = None
+    if (out / "summary.json").is_file():
+        summary = json.loads((out / "summary.json").read_text())
+    if summary is not None and summary.get("status") == "failed":
+        raise RuntimeError(f"the federated run failed: {summary.get('error')} (see {out / 'summary.json'})")
+    if res.returncode != 0 or summary is None:
+        raise RuntimeError(f"the signed run failed (exit {res.returncode}); see {work / 'flwr-run.log'}: "
                            f"{(res.stdout + res.stderr)[-800:]}")
-    return json.loads((out / "summary.json").read_text())
+    return summary
 
 
 def supernode_command(superlink: str, root_certificates: str | Path, auth_key: str | Path, *, site: str,
                       dataset: str | Path, work: str | Path, device: str = "cpu", configuration: str = "3d_fullres",
-                      processes: int = 1, port: int = 9094) -> list[str]:
-    """The ``flower-supernode`` command line of one hospital (outbound connection to the SuperLink only)."""
+                      processes: int = 1, port: int = 9094, trusted_entities: str | Path) -> list[str]:
+    """The ``flower-supernode`` command line of one hospital (outbound connection to the SuperLink only).
+
+    ``trusted_entities``: the file naming the coordinator's app-signing key
+    (:func:`oarbench.train.flower_trust.write_trusted_entities`); the SuperNode
+    runs only Flower Apps signed with it.
+    """
     node_config = {"site": site, "dataset": str(Path(dataset).resolve()), "work": str(Path(work).resolve()),
                    "device": device, "configuration": configuration, "processes": processes}
     return [_flower_bin("flower-supernode"), "--superlink", superlink, "--root-certificates",
             str(Path(root_certificates).resolve()), "--auth-supernode-private-key", str(Path(auth_key).resolve()),
+            "--trusted-entities", str(Path(trusted_entities).resolve()),
             "--node-config", _run_config(node_config), "--port", str(port)]
