@@ -91,3 +91,28 @@ def test_rank_sum_ties_of_equal_decimals():
     oracle = st.mannwhitneyu([0.3, 0.5, 0.6, 0.7, 0.8], y, alternative="two-sided", method="asymptotic")
     assert res.p_method == "asymptotic"  # the tie is seen
     assert res.p == pytest.approx(oracle.pvalue, abs=1e-15) and res.statistic == oracle.statistic
+
+
+def test_stats_help_lists_every_metric_the_docs_list():
+    import re
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from oarbench.cli import main
+    from oarbench.stats import METRIC_DIRECTIONS
+
+    out = CliRunner().invoke(main, ["stats", "--help"], terminal_width=400).output
+    listed = set(re.findall(r"[a-z0-9_]+", out.split("--metrics", 1)[1].split("--correction", 1)[0]))
+    assert set(METRIC_DIRECTIONS) <= listed
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "statistics.md").read_text()
+    row = [line for line in doc.splitlines() if line.startswith("| `--metrics`")][0]
+    spans = re.findall(r"`([^`]+)`", row.split("|")[3])
+    assert {m.strip() for span in spans for m in span.split(",")} == set(METRIC_DIRECTIONS)
+
+
+def test_bootstrap_of_equal_values_is_that_value():
+    from oarbench.stats import BootstrapOptions, bootstrap_ci
+
+    assert bootstrap_ci(np.full(12, 0.8), "median") == (0.8, 0.8)
+    assert bootstrap_ci(np.full(12, 0.8), "mean", BootstrapOptions(n_resamples=0)) != (0.8, 0.8)

@@ -57,7 +57,8 @@ def _print_table(df) -> None:  # noqa: ANN001 - pandas DataFrame
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for stats.csv (created if needed).")
 @click.option("--metrics", default="dsc,hd95,msd", show_default=True,
-              help="Comma-separated metric columns (dsc, sdsc, hd95, hd, msd, assd).")
+              help="Comma-separated metric columns: dsc, sdsc, vs (higher is better); hd95, hd, msd, assd, "
+                   "centroid_mm, apl_mm, apl_mm_per_slice (mm, lower is better).")
 @click.option("--correction", type=click.Choice(["holm", "fdr_bh", "bonferroni"]), default="holm",
               show_default=True, help="multipletests method, applied within each comparison family.")
 @click.option("--zero-method", type=click.Choice(["pratt", "wilcox", "zsplit"]), default="pratt",

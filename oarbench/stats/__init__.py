@@ -13,7 +13,7 @@ See docs/statistics.md.
 """
 
 from oarbench.stats.bootstrap import BootstrapOptions, bootstrap_ci, cluster_bootstrap_ci
-from oarbench.stats.clusters import UNITS, ClusteringWarning, aggregate_by_patient, patients_of
+from oarbench.stats.clusters import UNITS, ClusteringWarning, aggregate_by_patient, patient_differences, patients_of
 from oarbench.stats.comparisons import (
     COLUMNS,
     DEFAULT_METRICS,
@@ -51,7 +51,7 @@ __all__ = [
     "SignedRankResult", "RankSumResult", "BootstrapOptions", "ClusteringWarning",
     "paired_differences", "finite_for_ranking", "walsh_averages", "hodges_lehmann", "signed_rank_null_cdf",
     "signed_rank_test", "rank_sum_test", "quantile_inf", "round_for_ranking",
-    "bootstrap_ci", "cluster_bootstrap_ci", "aggregate_by_patient", "patients_of", "apply_correction",
+    "bootstrap_ci", "cluster_bootstrap_ci", "aggregate_by_patient", "patient_differences", "patients_of", "apply_correction",
     "paired_comparisons", "centre_comparisons", "one_arm_absent", "run_stats", "read_results", "write_stats",
     "summary_frame", "format_table",
     "paper_table", "paper_table_latex", "methods_paragraph", "write_paper_outputs",

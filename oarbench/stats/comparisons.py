@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from oarbench.stats.bootstrap import BootstrapOptions, bootstrap_ci, cluster_bootstrap_ci
-from oarbench.stats.clusters import UNITS, aggregate_by_patient, patients_of, warn_if_clustered
+from oarbench.stats.clusters import UNITS, aggregate_by_patient, patient_differences, patients_of, warn_if_clustered
 from oarbench.stats.families import CORRECTIONS, FAMILIES, apply_correction
 from oarbench.stats.ranktests import (
     ZERO_METHODS,
@@ -422,8 +422,10 @@ def _paired_row(ga: pd.DataFrame, gb: pd.DataFrame, metric: str, margin: float, 
     vb[nb & ~na] = _best(metric)
     keep = ~both_absent
     va, vb, sa, sb, patients, one = va[keep], vb[keep], sa[keep], sb[keep], patients[keep], one_absent[keep]
-    ua, ub, clusters = _units(va, vb, patients, unit)
-    d = paired_differences(ua, ub)
+    if unit == "scan":
+        d, clusters = paired_differences(va, vb), patients
+    else:  # mean of each patient's scan differences (docs/statistics.md, "Infinite distances")
+        d, clusters = patient_differences(paired_differences(va, vb), patients)
     res = signed_rank_test(d, zero_method=zero_method, confidence=confidence)
     # medians/IQRs describe the pairs with the organ in both arms (no imputed best values)
     da, db, _ = _units(va[~one], vb[~one], patients[~one], unit)
