@@ -528,7 +528,7 @@ def run_demo(
     from oarbench.finding import centre_shift_finding, finding_lines
     from oarbench.io import atomic_write_text
 
-    finding = centre_shift_finding(stats, {m.name: m.trained_on for m in study.models if m.trained_on})
+    finding = centre_shift_finding(stats, {m.name: m.trained_on for m in study.models if m.trained_on}, table=table)
     outputs["finding"] = atomic_write_text(results / "finding.csv", finding.to_csv(index=False))
     notes = finding_lines(finding)
     for line in notes:
