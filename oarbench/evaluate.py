@@ -198,7 +198,7 @@ def jobs_from_study(study: Any, models: Iterable[str] | None = None, centres: It
         if wanted_centres and centre.name not in wanted_centres:
             continue
         patients = read_patients(centre.metadata)
-        for model in study.models:
+        for model in (*study.models, *getattr(study, "observers", ())):  # observers are scored like models
             if wanted_models and model.name not in wanted_models:
                 continue
             jobs.append(
