@@ -50,6 +50,11 @@ def test_models_against_the_observer_by_non_inferiority():
     assert obs.loc["far", "noninferior"] == False  # noqa: E712 - pandas boolean
     # one family per (centre, model and observer), as for model pairs
     assert (obs["family_size"] == 1).all()
+    # the terminal table titles them like paired comparisons: by centre
+    from oarbench.stats import summary_frame
+
+    view = summary_frame(df[df["analysis"] == "observer"])
+    assert view["family"].str.startswith("observer | centre A | a = ").all()
 
 
 def test_paper_table_marks_the_models_within_the_observer_variation():
