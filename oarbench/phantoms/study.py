@@ -139,8 +139,8 @@ class DemoConfig:
     def as_dict(self) -> dict:
         out = {"phantoms": self.phantoms.as_dict(), "error_model": self.error_model.as_dict(),
                "models": [{"name": m.name, "trained_on": list(m.trained_on)} for m in self.models]}
-        if self.observers:
-            out["observers"] = [{"name": o} for o in self.observers]
+        if self.observers:  # the observer model is part of the settings: a change regenerates the study
+            out["observers"] = [{"name": o, "error_model": OBSERVER_ERROR_MODEL.as_dict()} for o in self.observers]
         return out
 
 
