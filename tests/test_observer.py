@@ -64,9 +64,11 @@ def test_paper_table_marks_the_models_within_the_observer_variation():
     assert paper.loc["observer-2", "block"] == "observer"
     assert paper.loc["near", "vs_observer"] == "observer-2: non-inferior" and paper.loc["near", "cell"].endswith("=")
     assert paper.loc["far", "vs_observer"] == "observer-2: not shown" and not paper.loc["far", "cell"].endswith("=")
-    from oarbench.stats.paper import paper_table_latex
+    from oarbench.stats.paper import methods_paragraph, paper_table_latex
 
     assert "non-inferior to the second observer" in paper_table_latex(paper.reset_index())
+    text = methods_paragraph({}, df, None)
+    assert "second observer's contours (observer-2)" in text and "non-inferiority to the observer" in text
 
 
 def test_unknown_observer_is_an_error():

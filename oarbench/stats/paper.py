@@ -383,6 +383,15 @@ def methods_paragraph(run: Mapping[str, Any] | None, stats: pd.DataFrame | None 
                 + f", and declared only when the matching two-sided {100 * (1 - 2 * ni_alpha):g}% Hodges-Lehmann "
                 "interval excluded the margin (ICH E9, CONSORT)."
             )
+        if "analysis" in stats.columns and (stats["analysis"].astype(str) == "observer").any():
+            human = stats[stats["analysis"].astype(str) == "observer"]
+            names = ", ".join(dict.fromkeys(human["arm_b"].astype(str)))
+            parts.append(
+                f"As a human baseline, a second observer's contours ({names}) were scored against the reference "
+                "like a model, and each model was compared with them on the same patients (paired signed-rank "
+                "test" + (", and non-inferiority to the observer at the margins above" if len(margins) else "")
+                + ")."
+            )
         label = _one(stats, "bootstrap")
         if label:
             parts.append(f"Confidence intervals of the median and mean differences were bootstrap intervals ({label}).")
