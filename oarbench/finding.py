@@ -214,6 +214,9 @@ def centre_shift_finding(stats: pd.DataFrame, trained_on: Mapping[str, Sequence[
     else:
         centres = list(dict.fromkeys(s["centre"].fillna("").astype(str))) if len(s) else []
     comps = _comparisons(trained_on, centres)
+    if table is not None:  # only models the results table holds
+        present = set(table["model"].astype(str)) if "model" in table else set()
+        comps = [c for c in comps if c[1] in present and c[2] in present]
     if table is not None and comps:
         s = _rows_for(_recompute(table, comps, metric, stats, margin, ni_alpha), metric, structures)
     out: list[dict] = []

@@ -129,6 +129,9 @@ def test_case_mix_is_not_a_loss():
         assert q.centre == "B" and q.reference == "local-B"
         assert q.verdict == "not testable (all differences zero)" and q.verdict != "loses"
         assert "paired" in q.design
+    # a model the study declares but the table lacks is left out, not an error
+    f = centre_shift_finding(stats, {"local-A": ("A",), "local-B": ("B",), "fl": ("A", "B")}, table=table)
+    assert "fl" not in set(f["model"]) and len(f) == 2
 
 
 def test_table_path_orients_the_pair_and_matches_scipy():
