@@ -299,9 +299,11 @@ def compare_models(
     :func:`oarbench.stats.signed_rank_test` on the volumes, the same code as
     ``oarbench stats`` (exact or exact-permutation p-values, zero differences
     ranked (``pratt``), not testable with fewer than 6 non-zero differences).
-    All p-values of the analysis (every pair's McNemar tests at every threshold
-    and every pair's Wilcoxon test, counted once) form one family, corrected with
-    ``correction`` (:func:`statsmodels.stats.multitest.multipletests`).
+    All testable p-values of the analysis (every pair's McNemar tests at every
+    threshold and every pair's Wilcoxon test, counted once) form one family,
+    corrected with ``correction`` (:func:`statsmodels.stats.multitest.multipletests`);
+    a test that is not testable has no p-value (NaN) and stays out of the family,
+    as in ``oarbench stats``.
     Verdicts use the adjusted p: ``not testable`` when there are no discordant
     pairs / too few non-zero differences (with m discordant pairs the smallest
     two-sided exact p is 2 / 2^m, so m <= 5 can never reach 0.05); else
@@ -337,7 +339,8 @@ def compare_models(
             n01 = int(np.count_nonzero(~fa & fb))
             n00 = int(np.count_nonzero(~fa & ~fb))
             m = n10 + n01
-            p = math.nan if m == 0 else float(mcnemar(np.array([[n11, n10], [n01, n00]]), exact=True).pvalue)
+            # not testable (no p below alpha attainable): no p-value, outside the family, as in oarbench stats
+            p = math.nan if _min_p(m) > alpha else float(mcnemar(np.array([[n11, n10], [n01, n00]]), exact=True).pvalue)
             out.append({
                 "model_a": a, "model_b": b, "threshold_ml": float(t), "n_cases": int(len(pair)),
                 "fp_both": n11, "fp_a_only": n10, "fp_b_only": n01, "fp_neither": n00,

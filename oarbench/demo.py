@@ -494,6 +494,9 @@ def run_demo(
     table, provenance = evaluate_jobs(jobs_from_study(study), options, results, workers=workers, force=force, progress=False)
     provenance["command"] = "demo"
     provenance["study"] = str(study_toml)
+    observers = [o.name for o in study.observers]
+    if observers:
+        provenance["observers"] = observers
     write_outputs(results, table, provenance)
     done()
 
@@ -517,12 +520,13 @@ def run_demo(
     done = step("statistics")
     from oarbench.stats import run_stats, write_stats
 
-    stats = run_stats(table, margins={"dsc": 0.01, "hd95": 1.0}, source=str(results / "metrics.csv"))
+    stats = run_stats(table, margins={"dsc": 0.01, "hd95": 1.0}, source=str(results / "metrics.csv"),
+                      observers=observers)
     outputs["stats"] = write_stats(stats, results / "stats.csv")
     from oarbench.stats import methods_paragraph, paper_table, write_paper_outputs
 
     trained = {m.name: tuple(m.trained_on) for m in study.models if m.trained_on} or None
-    paper = paper_table(table, stats, trained_on=trained)
+    paper = paper_table(table, stats, trained_on=trained, observers=observers)
     outputs.update(write_paper_outputs(results, paper, methods_paragraph(provenance, stats)))
     done()
 
@@ -530,7 +534,7 @@ def run_demo(
     from oarbench.finding import centre_shift_finding, finding_lines
     from oarbench.io import atomic_write_text
 
-    finding = centre_shift_finding(stats, {m.name: m.trained_on for m in study.models if m.trained_on})
+    finding = centre_shift_finding(stats, {m.name: m.trained_on for m in study.models if m.trained_on}, table=table)
     from oarbench.tables import csv_text
 
     outputs["finding"] = atomic_write_text(results / "finding.csv", csv_text(finding))

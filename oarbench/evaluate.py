@@ -206,7 +206,7 @@ def jobs_from_study(study: Any, models: Iterable[str] | None = None, centres: It
         if wanted_centres and centre.name not in wanted_centres:
             continue
         patients = read_patients(centre.metadata)
-        for model in study.models:
+        for model in (*study.models, *getattr(study, "observers", ())):  # observers are scored like models
             if wanted_models and model.name not in wanted_models:
                 continue
             jobs.append(
@@ -232,7 +232,7 @@ def _missing_rows(options: EvalOptions) -> list[dict[str, Any]]:
             "dsc": nan, "hd95": nan, "hd": nan, "msd": nan, "assd": nan, "sdsc": nan,
             "ref_ml": nan, "pred_ml": nan, "tp": 0, "fp": 0, "fn": 0,
             "tolerance_mm": options.tolerance_of(name), "vs": nan, "centroid_mm": nan, "apl_mm": nan,
-            "apl_mm_per_slice": nan, "spacing_max_mm": nan,
+            "apl_mm_per_slice": nan, "spacing_max_mm": nan, "spacing_inplane_max_mm": nan,
         }
         for value, name in options.labels
     ]
@@ -691,27 +691,32 @@ def _evaluate_jobs(
 
 
 def resolution_warnings(table: pd.DataFrame) -> list[str]:
-    """One message per tolerance that is below the coarsest voxel spacing of some cases.
+    """One message per metric and tolerance below the spacing that limits that metric in some cases.
 
-    Surface Dice and APL at such a tolerance cannot tell it from 0 mm (the smallest non-zero
-    surfel distance is about one voxel along the coarse axis), docs/metrics.md.
+    Surface Dice is limited by the coarsest voxel spacing (``spacing_max_mm``), APL, an in-plane
+    measure, by the coarsest in-plane spacing (``spacing_inplane_max_mm``; tables without it
+    give no APL warning): docs/metrics.md, :func:`oarbench.metrics.resolution_warning`.
     """
-    if table.empty or "spacing_max_mm" not in table.columns:
-        return []
-    t = table[table["spacing_max_mm"].notna() & table["tolerance_mm"].notna()]
-    low = t[t["tolerance_mm"] < t["spacing_max_mm"]]
+    from oarbench.metrics import RESOLUTION_LIMITS
+
     out = []
-    for tol, grp in low.groupby("tolerance_mm", sort=True):
-        keys = ["study", "centre", "condition", "case"]
-        n_cases = len(grp.drop_duplicates(keys))
-        n_all = len(t[t["tolerance_mm"] == tol].drop_duplicates(keys))
-        structures = list(dict.fromkeys(grp["structure"]))
-        shown = ", ".join(structures[:6]) + (f" and {len(structures) - 6} more" if len(structures) > 6 else "")
-        out.append(
-            f"tolerance {tol:g} mm ({shown}) is below the coarsest voxel spacing (up to "
-            f"{grp['spacing_max_mm'].max():g} mm) in {n_cases} of {n_all} cases: surface Dice and APL there do "
-            "not resolve distances below one voxel"
-        )
+    for metric, column in (("sdsc", "spacing_max_mm"), ("apl_mm", "spacing_inplane_max_mm")):
+        if table.empty or column not in table.columns or "tolerance_mm" not in table.columns:
+            continue
+        name = "surface Dice" if metric == "sdsc" else "APL"
+        t = table[table[column].notna() & table["tolerance_mm"].notna()]
+        low = t[t["tolerance_mm"] < t[column]]
+        for tol, grp in low.groupby("tolerance_mm", sort=True):
+            keys = [k for k in ("study", "centre", "condition", "case") if k in grp.columns]
+            n_cases = len(grp.drop_duplicates(keys))
+            n_all = len(t[t["tolerance_mm"] == tol].drop_duplicates(keys))
+            structures = list(dict.fromkeys(grp["structure"]))
+            shown = ", ".join(structures[:6]) + (f" and {len(structures) - 6} more" if len(structures) > 6 else "")
+            out.append(
+                f"{name}: tolerance {tol:g} mm ({shown}) is below the {RESOLUTION_LIMITS[metric]} (up to "
+                f"{grp[column].max():g} mm) in {n_cases} of {n_all} cases: {name} there does not resolve "
+                "distances below one voxel"
+            )
     return out
 
 

@@ -32,6 +32,8 @@ class Model:
     predictions: str
     trained_on: tuple[str, ...] = ()
     root: Path = Path(".")
+    #: A second reference (another clinician's contours), evaluated against the first like a model.
+    observer: bool = False
 
     def predictions_dir(self, centre: str, condition: str = "original") -> Path:
         """The folder holding this model's predictions for ``centre`` (under ``condition``,
@@ -51,6 +53,9 @@ class Study:
     models: tuple[Model, ...]
     raw: dict[str, Any] = field(default_factory=dict)
     tolerances_mm: dict[str, float] = field(default_factory=dict)  # per structure, overriding tolerance_mm
+    #: ``[[observers]]``: second observers' contours, scored against the reference like models
+    #: (``oarbench evaluate``) and compared with each model by non-inferiority (``oarbench stats``).
+    observers: tuple[Model, ...] = ()
 
     @property
     def root(self) -> Path:
@@ -158,7 +163,13 @@ def load_study(path: str | Path) -> Study:
                 root=root,
             )
         )
-    for kind, items in (("centre", centres), ("model", models)):
+    observers = []
+    for i, m in enumerate(data.get("observers", []) or []):
+        if not isinstance(m, dict) or "name" not in m or "predictions" not in m:
+            raise ValueError(f"{path}: [[observers]] entry {i + 1} needs 'name' and 'predictions'")
+        _check_name(path, m["name"], f"[[observers]] entry {i + 1}")
+        observers.append(Model(name=str(m["name"]), predictions=str(m["predictions"]), root=root, observer=True))
+    for kind, items in (("centre", centres), ("model or observer", models + observers)):
         names = [x.name for x in items]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
@@ -179,6 +190,7 @@ def load_study(path: str | Path) -> Study:
         models=tuple(models),
         raw=data,
         tolerances_mm=tolerances,
+        observers=tuple(observers),
     )
 
 
@@ -213,4 +225,7 @@ def study_toml_text(study: Study, *, predictions: str | None = None, name: str |
         lines += ["", "[[models]]", f"name = {_toml_str(m.name)}",
                   "trained_on = [" + ", ".join(_toml_str(t) for t in m.trained_on) + "]",
                   f"predictions = {_toml_str(pattern)}"]
+    for o in study.observers:  # a second observer's contours stay where they are
+        lines += ["", "[[observers]]", f"name = {_toml_str(o.name)}",
+                  f"predictions = {_toml_str(str(_resolve(o.root, o.predictions).resolve()))}"]
     return "\n".join(lines) + "\n"

@@ -118,9 +118,10 @@ def test_pairs_match_statsmodels_and_scipy(study):
     row = p.loc[0.0]
     # FP at 0 mL: A in c1, c2, c3; B in c1 -> both 1, A only 2, B only 0, neither 2
     assert (row["fp_both"], row["fp_a_only"], row["fp_b_only"], row["fp_neither"]) == (1, 2, 0, 2)
-    # exact McNemar = two-sided binomial on 2 discordant pairs, both one way: 2 * 0.5^2 = 0.5
-    expected = mcnemar(np.array([[1, 2], [0, 2]]), exact=True).pvalue
-    assert row["mcnemar_p"] == expected == 0.5
+    # exact McNemar = two-sided binomial on 2 discordant pairs, both one way: 2 * 0.5^2 = 0.5,
+    # which cannot reach 0.05: not testable, no p-value, out of the family
+    assert mcnemar(np.array([[1, 2], [0, 2]]), exact=True).pvalue == 0.5
+    assert math.isnan(row["mcnemar_p"])
     assert row["mcnemar_verdict"].startswith("not testable")  # 2 discordant: smallest p 0.5
     # 5 mL: A only in c3 (7 mL), B none
     assert p.loc[5.0, "fp_a_only"] == 1 and p.loc[5.0, "fp_b_only"] == 0
@@ -132,8 +133,8 @@ def test_pairs_match_statsmodels_and_scipy(study):
     # zero-dropping p (what this analysis used before) is not reported
     assert math.isnan(row["wilcoxon_p"]) and row["wilcoxon_verdict"].startswith("not testable")
     assert not math.isnan(wilcoxon(va, vb, zero_method="wilcox").pvalue)
-    # the family: McNemar at each of the 4 thresholds with a discordant pair (0, 0.5, 1, 5 mL)
-    assert (p["correction"] == "holm").all()
+    # the family holds only testable p-values (none here)
+    assert (p["correction"] == "holm").all() and (p["family_size"] == 0).all()
     tested = p["mcnemar_p"].dropna().to_numpy()
     np.testing.assert_allclose(p["mcnemar_p_adjusted"].dropna(), multipletests(tested, method="holm")[1])
 
@@ -169,6 +170,34 @@ def test_absent_volume_test_is_the_exact_signed_rank_of_stats():
     adj = multipletests(fam[~np.isnan(fam)], method="holm")[1]
     assert out.loc[0, "wilcoxon_p_adjusted"] == pytest.approx(adj[-1])
     assert out.loc[0, "family_size"] == (~np.isnan(fam)).sum()
+
+
+def test_untestable_mcnemar_stays_out_of_the_family():
+    # McNemar with 5 or fewer discordant cases cannot reach p < 0.05 (2 / 2**5 = 0.0625): like
+    # oarbench stats, such a test has no p-value and does not enter the Holm family
+    from oarbench.absent import compare_models
+
+    va = [0, 0, .3, .7, 1.2, 6, 8, 0, 2, .6, 0, 3.3]
+    vb = [0, 0, 0, 0, 0, 0, .2, 0, 0, 0, .4, 0]
+    rows = [dict(centre="X", case=f"c{i}", model=m, status="ok", pred_ml=v)
+            for m, vals in (("A", va), ("B", vb)) for i, v in enumerate(vals)]
+    out = compare_models(pd.DataFrame(rows)).set_index("threshold_ml")
+    # discordant cases per threshold, counted by hand: 0 mL: 7 A only + 1 B only; 0.5: 7; 1: 5; 5: 2
+    assert [int(out.loc[t, "fp_a_only"] + out.loc[t, "fp_b_only"]) for t in (0.0, 0.5, 1.0, 5.0)] == [8, 7, 5, 2]
+    assert out.loc[[1.0, 5.0], "mcnemar_p"].isna().all()
+    assert out.loc[[1.0, 5.0], "mcnemar_verdict"].str.startswith("not testable").all()
+    # the family: McNemar at 0 and 0.5 mL and the Wilcoxon test (9 non-zero differences)
+    p_mc = [st.binomtest(1, 8).pvalue, st.binomtest(0, 7).pvalue]
+    p_w = signed_rank_p = out.loc[0.0, "wilcoxon_p"]
+    assert out.loc[0.0, "mcnemar_p"] == pytest.approx(p_mc[0]) and out.loc[0.5, "mcnemar_p"] == pytest.approx(p_mc[1])
+    # Holm by hand over the three: sorted p times (3, 2, 1), running maximum
+    ps = sorted([*p_mc, signed_rank_p])
+    holm = np.maximum.accumulate([min(1.0, p * (3 - i)) for i, p in enumerate(ps)])
+    assert (out["family_size"] == 3).all()
+    assert out.loc[0.5, "mcnemar_p_adjusted"] == pytest.approx(holm[ps.index(p_mc[1])])
+    assert out.loc[0.0, "wilcoxon_p_adjusted"] == pytest.approx(holm[ps.index(p_w)])
+    assert out.loc[0.5, "mcnemar_p_adjusted"] == pytest.approx(0.03515625)
+    assert out.loc[0.5, "mcnemar_verdict"] == "different" and out.loc[0.0, "wilcoxon_verdict"] == "different"
 
 
 def test_all_equal_models_are_not_testable(study):

@@ -236,6 +236,27 @@ def test_surface_dice_below_the_coarsest_spacing_is_degenerate():
     assert resolution_warning(3.0, (3.0, 1.0, 1.0)) is None
 
 
+def test_apl_resolves_in_plane_and_warns_by_its_own_spacing():
+    # 0.8 x 1.1 mm pixels, 2.5 mm slices. APL measures in-plane distances, so tolerances below the
+    # 2.5 mm slice thickness do resolve: a prediction shifted one row (1.1 mm) and one column
+    # (0.8 mm) has reference contour pixels at 0, 0.8, 1.1 and 1.36 mm from its contour.
+    from oarbench.metrics import resolution_limit
+
+    ref = np.zeros((3, 20, 20), bool)
+    ref[:, 5:15, 5:15] = True
+    pred = np.roll(np.roll(ref, 1, axis=1), 1, axis=2)
+    sp = (2.5, 1.1, 0.8)
+    apl = [added_path_length(ref, pred, sp, t).apl_mm for t in (0.0, 0.8, 1.1, 1.4)]
+    assert apl[0] > apl[1] > apl[2] > apl[3] == 0.0
+    assert resolution_limit(sp, "apl_mm") == 1.1 and resolution_limit(sp, "sdsc") == 2.5
+    # the APL warning names its own limit: 1.1 mm in-plane, not the 2.5 mm slices
+    assert resolution_warning(2.0, sp, "apl_mm") is None
+    assert resolution_warning(2.0, sp, "sdsc") is not None and "2.5 mm" in resolution_warning(2.0, sp, "sdsc")
+    msg = resolution_warning(0.8, sp, "apl_mm")
+    assert msg is not None and "APL" in msg and "in-plane spacing 1.1 mm" in msg
+    assert resolution_warning(1.1, sp, "apl_mm") is None
+
+
 def test_evaluate_records_tolerances_and_resolution_warnings(tmp_path):
     from tests.test_evaluate import _case, _write
 
@@ -260,8 +281,11 @@ def test_evaluate_records_tolerances_and_resolution_warnings(tmp_path):
     assert tol == {"Liver": 4.0, "Kidney_L": 3.0, "Kidney_R": 2.0}
     run = json.loads((out / "run.json").read_text())
     assert run["options"]["tolerances_mm"] == {"Kidney_L": 3.0, "Liver": 4.0}
-    # 2.0 mm (Kidney_R) is below the 2.5 mm slices; 3.0 and 4.0 are not
+    # 2.0 mm (Kidney_R) is below the 2.5 mm slices (surface Dice); 3.0 and 4.0 are not; APL is
+    # limited by the 0.9 mm in-plane spacing, which no tolerance is below
     assert len(run["resolution_warnings"]) == 1 and "tolerance 2 mm (Kidney_R)" in run["resolution_warnings"][0]
+    assert run["resolution_warnings"][0].startswith("surface Dice:")
+    assert np.allclose(table["spacing_inplane_max_mm"], 0.9) and np.allclose(table["spacing_max_mm"], 2.5)
     assert "below the coarsest voxel spacing" in res.output
     for col in ("vs", "centroid_mm", "apl_mm", "apl_mm_per_slice"):
         assert table[col].notna().all()

@@ -103,7 +103,8 @@ def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path, study)
     again = generate_study(tmp_path / "again", config)
     assert again.generated
     first, second = sha_tree(paths.root), sha_tree(again.root)
-    assert len(first) == 2 * (2 + 4) * 2 + 3 * 2 * 4 + 2 + 2 + 3  # images+labels, predictions, json, csv, toml/manifest/errors
+    # images+labels, predictions of 3 models and the second observer, json, csv, toml/manifest/errors
+    assert len(first) == 2 * (2 + 4) * 2 + (3 + 1) * 2 * 4 + 2 + 2 + 3
     assert first == second
 
     other = generate_study(tmp_path / "other", config.with_overrides(seed=SEED + 1))
@@ -306,6 +307,31 @@ def test_local_models_degrade_across_centres_and_federated_is_stable(study):
     gap_b = d[("local-B", "B")] - d[("local-B", "A")]
     assert gap_a > 0.05 and gap_b > 0.05, d
     assert abs(d[("fl", "A")] - d[("fl", "B")]) < 0.5 * min(gap_a, gap_b), d
+
+
+def test_second_observer_disagrees_at_boundaries_only(study):
+    # The second observer: every structure the reference has is drawn (no misses, no false
+    # positive kidney, no left/right swap), never where the reference has nothing, and its
+    # disagreement is larger for low-contrast hollow structures than for solid organs.
+    from oarbench.study import load_study
+
+    config, paths = study
+    assert config.observers == ("observer-2",)
+    assert [o.name for o in load_study(paths.study_toml).observers] == ["observer-2"]
+    specs = [c for c in draw_cases(config.phantoms) if c.split == "test"]
+    dice: dict[str, list[float]] = {}
+    for spec in specs:
+        ref, _ = read(paths.datasets[spec.centre] / "labelsTs" / f"{spec.case}.nii.gz")
+        obs, _ = read(paths.prediction_dir("observer-2", spec.centre) / f"{spec.case}.nii.gz")
+        for value, name in DEFAULT_LABELS:
+            a, b = ref == value, obs == value
+            assert a.any() == b.any(), (spec.case, name)
+            if a.any():
+                dice.setdefault(name, []).append(2.0 * np.count_nonzero(a & b) / (a.sum() + b.sum()))
+    mean = {k: float(np.mean(v)) for k, v in dice.items()}
+    # not a copy of the reference, and not a failing model either
+    assert min(mean.values()) > 0.3 and np.mean(list(mean.values())) < 0.97, mean
+    assert mean["Liver"] > mean["Duodenum"] and mean["Kidney_L"] > mean["Pancreas"], mean
 
 
 # --------------------------------------------------------------------------- study.toml, config, CLI

@@ -413,11 +413,11 @@ def test_invariant_predictor_small_angles_stay_within_the_noise_floor(phantom_di
     images, reference = phantom_dirs
     conds = ["rot_z+10", "rot_z-10", "rot_x+5", "rot_y-15"]
     res = run_robustness(images, reference, FunctionPredictor(lambda v: segment(v.array)), conds, LABELS)
-    # every small angle gets its resample-only control (same axis, same absolute angle)
-    controls = ["resample_z10", "resample_x5", "resample_y15"]
+    # every small angle gets its control (same axis, same signed angle)
+    controls = ["resample_z+10", "resample_z-10", "resample_x+5", "resample_y-15"]
     assert set(res.table["condition"]) == {"original", *conds, *controls}
     s = res.summary.set_index(["structure", "condition"])
-    for cond, ctrl in (("rot_z+10", "resample_z10"), ("rot_z-10", "resample_z10"), ("rot_x+5", "resample_x5")):
+    for cond, ctrl in (("rot_z+10", "resample_z+10"), ("rot_z-10", "resample_z-10"), ("rot_x+5", "resample_x+5")):
         for structure in s.index.get_level_values(0).unique():
             assert s.loc[(structure, cond), "control_condition"] == ctrl
             assert s.loc[(structure, cond), "control_median_delta_dsc"] == s.loc[(structure, ctrl), "median_delta_dsc"]
@@ -448,26 +448,107 @@ def test_invariant_predictor_small_angles_stay_within_the_noise_floor(phantom_di
     assert set(res.summary["median_floor_dsc"].notna()) == {True}
 
 
-def test_resample_control_is_interpolation_only_and_maps_back_exactly(phantom_dirs):
+def test_resample_control_shares_the_rotations_steps_and_maps_back_exactly(phantom_dirs):
     from oarbench.robustness import ResampleControl, SmallRotation
 
     images, reference = phantom_dirs
     case = sorted(find_cases(images, images=True))[0]
     img = read_volume(find_cases(images, images=True)[case])
-    ctrl = parse_condition("resample_z10")
-    assert isinstance(ctrl, ResampleControl) and ctrl.condition == "resample_z10"
+    ctrl = parse_condition("resample_z+10")
+    assert isinstance(ctrl, ResampleControl) and ctrl.condition == "resample_z+10"
+    assert parse_condition("resample_z10") == ctrl and parse_condition("resample_z-10").degrees == -10.0
     out = ctrl.apply(img)
-    # the patient does not move: same grid and header; only the voxel values are interpolated
+    # the patient does not move: same grid and header
     assert out.array.shape == img.array.shape and out.spacing == img.spacing and out.origin == img.origin
     assert not np.array_equal(out.array, img.array)
-    # linear interpolation there and back lowers the spread inside an organ (blur), which is
-    # what confounds a small rotation; the control has it without the rotation
-    rot = SmallRotation("z", 10).apply(img)
+    # the rotation's own CT interpolation, taken back by the rotation's own label mapping: the
+    # control's voxels are exactly the rotated image's interpolated values, rearranged
+    rot_img = SmallRotation("z", 10).apply(img)
+    np.testing.assert_array_equal(out.array, SmallRotation("z", 10).map_back(rot_img, img).array)
+    assert set(np.unique(out.array)) <= set(np.unique(rot_img.array))
+    # linear interpolation lowers the spread inside an organ (blur), which the control shares
     assert np.std(out.array.astype(float)) < np.std(img.array.astype(float))
-    assert rot.array.shape != img.array.shape  # the rotation needs the enlarged grid, the control not
     # mapping back is the identity
     pred = img.with_array((img.array > 0).astype(np.uint8))
     assert np.array_equal(ctrl.map_back(pred, img).array, pred.array)
+
+
+def voxelwise(arr):
+    """A CT threshold per organ, voxel by voxel (no neighbours): no rotation effect at all."""
+    arr = np.asarray(arr, dtype=float)
+    out = np.zeros(arr.shape, dtype=np.uint8)
+    for organ, hu in sorted(ORGAN_HU.items(), key=lambda kv: kv[1]):
+        out[arr > (hu + (hu - 150.0 if organ > 1 else 40.0)) / 2.0] = organ
+    return out
+
+
+def test_rotation_minus_control_is_zero_for_a_predictor_without_rotation_effect(phantom_dirs):
+    # A predictor that acts voxel by voxel commutes with the nearest-neighbour mapping, so the
+    # rotation (interpolate, predict, map the labels back) and its control (interpolate, map
+    # back, predict) give the same labels: every metric of every case and structure is equal,
+    # tolerance 0. The earlier control (two linear interpolations, labels never resampled)
+    # differed for the same predictor.
+    from oarbench.robustness import SmallRotation
+    from oarbench.robustness.transforms import _euler_resample
+
+    images, reference = phantom_dirs
+    conds = ["rot_z+10", "rot_x+5", "rot_y-15"]
+    res = run_robustness(images, reference, FunctionPredictor(lambda v: voxelwise(v.array)), conds, LABELS)
+    assert (rows_by(res.table, "original")["dsc"] > 0.9).all()
+    moved = False
+    for cond in conds:
+        ctrl = "resample_" + cond[len("rot_"):]
+        pd.testing.assert_frame_equal(rows_by(res.table, cond), rows_by(res.table, ctrl), check_exact=True)
+        moved |= bool((rows_by(res.table, cond)["dsc"] < rows_by(res.table, "original")["dsc"]).any())
+    assert moved  # the rotation did cost something: all of it is interpolation and label mapping
+    s = res.summary.set_index(["structure", "condition"])
+    for cond in conds:
+        for structure in LABELS.names:
+            row = s.loc[(structure, cond)]
+            assert row["control_condition"] == "resample_" + cond[len("rot_"):]
+            assert row["n_pairs_effect_dsc"] == 2 and row["model_effect_dsc"] == 0.0
+            assert row["model_effect_hd95"] == 0.0
+            assert row["control_median_delta_dsc"] == row["median_delta_dsc"]
+    # the earlier control for the same predictor: not zero
+    case = "P001"
+    img = read_volume(images / f"{case}_0000.nii.gz")
+    ref = read_volume(reference / f"{case}.nii.gz")
+    rot = SmallRotation("z", 10)
+    twice = _euler_resample(rot.apply(img), img, rot.r, image_centre(img), linear=True, fill=-1024.0)
+    old = voxelwise(twice.array)
+    new = voxelwise(rot.map_back(rot.apply(img), ref).array)
+    assert not np.array_equal(old, new)
+
+
+def test_model_effect_of_a_rotation_sensitive_predictor(phantom_dirs):
+    # An atlas (the reference wherever the input shows the patient) has a pure rotation effect:
+    # its control leaves the atlas aligned, the rotation does not. Six cases for an interval.
+    images, reference = phantom_dirs
+    ref = read_volume(reference / "P001.nii.gz")
+    img_map = {f"C{i}": images / "P001_0000.nii.gz" for i in range(6)}
+    ref_map = {f"C{i}": reference / "P001.nii.gz" for i in range(6)}
+
+    def atlas(vol):
+        out = np.zeros(vol.array.shape, np.uint8)
+        off = [(a - b) // 2 for a, b in zip(vol.array.shape, ref.array.shape)]
+        out[off[0]:off[0] + ref.array.shape[0], off[1]:off[1] + ref.array.shape[1],
+            off[2]:off[2] + ref.array.shape[2]] = ref.array
+        return out
+
+    res = run_robustness(img_map, ref_map, FunctionPredictor(atlas), ["rot_z+10"], LABELS)
+    s = res.summary.set_index(["structure", "condition"])
+    liver = s.loc[("Liver", "rot_z+10")]
+    # the atlas ignores the image: under the control (patient unmoved) it is the reference itself
+    ctrl = rows_by(res.table, "resample_z+10")
+    assert (ctrl["dsc"] == 1.0).all()
+    # six identical cases: the effect is one value, and its exact interval (coverage 1 - 2/64) is that value
+    assert liver["n_pairs_effect_dsc"] == 6 and liver["model_effect_ci_level"] == pytest.approx(1 - 2 / 64)
+    assert liver["model_effect_dsc"] < -0.1
+    assert liver["model_effect_dsc_ci_low"] == liver["model_effect_dsc_ci_high"] == liver["model_effect_dsc"]
+    t = res.table[res.table["structure"] == "Liver"].set_index(["condition", "case"])["dsc"]
+    effect = (t["rot_z+10"] - t["resample_z+10"]).to_numpy()
+    assert np.all(effect == effect[0]) and liver["model_effect_dsc"] == effect[0]
+
 
 def test_atlas_predictor_degrades_under_flips_and_swaps_kidneys(phantom_dirs):
     images, reference = phantom_dirs
@@ -612,12 +693,13 @@ def test_cli_rotate_default_set(phantom_dirs, script, tmp_path):
                                        "--labels", str(_labels_toml(tmp_path))])
     assert result.exit_code == 0, result.output
     table = pd.read_csv(out / "robustness.csv")
-    assert set(table["condition"]) == {"original", *DEFAULT_ROTATE_CONDITIONS, "resample_z10"}  # + the control
+    # + the controls, one per signed angle
+    assert set(table["condition"]) == {"original", *DEFAULT_ROTATE_CONDITIONS, "resample_z+10", "resample_z-10"}
     summary = pd.read_csv(out / "robustness_summary.csv")
     lossless = summary[~summary["condition"].str.startswith(("rot_", "resample_"))]
     assert (lossless["median_delta_dsc"] == 0).all() and (summary["n_laterality_swaps"] == 0).all()
     floor = pd.read_csv(out / "noise_floor.csv")
-    assert set(floor["condition"]) == {"rot_z+10", "rot_z-10", "resample_z10"}
+    assert set(floor["condition"]) == {"rot_z+10", "rot_z-10", "resample_z+10", "resample_z-10"}
     # errors: neither --rotate nor --conditions; a failing model
     r2 = CliRunner().invoke(main, ["robustness", "--images", str(images), "--reference", str(reference),
                                    "--predictor", spec, "--out", str(out)])

@@ -132,6 +132,6 @@ def test_nnunet_predictor_end_to_end(model_folder, tmp_path, device):
     assert set(np.unique(out.array)) <= {0, 1, 2}
     labels = LabelMap({1: "Kidney_L", 2: "Kidney_R"})
     res = run_robustness(images, reference, pred, ["flip_lr", "rot_z+10"], labels)
-    # the small rotation brings its resample-only control (same resampling, no rotation)
-    assert set(res.table["condition"]) == {"original", "flip_lr", "rot_z+10", "resample_z10"}
+    # the small rotation brings its control (its own resampling and label mapping, no rotation)
+    assert set(res.table["condition"]) == {"original", "flip_lr", "rot_z+10", "resample_z+10"}
     assert len(res.table) == 4 * 2 and set(res.table["status"]) <= {"ok", "missed", "hallucinated"}

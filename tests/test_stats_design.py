@@ -303,3 +303,35 @@ def test_signed_rank_null_is_symmetry_not_median():
     # pratt: ranks of |d|: the zero rank 1, negatives 2..16 (sum 135), positives 17..31 (sum 360)
     assert (res.r_minus, res.r_plus) == (135.0, 360.0)
     assert S.hodges_lehmann(d) > 2.0 and res.p < 0.05
+
+
+def test_a_scan_both_models_missed_keeps_the_patients_other_scans():
+    # Patient p0 has two scans: both models missed the organ in the first (HD95 inf in both
+    # arms), the second is finite (3 mm against 5 mm: a is 2 mm better). Patient means would be
+    # inf and inf, a difference of 0, and the 2 mm lost. The rule: the mean of the patient's scan
+    # differences, (0 + (3 - 5)) / 2 = -1 mm (the failed scan is a tie averaged in, as DSC 0
+    # against DSC 0 is). Six more patients with one scan each.
+    from scipy import stats as st
+
+    a = [math.inf, 3.0, 2.0, 4.0, 6.0, 3.5, 2.5, 5.0]
+    b = [math.inf, 5.0, 2.6, 4.9, 6.3, 3.3, 2.7, 5.2]
+    patients = ["p0", "p0", "p1", "p2", "p3", "p4", "p5", "p6"]
+    statuses = [("missed", "missed")] + [("ok", "ok")] * 7
+    t = _rows(a, b, patients=patients, metric="hd95", statuses=statuses)
+    row = S.paired_comparisons(t, metrics=("hd95",), bootstrap=None).iloc[0]
+    d = np.array([-1.0, 2.0 - 2.6, 4.0 - 4.9, 6.0 - 6.3, 3.5 - 3.3, 2.5 - 2.7, 5.0 - 5.2])
+    assert row["n"] == 7 and row["n_zero"] == 0
+    # three differences of 0.2 tie: the exact permutation distribution (all 2**7 sign patterns)
+    oracle = st.wilcoxon(np.round(d, 12), method=st.PermutationMethod(n_resamples=np.inf)).pvalue
+    assert row["p"] == pytest.approx(oracle)
+    walsh = [(d[i] + d[j]) / 2 for i in range(7) for j in range(i, 7)]
+    assert row["hl_shift"] == pytest.approx(np.median(walsh))
+    # per scan, the failed scan is one zero difference among eight units
+    with pytest.warns(S.ClusteringWarning):  # p0 has two scans
+        per_scan = S.paired_comparisons(t, metrics=("hd95",), bootstrap=None, unit="scan").iloc[0]
+    assert per_scan["n"] == 8 and per_scan["n_zero"] == 1
+    # DSC, for comparison: the missed scan is 0 - 0 = 0, averaged in the same way
+    t2 = _rows([0.0, 0.8, .9, .85, .7, .75, .8, .9], [0.0, 0.7, .8, .8, .71, .7, .75, .95], patients=patients,
+               statuses=statuses)
+    d2 = S.paired_comparisons(t2, metrics=("dsc",), bootstrap=None).iloc[0]
+    assert d2["n_zero"] == 0 and d2["n"] == 7

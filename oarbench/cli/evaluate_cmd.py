@@ -55,6 +55,11 @@ def print_summary(table, echo=click.echo) -> None:
                    "name]. With a study: only these models.")
 @click.option("--centre", "centres", multiple=True,
               help="With folders: the centre name [default: all]. With a study: only these centres.")
+@click.option("--observer", "observer", default=None, metavar="DIR",
+              help="With folders: a second observer's contours (CASE.nii.gz), scored against --reference like a "
+                   "model and compared with each model by non-inferiority in `oarbench stats` (docs/statistics.md).")
+@click.option("--observer-name", default="observer", show_default=True,
+              help="With --observer: its name in the model column.")
 @click.option("--condition", default=None, help="With folders: the condition name [default: original].")
 @click.option("--study-name", default=None, help="With folders: the study name [default: own-data].")
 @click.option("--force", is_flag=True, help="Recompute cached cases.")
@@ -68,8 +73,8 @@ def print_summary(table, echo=click.echo) -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @user_errors
 def evaluate(study, reference, predictions, labels_path, structures, out, workers, device, tolerance, apl_convention,
-             resample_prediction, allow_missing, models, centres, condition, study_name, force, strict, follow_links,
-             max_image_gib, quiet, no_progress, executor_kind, scheduler, resources, batch):
+             resample_prediction, allow_missing, models, centres, observer, observer_name, condition, study_name, force,
+             strict, follow_links, max_image_gib, quiet, no_progress, executor_kind, scheduler, resources, batch):
     """Score predictions against references: metrics.csv, summary.csv, run.json.
 
     Either a STUDY.toml (several centres x models, docs/study-toml.md) or
@@ -85,9 +90,9 @@ def evaluate(study, reference, predictions, labels_path, structures, out, worker
     if study is not None:
         if reference or predictions:
             raise click.UsageError("give either STUDY.toml or --reference/--prediction, not both")
-        if condition is not None or study_name is not None:
-            raise click.UsageError("--condition and --study-name are for --reference/--prediction folders; "
-                                   "a study file names its own study")
+        if condition is not None or study_name is not None or observer is not None:
+            raise click.UsageError("--condition, --study-name and --observer are for --reference/--prediction "
+                                   "folders; a study file names its own study and [[observers]]")
         from oarbench.study import load_study
 
         st = load_study(study)
@@ -97,6 +102,7 @@ def evaluate(study, reference, predictions, labels_path, structures, out, worker
             resolved = with_structures(ResolvedLabels(st.labels, str(study), f"labels: from {study}"), structures)
         labels = resolved.labels
         jobs = jobs_from_study(st, models=models, centres=centres)
+        observers = [o.name for o in st.observers if not models or o.name in models]
         tol = tolerance if tolerance is not None else st.tolerance_mm
         tolerances = dict(st.tolerances_mm)
         if labels_path:
@@ -113,6 +119,13 @@ def evaluate(study, reference, predictions, labels_path, structures, out, worker
                                  study=DEFAULT_STUDY if study_name is None else study_name,
                                  centre=centres[0] if centres else DEFAULT_CENTRE,
                                  condition="original" if condition is None else condition)
+        observers = []
+        if observer is not None:
+            if observer_name in {j.model for j in jobs}:
+                raise click.UsageError(f"--observer-name {observer_name!r} is also a model name")
+            jobs += jobs_from_folders(reference, [observer], models=[observer_name], study=jobs[0].study,
+                                      centre=jobs[0].centre, condition=jobs[0].condition)
+            observers = [observer_name]
         tol = 2.0 if tolerance is None else tolerance
         tolerances = read_label_tolerances(labels_path, labels)
     click.echo(resolved.note, err=True)
@@ -134,6 +147,8 @@ def evaluate(study, reference, predictions, labels_path, structures, out, worker
                 executor.close()
         provenance["command"] = "evaluate"
         provenance.update(resolved.provenance())
+        if observers:
+            provenance["observers"] = observers
         paths = write_outputs(out, table, provenance)
     for w in [*provenance["warnings"], *provenance.get("resolution_warnings", [])]:
         click.echo(f"warning: {w}", err=True)

@@ -57,7 +57,8 @@ def _print_table(df) -> None:  # noqa: ANN001 - pandas DataFrame
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for stats.csv (created if needed).")
 @click.option("--metrics", default="dsc,hd95,msd", show_default=True,
-              help="Comma-separated metric columns (dsc, sdsc, hd95, hd, msd, assd).")
+              help="Comma-separated metric columns: dsc, sdsc, vs (higher is better); hd95, hd, msd, assd, "
+                   "centroid_mm, apl_mm, apl_mm_per_slice (mm, lower is better).")
 @click.option("--correction", type=click.Choice(["holm", "fdr_bh", "bonferroni"]), default="holm",
               show_default=True, help="multipletests method, applied within each comparison family.")
 @click.option("--zero-method", type=click.Choice(["pratt", "wilcox", "zsplit"]), default="pratt",
@@ -67,6 +68,9 @@ def _print_table(df) -> None:  # noqa: ANN001 - pandas DataFrame
 @click.option("--pair", "pairs", multiple=True, metavar="A:B",
               help="Model pair to compare, e.g. fl:local-A (A is tested for non-inferiority to B). "
                    "Repeatable; default all pairs.")
+@click.option("--observer", "observers", multiple=True, metavar="NAME",
+              help="A model of the table that is a second observer's contours: every other model is tested "
+                   "for non-inferiority to it (with --margin). Repeatable; default the run record's observers.")
 @click.option("--alpha", type=float, default=0.05, show_default=True,
               help="Two-sided significance level (adjusted p).")
 @click.option("--ni-alpha", type=float, default=0.025, show_default=True,
@@ -92,7 +96,8 @@ def _print_table(df) -> None:  # noqa: ANN001 - pandas DataFrame
               help="Print the readable table on the terminal.")
 @user_errors
 def stats(results: Path, out_dir: Path, metrics: str, correction: str, zero_method: str,
-          margins: tuple[str, ...], pairs: tuple[str, ...], alpha: float, ni_alpha: float, unit: str,
+          margins: tuple[str, ...], pairs: tuple[str, ...], observers: tuple[str, ...], alpha: float,
+          ni_alpha: float, unit: str,
           family: str, n_resamples: int, seed: int, bootstrap_method: str, condition: str,
           run_json: Path | None, show_table: bool) -> None:
     """Wilcoxon signed-rank (paired) and Mann-Whitney U (cross-centre) tests on RESULTS.csv (or metrics.parquet).
@@ -107,6 +112,9 @@ def stats(results: Path, out_dir: Path, metrics: str, correction: str, zero_meth
 
     metric_list = [m.strip().lower() for m in metrics.split(",") if m.strip()]
     table = read_results(results)
+    run = _run_record(run_json, results)
+    if not observers and run is not None and isinstance(run.get("observers"), list):
+        observers = tuple(str(o) for o in run["observers"] if str(o) in set(table["model"].astype(str)))
     boot = BootstrapOptions(n_resamples=n_resamples, seed=seed, method=bootstrap_method)
     cond = None if condition == "all" else condition
     with warnings.catch_warnings(record=True) as caught:
@@ -125,6 +133,7 @@ def stats(results: Path, out_dir: Path, metrics: str, correction: str, zero_meth
             family=family,
             bootstrap=boot if n_resamples else None,
             source=str(results),
+            observers=observers,
         )
     for w in caught:
         if issubclass(w.category, UserWarning):
@@ -132,7 +141,7 @@ def stats(results: Path, out_dir: Path, metrics: str, correction: str, zero_meth
     path = write_stats(df, out_dir / "stats.csv")
     absent_rows = one_arm_absent(table, pairs=list(pairs) or None, condition=cond, source=str(results))
     write_stats(absent_rows, out_dir / "one_arm_absent.csv")
-    _write_paper(table, df, metric_list, boot if n_resamples else None, alpha, run_json, results, out_dir)
+    _write_paper(table, df, metric_list, boot if n_resamples else None, alpha, run, out_dir, observers)
     if show_table:
         _print_table(df)
     if df.empty and table["model"].nunique() < 2 and table["centre"].nunique() < 2:
@@ -146,11 +155,9 @@ def stats(results: Path, out_dir: Path, metrics: str, correction: str, zero_meth
                f"listed apart; wrote {path}")
 
 
-def _write_paper(table, stats_df, metrics, boot, alpha, run_json, results, out_dir) -> None:  # noqa: ANN001
-    """paper_table.csv/.tex and methods.md from the table, the statistics and run.json."""
+def _run_record(run_json: Path | None, results: Path) -> dict | None:
+    """The run record (run.json beside RESULTS, or --run-json), or None when there is none."""
     import json
-
-    from oarbench.stats.paper import methods_paragraph, paper_table, trained_on_from_run, write_paper_outputs
 
     path = run_json if run_json is not None else Path(results).parent / "run.json"
     run = None
@@ -163,8 +170,15 @@ def _write_paper(table, stats_df, metrics, boot, alpha, run_json, results, out_d
             raise click.ClickException(f"{path}: the run record must be a JSON object")
     elif run_json is not None:
         raise click.ClickException(f"{path}: run record not found")
+    return run
+
+
+def _write_paper(table, stats_df, metrics, boot, alpha, run, out_dir, observers=()) -> None:  # noqa: ANN001
+    """paper_table.csv/.tex and methods.md from the table, the statistics and run.json."""
+    from oarbench.stats.paper import methods_paragraph, paper_table, trained_on_from_run, write_paper_outputs
+
     present = [m for m in metrics if m in table.columns]
     paper = paper_table(table, stats_df, metrics=present, trained_on=trained_on_from_run(run), bootstrap=boot,
-                        alpha=alpha)
+                        alpha=alpha, observers=observers)
     written = write_paper_outputs(out_dir, paper, methods_paragraph(run, stats_df, boot))
     click.echo("wrote " + ", ".join(str(p) for p in written.values()))

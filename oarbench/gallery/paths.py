@@ -55,7 +55,7 @@ class PathResolver:
             images[c.name] = str(c.images)
             reference[c.name] = str(c.reference)
         predictions: dict[str, str] = {}
-        for m in study.models:
+        for m in (*study.models, *getattr(study, "observers", ())):  # a second observer is drawn like a model
             q = Path(m.predictions).expanduser()
             predictions[m.name] = str(q if q.is_absolute() else m.root / q)
         return cls(images, reference, predictions, str(path))

@@ -20,6 +20,8 @@ from oarbench.metrics._clinical import (
     added_path_length,
     centroid_distance,
     contour_pixels,
+    RESOLUTION_LIMITS,
+    resolution_limit,
     resolution_warning,
     volumetric_similarity,
 )
@@ -53,6 +55,8 @@ __all__ = [
     "centroid_distance",
     "contour_pixels",
     "resolution_warning",
+    "resolution_limit",
+    "RESOLUTION_LIMITS",
     "volumetric_similarity",
     "SurfaceDistances",
     "StructureResult",

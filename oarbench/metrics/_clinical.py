@@ -26,6 +26,8 @@ __all__ = [
     "volumetric_similarity",
     "centroid_distance",
     "resolution_warning",
+    "resolution_limit",
+    "RESOLUTION_LIMITS",
 ]
 
 #: ``exact``: in-plane Euclidean distance in mm <= tolerance; ``platipy``: the tolerance turned
@@ -233,15 +235,36 @@ def _centroid_counts(counts: np.ndarray, total: float) -> list[float]:
     return out
 
 
-def resolution_warning(tolerance_mm: float, spacing: Sequence[float]) -> str | None:
-    """A message when a tolerance is below the coarsest voxel spacing, else ``None``.
+#: The spacing that limits each tolerance-based metric: the surface Dice compares 3D surfel
+#: distances (the coarsest voxel spacing), APL in-plane distances within a slice (the coarsest
+#: in-plane spacing, array axes 1 and 2).
+RESOLUTION_LIMITS: dict[str, str] = {"sdsc": "coarsest voxel spacing", "apl_mm": "coarsest in-plane spacing"}
+_RESOLUTION_NAMES = {"sdsc": "surface Dice", "apl_mm": "APL"}
 
-    The smallest non-zero surfel distance is about one voxel along the coarse axis, so surface
-    Dice (and APL) at a tolerance below it cannot tell that tolerance from 0 mm: on a 3 mm grid,
-    2 mm behaves like 0, 1 or 2.99 mm and jumps at 3.0 mm.
+
+def resolution_limit(spacing: Sequence[float], metric: str = "sdsc") -> float:
+    """The spacing (mm) below which ``metric``'s tolerance is not resolved (:data:`RESOLUTION_LIMITS`)."""
+    if metric not in RESOLUTION_LIMITS:
+        raise ValueError(f"metric must be one of {', '.join(RESOLUTION_LIMITS)}, got {metric!r}")
+    sp = [float(s) for s in spacing]
+    if metric == "apl_mm" and len(sp) == 3:
+        sp = sp[1:]
+    return max(sp)
+
+
+def resolution_warning(tolerance_mm: float, spacing: Sequence[float], metric: str = "sdsc") -> str | None:
+    """A message when ``metric``'s tolerance is below the spacing that limits it, else ``None``.
+
+    ``sdsc``: the smallest non-zero surfel distance is about one voxel along the coarse axis, so
+    surface Dice at a tolerance below the coarsest spacing cannot tell that tolerance from 0 mm:
+    on a 3 mm grid, 2 mm behaves like 0, 1 or 2.99 mm and jumps at 3.0 mm. ``apl_mm``: APL
+    measures in-plane distances within a slice, so only the in-plane spacing limits it (on 0.8 x
+    1.1 x 2.5 mm voxels it changes between 0, 0.8, 1.1 and 2.49 mm); it warns below the coarsest
+    in-plane spacing. Pure: the caller decides what to do with the message.
     """
-    coarsest = max(float(s) for s in spacing)
-    if tolerance_mm < coarsest:
-        return (f"tolerance {tolerance_mm:g} mm is below the coarsest voxel spacing {coarsest:g} mm: "
-                "surface Dice and APL do not resolve distances below one voxel")
+    limit = resolution_limit(spacing, metric)
+    if tolerance_mm < limit:
+        name = _RESOLUTION_NAMES[metric]
+        return (f"{name}: tolerance {tolerance_mm:g} mm is below the {RESOLUTION_LIMITS[metric]} {limit:g} mm: "
+                f"{name} does not resolve distances below one voxel there")
     return None

@@ -48,6 +48,7 @@ RESULT_COLUMNS = (
     "label", "structure", "status", "dsc", "hd95", "hd", "msd", "assd", "sdsc",
     "ref_ml", "pred_ml", "tp", "fp", "fn",
     "tolerance_mm", "vs", "centroid_mm", "apl_mm", "apl_mm_per_slice", "spacing_max_mm",
+    "spacing_inplane_max_mm",
 )
 
 
@@ -61,7 +62,9 @@ class StructureResult:
     contour), both at ``tolerance_mm`` (the structure's own tolerance, or the
     global one). ``vs`` is the volumetric similarity, ``centroid_mm`` the
     distance between the centres of mass, ``spacing_max_mm`` the coarsest
-    voxel spacing of the case (a tolerance below it is not resolved).
+    voxel spacing of the case (a surface-Dice tolerance below it is not
+    resolved) and ``spacing_inplane_max_mm`` the coarsest in-plane spacing
+    (axes 1 and 2; an APL tolerance below it is not resolved).
     """
 
     label: int
@@ -84,6 +87,7 @@ class StructureResult:
     apl_mm: float = math.nan
     apl_mm_per_slice: float = math.nan
     spacing_max_mm: float = math.nan
+    spacing_inplane_max_mm: float = math.nan
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -425,13 +429,14 @@ def _evaluate_boxes(
     voxel_ml = float(np.prod(sp)) / 1000.0
     tolerances, apl_convention = scoring
     coarsest = float(max(sp))
+    coarsest_inplane = float(max(sp[1:])) if len(sp) == 3 else coarsest
 
     def one(value: int, name: str) -> StructureResult:
         rbox = ref_boxes[value - 1] if value <= len(ref_boxes) else None
         pbox = pred_boxes[value - 1] if value <= len(pred_boxes) else None
         box = _union(rbox, pbox)
         tol = tolerances[name]
-        extra = dict(tolerance_mm=tol, spacing_max_mm=coarsest)
+        extra = dict(tolerance_mm=tol, spacing_max_mm=coarsest, spacing_inplane_max_mm=coarsest_inplane)
         if box is None:
             return replace(_empty_result(value, name, "absent", 0.0, 0.0, 0, 0), **extra)
         r = ref[box] == value

@@ -29,7 +29,7 @@ import numpy as np
 from oarbench.io import Volume, atomic_write_text, read_volume, sha256_file, write_volume
 from oarbench.labels import DEFAULT_LABELS
 from oarbench.phantoms.anatomy import CONTRAST_PHASES, Grid, build_anatomy, render
-from oarbench.phantoms.errors import ErrorModel, InjectedError, signed_distances, simulate_case
+from oarbench.phantoms.errors import OBSERVER_ERROR_MODEL, ErrorModel, InjectedError, signed_distances, simulate_case
 from oarbench.tables import csv_row
 
 if sys.version_info >= (3, 11):
@@ -123,6 +123,8 @@ class DemoConfig:
     error_model: ErrorModel
     models: tuple[ModelSpec, ...]
     toml: dict = field(default_factory=dict)  # the whole study file as read, for the written copy
+    #: ``[[observers]]`` names: second observers simulated with :data:`OBSERVER_ERROR_MODEL`.
+    observers: tuple[str, ...] = ()
 
     def with_overrides(self, *, seed: int | None = None, cases_per_centre: int | None = None) -> "DemoConfig":
         """A copy with another seed and/or number of test cases per centre."""
@@ -136,8 +138,11 @@ class DemoConfig:
         return replace(self, phantoms=ph)
 
     def as_dict(self) -> dict:
-        return {"phantoms": self.phantoms.as_dict(), "error_model": self.error_model.as_dict(),
-                "models": [{"name": m.name, "trained_on": list(m.trained_on)} for m in self.models]}
+        out = {"phantoms": self.phantoms.as_dict(), "error_model": self.error_model.as_dict(),
+               "models": [{"name": m.name, "trained_on": list(m.trained_on)} for m in self.models]}
+        if self.observers:  # the observer model is part of the settings: a change regenerates the study
+            out["observers"] = [{"name": o, "error_model": OBSERVER_ERROR_MODEL.as_dict()} for o in self.observers]
+        return out
 
 
 def _tuple(value: Any, n: int, kind: type, where: str) -> tuple:
@@ -226,7 +231,15 @@ def parse_demo_config(data: dict, source: str = "<toml>") -> DemoConfig:
             raise ValueError(f"{source}: model {m['name']!r} trained_on {list(trained)} must name centres of "
                              f"[phantoms.centres] ({sorted(names)})")
         models.append(ModelSpec(str(m["name"]), trained))
-    return DemoConfig(cfg, error_model, tuple(models), data)
+    observers = []
+    for o in data.get("observers", []) or []:
+        if not isinstance(o, dict) or "name" not in o:
+            raise ValueError(f"{source}: an [[observers]] entry has no name")
+        observers.append(str(o["name"]))
+    taken = [m.name for m in models] + observers
+    if len(set(taken)) != len(taken):
+        raise ValueError(f"{source}: model and observer names must differ, got {taken}")
+    return DemoConfig(cfg, error_model, tuple(models), data, tuple(observers))
 
 
 def load_demo_config(path: str | Path | None = None) -> DemoConfig:
@@ -440,8 +453,10 @@ def _study_toml(config: DemoConfig) -> str:
         entry = dict(models_in.get(m.name, {}))
         entry.update({"name": m.name, "trained_on": list(m.trained_on), "predictions": "predictions/{model}/{centre}"})
         out["models"].append(entry)
+    if config.observers:
+        out["observers"] = [{"name": o, "predictions": "predictions/{model}/{centre}"} for o in config.observers]
     for k, v in data.items():
-        if k not in out and k not in ("phantoms", "error_model"):
+        if k not in out and k not in ("phantoms", "error_model", "observers"):
             out[k] = v
     eff = config.as_dict()
     out["phantoms"] = eff["phantoms"]
@@ -556,6 +571,13 @@ def _simulate(paths: StudyPaths, config: DemoConfig, test_cases: list[CaseSpec],
                 rng=rng, sdfs=dict(sdfs))
             errors.extend(inj)
             written.append(write_volume(ref.with_array(pred), paths.prediction_dir(model.name, spec.centre) / f"{spec.case}.nii.gz"))
+        for observer in config.observers:  # a second clinician: boundary disagreement only
+            rng = case_rng(config.phantoms.seed, 3, observer, spec.centre, spec.case)
+            pred, _ = simulate_case(
+                ref.array, ref.spacing, ref.direction, model=observer, centre=spec.centre, case=spec.case,
+                in_domain=True, federated=False, nephrectomy=spec.nephrectomy, prone=False,
+                params=OBSERVER_ERROR_MODEL, rng=rng, sdfs=dict(sdfs))
+            written.append(write_volume(ref.with_array(pred), paths.prediction_dir(observer, spec.centre) / f"{spec.case}.nii.gz"))
         if progress is not None:
             progress(f"predictions {spec.case}")
     columns = ("model", "centre", "case", "error", "structure", "voxels", "volume_ml")

@@ -67,7 +67,10 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
     "study", "centre", "model", "structure", "condition", "n_cases", "n_pairs_dsc", "median_delta_dsc",
     "worst_delta_dsc", "worst_dsc_case", "n_pairs_hd95", "median_delta_hd95", "worst_delta_hd95",
     "worst_hd95_case", "n_laterality_swaps", "median_floor_dsc", "median_floor_hd95",
-    "control_condition", "control_median_delta_dsc", "control_median_delta_hd95", "n_skipped",
+    "control_condition", "control_median_delta_dsc", "control_median_delta_hd95",
+    "n_pairs_effect_dsc", "model_effect_dsc", "model_effect_dsc_ci_low", "model_effect_dsc_ci_high",
+    "n_pairs_effect_hd95", "model_effect_hd95", "model_effect_hd95_ci_low", "model_effect_hd95_ci_high",
+    "model_effect_ci_level", "n_skipped",
 )
 
 #: Columns of ``robustness_skipped.csv``: case x condition pairs not run, and why.
@@ -499,8 +502,13 @@ def summarise(table: pd.DataFrame, floor: pd.DataFrame | None = None,
     delta and the largest HD95 delta, with their case. ``median_floor_*``:
     median noise-floor DSC / HD95 of that condition (NaN when it has none).
     ``control_*``: for a small rotation ``rot_<axis>+-N``, the median deltas of
-    its resample-only control ``resample_<axis>N`` on the same structure (what
-    the interpolation alone costs). ``n_skipped``: cases of that condition not
+    its control ``resample_<axis>+-N`` on the same structure (every non-model
+    step of the rotation without the rotation). ``model_effect_*``: the model's
+    rotation effect, rotation minus control per case (same case, same
+    structure), as the Hodges-Lehmann estimate with its exact 95 % signed-rank
+    interval (:mod:`oarbench.stats.ranktests`; NaN bounds below 6 cases;
+    ``n_pairs_effect_*`` pairs, absent ones left out, ``inf - inf`` a tie).
+    ``n_skipped``: cases of that condition not
     run (``skipped``; e.g. a re-orientation that would change nothing).
     """
     keys = ["study", "centre", "model", "structure"]
@@ -547,12 +555,14 @@ def summarise(table: pd.DataFrame, floor: pd.DataFrame | None = None,
         m = _ROT_RE.match(str(row["condition"]))
         if not m:
             continue
-        name = ResampleControl(m.group(1), abs(float(m.group(2)))).condition
+        name = ResampleControl(m.group(1), float(m.group(2))).condition
         key = tuple(row[k] for k in keys_s) + (name,)
         df.at[i, "control_condition"] = name
         if key in ctrl.index:
             df.at[i, "control_median_delta_dsc"] = ctrl.loc[key, "median_delta_dsc"]
             df.at[i, "control_median_delta_hd95"] = ctrl.loc[key, "median_delta_hd95"]
+        for col, value in _model_effect(table, dict(zip(keys_s, key[:-1])), str(row["condition"]), name).items():
+            df.at[i, col] = value
     if skipped is not None and len(skipped):  # conditions skipped for every case still get a row
         for cond, g in skipped.groupby("condition", sort=False):
             if cond not in set(df["condition"]):
@@ -560,6 +570,32 @@ def summarise(table: pd.DataFrame, floor: pd.DataFrame | None = None,
                     r = dict(zip(keys_s, key), condition=cond, n_cases=0, n_skipped=int(len(g)))
                     df = pd.concat([df, pd.DataFrame([r])], ignore_index=True)
     return df.reindex(columns=list(SUMMARY_COLUMNS))
+
+
+def _model_effect(table: pd.DataFrame, key: dict[str, object], rotation: str, control: str) -> dict[str, float]:
+    """Rotation minus control per case: Hodges-Lehmann estimate and exact 95 % interval, DSC and HD95."""
+    from oarbench.stats.ranktests import _signed_rank_ci, hodges_lehmann, paired_differences
+
+    sel = np.ones(len(table), bool)
+    for k, v in key.items():
+        sel &= (table[k] == v).to_numpy()
+    sub = table[sel]
+    rot = sub[sub["condition"] == rotation].set_index("case")
+    ctl = sub[sub["condition"] == control].set_index("case")
+    cases = rot.index.intersection(ctl.index, sort=False)
+    out: dict[str, float] = {"model_effect_ci_level": math.nan}
+    for metric in ("dsc", "hd95"):
+        a = rot.loc[cases, metric].to_numpy(dtype=float)
+        b = ctl.loc[cases, metric].to_numpy(dtype=float)
+        ok = ~(np.isnan(a) | np.isnan(b))
+        d = paired_differences(a[ok], b[ok])
+        out[f"n_pairs_effect_{metric}"] = int(d.size)
+        out[f"model_effect_{metric}"] = hodges_lehmann(d) if d.size else math.nan
+        lo, hi, level, _ = _signed_rank_ci(d, 0.95) if d.size else (math.nan,) * 4
+        out[f"model_effect_{metric}_ci_low"], out[f"model_effect_{metric}_ci_high"] = lo, hi
+        if not math.isnan(level):
+            out["model_effect_ci_level"] = level
+    return out
 
 
 _ROT_RE = re.compile(r"^rot_([xyz])([+-]\d+(?:\.\d+)?)$")

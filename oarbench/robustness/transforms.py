@@ -439,15 +439,20 @@ class SmallRotation:
 
 @dataclass(frozen=True)
 class ResampleControl:
-    """The interpolation of a small rotation without the rotation: a control condition.
+    """Every non-model step of a small rotation, without the rotation: a control condition.
 
-    The image goes through the resampling pipeline of :class:`SmallRotation` by ``degrees``
-    about ``axis`` (linear interpolation onto the enlarged grid) and straight back through the
-    inverse rotation (linear interpolation onto the original grid). The patient ends where it
-    was, so the prediction needs no mapping (exact); what changed is only the interpolation
-    (applied twice: an upper bound of the blur one rotation causes). Reported beside
-    ``rot_<axis>+-N``, it separates an interpolation effect from a rotation effect. Condition
-    name ``resample_<axis>N``, e.g. ``resample_z10``.
+    The CT goes through the rotation's own interpolation (linear, onto the enlarged grid, by
+    ``degrees`` about ``axis``: the same voxel values the rotated image has) and is then taken
+    back onto the original grid by the rotation's own label mapping (nearest neighbour through
+    the exact inverse). The patient is back where it was; the model then sees the rotation's
+    interpolated values in the unrotated pose, and its prediction is already on the original
+    grid (``map_back`` is the identity). For a predictor that acts voxel by voxel (e.g. a CT
+    threshold) the nearest-neighbour step commutes with the prediction, so rotation and control
+    give the same labels exactly and ``rotation - control`` is the model's rotation effect; for
+    a network, the nearest-neighbour step sits before the model in the control and after it in
+    the rotation (positional jitter of at most half a voxel diagonal). With ``labels=True``
+    (the noise floor) it is the rotation's nearest-neighbour round trip. Condition name
+    ``resample_<axis><signed angle>``, e.g. ``resample_z+10`` beside ``rot_z+10``.
     """
 
     axis: str
@@ -458,11 +463,15 @@ class ResampleControl:
         SmallRotation(self.axis, self.degrees, self.fill)  # same checks
         if self.degrees == 0:
             raise ValueError("a resample control needs a non-zero angle (0 degrees does not interpolate)")
-        object.__setattr__(self, "degrees", abs(float(self.degrees)))
+        object.__setattr__(self, "degrees", float(self.degrees))
+
+    @property
+    def rotation(self) -> SmallRotation:
+        return SmallRotation(self.axis, self.degrees, self.fill)
 
     @property
     def condition(self) -> str:
-        return f"resample_{self.axis}{_fmt_angle(self.degrees).lstrip('+')}"
+        return f"resample_{self.axis}{_fmt_angle(self.degrees)}"
 
     def params(self) -> dict[str, Any]:
         return {
@@ -470,16 +479,14 @@ class ResampleControl:
             "axis": self.axis,
             "degrees": float(self.degrees),
             "centre": "image",
-            "interpolation": "linear, forward and back",
+            "interpolation": "linear forward (as the rotation), nearest neighbour back (as the rotation's prediction)",
             "fill_hu": float(self.fill),
         }
 
     def apply(self, volume: Volume, *, labels: bool = False) -> Volume:
-        rot = SmallRotation(self.axis, self.degrees, self.fill)
+        rot = self.rotation
         moved = rot.apply(volume, labels=labels)
-        c = image_centre(volume)
-        back = _euler_resample(moved, volume, rot.r, c, linear=not labels, fill=0.0 if labels else self.fill)
-        return volume.with_array(back.array)
+        return rot.map_back(moved, volume)
 
     def inverse(self) -> "ResampleControl":
         return self
@@ -491,8 +498,8 @@ class ResampleControl:
 
 
 def control_for(rotation: SmallRotation) -> ResampleControl:
-    """The resample-only control of a small rotation (same axis, same absolute angle)."""
-    return ResampleControl(rotation.axis, abs(rotation.degrees), rotation.fill)
+    """The control of a small rotation: same axis, same signed angle (:class:`ResampleControl`)."""
+    return ResampleControl(rotation.axis, rotation.degrees, rotation.fill)
 
 
 _ORIENT_LETTERS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
@@ -580,7 +587,7 @@ _SMALL_RE = re.compile(r"^rot_([xyz])([+-]\d+(?:\.\d+)?)$")
 _LOSSLESS_RE = re.compile(r"^rot(90|180|270)_(lr|ap|si)$")
 _FLIP_RE = re.compile(r"^flip_(lr|ap|si)$")
 _REORIENT_RE = re.compile(r"^reorient_([A-Za-z]{3})$")
-_CONTROL_RE = re.compile(r"^resample_([xyz])(\d+(?:\.\d+)?)$")
+_CONTROL_RE = re.compile(r"^resample_([xyz])([+-]?\d+(?:\.\d+)?)$")
 
 
 def parse_condition(name: str) -> Perturbation:
@@ -590,8 +597,8 @@ def parse_condition(name: str) -> Perturbation:
     (180 degrees about the cranio-caudal axis); ``feet_first`` (180 degrees
     about the antero-posterior axis); ``rot_x|y|z+N`` / ``-N`` small angles in
     degrees (x = left-right, y = antero-posterior, z = cranio-caudal);
-    ``reorient_XYZ`` header-only (e.g. ``reorient_RAS``); ``resample_x|y|zN`` the
-    resample-only control of ``rot_x|y|z+-N``.
+    ``reorient_XYZ`` header-only (e.g. ``reorient_RAS``); ``resample_x|y|z+N`` / ``-N`` the
+    control of ``rot_x|y|z+N`` / ``-N`` (``resample_zN`` without a sign: ``+N``).
     """
     key = name.strip()
     if key == "original":
@@ -614,7 +621,7 @@ def parse_condition(name: str) -> Perturbation:
         return ResampleControl(m.group(1), float(m.group(2)))
     raise ValueError(
         f"unknown condition {name!r} (expected original, flip_lr|ap|si, rot90|180|270_lr|ap|si, prone, "
-        "feet_first, rot_x|y|z+N / -N, resample_x|y|zN, reorient_XYZ)"
+        "feet_first, rot_x|y|z+N / -N, resample_x|y|z+N / -N, reorient_XYZ)"
     )
 
 

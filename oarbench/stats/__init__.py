@@ -13,7 +13,7 @@ See docs/statistics.md.
 """
 
 from oarbench.stats.bootstrap import BootstrapOptions, bootstrap_ci, cluster_bootstrap_ci
-from oarbench.stats.clusters import UNITS, ClusteringWarning, aggregate_by_patient, patients_of
+from oarbench.stats.clusters import UNITS, ClusteringWarning, aggregate_by_patient, patient_differences, patients_of
 from oarbench.stats.comparisons import (
     COLUMNS,
     DEFAULT_METRICS,
@@ -39,6 +39,7 @@ from oarbench.stats.ranktests import (
     paired_differences,
     quantile_inf,
     rank_sum_test,
+    round_for_ranking,
     signed_rank_null_cdf,
     signed_rank_test,
     walsh_averages,
@@ -49,8 +50,8 @@ __all__ = [
     "COLUMNS", "ONE_ARM_ABSENT_COLUMNS",
     "SignedRankResult", "RankSumResult", "BootstrapOptions", "ClusteringWarning",
     "paired_differences", "finite_for_ranking", "walsh_averages", "hodges_lehmann", "signed_rank_null_cdf",
-    "signed_rank_test", "rank_sum_test", "quantile_inf",
-    "bootstrap_ci", "cluster_bootstrap_ci", "aggregate_by_patient", "patients_of", "apply_correction",
+    "signed_rank_test", "rank_sum_test", "quantile_inf", "round_for_ranking",
+    "bootstrap_ci", "cluster_bootstrap_ci", "aggregate_by_patient", "patient_differences", "patients_of", "apply_correction",
     "paired_comparisons", "centre_comparisons", "one_arm_absent", "run_stats", "read_results", "write_stats",
     "summary_frame", "format_table",
     "paper_table", "paper_table_latex", "methods_paragraph", "write_paper_outputs",

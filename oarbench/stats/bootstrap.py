@@ -178,8 +178,9 @@ def bootstrap_ci(
 
     ``percentile`` always; ``bca`` when ``options.method`` asks for it and every value is
     finite (the jackknife of BCa is undefined with infinities; the percentile interval is used
-    then). NaN bounds when there are fewer than ``options.min_clusters`` values, no resamples,
-    or all values are equal (a degenerate bootstrap distribution: the interval is that value).
+    then). NaN bounds when there are fewer than ``options.min_clusters`` values or no
+    resamples. All values equal: every resample gives that value, so the interval is
+    ``(value, value)``.
     """
     from scipy.stats import bootstrap
 

@@ -16,7 +16,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["UNITS", "ClusteringWarning", "patients_of", "aggregate_by_patient", "warn_if_clustered"]
+__all__ = ["UNITS", "ClusteringWarning", "patients_of", "aggregate_by_patient", "patient_differences",
+           "warn_if_clustered"]
 
 #: ``patient``: one value per patient (mean of its scans); ``scan``: every scan is a unit.
 UNITS: tuple[str, ...] = ("patient", "scan")
@@ -68,6 +69,23 @@ def aggregate_by_patient(values: Sequence[float] | np.ndarray,
     means = np.where(neg, -np.inf, means)
     means = np.where(pos & neg, np.nan, means)
     return means, np.asarray(ids, dtype=object)
+
+
+def patient_differences(differences: Sequence[float] | np.ndarray,
+                        patients: Sequence[object] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patient paired difference: the mean of the patient's per-scan differences ``a - b``.
+
+    For finite values this is the difference of the patients' means. With failures it keeps the
+    information of the patient's other scans: a scan both models failed is a tie (``inf - inf``
+    = 0, :func:`~oarbench.stats.ranktests.paired_differences`) averaged in, as a DSC of 0 in
+    both arms is, instead of making both patient means ``inf`` and the patient difference 0.
+    A scan where one model failed (``+-inf``) makes the patient's difference infinite; failures
+    on both sides in different scans (``+inf`` and ``-inf``) are a tie (0).
+    Returns ``(differences, patient ids)``, patients in order of first appearance.
+    """
+    d, ids = aggregate_by_patient(differences, patients)
+    d = np.where(np.isnan(d), 0.0, d)
+    return d, ids
 
 
 def warn_if_clustered(table: pd.DataFrame, unit: str, source: str = "results table") -> int:

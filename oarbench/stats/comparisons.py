@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from oarbench.stats.bootstrap import BootstrapOptions, bootstrap_ci, cluster_bootstrap_ci
-from oarbench.stats.clusters import UNITS, aggregate_by_patient, patients_of, warn_if_clustered
+from oarbench.stats.clusters import UNITS, aggregate_by_patient, patient_differences, patients_of, warn_if_clustered
 from oarbench.stats.families import CORRECTIONS, FAMILIES, apply_correction
 from oarbench.stats.ranktests import (
     ZERO_METHODS,
@@ -422,8 +422,10 @@ def _paired_row(ga: pd.DataFrame, gb: pd.DataFrame, metric: str, margin: float, 
     vb[nb & ~na] = _best(metric)
     keep = ~both_absent
     va, vb, sa, sb, patients, one = va[keep], vb[keep], sa[keep], sb[keep], patients[keep], one_absent[keep]
-    ua, ub, clusters = _units(va, vb, patients, unit)
-    d = paired_differences(ua, ub)
+    if unit == "scan":
+        d, clusters = paired_differences(va, vb), patients
+    else:  # mean of each patient's scan differences (docs/statistics.md, "Infinite distances")
+        d, clusters = patient_differences(paired_differences(va, vb), patients)
     res = signed_rank_test(d, zero_method=zero_method, confidence=confidence)
     # medians/IQRs describe the pairs with the organ in both arms (no imputed best values)
     da, db, _ = _units(va[~one], vb[~one], patients[~one], unit)
@@ -606,25 +608,53 @@ def run_stats(
     family: str = "comparison",
     bootstrap: BootstrapOptions | None = BootstrapOptions(),
     source: str = "results table",
+    observers: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Paired comparisons followed by cross-centre comparisons, in one table.
 
     ``family="comparison"``: each analysis is corrected within its own families (see
     :func:`paired_comparisons` and :func:`centre_comparisons`); ``family="study"``: every test
     of the run (paired and cross-centre) forms one family.
+
+    ``observers``: models of the table that are a second observer's contours (the human
+    baseline). They leave the model pairs and the cross-centre analysis; instead every other
+    model is compared with each observer on the same patients (``analysis = "observer"``, arm a
+    the model, arm b the observer): the signed-rank test, and with a margin the
+    non-inferiority of the model to the observer (docs/statistics.md, "The human baseline").
     """
     _check_options(zero_method, correction, alpha, ni_alpha, unit, family)
+    observers = list(dict.fromkeys(observers))
+    if observers:
+        present = _order(_prepare(table, metrics, condition, source)["model"])
+        unknown = [o for o in observers if o not in present]
+        if unknown:
+            raise ValueError(f"{source}: observer(s) {', '.join(unknown)} not in the table "
+                             f"(models: {', '.join(present)})")
+        others = [m for m in present if m not in observers]
+        if pairs is None:
+            pairs = [f"{a}:{b}" for a, b in combinations(others, 2)]
+    else:
+        others = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # warned once below, not per analysis
         paired = paired_comparisons(table, pairs=pairs, metrics=metrics, zero_method=zero_method,
                                     correction=correction, alpha=alpha, margins=margins, ni_alpha=ni_alpha,
                                     condition=condition, confidence=confidence, unit=unit, family=family,
-                                    bootstrap=bootstrap, source=source, _correct=False)
-        cross = centre_comparisons(table, metrics=metrics, correction=correction, alpha=alpha,
+                                    bootstrap=bootstrap, source=source, _correct=False) \
+            if pairs is None or len(pairs) else pd.DataFrame()
+        cross = centre_comparisons(table, models=others, metrics=metrics, correction=correction, alpha=alpha,
                                    condition=condition, confidence=confidence, unit=unit, family=family,
                                    source=source, _correct=False)
+        human = pd.DataFrame()
+        if observers and others:
+            human = paired_comparisons(table, pairs=[f"{m}:{o}" for m in others for o in observers], metrics=metrics,
+                                       zero_method=zero_method, correction=correction, alpha=alpha, margins=margins,
+                                       ni_alpha=ni_alpha, condition=condition, confidence=confidence, unit=unit,
+                                       family=family, bootstrap=bootstrap, source=source, _correct=False)
+            if not human.empty:
+                human["analysis"] = "observer"
     warn_if_clustered(_prepare(table, metrics, condition, source), unit, source)
-    frames = [f for f in (paired, cross) if not f.empty]
+    frames = [f for f in (paired, cross, human) if not f.empty]
     if not frames:
         return pd.DataFrame(columns=list(COLUMNS))
     df = apply_correction(pd.concat(frames, ignore_index=True), family=family, correction=correction, alpha=alpha)

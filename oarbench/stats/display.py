@@ -23,7 +23,8 @@ def _fmt_p(p: float) -> str:
 
 
 def _family_title(r) -> str:  # noqa: ANN001 - a row namedtuple
-    where = f"centre {r.centre}" if r.analysis == "paired" else f"model {r.model}"
+    paired = r.analysis in ("paired", "observer")  # observer: a model against a second observer, paired
+    where = f"centre {r.centre}" if paired else f"model {r.model}"
     extra = " ".join(x for x in (r.study, r.condition) if x)
     arms = f"a = {r.arm_a}, b = {r.arm_b}"
     fam = getattr(r, "family", "comparison")
@@ -44,7 +45,7 @@ def summary_frame(df: pd.DataFrame) -> pd.DataFrame:
             "family": _family_title(r),
             "structure": r.structure,
             "metric": r.metric,
-            "n": (f"{r.n_a}+{r.n_b}" if r.analysis != "paired" else str(r.n))
+            "n": (f"{r.n_a}+{r.n_b}" if r.analysis not in ("paired", "observer") else str(r.n))
                  + (f" ({r.n_patients} pat., {r.n_scans} scans)" if hasattr(r, "n_patients") else ""),
             "a median [IQR]": f"{_fmt(r.median_a)} [{_fmt(r.q1_a)}, {_fmt(r.q3_a)}]",
             "b median [IQR]": f"{_fmt(r.median_b)} [{_fmt(r.q1_b)}, {_fmt(r.q3_b)}]",
@@ -54,7 +55,8 @@ def summary_frame(df: pd.DataFrame) -> pd.DataFrame:
             "HL shift [CI]": f"{_fmt(r.hl_shift)} [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]",
             "verdict": r.verdict,
             "diff median [boot CI]": (f"{_fmt(r.diff_median)} [{_fmt(r.diff_median_ci_low)}, "
-                                      f"{_fmt(r.diff_median_ci_high)}]" if r.analysis == "paired" else "-"),
+                                      f"{_fmt(r.diff_median_ci_high)}]" if r.analysis in ("paired", "observer")
+                                     else "-"),
             "non-inferiority": (r.noninferiority_verdict
                                 + (f" [{_fmt(r.ni_ci_low)}, {_fmt(r.ni_ci_high)}]"
                                    if r.noninferiority_verdict and not math.isnan(r.ni_ci_level) else "")),

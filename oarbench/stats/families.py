@@ -3,8 +3,9 @@
 Two definitions of a family are offered:
 
 * ``comparison`` (default): one question a reader asks. Paired: one (study, condition, test
-  centre, model pair); cross-centre: one (study, condition, model, centre pair); each over
-  all structures x metrics of the run.
+  centre, model pair); cross-centre: one (study, condition, model, centre pair); observer (a
+  model against a second observer): one (study, condition, test centre, model and observer);
+  each over all structures x metrics of the run.
 * ``study``: every test of the run in one family (paired and cross-centre together).
 
 Non-inferiority p-values are corrected within the same families, separately from the
@@ -27,6 +28,7 @@ FAMILIES: tuple[str, ...] = ("comparison", "study")
 FAMILY_COLUMNS: dict[str, list[str]] = {
     "paired": ["analysis", "study", "condition", "centre", "comparison"],
     "cross-centre": ["analysis", "study", "condition", "model", "comparison"],
+    "observer": ["analysis", "study", "condition", "centre", "comparison"],
 }
 
 

@@ -40,7 +40,7 @@ __all__ = [
 #: Columns of :func:`paper_table` (one row per structure x metric x centre x model).
 PAPER_COLUMNS: tuple[str, ...] = (
     "structure", "metric", "block", "centre", "model", "n_patients", "n_scans", "median", "q1", "q3",
-    "ci_low", "ci_high", "better_than", "marks", "cell",
+    "ci_low", "ci_high", "better_than", "marks", "cell", "vs_observer",
 )
 #: How metrics are named in the tables.
 METRIC_LABELS: dict[str, str] = {
@@ -90,8 +90,15 @@ def paper_table(
     trained_on: Mapping[str, Sequence[str]] | None = None,
     bootstrap: BootstrapOptions | None = BootstrapOptions(),
     alpha: float = 0.05,
+    observers: Sequence[str] = (),
 ) -> pd.DataFrame:
     """One row per structure x metric x centre x model (columns :data:`PAPER_COLUMNS`).
+
+    ``observers``: models that are a second observer's contours: their rows get the block
+    ``observer``; every other model's ``vs_observer`` says, per observer, whether the model was
+    shown non-inferior to it (``analysis = "observer"`` rows of ``stats``: ``non-inferior``,
+    ``not shown``, or the test's reason), and its ``cell`` ends with ``=`` when it was
+    non-inferior to every observer.
 
     Values are those of ``summary.csv``: rows with status ``ok``, ``missed`` and
     ``hallucinated`` (a miss is DSC 0 / distance inf), per scan; the interval is the percentile
@@ -117,6 +124,7 @@ def paper_table(
     models = list(dict.fromkeys(t["model"]))
     letters = _letters(models)
     wins = _wins(stats, alpha)
+    human = _versus_observer(stats, list(observers))
     rows = []
     structures = list(dict.fromkeys(t["structure"]))
     centres = list(dict.fromkeys(t["centre"]))
@@ -141,14 +149,42 @@ def paper_table(
                     trained = None if trained_on is None else trained_on.get(model)
                     block = "" if not trained else ("within-centre" if centre in set(map(str, trained))
                                                     else "cross-centre")
+                    if model in observers:
+                        block = "observer"
                     cell = f"{_num(med, digits)} ({_num(q1, digits)}-{_num(q3, digits)}) [{_num(lo, digits)}, {_num(hi, digits)}]"
+                    vs = human.get((centre, structure, metric, model), {})
+                    if observers and model not in observers and vs and all(x == "non-inferior" for x in vs.values()) \
+                            and len(vs) == len(observers):
+                        marks += "="
                     rows.append(dict(
                         structure=structure, metric=metric, block=block, centre=centre, model=model,
                         n_patients=int(len(set(pts.tolist()))), n_scans=int(v.size), median=med, q1=q1, q3=q3,
                         ci_low=lo, ci_high=hi, better_than=";".join(beaten), marks=marks,
                         cell=cell + (f" {marks}" if marks else ""),
+                        vs_observer="; ".join(f"{o}: {x}" for o, x in vs.items()),
                     ))
     return pd.DataFrame(rows, columns=list(PAPER_COLUMNS))
+
+
+def _versus_observer(stats: pd.DataFrame | None, observers: list[str]) -> dict[tuple[str, str, str, str], dict]:
+    """(centre, structure, metric, model) -> {observer: non-inferiority outcome} from ``observer`` rows."""
+    out: dict[tuple[str, str, str, str], dict] = {}
+    if stats is None or stats.empty or "analysis" not in stats.columns or not observers:
+        return out
+    rows = stats[(stats["analysis"].astype(str) == "observer") & stats["arm_b"].astype(str).isin(observers)]
+    for r in rows.itertuples(index=False):
+        flag = r.noninferior
+        verdict = str(r.noninferiority_verdict) if isinstance(r.noninferiority_verdict, str) else ""
+        if verdict.startswith("not testable"):
+            text = verdict
+        elif flag is True or str(flag) == "True":
+            text = "non-inferior"
+        elif verdict:
+            text = "not shown"
+        else:
+            text = "no margin"
+        out.setdefault((str(r.centre), str(r.structure), str(r.metric), str(r.arm_a)), {})[str(r.arm_b)] = text
+    return out
 
 
 def _wins(stats: pd.DataFrame | None, alpha: float) -> dict[tuple[str, str, str, str], set[str]]:
@@ -176,7 +212,7 @@ def paper_table_wide(paper: pd.DataFrame, metric: str) -> pd.DataFrame:
     pm = paper[paper["metric"] == metric]
     if pm.empty:
         return pd.DataFrame(columns=["structure"])
-    order = {"within-centre": 0, "cross-centre": 1, "": 2}
+    order = {"within-centre": 0, "cross-centre": 1, "": 2, "observer": 3}
     keys = pm[["block", "centre", "model"]].drop_duplicates()
     keys = keys.assign(_o=keys["block"].map(order)).sort_values("_o", kind="stable")
     names = {(b, c, m): f"{m} on {c}" + (f" ({b})" if b else "") for b, c, m in keys[["block", "centre", "model"]].to_numpy()}
@@ -219,7 +255,7 @@ def paper_table_latex(paper: pd.DataFrame, *, caption: str = "", label: str = "t
     out = []
     for metric, pm in paper.groupby("metric", sort=False):
         cols = pm[["block", "centre", "model"]].drop_duplicates()
-        order = {"within-centre": 0, "cross-centre": 1, "": 2}
+        order = {"within-centre": 0, "cross-centre": 1, "": 2, "observer": 3}
         cols = cols.assign(_o=cols["block"].map(order)).sort_values(["_o"], kind="stable").drop(columns="_o")
         keys = [tuple(x) for x in cols.to_numpy()]
         spec = "l" + "c" * len(keys)
@@ -261,7 +297,10 @@ def paper_table_latex(paper: pd.DataFrame, *, caption: str = "", label: str = "t
         lines.append(" & ".join(["Patients / scans"] + n_cells) + r" \\")
         lines += [r"\bottomrule", r"\end{tabular}",
                   f"\\par\\footnotesize Letters: significantly better than that model on the same centre "
-                  f"(paired Wilcoxon signed-rank, corrected); {legend}.",
+                  f"(paired Wilcoxon signed-rank, corrected); {legend}."
+                  + (" =: non-inferior to the second observer on the same patients (one-sided signed-rank at "
+                     "the run's margin, corrected, with the interval clearing the margin)."
+                     if pm["block"].eq("observer").any() else ""),
                   r"\end{table}", ""]
         out.append("\n".join(lines))
     return "\n".join(out)
@@ -343,6 +382,15 @@ def methods_paragraph(run: Mapping[str, Any] | None, stats: pd.DataFrame | None 
                 f"{ni_alpha:g} against margins of " + ", ".join(f"{r.margin:g} ({r.metric})" for r in ms.itertuples())
                 + f", and declared only when the matching two-sided {100 * (1 - 2 * ni_alpha):g}% Hodges-Lehmann "
                 "interval excluded the margin (ICH E9, CONSORT)."
+            )
+        if "analysis" in stats.columns and (stats["analysis"].astype(str) == "observer").any():
+            human = stats[stats["analysis"].astype(str) == "observer"]
+            names = ", ".join(dict.fromkeys(human["arm_b"].astype(str)))
+            parts.append(
+                f"As a human baseline, a second observer's contours ({names}) were scored against the reference "
+                "like a model, and each model was compared with them on the same patients (paired signed-rank "
+                "test" + (", and non-inferiority to the observer at the margins above" if len(margins) else "")
+                + ")."
             )
         label = _one(stats, "bootstrap")
         if label:

@@ -26,6 +26,8 @@ __all__ = [
     "RankSumResult",
     "paired_differences",
     "finite_for_ranking",
+    "round_for_ranking",
+    "RANK_DIGITS",
     "walsh_averages",
     "hodges_lehmann",
     "signed_rank_null_cdf",
@@ -40,6 +42,9 @@ ZERO_METHODS: tuple[str, ...] = ("pratt", "wilcox", "zsplit")
 #: with m non-zero differences the smallest exact two-sided p is 2 / 2**m, which is
 #: 0.03125 for m = 6 and 0.0625 for m = 5, so fewer could never reach p < 0.05.
 MIN_PAIRS: int = 6
+
+#: Significant digits (of the largest finite magnitude) kept before values are ranked.
+RANK_DIGITS: int = 12
 
 _EXACT_MAX_N = 50  # exact null distributions up to this many observations (as scipy's "auto")
 
@@ -163,6 +168,28 @@ def finite_for_ranking(d: np.ndarray) -> np.ndarray:
         big = 2.0 * (finite.max() if finite.size else 0.0) + 1.0
         d[inf] = np.sign(d[inf]) * big
     return d
+
+
+def round_for_ranking(v: Sequence[float] | np.ndarray, digits: int = RANK_DIGITS) -> np.ndarray:
+    """Round finite values to ``digits`` significant digits of the largest finite magnitude.
+
+    Differences such as ``0.7 - 0.69`` or a margin added to them (``-0.015 + 0.01``) carry
+    floating-point residue of order 1e-17: two magnitudes that are equal in decimal arithmetic
+    (``0.005`` and ``-0.005000000000000001``) would then rank apart, and a difference that is
+    zero would be a tiny non-zero one, changing the exact p-value. Rounding on one absolute grid
+    (``10**(floor(log10(max|v|)) - digits + 1)``) before ranking gives the ranks of decimal
+    arithmetic for any data with fewer than ``digits`` significant digits. ``+-inf`` stay.
+    """
+    v = np.asarray(v, dtype=float).copy()
+    fin = np.isfinite(v)
+    if not fin.any():
+        return v
+    top = float(np.max(np.abs(v[fin])))
+    if top == 0.0:
+        return v
+    decimals = digits - 1 - int(math.floor(math.log10(top)))
+    v[fin] = np.round(v[fin], decimals) + 0.0  # + 0.0: no negative zero
+    return v
 
 
 def walsh_averages(d: np.ndarray) -> np.ndarray:
@@ -317,7 +344,9 @@ def signed_rank_test(
 ) -> SignedRankResult:
     """Wilcoxon signed-rank test of paired differences ``d`` (may hold +-inf, not NaN).
 
-    The p-value is :func:`scipy.stats.wilcoxon` on :func:`finite_for_ranking` ``(d)`` with an
+    The differences are first rounded by :func:`round_for_ranking` (12 significant digits of the
+    largest, so that ties and zeros of decimal arithmetic stay ties and zeros). The p-value is
+    :func:`scipy.stats.wilcoxon` on :func:`finite_for_ranking` of those with an
     explicit ``method`` (``exact`` or ``asymptotic``), or, with ties or zeros and n <= 50, the
     exact permutation p-value of :func:`_signed_rank_permutation_p` (equal to scipy's
     permutation test with all sign patterns). See :class:`SignedRankResult`.
@@ -333,9 +362,9 @@ def signed_rank_test(
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     raw = _as_float_array(d, "differences")
-    ranked = finite_for_ranking(raw)
+    ranked = finite_for_ranking(round_for_ranking(raw))
     n = int(raw.size)
-    n_nonzero = int(np.count_nonzero(raw))
+    n_nonzero = int(np.count_nonzero(ranked))
     n_inf = int(np.isinf(raw).sum())
     r_plus, r_minus, total = _ranks_and_sums(ranked, zero_method)
     rbc = (r_plus - r_minus) / total if total > 0 else math.nan
@@ -413,6 +442,7 @@ def rank_sum_test(
         ci_low, ci_high, ci_level = float(diffs[k - 1]), float(diffs[m - k]), confidence
     else:
         ci_low = ci_high = ci_level = math.nan
+    x, y = np.split(round_for_ranking(np.concatenate([x, y])), [n1])
     pooled = np.concatenate([x, y])
     if _min_rank_sum_p(n1, n2) >= alpha_floor:
         reason = f"too few cases (n1={n1}, n2={n2})"
