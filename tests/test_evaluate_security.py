@@ -260,7 +260,7 @@ def _rows(**change):
     ok = {"label": 1, "structure": "Liver", "status": "ok", "dsc": LIVER_DSC, "hd95": 2.0, "hd": 3.0, "msd": 0.5,
           "assd": 0.4, "sdsc": 0.9, "ref_ml": 0.512, "pred_ml": 0.384, "tp": 384, "fp": 0, "fn": 128,
           "tolerance_mm": 2.0, "vs": 0.86, "centroid_mm": 1.0, "apl_mm": 3.0, "apl_mm_per_slice": 0.4,
-          "spacing_max_mm": 1.0}
+          "spacing_max_mm": 1.0, "spacing_inplane_max_mm": 1.0}
     ok.update(change)
     absent = dict(ok, label=2, structure="Kidney_L", status="absent", dsc=float("nan"), tp=0, fp=0, fn=0)
     return [ok, absent]
