@@ -40,7 +40,7 @@ from oarbench.io import (
 from oarbench.labels import LABELS_HINT, LabelMap
 from oarbench.metrics import RESULT_COLUMNS, evaluate_labels, resolve_backend
 from oarbench.progress import progress_bar
-from oarbench.tables import DEFAULT_CENTRE, DEFAULT_STUDY, check_keys
+from oarbench.tables import DEFAULT_CENTRE, DEFAULT_STUDY, TABLE_COLUMNS, check_keys
 
 __all__ = [
     "TABLE_COLUMNS",
@@ -58,8 +58,6 @@ __all__ = [
     "write_outputs",
 ]
 
-#: Columns of the tidy results table, in order.
-TABLE_COLUMNS = ("study", "centre", "model", "condition", "case", "patient") + RESULT_COLUMNS
 SUMMARY_METRICS = ("dsc", "hd95", "msd")
 
 
