@@ -6,8 +6,9 @@ written from a copy of the clone; then the README's "Scoring your own data"
 commands run from inside a plain folder pair, and docs/robustness.md's "own
 model" sequence with a command predictor, each command exactly as the text
 gives it (read from the files here, so the text and the test cannot drift),
-each output checked. The environment is built once for both tests (about
-30 s; pip's cache makes a second build faster).
+each output checked; and docs/absent.md's command. The environment is built
+once for the three tests (``xdist_group``): about 15 s of CPU for the venv and
+the install, then each command's own time.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tests._owndata import N_CASES, make_folder_pair
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 ROBUSTNESS_DOC = ROOT / "docs" / "robustness.md"
+ABSENT_DOC = ROOT / "docs" / "absent.md"
 #: What ``pip install .`` reads from the clone.
 CLONE_FILES = ("pyproject.toml", "README.md", "constraints.txt", "oarbench")
 #: Modules of the extras (pyproject.toml): none may be importable in the core install.
@@ -46,10 +48,10 @@ def _section(path: Path, heading: str) -> str:
     return text[start: min(ends) if ends else len(text)]
 
 
-def _bash_blocks(section: str) -> list[list[str]]:
+def _bash_blocks(section: str, language: str = "bash") -> list[list[str]]:
     """The commands of each ```bash block: continuation lines joined, comment-only lines left out."""
     blocks = []
-    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+    for block in re.findall(rf"```{language}\n(.*?)```", section, re.S):
         joined = re.sub(r"\\\n\s*", " ", block)
         blocks.append([ln.strip() for ln in joined.splitlines() if ln.strip() and not ln.lstrip().startswith("#")])
     return blocks
@@ -77,8 +79,12 @@ def core(tmp_path_factory):
         else:
             shutil.copy2(src, clone / name)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONDONTWRITEBYTECODE")}
     env.update(PATH=f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", VIRTUAL_ENV=str(venv))
+    # Speed only: pip skips compiling every installed module (pip reads PIP_NO_COMPILE=0 as --no-compile;
+    # about 13 s of CPU), and Python compiles the modules the commands import, once, when first imported.
+    env["PIP_NO_COMPILE"] = "0"
     _run(install[0], clone, env, timeout=600)  # what `source venv/bin/activate` then the line does
     probe = subprocess.run([str(venv / "bin" / "python3"), "-c", "import importlib.util as u, oarbench; "
                             f"print(oarbench.__file__); print([m for m in {EXTRA_MODULES!r} if u.find_spec(m)])"],
@@ -168,3 +174,22 @@ def test_robustness_own_model_sequence_on_core_install(core, tmp_path):
     html = (results / "report.html").read_text()
     assert "no robustness run" not in html and "rot_z+10" in html and "flip_lr" in html
     assert "models: my_model" in html.lower()
+
+
+def test_absent_command_of_its_docs_on_core_install(core, tmp_path):
+    command = _bash_blocks(_section(ABSENT_DOC, "## CLI"), language="")[0][0]
+    assert command.split()[:2] == ["oarbench", "absent"] and "--reference labelsTs/" in command
+    own = make_folder_pair(tmp_path)
+    shutil.copytree(own["model_a"], tmp_path / "predA")
+    shutil.copytree(own["model_b"], tmp_path / "predFL")
+    (tmp_path / "meta.csv").write_text("case,nephrectomy\n" + "".join(
+        f"case{i:03d},{'left' if i == 0 else 'none'}\n" for i in range(N_CASES)))
+    result = _run(command, tmp_path, core)
+    cases = pd.read_csv(tmp_path / "absent" / "absent_cases.csv").sort_values("model")
+    # both models keep case000's left kidney: 6 x 6 x 5 voxels of 1.5 x 1.5 x 3 mm = 1.215 mL
+    assert list(cases["model"]) == ["fl", "local-A"] and set(cases["case"]) == {"case000"}
+    assert list(cases["pred_ml"]) == pytest.approx([180 * 1.5 * 1.5 * 3.0 / 1000] * 2)
+    table = pd.read_csv(tmp_path / "absent" / "absent.csv")
+    assert set(table["centre"]) == {"all"} and set(table["study"]) == {"own-data"}
+    # the reference still has that kidney: one warning, shown once
+    assert result.stderr.count("metadata says nephrectomy=left but the reference Kidney_L has 180 voxels") == 1
