@@ -2,20 +2,20 @@
 
 ``metrics.parquet`` is a Hive-partitioned Parquet dataset
 (``centre=A/model=M/condition=original/part-0.parquet``), written by pyarrow
-(to a URL through fsspec), so that a consortium-sized table can be read one centre, model
-or condition at a time (``pyarrow.dataset``, Dask, Spark, DuckDB). It holds the
+(to a URL through fsspec), so that a consortium-sized table can be read one
+centre, model or condition at a time (``pyarrow.dataset``, Dask, Spark, DuckDB). It holds the
 same rows and values as ``metrics.csv``; :func:`read_table` reads either into
 the same DataFrame (same columns, order, dtypes and values).
 
 The grouping keys ``study, centre, model, condition, case, structure`` are
 never NaN and never empty: statistics, galleries and the report group by them,
 and pandas drops NaN group keys silently, so a table with an empty key would
-lose rows downstream without a word.
-
-A local path needs only the core dependencies; a URL needs fsspec (the
-``remote`` or ``s3`` extra, :mod:`oarbench.storage`). Writers refuse such a table
+lose rows downstream without a word. Writers refuse such a table
 (:func:`check_keys`); :func:`read_table` reads the keys as text (a model named
 ``NA`` or a centre named ``None`` stays a name) and refuses empty ones.
+
+A local path needs only the core dependencies; a URL needs fsspec (the
+``remote`` or ``s3`` extra, :mod:`oarbench.storage`).
 """
 
 from __future__ import annotations
@@ -141,8 +141,10 @@ def write_parquet(table: pd.DataFrame, url: str | Path, partition_cols: Sequence
         os.replace(tmp, loc)
     finally:
         for leftover in (tmp, old):
-            if leftover.exists():
+            if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover)
+            elif leftover.exists() or leftover.is_symlink():
+                leftover.unlink()
     return str(url)
 
 
