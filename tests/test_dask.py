@@ -564,7 +564,7 @@ def _certificates(folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
 
-    def issue(name: str, issuer_name: x509.Name | None, issuer_key, ca: bool):
+    def sign_certificate(name: str, issuer_name: x509.Name | None, issuer_key, ca: bool):
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name or subject)
@@ -589,13 +589,13 @@ def _certificates(folder: Path) -> dict[str, Path]:
                                                            serialization.NoEncryption()))
         paths[f"{stem}_key"].chmod(0o600)
 
-    ca_key, ca_cert = issue("oarbench test CA", None, None, ca=True)
+    ca_key, ca_cert = sign_certificate("oarbench test CA", None, None, ca=True)
     save("ca", ca_key, ca_cert)
     for stem in ("cluster", "client"):
-        save(stem, *issue(f"oarbench test {stem}", ca_cert.subject, ca_key, ca=False))
-    other_key, other_cert = issue("another CA", None, None, ca=True)
+        save(stem, *sign_certificate(f"oarbench test {stem}", ca_cert.subject, ca_key, ca=False))
+    other_key, other_cert = sign_certificate("another CA", None, None, ca=True)
     save("other_ca", other_key, other_cert)
-    save("outsider", *issue("outsider", other_cert.subject, other_key, ca=False))
+    save("outsider", *sign_certificate("outsider", other_cert.subject, other_key, ca=False))
     return paths
 
 
@@ -647,7 +647,7 @@ def test_tls_scheduler_refuses_clients_without_its_certificates(tls_cluster) -> 
 
     address, certs = tls_cluster
     port = address.rsplit(":", 1)[1]
-    # no credentials at all: a plain client on the TLS port gets no session
+    # no credentials at all: a plain client on the TLS port gets no connection
     with pytest.raises((OSError, TimeoutError)):
         distributed.Client(f"tcp://127.0.0.1:{port}", timeout="3s")
     # a certificate from another CA: the scheduler does not accept it
