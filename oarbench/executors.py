@@ -185,9 +185,11 @@ class DaskExecutor:
         Results, ``on_result`` and the order are per case either way.
     security:
         A ``distributed.security.Security`` for the scheduler at ``address``
-        (:func:`dask_security` makes the one the address needs); None for a
-        plain address. The address is used as given: the checks are
-        :func:`dask_security`'s.
+        (:func:`dask_security` makes the one the address needs). None: what
+        :func:`dask_security` says for ``address`` without certificate files
+        (a plain address off loopback refused unless ``insecure``).
+    insecure:
+        Allow a plain ``tcp://`` address that is not on loopback.
     max_in_flight:
         At most this many Dask tasks are on the cluster at once; more are submitted
         as these finish, so that the scheduler's memory does not grow with the
@@ -206,9 +208,12 @@ class DaskExecutor:
         max_in_flight: int = 2000,
         batch: int | str = "auto",
         security: Any = None,
+        insecure: bool = False,
         echo: Callable[[str], None] | None = lambda msg: print(msg, file=sys.stderr),
     ) -> None:
         distributed = _import_distributed()
+        if address and security is None:
+            security = dask_security(address, insecure=insecure)  # refuses a plain address off loopback
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         BatchSizer(batch, workers)  # checks the value
@@ -485,5 +490,6 @@ def make_executor(
             security = dask_security(scheduler, ca_file=tls_ca_file, cert=tls_cert, key=tls_key, insecure=insecure)
             if insecure and security is None and echo is not None:
                 echo(f"warning: --insecure: {scheduler} is reached without authentication or encryption")
-        return DaskExecutor(scheduler, workers=workers, resources=res, batch=batch, security=security, echo=echo)
+        return DaskExecutor(scheduler, workers=workers, resources=res, batch=batch, security=security,
+                            insecure=insecure, echo=echo)
     raise ValueError(f"unknown executor {kind!r}: expected 'local' or 'dask'")

@@ -687,6 +687,10 @@ def test_plain_tcp_scheduler_off_loopback_is_refused(tmp_path) -> None:
                     "inproc://127.0.0.1/1/1"):
         assert dask_security(address) is None
     assert dask_security("tcp://192.0.2.10:8786", insecure=True) is None
+    from oarbench.executors import DaskExecutor
+
+    with pytest.raises(ValueError, match="unauthenticated and unencrypted"):  # the library refuses it too
+        DaskExecutor("tcp://192.0.2.10:8786", echo=None)
     with pytest.raises(ValueError, match=r"^--tls-cert need a tls:// scheduler address, not tcp://127\.0\.0\.1:1$"):
         dask_security("tcp://127.0.0.1:1", cert=tmp_path / "x.crt")
     fifo = tmp_path / "ca.fifo"
