@@ -19,7 +19,7 @@ EXTRAS: dict[str, str] = {
     "torch": "torch",
     "nnunetv2": "nnunet",
     "cryptography": "fl",
-    "fsspec": "fl",
+    "fsspec": "remote",
     "safetensors": "fl",
     "s3fs": "s3",
     "flwr": "flower",

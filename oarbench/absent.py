@@ -196,11 +196,11 @@ def analyse_absent(
                     msg = (f"reference {name} is empty but the metadata says nephrectomy="
                            f"{listed if listed is not None else 'missing'}; not analysed as absent")
                     warn_rows.append({"study": study, "centre": centre, "case": case, "structure": name, "message": msg})
-                    log.warning("%s: %s", case, msg)
+                    log.info("%s: %s", case, msg)  # the caller shows result.warnings
                 if n > 0 and listed == side:
                     msg = f"metadata says nephrectomy={side} but the reference {name} has {n} voxels"
                     warn_rows.append({"study": study, "centre": centre, "case": case, "structure": name, "message": msg})
-                    log.warning("%s: %s", case, msg)
+                    log.info("%s: %s", case, msg)  # the caller shows result.warnings
                 if listed == side:
                     ref_ml[case] = n * voxel_ml
     for model, files in predictions.items():

@@ -46,7 +46,7 @@ from oarbench.io import (
 from oarbench.labels import LABELS_HINT, LabelMap
 from oarbench.metrics import RESULT_COLUMNS, STATUSES, evaluate_labels, resolve_backend
 from oarbench.progress import progress_bar
-from oarbench.tables import DEFAULT_CENTRE, DEFAULT_STUDY, check_keys, csv_text, restore_cell
+from oarbench.tables import DEFAULT_CENTRE, DEFAULT_STUDY, TABLE_COLUMNS, check_keys, csv_text, restore_cell
 
 __all__ = [
     "TABLE_COLUMNS",
@@ -64,8 +64,6 @@ __all__ = [
     "write_outputs",
 ]
 
-#: Columns of the tidy results table, in order.
-TABLE_COLUMNS = ("study", "centre", "model", "condition", "case", "patient") + RESULT_COLUMNS
 SUMMARY_METRICS = ("dsc", "hd95", "msd")
 
 

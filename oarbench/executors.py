@@ -14,10 +14,17 @@ the progress bar), in whatever order they finish.
 * :class:`LocalExecutor` (the default): this process (``workers=1``) or a
   process pool on this machine; needs nothing beyond the core install.
 * :class:`DaskExecutor`: a Dask ``distributed`` cluster, either an existing
-  scheduler (``address='tcp://host:8786'``) or a ``LocalCluster`` of
+  scheduler (``address='tls://host:8786'``) or a ``LocalCluster`` of
   ``workers`` processes started here. Tasks can ask for worker resources
   (``{"GPU": 1}``). A worker that dies loses only the task it was running:
   Dask runs that task again on another worker.
+
+A Dask scheduler runs whatever its clients send, and a plain ``tcp://`` one
+asks no client who it is and sends everything in clear text. So a
+``tls://`` scheduler is reached with certificates (mutual TLS,
+``distributed.security.Security`` with ``require_encryption``), and a plain
+``tcp://`` scheduler that is not on this machine's loopback is refused unless
+the caller says ``insecure=True`` (:func:`dask_security`, docs/scale.md).
 
 The numbers cannot depend on the engine: both call the same ``fn`` on the same
 tasks, and the caller assembles the results in task order.
@@ -27,17 +34,20 @@ from __future__ import annotations
 
 import collections
 import functools
+import ipaddress
 import statistics
 import sys
 import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 __all__ = [
     "Executor",
     "LocalExecutor",
     "DaskExecutor",
+    "dask_security",
     "make_executor",
     "parse_resources",
     "BatchSizer",
@@ -47,6 +57,10 @@ __all__ = [
 DASK_INSTALL_HINT = "the dask executor needs dask and distributed: pip install 'oarbench[dask]'"
 
 OnResult = Callable[[int, Any], None]
+
+#: Address schemes whose traffic Dask encrypts; ``inproc`` never leaves the process.
+_ENCRYPTED_SCHEMES = ("tls", "wss")
+_TLS_OPTIONS = "--tls-ca-file, --tls-cert and --tls-key"
 
 
 class Executor(Protocol):
@@ -169,6 +183,13 @@ class DaskExecutor:
         (a few milliseconds) small. An integer fixes the size. A lost worker
         loses the cases of its current Dask task, which run again elsewhere.
         Results, ``on_result`` and the order are per case either way.
+    security:
+        A ``distributed.security.Security`` for the scheduler at ``address``
+        (:func:`dask_security` makes the one the address needs). None: what
+        :func:`dask_security` says for ``address`` without certificate files
+        (a plain address off loopback refused unless ``insecure``).
+    insecure:
+        Allow a plain ``tcp://`` address that is not on loopback.
     max_in_flight:
         At most this many Dask tasks are on the cluster at once; more are submitted
         as these finish, so that the scheduler's memory does not grow with the
@@ -186,9 +207,13 @@ class DaskExecutor:
         resources: Mapping[str, float] | None = None,
         max_in_flight: int = 2000,
         batch: int | str = "auto",
+        security: Any = None,
+        insecure: bool = False,
         echo: Callable[[str], None] | None = lambda msg: print(msg, file=sys.stderr),
     ) -> None:
         distributed = _import_distributed()
+        if address and security is None:
+            security = dask_security(address, insecure=insecure)  # refuses a plain address off loopback
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         BatchSizer(batch, workers)  # checks the value
@@ -200,7 +225,7 @@ class DaskExecutor:
         self._cluster = None
         if address:
             try:
-                self._client = distributed.Client(address, timeout="20s")
+                self._client = distributed.Client(address, timeout="20s", security=security)
             except (OSError, TimeoutError) as exc:
                 raise ValueError(f"cannot reach the Dask scheduler at {address}: {exc}") from None
         else:
@@ -354,6 +379,75 @@ class BatchSizer:
         return max(1, min(size, AUTO_BATCH_MAX, tail))
 
 
+def _is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1); names are not resolved."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def dask_security(address: str, *, ca_file: str | Path | None = None, cert: str | Path | None = None,
+                  key: str | Path | None = None, insecure: bool = False) -> Any:
+    """The ``distributed.security.Security`` to reach the scheduler at ``address`` with, or None.
+
+    * ``tls://`` (and ``wss://``): mutual TLS with encryption required. The CA
+      that signed the cluster's certificates, this client's certificate and its
+      key come from ``ca_file``, ``cert`` and ``key``, or, when none is given,
+      from Dask's own configuration (``distributed.comm.tls.*``).
+    * ``tcp://`` (or no scheme): refused unless the host is this machine's
+      loopback (``127.0.0.1``, ``::1``, ``localhost``) or ``insecure`` is true;
+      certificate files with a plain address are an error, not ignored.
+    * ``inproc://``: this process only; None.
+
+    Raises ValueError (one line) on a refused address, a missing file, or a
+    ``tls://`` address without certificates.
+    """
+    _import_distributed()
+    from distributed.comm import parse_address, parse_host_port
+    from distributed.security import Security
+
+    files = {"--tls-ca-file": ca_file, "--tls-cert": cert, "--tls-key": key}
+    try:
+        scheme, location = parse_address(str(address))
+    except ValueError as exc:
+        raise ValueError(f"--scheduler {address}: {exc}") from None
+    if scheme in _ENCRYPTED_SCHEMES:
+        for option, path in files.items():
+            if path is not None and not Path(path).is_file():  # never opens a FIFO or a device
+                raise ValueError(f"{option} {path}: not a file")
+        if any(files.values()):
+            if ca_file is None or cert is None:
+                raise ValueError(f"--scheduler {address}: TLS needs {_TLS_OPTIONS} (the key may sit in the "
+                                 "certificate file)")
+            security = Security(require_encryption=True, tls_ca_file=str(ca_file), tls_client_cert=str(cert),
+                                tls_client_key=str(key) if key is not None else None)
+        else:
+            security = Security(require_encryption=True)  # the files named in Dask's configuration
+            if not (security.tls_ca_file and security.tls_client_cert):
+                raise ValueError(f"--scheduler {address}: TLS needs {_TLS_OPTIONS} (or Dask's "
+                                 "distributed.comm.tls settings); docs/scale.md")
+        return security
+    given = [option for option, path in files.items() if path is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} need a tls:// scheduler address, not {address}")
+    if scheme == "inproc":
+        return None
+    try:
+        host = parse_host_port(location)[0] if location else ""
+    except ValueError as exc:
+        raise ValueError(f"--scheduler {address}: {exc}") from None
+    if not insecure and not _is_loopback(host):
+        raise ValueError(
+            f"--scheduler {address}: a plain {scheme}:// scheduler is unauthenticated and unencrypted (whoever "
+            "reaches it can run code on its workers and read what they read); use tls:// with "
+            f"{_TLS_OPTIONS} (docs/scale.md), or --insecure on a network you trust")
+    return None
+
+
 def _has_dashboard() -> bool:
     try:
         import bokeh  # noqa: F401
@@ -369,10 +463,19 @@ def make_executor(
     scheduler: str | None = None,
     resources: Mapping[str, float] | Sequence[str] | str | None = None,
     batch: int | str = "auto",
+    tls_ca_file: str | Path | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    insecure: bool = False,
     echo: Callable[[str], None] | None = lambda msg: print(msg, file=sys.stderr),
 ) -> Executor:
-    """The executor the CLI options describe (``--executor``, ``--workers``, ``--scheduler``, ``--resources``)."""
+    """The executor the CLI options describe (``--executor``, ``--workers``, ``--scheduler``, ``--resources``,
+    ``--tls-ca-file``, ``--tls-cert``, ``--tls-key``, ``--insecure``; :func:`dask_security`)."""
     res = dict(resources) if isinstance(resources, Mapping) else parse_resources(resources)
+    tls = {"--tls-ca-file": tls_ca_file, "--tls-cert": tls_cert, "--tls-key": tls_key}
+    given = [option for option, path in tls.items() if path is not None] + (["--insecure"] if insecure else [])
+    if given and not scheduler:
+        raise ValueError(f"{', '.join(given)} need --executor dask --scheduler ADDRESS")
     if kind == "local":
         if scheduler:
             raise ValueError("--scheduler needs --executor dask")
@@ -382,5 +485,11 @@ def make_executor(
             raise ValueError("--batch needs --executor dask")
         return LocalExecutor(workers)
     if kind == "dask":
-        return DaskExecutor(scheduler, workers=workers, resources=res, batch=batch, echo=echo)
+        security = None
+        if scheduler:
+            security = dask_security(scheduler, ca_file=tls_ca_file, cert=tls_cert, key=tls_key, insecure=insecure)
+            if insecure and security is None and echo is not None:
+                echo(f"warning: --insecure: {scheduler} is reached without authentication or encryption")
+        return DaskExecutor(scheduler, workers=workers, resources=res, batch=batch, security=security,
+                            insecure=insecure, echo=echo)
     raise ValueError(f"unknown executor {kind!r}: expected 'local' or 'dask'")

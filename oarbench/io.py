@@ -15,14 +15,16 @@ import math
 import os
 import re
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 import SimpleITK as sitk
+
+# Atomic writes live in storage (below io): io re-exports atomic_write_bytes.
+from oarbench.storage import PARTIAL_MARK, _atomic, _atomic_target, atomic_write_bytes
 
 __all__ = [
     "Volume",
@@ -437,36 +439,6 @@ def read_volume(path: str | Path, *, allow_4d: bool = False, max_bytes: int | No
     return volume
 
 
-#: Marker in the names of temporary files of unfinished writes (removed by :class:`OutputLock`).
-PARTIAL_MARK = ".partial"
-
-
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)[-24:] or ".tmp"
-    # A short prefix keeps the temporary name within the file system's name limit.
-    stem = path.name.split(".")[0][:64]
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f"{PARTIAL_MARK}{suffix}", dir=path.parent)
-    # mkstemp creates 0600; give the final file the permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return fd, tmp
-
-
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[tuple[int, str]]:
-    """Yield (fd, temporary path) in ``path``'s folder; rename onto ``path`` when the
-    block succeeds, remove the temporary file when it fails."""
-    fd, tmp = _atomic_target(path)
-    try:
-        yield fd, tmp
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_volume(volume: Volume, path: str | Path, *, compress: bool = True) -> Path:
     """Write atomically: to a temporary file in the same folder, then rename."""
     path = Path(path)
@@ -478,17 +450,6 @@ def write_volume(volume: Volume, path: str | Path, *, compress: bool = True) -> 
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
             detail = next((ln for ln in lines if "ERROR" in ln or "Could not" in ln), lines[-1] if lines else "")
             raise OSError(errno.EIO, f"cannot write image ({detail})", str(path)) from None
-    return path
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write bytes to ``path`` atomically (temp file, fsync, rename)."""
-    path = Path(path)
-    with _atomic(path) as (fd, _tmp):
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
     return path
 
 

@@ -331,7 +331,11 @@ def resolve_labels(spec: str | Path | None, reference: str | Path | None = None,
     else:
         path = Path(spec)
         if not path.is_file():
-            raise ValueError(f"--labels {spec!r}: no such file and not a shipped map; {LABELS_HINT}")
+            import difflib
+
+            close = difflib.get_close_matches(str(spec).lower(), list(SHIPPED_MAPS), n=1, cutoff=0.75)
+            guess = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"--labels {spec!r}: no such file and not a shipped map{guess}; {LABELS_HINT}")
         labels, source = load_label_map(path), str(path)
         note = f"labels: {path}"
     return with_structures(ResolvedLabels(labels, source, note), structures)

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import pandas as pd
 
+from oarbench.tiles import Tile, tile_title
+
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-    from oarbench.gallery import Tile
 
 __all__ = [
     "REFERENCE_COLOUR",
@@ -156,8 +157,6 @@ def montage_figure(tiles: Sequence["Tile"], *, ncols: int = 4, title: str = "", 
     gap, margin = 0.2, 0.1
     width = ncols * tile_in + (ncols - 1) * gap + 2 * margin
     wrap = _chars_per_line(tile_in, fontsize)
-    from oarbench.gallery.slices import tile_title
-
     titles = [tile_title(tile.meta, width=wrap) if tile.meta else "\n".join(textwrap.wrap(tile.title, wrap)) for tile in tiles]
     line_in = fontsize * 1.25 / 72.0
     row_title_in = [max(t.count("\n") + 1 for t in titles[r * ncols:(r + 1) * ncols]) * line_in + 0.12 for r in range(nrows)]

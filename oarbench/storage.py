@@ -14,12 +14,13 @@ temporary file on that machine and read from there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Iterator, Union
 from urllib.parse import unquote, urlparse
 
 __all__ = [
@@ -38,11 +39,19 @@ __all__ = [
     "stamp",
     "sha256",
     "local_copy",
+    "atomic_write_bytes",
+    "PARTIAL_MARK",
 ]
 
 Location = Union[Path, str]
 
-FSSPEC_INSTALL_HINT = "reading {url} needs fsspec (and s3fs for s3://): pip install 'oarbench[dask,s3]'"
+FSSPEC_INSTALL_HINT = "{url}: a URL needs {what}, which is not installed: pip install 'oarbench[{extra}]'"
+
+
+def _install_hint(url: str) -> str:
+    """What to install for ``url``: the ``s3`` extra for ``s3://``, else ``remote`` (fsspec)."""
+    s3 = str(url).startswith(("s3://", "s3a://"))
+    return FSSPEC_INSTALL_HINT.format(url=url, what="fsspec and s3fs" if s3 else "fsspec", extra="s3" if s3 else "remote")
 
 
 def is_remote(loc: Any) -> bool:
@@ -69,10 +78,14 @@ def _fs(url: str) -> tuple[Any, str]:
     try:
         import fsspec
     except ImportError:
-        raise ValueError(FSSPEC_INSTALL_HINT.format(url=url)) from None
+        raise ValueError(_install_hint(url)) from None
     try:
         return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as exc:
+    except ImportError as exc:  # the protocol's back-end (s3fs, gcsfs, ...) is missing
+        if str(url).startswith(("s3://", "s3a://")):
+            raise ValueError(_install_hint(url)) from None
+        raise ValueError(f"{url}: {exc}") from None
+    except ValueError as exc:
         raise ValueError(f"{url}: {exc}") from None
 
 
@@ -142,8 +155,6 @@ def write_bytes(loc: Location, data: bytes) -> Location:
     """Write atomically: a local file by temporary file and rename; an object
     store's PUT is atomic already (readers see the old object or the new one)."""
     if isinstance(loc, Path):
-        from oarbench.io import atomic_write_bytes
-
         return atomic_write_bytes(loc, data)
     fs, path = _fs(loc)
     parent = posixpath.dirname(path)
@@ -206,3 +217,44 @@ class local_copy:
     def __exit__(self, *exc: Any) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+#: Marker in the names of temporary files of unfinished writes (removed by :class:`oarbench.io.OutputLock`).
+PARTIAL_MARK = ".partial"
+
+
+def _atomic_target(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes)[-24:] or ".tmp"
+    # A short prefix keeps the temporary name within the file system's name limit.
+    stem = path.name.split(".")[0][:64]
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f"{PARTIAL_MARK}{suffix}", dir=path.parent)
+    # mkstemp creates 0600; give the final file the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield (fd, temporary path) in ``path``'s folder; rename onto ``path`` when the
+    block succeeds, remove the temporary file when it fails."""
+    fd, tmp = _atomic_target(path)
+    try:
+        yield fd, tmp
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write bytes to ``path`` atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    with _atomic(path) as (fd, _tmp):
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return path

@@ -2,8 +2,8 @@
 
 ``metrics.parquet`` is a Hive-partitioned Parquet dataset
 (``centre=A/model=M/condition=original/part-0.parquet``), written by pyarrow
-through fsspec, so that a consortium-sized table can be read one centre, model
-or condition at a time (``pyarrow.dataset``, Dask, Spark, DuckDB). It holds the
+(to a URL through fsspec), so that a consortium-sized table can be read one
+centre, model or condition at a time (``pyarrow.dataset``, Dask, Spark, DuckDB). It holds the
 same rows and values as ``metrics.csv``; :func:`read_table` reads either into
 the same DataFrame (same columns, order, dtypes and values).
 
@@ -13,24 +13,32 @@ and pandas drops NaN group keys silently, so a table with an empty key would
 lose rows downstream without a word. Writers refuse such a table
 (:func:`check_keys`); :func:`read_table` reads the keys as text (a model named
 ``NA`` or a centre named ``None`` stays a name) and refuses empty ones.
+
+A local path needs only the core dependencies; a URL needs fsspec (the
+``remote`` or ``s3`` extra, :mod:`oarbench.storage`).
 """
 
 from __future__ import annotations
 
 import os
-import posixpath
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
 
-__all__ = ["PARTITION_COLUMNS", "PARQUET_INSTALL_HINT", "KEY_COLUMNS", "DEFAULT_STUDY", "DEFAULT_CENTRE",
+from oarbench import storage
+from oarbench.metrics import RESULT_COLUMNS
+
+__all__ = ["TABLE_COLUMNS", "PARTITION_COLUMNS", "PARQUET_INSTALL_HINT", "KEY_COLUMNS", "DEFAULT_STUDY", "DEFAULT_CENTRE",
            "DEFAULT_CONDITION", "check_keys", "have_pyarrow", "write_parquet", "read_table",
            "csv_cell", "csv_row", "csv_text", "restore_cell", "restore_cells"]
 
 #: Columns that address a row; each must be a non-empty string in every row.
 KEY_COLUMNS: tuple[str, ...] = ("study", "centre", "model", "condition", "case", "structure")
+#: Columns of the results table (``metrics.csv``), in order.
+TABLE_COLUMNS: tuple[str, ...] = ("study", "centre", "model", "condition", "case", "patient") + RESULT_COLUMNS
 #: Names given to a plain --reference/--prediction folder pair when none are given.
 DEFAULT_STUDY = "own-data"
 DEFAULT_CENTRE = "all"
@@ -145,7 +153,7 @@ def csv_text(df: pd.DataFrame, **to_csv: Any) -> str:
 
 #: Partition columns of ``metrics.parquet``, outermost first.
 PARTITION_COLUMNS = ("centre", "model", "condition")
-PARQUET_INSTALL_HINT = "metrics.parquet needs pyarrow: pip install 'oarbench[dask]'"
+PARQUET_INSTALL_HINT = "metrics.parquet needs pyarrow: pip install 'oarbench[parquet]'"
 # Row order of the table is kept in a column of the files (partitioning reorders rows).
 _ORDER = "_row"
 # An empty centre/model (folder mode) is stored as this partition value, never as a null.
@@ -171,10 +179,9 @@ def _pyarrow() -> Any:
     return pyarrow
 
 
-def _fs(url: str | Path) -> tuple[Any, str]:
-    import fsspec
-
-    return fsspec.core.url_to_fs(str(url))
+def _fs(url: str) -> tuple[Any, str]:
+    """fsspec file system and path of a URL (never called for a local path)."""
+    return storage._fs(url)
 
 
 def write_parquet(table: pd.DataFrame, url: str | Path, partition_cols: Sequence[str] = PARTITION_COLUMNS) -> str:
@@ -189,8 +196,6 @@ def write_parquet(table: pd.DataFrame, url: str | Path, partition_cols: Sequence
     for col in partition_cols:
         if col not in table.columns:
             raise ValueError(f"{url}: the table has no column {col!r} to partition by")
-    fs, path = _fs(url)
-    path = path.rstrip("/")
     t = table.copy()
     t[_ORDER] = range(len(t))
     for col in partition_cols:
@@ -200,43 +205,43 @@ def write_parquet(table: pd.DataFrame, url: str | Path, partition_cols: Sequence
         t[col] = values.where(values != "", _EMPTY)
     arrow = pa.Table.from_pandas(t, preserve_index=False)
 
-    def write(target: str) -> None:
+    def write(target: str, fs: Any = None) -> None:
         pq.write_to_dataset(arrow, target, partition_cols=list(partition_cols), filesystem=fs,
                             basename_template="part-{i}.parquet", existing_data_behavior="overwrite_or_ignore")
 
-    if not _is_local(fs):
+    loc = storage.as_location(url)
+    if not isinstance(loc, Path):
         # An object store has no folder to rename: replace the old objects by the new ones.
+        fs, path = _fs(loc)
+        path = path.rstrip("/")
         if fs.exists(path):
             fs.rm(path, recursive=True)
-        write(path)
+        write(path, fs)
         return str(url)
-    parent, name = posixpath.split(path)
-    tmp = posixpath.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
-    old = posixpath.join(parent, f".{name}.old-{uuid.uuid4().hex[:8]}")
-    fs.makedirs(tmp, exist_ok=True)
+    tmp = loc.parent / f".{loc.name}.partial-{uuid.uuid4().hex[:8]}"
+    old = loc.parent / f".{loc.name}.old-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
     try:
-        write(tmp)
-        if fs.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
+        write(str(tmp))
+        if loc.exists():
+            os.replace(loc, old)
+        os.replace(tmp, loc)
     finally:
         for leftover in (tmp, old):
-            if fs.exists(leftover):
-                fs.rm(leftover, recursive=True)
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover)
+            elif leftover.exists() or leftover.is_symlink():
+                leftover.unlink()
     return str(url)
-
-
-def _is_local(fs: Any) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
 
 
 def _read_parquet(url: str | Path, columns: Sequence[str] | None) -> pd.DataFrame:
     pa = _pyarrow()
     import pyarrow.dataset as ds
 
-    fs, path = _fs(url)
-    if not fs.exists(path):
+    loc = storage.as_location(url)
+    fs, path = (None, str(loc)) if isinstance(loc, Path) else _fs(loc)
+    if not (loc.exists() if isinstance(loc, Path) else fs.exists(path)):
         raise FileNotFoundError(f"{url}: results table not found")
     try:
         dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
@@ -260,7 +265,7 @@ def read_table(url: str | Path, *, columns: Sequence[str] | None = None, what: s
 
     ``columns``: the preferred column order for a Parquet dataset (its
     partition columns are read back last otherwise); the default is the order
-    of the results table (``oarbench.evaluate.TABLE_COLUMNS``). Key columns
+    of the results table (:data:`TABLE_COLUMNS`). Key columns
     are read as text; ``inf`` is infinity, an empty cell NaN. Raises
     ValueError naming ``url`` when it is unreadable, lacks a ``required``
     column, has an empty key (:func:`check_keys`) or (a local file) does not
@@ -272,21 +277,17 @@ def read_table(url: str | Path, *, columns: Sequence[str] | None = None, what: s
 
         check_output_set(url)
     if text.endswith(".parquet"):
-        if columns is None:
-            from oarbench.evaluate import TABLE_COLUMNS
-
-            columns = TABLE_COLUMNS
-        df = _read_parquet(url, columns)
+        df = _read_parquet(url, TABLE_COLUMNS if columns is None else columns)
     else:
-        fs, path = _fs(url)
-        if not fs.isfile(path):
+        loc = storage.as_location(url)
+        if not storage.is_file(loc):
             raise FileNotFoundError(f"{url}: {what} not found")
         try:
-            with fs.open(path, "rb") as fh:
+            with _open(loc) as fh:
                 header = pd.read_csv(fh, nrows=0)
             text = [c for c in header.columns if c in KEY_COLUMNS or c in ("patient", "status")]
             na = {c: _NUMERIC_NA for c in header.columns if c not in KEY_COLUMNS}
-            with fs.open(path, "rb") as fh:
+            with _open(loc) as fh:
                 df = pd.read_csv(fh, dtype={c: str for c in text}, keep_default_na=False, na_values=na)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise ValueError(f"{url}: cannot read the {what} as CSV ({exc})") from exc
@@ -296,6 +297,14 @@ def read_table(url: str | Path, *, columns: Sequence[str] | None = None, what: s
         raise ValueError(f"{url}: missing required column(s) {', '.join(missing)}; have {', '.join(map(str, df.columns))}")
     check_keys(df, str(url))
     return df
+
+
+def _open(loc: storage.Location) -> Any:
+    """A binary file object: a local file opened directly, a URL through fsspec."""
+    if isinstance(loc, Path):
+        return open(loc, "rb")
+    fs, path = _fs(loc)
+    return fs.open(path, "rb")
 
 
 #: Text columns of the results table: an empty cell is the empty string, never NaN.

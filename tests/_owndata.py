@@ -37,7 +37,7 @@ def segment(path_in, path_out):
     sitk.WriteImage(out, str(path_out))
 
 p = argparse.ArgumentParser()
-p.add_argument("--in", dest="inp", required=True)
+p.add_argument("--in", "--image", dest="inp", required=True)
 p.add_argument("--out", required=True)
 p.add_argument("--fail", action="store_true")
 a = p.parse_args()

@@ -278,3 +278,20 @@ def test_write_is_atomic_and_complete(study, tmp_path):
     paths = write_absent(res, tmp_path)
     assert all(p.is_file() for p in paths.values())
     assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+
+
+def test_cli_shows_each_warning_once(study, tmp_path, monkeypatch):
+    import logging
+
+    from oarbench.cli import main
+
+    # as in a plain `oarbench absent` run: no logging handlers (pytest adds its own), so the
+    # logging module's last-resort handler would print a library warning to stderr as well
+    monkeypatch.setattr(logging.root, "handlers", [])
+    r = CliRunner().invoke(main, ["absent", "--metadata", str(study / "meta.csv"), "--predictions", f"A={study / 'A'}",
+                                  "--reference", str(study / "ref"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    warnings = pd.read_csv(tmp_path / "o" / "absent_warnings.csv")
+    assert len(warnings) >= 2  # c7's empty kidney without nephrectomy, c2's kidney despite it
+    for message in warnings["message"]:
+        assert r.output.count(message) == 1, r.output

@@ -545,3 +545,157 @@ def test_auto_batches_tiny_tasks_and_keeps_order(cluster) -> None:
     keys = {str(t["key"]) for t in stream.data if str(t["key"]).startswith("sq-")}
     # fewer Dask tasks than cases: tiny cases were grouped
     assert 0 < len(keys) < n / 4, len(keys)
+
+
+# --- a scheduler that asks who is calling: TLS with certificates ----------------------------------
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A CA, a certificate for the cluster (scheduler and worker), one for this client, and a second CA
+    with a client certificate of its own (an outsider's), as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+
+    def sign_certificate(name: str, issuer_name: x509.Name | None, issuer_key, ca: bool):
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name or subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            import ipaddress
+
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        cert = builder.sign(issuer_key or key, hashes.SHA256())
+        return key, cert
+
+    def save(stem: str, key, cert) -> None:
+        paths[f"{stem}_cert"] = folder / f"{stem}.crt"
+        paths[f"{stem}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        paths[f"{stem}_key"] = folder / f"{stem}.key"
+        paths[f"{stem}_key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.PKCS8,
+                                                           serialization.NoEncryption()))
+        paths[f"{stem}_key"].chmod(0o600)
+
+    ca_key, ca_cert = sign_certificate("oarbench test CA", None, None, ca=True)
+    save("ca", ca_key, ca_cert)
+    for stem in ("cluster", "client"):
+        save(stem, *sign_certificate(f"oarbench test {stem}", ca_cert.subject, ca_key, ca=False))
+    other_key, other_cert = sign_certificate("another CA", None, None, ca=True)
+    save("other_ca", other_key, other_cert)
+    save("outsider", *sign_certificate("outsider", other_cert.subject, other_key, ca=False))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory):
+    """A LocalCluster on 127.0.0.1 that speaks TLS only and requires client certificates of its CA."""
+    pytest.importorskip("cryptography")
+    from distributed.security import Security
+
+    certs = _certificates(tmp_path_factory.mktemp("certs"))
+    server = Security(require_encryption=True, tls_ca_file=str(certs["ca_cert"]),
+                      tls_scheduler_cert=str(certs["cluster_cert"]), tls_scheduler_key=str(certs["cluster_key"]),
+                      tls_worker_cert=str(certs["cluster_cert"]), tls_worker_key=str(certs["cluster_key"]),
+                      tls_client_cert=str(certs["cluster_cert"]), tls_client_key=str(certs["cluster_key"]))
+    local = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tls://",
+                                     host="127.0.0.1", security=server, dashboard_address=None, silence_logs=40)
+    try:
+        assert local.scheduler_address.startswith("tls://127.0.0.1:")
+        yield local.scheduler_address, certs
+    finally:
+        local.close()
+
+
+def test_tls_scheduler_with_certificates_gives_the_local_numbers(tmp_path, tls_cluster) -> None:
+    address, certs = tls_cluster
+    ref_dir, pred_dir, labels = _study(tmp_path, 3)
+    base = ["evaluate", "--reference", str(ref_dir), "--prediction", str(pred_dir), "--labels", str(labels), "--quiet"]
+    local = _cli(base + ["--out", str(tmp_path / "local")])
+    assert local.exit_code == 0, local.output
+    tls = ["--executor", "dask", "--scheduler", address, "--tls-ca-file", str(certs["ca_cert"]),
+           "--tls-cert", str(certs["client_cert"]), "--tls-key", str(certs["client_key"])]
+    result = _cli(base + ["--out", str(tmp_path / "tls")] + tls)
+    assert result.exit_code == 0, result.output
+    assert f"Dask scheduler at {address}" in result.output and "3 cases computed" in result.output
+    assert (tmp_path / "tls" / "metrics.csv").read_bytes() == (tmp_path / "local" / "metrics.csv").read_bytes()
+
+    # the library: the Security that dask_security builds requires encryption, and tasks run
+    from oarbench.executors import dask_security, make_executor
+
+    security = dask_security(address, ca_file=certs["ca_cert"], cert=certs["client_cert"], key=certs["client_key"])
+    assert security.require_encryption and security.tls_client_cert == str(certs["client_cert"])
+    with make_executor("dask", scheduler=address, tls_ca_file=certs["ca_cert"], tls_cert=certs["client_cert"],
+                       tls_key=certs["client_key"], echo=None) as ex:
+        assert ex.map(_square, list(range(5))) == [0, 1, 4, 9, 16]
+
+
+def test_tls_scheduler_refuses_clients_without_its_certificates(tls_cluster) -> None:
+    from distributed.security import Security
+
+    address, certs = tls_cluster
+    port = address.rsplit(":", 1)[1]
+    # no credentials at all: a plain client on the TLS port gets no connection
+    with pytest.raises((OSError, TimeoutError)):
+        distributed.Client(f"tcp://127.0.0.1:{port}", timeout="3s")
+    # a certificate from another CA: the scheduler does not accept it
+    outsider = Security(require_encryption=True, tls_ca_file=str(certs["ca_cert"]),
+                        tls_client_cert=str(certs["outsider_cert"]), tls_client_key=str(certs["outsider_key"]))
+    with pytest.raises((OSError, TimeoutError)):
+        distributed.Client(address, security=outsider, timeout="3s")
+    # oarbench itself: a tls:// address without certificates is one line, before any connection
+    r = _cli(["evaluate", "--reference", ".", "--prediction", ".", "--executor", "dask", "--scheduler", address])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1] == (
+        f"Error: --scheduler {address}: TLS needs --tls-ca-file, --tls-cert and --tls-key (or Dask's "
+        "distributed.comm.tls settings); docs/scale.md")
+
+
+def test_plain_tcp_scheduler_off_loopback_is_refused(tmp_path) -> None:
+    from oarbench.executors import dask_security
+
+    ref_dir, pred_dir, labels = _study(tmp_path, 1)
+    base = ["evaluate", "--reference", str(ref_dir), "--prediction", str(pred_dir), "--labels", str(labels),
+            "--out", str(tmp_path / "o"), "--executor", "dask"]
+    for address in ("tcp://192.0.2.10:8786", "192.0.2.10:8786", "tcp://dask-scheduler.example:8786",
+                    "tcp://[2001:db8::1]:8786"):
+        start = time.monotonic()
+        r = _cli(base + ["--scheduler", address])
+        assert time.monotonic() - start < 10  # refused before any connection attempt (Client waits 20 s)
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        errors = [ln for ln in r.output.splitlines() if ln.startswith("Error:")]  # after the labels note
+        assert len(errors) == 1 and r.output.strip().splitlines()[-1] == errors[0], r.output
+        line = errors[0]
+        assert line.startswith(f"Error: --scheduler {address}: a plain tcp:// scheduler is unauthenticated and "
+                               "unencrypted")
+        assert "--insecure" in line and "tls://" in line
+    assert not (tmp_path / "o").exists()
+    # loopback and --insecure pass the check; certificate files with a plain address are refused
+    for address in ("tcp://127.0.0.1:8786", "localhost:8786", "tcp://[::1]:8786", "tcp://127.0.1.1:8786",
+                    "inproc://127.0.0.1/1/1"):
+        assert dask_security(address) is None
+    assert dask_security("tcp://192.0.2.10:8786", insecure=True) is None
+    from oarbench.executors import DaskExecutor
+
+    with pytest.raises(ValueError, match="unauthenticated and unencrypted"):  # the library refuses it too
+        DaskExecutor("tcp://192.0.2.10:8786", echo=None)
+    with pytest.raises(ValueError, match=r"^--tls-cert need a tls:// scheduler address, not tcp://127\.0\.0\.1:1$"):
+        dask_security("tcp://127.0.0.1:1", cert=tmp_path / "x.crt")
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"--tls-ca-file .*ca\.fifo: not a file"):
+        dask_security("tls://192.0.2.10:8786", ca_file=fifo, cert=fifo)
+    r = _cli(base[:-2] + ["--tls-cert", "c.pem"])
+    assert r.exit_code == 2 and "--tls-cert: only with --executor dask --scheduler ADDRESS" in r.output

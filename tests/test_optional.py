@@ -81,3 +81,49 @@ def test_nnunet_predictor_without_nnunet(monkeypatch, tmp_path):
         (folder / name).write_text("{}")
     with pytest.raises(MissingDependencyError, match=r"pip install 'oarbench\[nnunet\]'"):
         NnUNetModelPredictor(folder).load()
+
+
+def test_local_tables_need_no_fsspec(monkeypatch, tmp_path):
+    """A core install (no fsspec) reads and writes local results tables; only URLs need the storage extra."""
+    import pandas as pd
+
+    from oarbench.tables import TABLE_COLUMNS, read_table, write_parquet
+
+    _hide(monkeypatch, "fsspec")
+    row = {c: 0.5 for c in TABLE_COLUMNS}
+    row.update(study="s", centre="A", model="m", condition="original", case="c1", patient="p1", structure="Liver",
+               status="ok")
+    table = pd.DataFrame([row, {**row, "case": "c2", "dsc": 0.25}], columns=list(TABLE_COLUMNS))
+    table.to_csv(tmp_path / "metrics.csv", index=False)
+    back = read_table(tmp_path / "metrics.csv")
+    assert list(back["case"]) == ["c1", "c2"] and list(back["dsc"]) == [0.5, 0.25]
+    assert list(read_table(f"file://{tmp_path / 'metrics.csv'}")["case"]) == ["c1", "c2"]
+    pytest.importorskip("pyarrow")
+    write_parquet(table, tmp_path / "metrics.parquet")
+    write_parquet(table, tmp_path / "metrics.parquet")  # replaces the first dataset
+    parquet = read_table(tmp_path / "metrics.parquet")
+    assert list(parquet.columns) == list(TABLE_COLUMNS) and list(parquet["dsc"]) == [0.5, 0.25]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv", "metrics.parquet"]  # no leftovers
+
+
+@pytest.mark.parametrize("url, extra, what", [("s3://bucket/results/metrics.csv", "s3", "fsspec and s3fs"),
+                                              ("gs://bucket/results/metrics.csv", "remote", "fsspec")])
+def test_a_url_names_the_storage_extra(monkeypatch, url, extra, what):
+    from oarbench import storage
+    from oarbench.tables import read_table
+
+    _hide(monkeypatch, "fsspec")
+    message = f"{url}: a URL needs {what}, which is not installed: pip install 'oarbench[{extra}]'"
+    for call in (read_table, storage.read_bytes, storage.is_dir):
+        with pytest.raises(ValueError) as err:
+            call(url)
+        assert str(err.value) == message
+
+
+def test_an_s3_url_without_s3fs_names_the_s3_extra(monkeypatch):
+    pytest.importorskip("fsspec")
+    _hide(monkeypatch, "s3fs")
+    from oarbench import storage
+
+    with pytest.raises(ValueError, match=r"^s3://b/x\.csv: a URL needs fsspec and s3fs, .*'oarbench\[s3\]'$"):
+        storage.is_file("s3://b/x.csv")

@@ -190,3 +190,69 @@ def test_command_predictor_failure_shows_command_and_stderr_tail(own, tmp_path):
     with pytest.raises(ValueError, match="either"):
         CommandPredictor("tool -i {input} -o {output} {input_file} {output_file}")
     assert isinstance(PredictorError("x"), ValueError)
+
+
+def test_gallery_fails_when_no_selected_row_can_be_drawn(own, evaluated, tmp_path):
+    import shutil
+
+    images = tmp_path / "imagesTs"
+    shutil.copytree(own["images"], images)
+    for ct in sorted(images.glob("*.nii.gz")):  # half-copied files: the gzip stream ends early
+        ct.write_bytes(ct.read_bytes()[: ct.stat().st_size // 2])
+    args = ["gallery", evaluated / "metrics.csv", "--images", images, "--reference", own["reference"],
+            "--predictions", str(own["model_a"].parent / "{model}"), "--no-progress"]
+    result = CliRunner().invoke(main, [str(a) for a in args + ["--out", tmp_path / "all"]])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    error = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
+    assert len(error) == 1 and "none of the" in error[0] and str(images) in error[0], result.output
+    index = pd.read_csv(tmp_path / "all" / "gallery" / "index.csv")
+    assert len(index) > 0 and not index["drawn"].any()  # the index still says why, row by row
+
+    # one damaged CT among good ones: the others are drawn, the damaged one is named, exit 0
+    for ct in sorted(images.glob("*.nii.gz"))[1:]:
+        shutil.copy2(own["images"] / ct.name, ct)
+    result = _ok(args + ["--out", tmp_path / "some"])
+    index = pd.read_csv(tmp_path / "some" / "gallery" / "index.csv")
+    assert index["drawn"].any() and not index["drawn"].all()
+    assert "rows not drawn" in result.output and "case000_0000.nii.gz" in result.output
+
+
+def test_top_level_help_shows_whole_sentences():
+    import textwrap
+
+    from oarbench.cli import _COMMANDS
+
+    text = _ok(["--help"]).output
+    listing = " ".join(text.split("Commands:", 1)[1].split())
+    assert "..." not in listing
+    for name in _COMMANDS:
+        command = main.get_command(None, name)
+        first = " ".join(textwrap.dedent(command.help or "").strip().split("\n\n")[0].split())
+        first = first.split(". ")[0]  # click's short help: the first sentence
+        assert f"{name} {first}" in listing, (name, first)
+
+
+def test_evaluate_help_points_at_the_naming_options():
+    text = " ".join(_ok(["evaluate", "--help"]).output.split())
+    assert "options above" not in text
+    assert "--study-name, --centre, --model and --condition (listed below)" in text
+
+
+def test_labels_typo_suggests_the_shipped_map(own, tmp_path):
+    result = CliRunner().invoke(main, ["evaluate", "--reference", str(own["reference"]), "--prediction",
+                                       str(own["model_a"]), "--labels", "totalsegmentor", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "--labels 'totalsegmentor': no such file and not a shipped map (did you mean 'totalsegmentator'?)" \
+        in result.output
+    result = CliRunner().invoke(main, ["evaluate", "--reference", str(own["reference"]), "--prediction",
+                                       str(own["model_a"]), "--labels", "my_labels.toml", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "did you mean" not in result.output and "my_labels.toml" in result.output
+
+
+def test_stats_on_the_wrong_csv_names_evaluates_table(evaluated, tmp_path):
+    result = CliRunner().invoke(main, ["stats", str(evaluated / "summary.csv"), "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line = result.output.strip()
+    assert len(line.splitlines()) == 1 and "missing required column(s) case, status" in line
+    assert line.endswith("give the metrics.csv (or metrics.parquet) that `oarbench evaluate` wrote, one row per "
+                         "case x structure")

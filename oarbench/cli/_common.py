@@ -64,8 +64,41 @@ class BatchParam(click.ParamType):
         self.fail(f"{value!r} is neither 'auto' nor a whole number >= 1", param, ctx)
 
 
+#: Where :func:`executor_options` keeps the scheduler's TLS options for :func:`open_executor`.
+_DASK_SECURITY = "oarbench.dask_security"
+
+
 def executor_options(func: F) -> F:
-    """``--executor``, ``--scheduler`` and ``--resources`` (``--workers`` is each command's own)."""
+    """``--executor``, ``--scheduler``, ``--resources``, ``--batch`` and the scheduler's TLS options
+    (``--workers`` is each command's own).
+
+    ``--tls-ca-file``, ``--tls-cert``, ``--tls-key`` and ``--insecure`` do not reach the command's
+    function: they are kept in the click context, where :func:`open_executor` reads them.
+    """
+
+    command = func
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, tls_ca_file: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                insecure: bool = False, **kwargs: Any) -> Any:
+        given = {"--tls-ca-file": tls_ca_file, "--tls-cert": tls_cert, "--tls-key": tls_key, "--insecure": insecure}
+        if any(given.values()) and not kwargs.get("scheduler"):
+            named = ", ".join(option for option, value in given.items() if value)
+            raise click.UsageError(f"{named}: only with --executor dask --scheduler ADDRESS")
+        click.get_current_context().meta[_DASK_SECURITY] = {
+            "tls_ca_file": tls_ca_file, "tls_cert": tls_cert, "tls_key": tls_key, "insecure": insecure}
+        return command(*args, **kwargs)
+
+    func = wrapper  # type: ignore[assignment]
+    func = click.option("--insecure", is_flag=True,
+                        help="Allow a plain tcp:// --scheduler that is not on this machine: no authentication, no "
+                             "encryption (docs/scale.md).")(func)
+    func = click.option("--tls-key", metavar="FILE", default=None,
+                        help="This client's private key for a tls:// --scheduler (if not inside --tls-cert).")(func)
+    func = click.option("--tls-cert", metavar="FILE", default=None,
+                        help="This client's certificate for a tls:// --scheduler, signed by --tls-ca-file's CA.")(func)
+    func = click.option("--tls-ca-file", metavar="FILE", default=None,
+                        help="CA certificate that signed the Dask cluster's certificates (tls:// --scheduler).")(func)
     func = click.option("--batch", type=BatchParam(), default="auto", show_default=True,
                         help="With --executor dask: cases sent to a worker as one Dask task. auto: one case per "
                              "task when cases take over about 0.2 s, more when they are tiny, sized from the "
@@ -73,8 +106,10 @@ def executor_options(func: F) -> F:
     func = click.option("--resources", "resources", multiple=True, metavar="NAME=N",
                         help="Dask worker resources each task needs, e.g. GPU=1 (with --executor dask).")(func)
     func = click.option("--scheduler", metavar="ADDRESS",
-                        help="Address of a running Dask scheduler, e.g. tcp://host:8786 (with --executor dask); "
-                             "without it a local Dask cluster of --workers processes is started.")(func)
+                        help="Address of a running Dask scheduler, e.g. tls://host:8786 with --tls-ca-file, "
+                             "--tls-cert and --tls-key (with --executor dask; a plain tcp:// address only on "
+                             "127.0.0.1 or with --insecure); without it a local Dask cluster of --workers "
+                             "processes is started.")(func)
     func = click.option("--executor", "executor_kind", type=click.Choice(["local", "dask"]), default="local",
                         show_default=True,
                         help="local: this machine's processes; dask: a Dask cluster (docs/scale.md).")(func)
@@ -86,5 +121,7 @@ def open_executor(kind: str, workers: int, scheduler: str | None, resources: tup
     """The executor of the CLI options; prints the cluster and dashboard address for Dask."""
     from oarbench.executors import make_executor
 
+    ctx = click.get_current_context(silent=True)
+    security = ctx.meta.get(_DASK_SECURITY, {}) if ctx is not None else {}
     return make_executor(kind, workers=workers, scheduler=scheduler, resources=list(resources), batch=batch,
-                         echo=lambda msg: click.echo(msg, err=True))
+                         echo=lambda msg: click.echo(msg, err=True), **security)

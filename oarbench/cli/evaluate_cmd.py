@@ -79,7 +79,8 @@ def evaluate(study, reference, predictions, labels_path, structures, out, worker
 
     Either a STUDY.toml (several centres x models, docs/study-toml.md) or
     --reference DIR --prediction DIR [--prediction DIR ...]; in folder mode every
-    row gets the study, centre, model and condition names of the options above.
+    row gets the names given by --study-name, --centre, --model and --condition
+    (listed below) or their defaults.
     """
     from oarbench.evaluate import EvalOptions, evaluate_jobs, jobs_from_folders, jobs_from_study, write_outputs
     from oarbench.io import OutputLock

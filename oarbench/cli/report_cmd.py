@@ -97,6 +97,9 @@ def gallery(results: Path, study: Path | None, images: str | None, reference: st
     click.echo(f"selected {len(result.index)} rows, drew {drawn} tiles in {len(result.montages)} montages -> {result.folder}")
     if len(result.index) and drawn < len(result.index):
         notes = result.index.loc[~result.index["drawn"].astype(bool), "note"].astype(str)
+        if drawn == 0:  # every file it needed was missing or damaged: no gallery at all
+            raise ValueError(f"none of the {len(notes)} selected rows could be drawn (see "
+                             f"{result.folder / 'index.csv'} 'note'), e.g.: {notes.iloc[0]}")
         click.echo(f"{len(notes)} rows not drawn (see index.csv 'note'), e.g.: {notes.iloc[0]}", err=True)
 
 

@@ -8,26 +8,10 @@ brain window, everything else in a soft-tissue (abdomen) window.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+from oarbench.tiles import Window
 
 __all__ = ["Window", "ABDOMEN_WINDOW", "LUNG_WINDOW", "BONE_WINDOW", "BRAIN_WINDOW", "WINDOW_RULES", "window_for"]
-
-
-@dataclass(frozen=True)
-class Window:
-    """A CT display window in HU: ``width`` and ``level`` (centre)."""
-
-    width: float
-    level: float
-    name: str = ""
-
-    @property
-    def vmin(self) -> float:
-        return self.level - self.width / 2.0
-
-    @property
-    def vmax(self) -> float:
-        return self.level + self.width / 2.0
 
 
 ABDOMEN_WINDOW = Window(400.0, 40.0, "abdomen")

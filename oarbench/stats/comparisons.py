@@ -99,7 +99,13 @@ def read_results(path: str | Path) -> pd.DataFrame:
     """
     from oarbench.tables import read_table
 
-    return read_table(path, required=_REQUIRED)
+    try:
+        return read_table(path, required=_REQUIRED)
+    except ValueError as exc:
+        if "missing required column" not in str(exc):
+            raise
+        raise ValueError(f"{exc}; give the metrics.csv (or metrics.parquet) that `oarbench evaluate` wrote, "
+                         "one row per case x structure") from None
 
 
 def _prepare(table: pd.DataFrame, metrics: Sequence[str], condition: str | None, source: str,
