@@ -130,8 +130,10 @@ def test_report_is_self_contained_marks_significance_and_escapes(tmp_path):
     text = path.read_text()
     tags = _parse(text).tags
     imgs = [a for t, a in tags if t == "img"]
-    # 2 structures x 1 box-plot figure + 1 gallery montage
-    assert len(imgs) == 3
+    # Figure 1, the per-case figure, the robustness figure (flip_lr rows) and the gallery montage; no per-structure
+    # box plots: no model/centre group has MIN_BOX_N ok rows
+    assert len(imgs) == 4
+    assert [a["alt"] for a in imgs if "box plots" in a["alt"]] == []
     for a in imgs:
         assert a["src"].startswith("data:image/png;base64,")
         assert base64.b64decode(a["src"].split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
@@ -143,7 +145,7 @@ def test_report_is_self_contained_marks_significance_and_escapes(tmp_path):
             if key in a:
                 assert not a[key].startswith(("http:", "https:", "//")), a[key]
     # the model name with markup appears escaped, as text, never as markup
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in text
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in text
     assert "&lt;b&gt;FP&lt;/b&gt;" in text and "<b>FP</b>" not in text
     # exactly one significant p_adjusted cell, marked
     sig = [a for t, a in tags if t == "td" and "sig" in a.get("class", "").split()]
@@ -168,7 +170,11 @@ def test_report_says_what_is_missing(tmp_path):
     assert "No gallery folder was given" in text
     assert "No run record was given" in text
     assert "not found: stats.csv" in text
-    assert "<img" not in text
+    # without box plots only the summary figures are drawn: Figure 1 and the per-case figure (flip_lr rows: and
+    # the robustness figure)
+    alts = [a["alt"] for t, a in _parse(text).tags if t == "img"]
+    assert alts and not [a for a in alts if a.startswith("box plots")]
+    assert any(a.startswith("Figure 1") for a in alts)
 
 
 def test_report_bad_inputs_raise(tmp_path):
