@@ -37,6 +37,8 @@ _CENTRE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 _RC = {"font.size": MIN_FONT_PT, "axes.titlesize": 10, "axes.labelsize": MIN_FONT_PT, "xtick.labelsize": MIN_FONT_PT,
        "ytick.labelsize": MIN_FONT_PT, "legend.fontsize": MIN_FONT_PT, "legend.title_fontsize": MIN_FONT_PT,
        "font.family": "DejaVu Sans", "axes.spines.top": False, "axes.spines.right": False}
+#: Figure 1's HD95 axis is logarithmic from this value (mm); smaller values (0 among them) are drawn at it.
+HD95_FLOOR_MM = 0.5
 #: Figure 1 shows at most this many structures (the lowest median DSC first when there are more).
 FIGURE_ONE_MAX_STRUCTURES = 25
 
@@ -103,8 +105,8 @@ def _legend(fig: "Figure", models: Sequence[str], centres: Sequence[str], settin
     if settings:
         handles.append(Line2D([], [], color="#444444", marker="o", linestyle="none", markersize=6,
                               markerfacecolor="white", label="open: cross-centre"))
-    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, y), ncol=min(len(handles), 5), frameon=False,
-               handletextpad=0.4, columnspacing=1.2)
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, y), ncol=min(len(handles), 7), frameon=False,
+               handletextpad=0.3, columnspacing=1.0)
 
 
 def figure_one(summaries: Mapping[str, pd.DataFrame], structures: Sequence[str], models: Sequence[str],
@@ -147,10 +149,11 @@ def figure_one(summaries: Mapping[str, pd.DataFrame], structures: Sequence[str],
                 fin = np.concatenate([q[np.isfinite(q)], m[np.isfinite(m)]])
                 if fin.size:
                     hd_max = max(hd_max, float(fin.max()))
-        hd_max *= 1.08
-        clipped = False
+        hd_max = min(b * 10 ** k for k in range(0, 6) for b in (1, 2, 5) if b * 10 ** k >= hd_max / 1.08)
+        clipped = low = False
         for ax_i, (col, label, lim) in enumerate((("dsc", "DSC (higher is better)", (0.0, 1.0)),
-                                                   ("hd95", "HD95, mm (lower is better)", (0.0, hd_max)))[:len(axes)]):
+                                                   ("hd95", "HD95, mm, log scale (lower is better)",
+                                                    (HD95_FLOOR_MM, max(hd_max, 10.0))))[:len(axes)]):
             ax = axes[ax_i]
             for y in range(n):
                 if y % 2 == 0:
@@ -165,6 +168,9 @@ def figure_one(summaries: Mapping[str, pd.DataFrame], structures: Sequence[str],
                     if math.isnan(med):
                         continue
                     yy = y + offsets[g]
+                    if col == "hd95":
+                        low = low or min(med, q1) < lim[0]
+                        med, q1, q3 = (max(v, lim[0]) if not math.isnan(v) else v for v in (med, q1, q3))
                     hi = min(q3, lim[1]) if not math.isnan(q3) else med
                     lo = q1 if not math.isnan(q1) else med
                     colour = colours[g[0]]
@@ -176,7 +182,17 @@ def figure_one(summaries: Mapping[str, pd.DataFrame], structures: Sequence[str],
                     ax.plot([x], [yy], marker=">" if med > lim[1] else _centre_marker(centres, g[1]), markersize=4.5,
                             color=colour, markerfacecolor="white" if open_ else colour, markeredgewidth=1.1,
                             linestyle="none", zorder=3)
-            ax.set_xlim(lim[0] - 0.01 * lim[1], lim[1] * 1.01)
+            if col == "hd95":
+                from matplotlib.ticker import FuncFormatter
+
+                ax.set_xscale("log")
+                ax.set_xlim(lim[0] * 0.9, lim[1] * 1.05)
+                ticks = [t for t in (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500) if lim[0] <= t <= lim[1]]
+                ax.set_xticks(ticks)
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
+                ax.xaxis.set_minor_locator(__import__("matplotlib.ticker", fromlist=["NullLocator"]).NullLocator())
+            else:
+                ax.set_xlim(lim[0] - 0.01 * lim[1], lim[1] * 1.01)
             ax.set_xlabel(label)
             ax.grid(axis="x", color="#d0d0d0", linewidth=0.6)
             ax.set_axisbelow(True)
@@ -184,10 +200,12 @@ def figure_one(summaries: Mapping[str, pd.DataFrame], structures: Sequence[str],
         axes[0].set_yticks(range(n))
         axes[0].set_yticklabels(rows)
         axes[0].set_ylim(n - 0.5, -0.5)
-        top = 1 - 0.62 / fig.get_size_inches()[1]
+        top = 1 - 0.36 / fig.get_size_inches()[1]
         _legend(fig, models, centres, use_settings, 1.0)
         fig.subplots_adjust(left=0.17, right=0.98, bottom=0.52 / fig.get_size_inches()[1], top=top, wspace=0.08)
     extra = "; ∞ and values beyond the axis are drawn at its right end (▸)" if clipped else ""
+    if low:
+        extra += f"; HD95 below {HD95_FLOOR_MM:g} mm (0 included) is drawn at {HD95_FLOOR_MM:g} mm"
     return _render(fig, note=(note + extra).lstrip("; "))
 
 
@@ -197,7 +215,7 @@ def _box_or_points(ax: Any, data: Sequence[np.ndarray], positions: Sequence[floa
     rng = np.random.default_rng(0)
     for d, p, c in zip(data, positions, colours):
         if d.size >= MIN_BOX_N:
-            bp = ax.boxplot([d], positions=[p], widths=0.55, vert=vertical, patch_artist=True, showfliers=False,
+            bp = ax.boxplot([d], positions=[p], widths=0.55, orientation="vertical" if vertical else "horizontal", patch_artist=True, showfliers=False,
                             medianprops={"color": "black", "linewidth": 1.6}, whiskerprops={"color": c},
                             capprops={"color": c})
             for patch in bp["boxes"]:
@@ -345,3 +363,37 @@ def structure_box_figure(table: pd.DataFrame, structure: str, models: Sequence[s
 
 def quantiles(values: np.ndarray) -> tuple[float, float, float]:
     return quantile_inf(values, 0.5), quantile_inf(values, 0.25), quantile_inf(values, 0.75)
+
+
+def montage_head(png: bytes, rows: int = 2) -> tuple[bytes, bool]:
+    """The top of a gallery montage: its title band and first ``rows`` rows of tiles.
+
+    Tile rows are found from the image itself: the CT of a tile fills whole pixel rows
+    with grey, the titles between tile rows are dark text on white. Returns the PNG
+    (unchanged when the montage has no more than ``rows`` rows) and whether it was cut.
+    """
+    from matplotlib.image import imread
+
+    img = imread(io.BytesIO(png), format="png")
+    grey = img[..., :3].mean(axis=2) if img.ndim == 3 else img
+    non_white = (grey < 0.94).mean(axis=1)
+    in_tile = non_white > 0.12
+    bands = []
+    start = None
+    for y, inside in enumerate(in_tile):
+        if inside and start is None:
+            start = y
+        elif not inside and start is not None:
+            if y - start > 20:
+                bands.append((start, y))
+            start = None
+    if start is not None and len(in_tile) - start > 20:
+        bands.append((start, len(in_tile)))
+    if len(bands) <= rows:
+        return png, False
+    cut = min(len(grey), bands[rows - 1][1] + max(6, (bands[rows][0] - bands[rows - 1][1]) // 8))
+    buf = io.BytesIO()
+    from matplotlib.image import imsave
+
+    imsave(buf, img[:cut], format="png")
+    return buf.getvalue(), True

@@ -119,9 +119,9 @@ def _headline_view(ctx: ReportContext) -> tuple[Any, str]:
         rows.append(row)
     from oarbench.report.views import TableView
 
-    note = ("Per case, the mean DSC over its structures (condition original; missed and hallucinated structures count "
-            "as DSC 0); each cell is the median [Q1–Q3] of that per-case mean over the centre's test cases (n). "
-            + ("'within': the model was trained on that centre's data; 'cross': it was not." if trained else
+    note = ("Per case, the mean DSC over its structures (missed and hallucinated count as 0); each cell: median "
+            "[Q1–Q3] over the centre's n test cases. "
+            + ("within / cross: the model was / was not trained on that centre." if trained else
                "Training centres are not known (set trained_on per model in the study TOML), so within- and "
                "cross-centre cells are not marked."))
     return TableView([Cell(c, "t") for c in cols], rows), note
@@ -190,15 +190,15 @@ def _finding(ctx: ReportContext) -> dict[str, Any]:
         counts = v[~untestable].value_counts()
         rec = dict(zip(keys, key))
         rec["_r"] = int(g["_r"].iloc[0])
-        rec["structures"] = len(g)
-        rec["verdicts"] = " · ".join(f"{k}: {int(n)}" for k, n in counts.items()) + f" (of {int((~untestable).sum())} tested)"
+        rec["verdicts (structures)"] = (" · ".join(f"{k} {int(n)}" for k, n in counts.items())
+                                        + f" of {int((~untestable).sum())} tested")
         if untestable.any():
-            rec["verdicts"] += f"; not testable: {int(untestable.sum())}"
+            rec["verdicts (structures)"] += f"; {int(untestable.sum())} not testable"
         rows.append(rec)
     compact = pd.DataFrame(rows).sort_values(["_r"] + keys[:1], kind="mergesort").drop(columns="_r")
     cols = [c for c in _FINDING_ORDER if c in finding.columns] + [c for c in finding.columns if c not in _FINDING_ORDER]
     full = finding[cols]
-    out.update(compact=table_view(compact, text_cols=[c for c in compact.columns if c != "structures"]),
+    out.update(compact=table_view(compact, text_cols=list(compact.columns)),
                full=table_view(full, csv="finding.csv"), lines=lines, n=len(finding))
     return out
 
@@ -639,7 +639,7 @@ def _montages(ctx: ReportContext) -> dict[str, Any]:
             len(sub) if sub is not None else None)
         worst = float(pd.to_numeric(sub["dsc"], errors="coerce").min()) if sub is not None and "dsc" in sub.columns else math.nan
         models = [m for m in ctx.models if sub is not None and "model" in sub.columns and m in set(sub["model"].astype(str))]
-        blocks.append({"structure": structure, "id": f"g-{_slug(structure)}", "uri": F.png_data_uri(png),
+        blocks.append({"structure": structure, "id": f"g-{_slug(structure)}", "uri": F.png_data_uri(png), "png": png,
                        "tiles": tiles, "rows": len(sub) if sub is not None else None, "worst": worst,
                        "models": models})
     drawn = [b for b in blocks if "uri" in b]
@@ -647,14 +647,18 @@ def _montages(ctx: ReportContext) -> dict[str, Any]:
         # the montage shown open: the structure with the most drawn failures, then the lowest DSC
         top = sorted(drawn, key=lambda b: (-(b["tiles"] or 0), b["worst"] if not math.isnan(b["worst"]) else 2.0))[0]
         n_tiles = f"{top['tiles']} tiles" if top["tiles"] is not None else "tiles"
-        out["figure"] = {"number": ctx.next_figure(), "uri": top["uri"], "structure": top["structure"],
+        head, cut = F.montage_head(top["png"], rows=2)
+        out["figure"] = {"number": ctx.next_figure(), "uri": F.png_data_uri(head), "structure": top["structure"],
                          "caption": f"Failure cases of {top['structure']}, the structure with the most drawn failures "
                          f"({n_tiles}" + (f" of {top['rows']} selected rows" if top["rows"] is not None else "") + "; "
                          + (f"models {', '.join(top['models'])}; " if top["models"] else "")
-                         + "worst DSC " + fmt(top["worst"]) + "). Each tile: the slice with the most disagreement, "
-                         "reference solid blue, prediction dashed orange; title: case, model @ centre, DSC, HD95, "
-                         "reasons.", "id": top["id"]}
-        blocks = [b for b in blocks if b is not top]
+                         + "worst DSC " + fmt(top["worst"]) + ")"
+                         + ("; the first two rows of its montage, in the gallery's order (worst first per rule), the "
+                            "whole montage is in the gallery below" if cut else "")
+                         + ". Each tile: the slice with the most disagreement, reference solid blue, prediction dashed "
+                         "orange; title: case, model @ centre, DSC, HD95, reasons.", "id": "figure-failures"}
+        if not cut:
+            blocks = [b for b in blocks if b is not top]
     out["blocks"] = blocks
     if not names:
         out["empty"] = ("The gallery folder holds no montages." if index is None or len(index) else
