@@ -111,13 +111,21 @@ def _legend(fig: "Figure", models: Sequence[str], centres: Sequence[str], settin
 
 def figure_one(summaries: Mapping[str, pd.DataFrame], structures: Sequence[str], models: Sequence[str],
                centres: Sequence[str], settings: Mapping[tuple[str, str], str]) -> Drawn | None:
+    """Figure 1 rendered (:func:`figure_one_figure`)."""
+    drawn = figure_one_figure(summaries, structures, models, centres, settings)
+    return None if drawn is None else _render(drawn[0], note=drawn[1])
+
+
+def figure_one_figure(summaries: Mapping[str, pd.DataFrame], structures: Sequence[str], models: Sequence[str],
+                      centres: Sequence[str], settings: Mapping[tuple[str, str], str]) -> tuple["Figure", str] | None:
     """Figure 1: per structure, median [Q1–Q3] of DSC and of HD95 for every model on every centre.
 
     One row per structure, one marker per model and centre (colour: model; shape:
     centre; open marker: cross-centre, i.e. the model was not trained there), the line
     spans Q1–Q3. ``summaries`` are :func:`~oarbench.report.data.summary_table` frames.
     More than :data:`FIGURE_ONE_MAX_STRUCTURES` structures: those with the lowest
-    median DSC (the note says so). None when nothing is scored.
+    median DSC (the note says so). Returns the figure and the note for its caption; None
+    when nothing is scored.
     """
     rows = [s for s in structures if s in summaries and len(summaries[s])]
     if not rows:
@@ -206,7 +214,7 @@ def figure_one(summaries: Mapping[str, pd.DataFrame], structures: Sequence[str],
     extra = "; ∞ and values beyond the axis are drawn at its right end (▸)" if clipped else ""
     if low:
         extra += f"; HD95 below {HD95_FLOOR_MM:g} mm (0 included) is drawn at {HD95_FLOOR_MM:g} mm"
-    return _render(fig, note=(note + extra).lstrip("; "))
+    return fig, (note + extra).lstrip("; ")
 
 
 def _box_or_points(ax: Any, data: Sequence[np.ndarray], positions: Sequence[float], colours: Sequence[str],
