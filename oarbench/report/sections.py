@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from oarbench.report import figures as F
+import oarbench.report.figures as F
 from oarbench.report.context import ReportContext, gallery_criteria, inside
 from oarbench.report.data import (
     _KIND_SHORT,
