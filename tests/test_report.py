@@ -576,6 +576,8 @@ def test_one_model_order_everywhere(tmp_path):
     assert secs["headline"].index(">alpha<") < secs["headline"].index(">zeta<")
     acc = secs["accuracy"].split("id='summary'")[1]
     assert acc.index("alpha @ A") < acc.index("zeta @ A")
+    paper = secs["paper"]
+    assert "Letters: a: alpha, b: zeta" in paper and paper.index("alpha on A") < paper.index("zeta on A")
 
 
 def test_key_findings_per_model_and_of_n_tested(tmp_path):

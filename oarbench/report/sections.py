@@ -269,7 +269,9 @@ def section_paper(ctx: ReportContext) -> Section:
     from oarbench.stats.paper import METRIC_LABELS, methods_paragraph, paper_table, paper_table_latex, paper_table_wide
 
     metrics = [m for m in ("dsc", "hd95", "msd") if m in ctx.table.columns]
-    paper = ctx.cached("paper", lambda: paper_table(ctx.table, ctx.stats, metrics=metrics,
+    # rows in the report's model order: the paper tables (and their letters) follow first appearance
+    ranked = ctx.table.iloc[np.argsort(ctx.table["model"].map(ctx.model_rank).to_numpy(), kind="stable")]
+    paper = ctx.cached("paper", lambda: paper_table(ranked, ctx.stats, metrics=metrics,
                                                     trained_on=ctx.options.trained_on))
     data: dict[str, Any] = {"notes": _notes(ctx, "paper"), "family": None, "tables": [], "csv": None,
                             "letters": "", "latex": "", "empty": paper.empty,
