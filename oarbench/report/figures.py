@@ -144,7 +144,7 @@ def figure_one_figure(summaries: Mapping[str, pd.DataFrame], structures: Sequenc
     use_settings = any(settings.values())
     n = len(rows)
     with _rc():
-        fig = _figure(PRINT_WIDTH_IN, 0.27 * n + 1.25)
+        fig = _figure(PRINT_WIDTH_IN, (0.27 if n > 12 else 0.42) * n + 1.25)
         axes = fig.subplots(1, 2 if has_hd else 1, sharey=True, squeeze=False)[0]
         step = 0.8 / max(len(groups), 1)
         offsets = {g: -0.4 + step * (i + 0.5) for i, g in enumerate(groups)}
@@ -158,8 +158,13 @@ def figure_one_figure(summaries: Mapping[str, pd.DataFrame], structures: Sequenc
                 if fin.size:
                     hd_max = max(hd_max, float(fin.max()))
         hd_max = min(b * 10 ** k for k in range(0, 6) for b in (1, 2, 5) if b * 10 ** k >= hd_max / 1.08)
+        # the DSC axis starts at the tenth below the lowest Q1 (0 when anything is poor), so small differences show
+        q1s = np.concatenate([pd.to_numeric(summaries[s]["dsc_q1"], errors="coerce").to_numpy(float)
+                              for s in rows if "dsc_q1" in summaries[s]] or [np.array([0.0])])
+        q1s = q1s[np.isfinite(q1s)]
+        dsc_lo = min(0.8, math.floor(float(q1s.min()) * 10) / 10) if q1s.size else 0.0
         clipped = low = False
-        for ax_i, (col, label, lim) in enumerate((("dsc", "DSC (higher is better)", (0.0, 1.0)),
+        for ax_i, (col, label, lim) in enumerate((("dsc", "DSC (higher is better)", (max(0.0, dsc_lo), 1.0)),
                                                    ("hd95", "HD95, mm, log scale (lower is better)",
                                                     (HD95_FLOOR_MM, max(hd_max, 10.0))))[:len(axes)]):
             ax = axes[ax_i]
@@ -200,7 +205,7 @@ def figure_one_figure(summaries: Mapping[str, pd.DataFrame], structures: Sequenc
                 ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
                 ax.xaxis.set_minor_locator(__import__("matplotlib.ticker", fromlist=["NullLocator"]).NullLocator())
             else:
-                ax.set_xlim(lim[0] - 0.01 * lim[1], lim[1] * 1.01)
+                ax.set_xlim(lim[0] - 0.01 * (lim[1] - lim[0]), lim[1] + 0.01 * (lim[1] - lim[0]))
             ax.set_xlabel(label)
             ax.grid(axis="x", color="#d0d0d0", linewidth=0.6)
             ax.set_axisbelow(True)
