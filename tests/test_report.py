@@ -526,6 +526,14 @@ def test_report_refuses_gallery_index_paths_that_leave_the_gallery(tmp_path):
         assert res.exit_code != 0 and "refused" in res.output and "Traceback" not in res.output
         assert "index.csv" in res.output or "gallery" in res.output
     assert not (tmp_path / "report.html").exists()
+    # a gallery folder that is a link to somewhere else is refused as well
+    shutil.rmtree(tmp_path / "gallery")
+    outside = tmp_path.parent / (tmp_path.name + "-outside")
+    outside.mkdir(exist_ok=True)
+    _secret_png(outside / "Liver.png")
+    (tmp_path / "gallery").symlink_to(outside, target_is_directory=True)
+    res = CliRunner().invoke(main, ["report", str(tmp_path), "--no-box-plots"])
+    assert res.exit_code != 0 and "leads outside the folder" in res.output and "Traceback" not in res.output
 
 
 def test_stale_gallery_and_robustness_are_named_or_refused_with_strict(tmp_path):
