@@ -165,15 +165,15 @@ def _finding(ctx: ReportContext) -> dict[str, Any]:
                       "The models' training centres are not known (trained_on in the study TOML), so the "
                       "within/cross-centre finding is not drawn up.")
         return out
-    if not {"metric", "analysis", "structure", "model", "arm_a", "arm_b"}.issubset(ctx.stats.columns):
-        out["why"] = "The statistics table lacks the columns of oarbench stats; no finding is drawn up from it."
-        return out
     from oarbench.finding import centre_shift_finding, finding_lines
 
     try:
         finding = centre_shift_finding(ctx.stats, {m: tuple(c) for m, c in trained.items()})
         lines = finding_lines(finding)
-    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+    except KeyError as exc:
+        out["why"] = f"The statistics table lacks the column {exc} that the finding needs (run oarbench stats)."
+        return out
+    except (ValueError, TypeError, AttributeError) as exc:
         out["why"] = f"The finding could not be drawn up from the statistics table: {exc}"
         return out
     if finding.empty or "verdict" not in finding.columns:
