@@ -698,3 +698,18 @@ def test_legends_come_before_their_tables_and_notes_sit_with_the_table_they_desc
     counts, detail = stats_part.split("<details>", 1)
     # the note about bold cells with * is inside the details, with the table that has them
     assert "bold with *" not in counts and "bold with *" in detail
+
+
+def test_cli_report_follows_the_prediction_order_of_the_run_record(tmp_path):
+    from oarbench.cli import main
+
+    t = results()
+    t = pd.concat([t[t.model == "m2"], t[t.model == "m1"]], ignore_index=True)  # rows: m2 first
+    t.to_csv(tmp_path / "metrics.csv", index=False)
+    # evaluate --prediction m1/ --prediction m2/: the run record lists m1's jobs first
+    jobs = [{"model": m, "centre": "A", "condition": "original"} for m in ("m1", "m2")]
+    (tmp_path / "run.json").write_text(json.dumps({"command": "evaluate", "jobs": jobs}))
+    res = CliRunner().invoke(main, ["report", str(tmp_path), "--no-box-plots"])
+    assert res.exit_code == 0, res.output
+    head = _sections((tmp_path / "report.html").read_text())["headline"]
+    assert head.index(">m1<") < head.index(">m2<") and "models: m1, m2" in head
