@@ -322,8 +322,8 @@ def stale_inputs(ctx: ReportContext, *, results_path: Path | None = None,
         other = sorted(set(map(str, ctx.robustness["model"].dropna())) - models)
         if other:
             add("robustness", robustness_path, f"The robustness table is about models that are not in the results "
-                f"table: {', '.join(other)}; their rows are compared with the original rows of the robustness table "
-                "itself.")
+                f"table: {', '.join(other)}; their changes are measured against the robustness table's own original "
+                "rows; they are not in the headline, paper or accuracy sections.")
     return notes
 
 

@@ -22,7 +22,6 @@ from oarbench.report.data import (
     _KIND_SHORT,
     _METRICS,
     _ORIGINAL,
-    _SCORED,
     EXPLANATIONS,
     SIGNIFICANCE,
     _flatten,
