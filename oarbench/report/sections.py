@@ -37,7 +37,7 @@ from oarbench.report.data import (
     robustness_deltas,
     stats_counts,
 )
-from oarbench.report.views import Cell, csv_link, figure_view, fmt, table_view, text_columns
+from oarbench.report.views import Cell, TableView, csv_link, figure_view, fmt, table_view, text_columns
 
 __all__ = ["Section", "SECTIONS"]
 
@@ -95,7 +95,6 @@ def _headline_view(ctx: ReportContext) -> tuple[Any, str]:
     trained = ctx.options.trained_on or {}
     cols = ["model"] + (["trained on"] if trained else []) + [f"centre {c}" for c in centres]
     rows = []
-    ns = set()
     for model in ctx.models:
         g = h[h["model"] == model]
         if g.empty:
@@ -109,14 +108,12 @@ def _headline_view(ctx: ReportContext) -> tuple[Any, str]:
             if r is None:
                 row.append(Cell("–", "t"))
                 continue
-            ns.add(int(r.n_cases))
             extra = [f"n={r.n_cases}"]
             if r.n_missed or r.n_hallucinated:
                 extra.append(f"{r.n_missed} missed, {r.n_hallucinated} halluc.")
             row.append(Cell(_iqr(r.dsc_median, r.dsc_q1, r.dsc_q3) + (f" {r.setting}" if r.setting else ""), "t",
                             " · ".join(extra)))
         rows.append(row)
-    from oarbench.report.views import TableView
 
     note = ("Per case, the mean DSC over its structures (missed and hallucinated count as 0); each cell: median "
             "[Q1–Q3] over the centre's n test cases. "
