@@ -713,3 +713,17 @@ def test_cli_report_follows_the_prediction_order_of_the_run_record(tmp_path):
     assert res.exit_code == 0, res.output
     head = _sections((tmp_path / "report.html").read_text())["headline"]
     assert head.index(">m1<") < head.index(">m2<") and "models: m1, m2" in head
+
+
+def test_figure_one_of_many_structures_shows_the_worst_and_says_so():
+    from oarbench.report.data import _summaries
+    from oarbench.report.figures import FIGURE_ONE_MAX_STRUCTURES, figure_one_figure
+
+    names = [f"S{k:02d}" for k in range(30)]
+    # structure k has DSC 0.5 + k / 100: the lowest medians are S00..S24
+    rows = [_row(f"c{i}", "ok", 0.5 + k / 100, 3.0, 1.0, structure=s, label=k + 1)
+            for k, s in enumerate(names) for i in range(3)]
+    fig, note = figure_one_figure(_summaries(pd.DataFrame(rows)), names, ["m1"], ["A"], {})
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == names[:FIGURE_ONE_MAX_STRUCTURES]
+    assert f"the {FIGURE_ONE_MAX_STRUCTURES} of 30 structures with the lowest median DSC" in note
