@@ -341,6 +341,7 @@ def test_report_failure_section_uses_stated_thresholds_and_says_no_failures(tmp_
     fail = _sections(build_report(tmp_path, bad, box_plots=False, options=opts).read_text())["failures"]
     # DSC .65 is not below .6; HD95 12 is above 11: one failing row, for one reason only
     assert "No failures" not in fail and "1 failing rows in 1 structures" in fail
+    assert "the counts and the table below have every failing row" in fail  # the k limit is the gallery's
     assert "DSC &lt; 0.6" in fail and "high_hd95" in fail and "low_dsc" not in fail.split("All failing rows")[0]
 
 

@@ -675,6 +675,8 @@ def section_failures(ctx: ReportContext) -> Section:
     allrows = ctx.all_conditions()
     selected = ctx.failures()
     data: dict[str, Any] = {"notes": _notes(ctx, "failures"), "rules": crit.describe(), "rules_note": "",
+                            "k_note": "The limit of rows per rule applies to the gallery's montages; the counts and the "
+                                      "table below have every failing row." if crit.k is not None else "",
                             "n_failing": len(selected), "counts": None, "rows": None}
     if ctx.options.criteria is None and ctx.gallery_dir is not None and gallery_criteria(ctx.gallery_dir) is not None:
         data["rules_note"] = "These are the rules the gallery was drawn with (gallery/selection.json)."
