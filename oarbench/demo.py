@@ -567,11 +567,11 @@ def run_demo(
         absent_pairs=absent.pairs,
         robustness=robustness,
         noise_floor=results / "noise_floor.csv" if (robustness is not None and (results / "noise_floor.csv").is_file()) else None,
-        options=ReportOptions(criteria=criteria, trained_on={m.name: m.trained_on for m in study.models if m.trained_on}),
+        options=ReportOptions(criteria=criteria, trained_on={m.name: m.trained_on for m in study.models if m.trained_on},
+                              models=[m.name for m in study.models]),
         gallery_dir=results / "gallery",
         provenance={**provenance, "demo_step_seconds": timings},
         title="oarbench demo: synthetic two-centre paediatric study",
-        notes=notes,
     )
     done()
     return outputs

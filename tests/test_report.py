@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 from html.parser import HTMLParser
 
 import numpy as np
@@ -130,8 +131,10 @@ def test_report_is_self_contained_marks_significance_and_escapes(tmp_path):
     text = path.read_text()
     tags = _parse(text).tags
     imgs = [a for t, a in tags if t == "img"]
-    # 2 structures x 1 box-plot figure + 1 gallery montage
-    assert len(imgs) == 3
+    # Figure 1, the per-case figure, the robustness figure (flip_lr rows) and the gallery montage; no per-structure
+    # box plots: no model/centre group has MIN_BOX_N ok rows
+    assert len(imgs) == 4
+    assert [a["alt"] for a in imgs if "box plots" in a["alt"]] == []
     for a in imgs:
         assert a["src"].startswith("data:image/png;base64,")
         assert base64.b64decode(a["src"].split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
@@ -143,7 +146,7 @@ def test_report_is_self_contained_marks_significance_and_escapes(tmp_path):
             if key in a:
                 assert not a[key].startswith(("http:", "https:", "//")), a[key]
     # the model name with markup appears escaped, as text, never as markup
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in text
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in text
     assert "&lt;b&gt;FP&lt;/b&gt;" in text and "<b>FP</b>" not in text
     # exactly one significant p_adjusted cell, marked
     sig = [a for t, a in tags if t == "td" and "sig" in a.get("class", "").split()]
@@ -168,7 +171,11 @@ def test_report_says_what_is_missing(tmp_path):
     assert "No gallery folder was given" in text
     assert "No run record was given" in text
     assert "not found: stats.csv" in text
-    assert "<img" not in text
+    # without box plots only the summary figures are drawn: Figure 1 and the per-case figure (flip_lr rows: and
+    # the robustness figure)
+    alts = [a["alt"] for t, a in _parse(text).tags if t == "img"]
+    assert alts and not [a for a in alts if a.startswith("box plots")]
+    assert any(a.startswith("Figure 1") for a in alts)
 
 
 def test_report_bad_inputs_raise(tmp_path):
@@ -334,6 +341,7 @@ def test_report_failure_section_uses_stated_thresholds_and_says_no_failures(tmp_
     fail = _sections(build_report(tmp_path, bad, box_plots=False, options=opts).read_text())["failures"]
     # DSC .65 is not below .6; HD95 12 is above 11: one failing row, for one reason only
     assert "No failures" not in fail and "1 failing rows in 1 structures" in fail
+    assert "the counts and the table below have every failing row" in fail  # the k limit is the gallery's
     assert "DSC &lt; 0.6" in fail and "high_hd95" in fail and "low_dsc" not in fail.split("All failing rows")[0]
 
 
@@ -467,3 +475,256 @@ def test_structures_absent_everywhere_are_named_once_not_given_sections(tmp_path
     assert "id='s-Liver'" in text and "id='s-Kidney_L'" in text and "id='s-Spleen'" not in text
     assert "1 structures of the label map are absent from every reference and prediction" in text
     assert "not listed: Spleen." in text
+
+
+# --------------------------------------------------------------------------- paths, stale inputs, order, figures
+
+
+def test_inside_refuses_parent_parts_absolute_paths_and_links_out(tmp_path):
+    from oarbench.report import inside
+
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    (folder / "Liver.png").write_bytes(b"x")
+    assert inside(folder, "Liver.png", "montage") == (folder / "Liver.png").resolve()
+    for bad in ("../secret.png", "../../elsewhere/secret.png", "a/../../secret.png", "/etc/passwd",
+                str(tmp_path / "secret.png"), "C:\\\\Windows\\\\x.png", "..\\\\secret.png", ""):
+        with pytest.raises(ValueError, match="refused"):
+            inside(folder, bad, "montage")
+    (tmp_path / "secret.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (folder / "link.png").symlink_to(tmp_path / "secret.png")
+    with pytest.raises(ValueError, match="leads outside the folder"):
+        inside(folder, "link.png", "montage")
+
+
+def _secret_png(path):
+    from oarbench.plots import save_png
+    from oarbench.report.figures import _figure
+
+    fig = _figure(1, 1)
+    fig.text(0.5, 0.5, "secret")
+    return save_png(fig, path)
+
+
+def test_report_refuses_gallery_index_paths_that_leave_the_gallery(tmp_path):
+    """A results folder from elsewhere cannot make the report embed a PNG from anywhere on the machine."""
+    from oarbench.cli import main
+
+    secret = _secret_png(tmp_path / "elsewhere" / "secret.png")
+    results().to_csv(tmp_path / "metrics.csv", index=False)
+    import shutil
+
+    for name in ("../elsewhere/secret.png", str(secret)):
+        gallery = tmp_path / "gallery"
+        shutil.rmtree(gallery, ignore_errors=True)
+        _gallery(gallery)
+        index = pd.read_csv(gallery / "index.csv")
+        index["montage"] = name
+        index.to_csv(gallery / "index.csv", index=False)
+        with pytest.raises(ValueError, match="refused"):
+            build_report(tmp_path / "out", results(), gallery_dir=gallery, box_plots=False)
+        res = CliRunner().invoke(main, ["report", str(tmp_path), "--no-box-plots"])
+        assert res.exit_code != 0 and "refused" in res.output and "Traceback" not in res.output
+        assert "index.csv" in res.output or "gallery" in res.output
+    assert not (tmp_path / "report.html").exists()
+    # a gallery folder that is a link to somewhere else is refused as well
+    shutil.rmtree(tmp_path / "gallery")
+    outside = tmp_path.parent / (tmp_path.name + "-outside")
+    outside.mkdir(exist_ok=True)
+    _secret_png(outside / "Liver.png")
+    (tmp_path / "gallery").symlink_to(outside, target_is_directory=True)
+    res = CliRunner().invoke(main, ["report", str(tmp_path), "--no-box-plots"])
+    assert res.exit_code != 0 and "leads outside the folder" in res.output and "Traceback" not in res.output
+
+
+def test_stale_gallery_and_robustness_are_named_or_refused_with_strict(tmp_path):
+    import os
+
+    from oarbench.cli import main
+
+    _gallery(tmp_path / "gallery")
+    index = pd.read_csv(tmp_path / "gallery" / "index.csv")
+    index.loc[0, "model"] = "retired-model"
+    index.to_csv(tmp_path / "gallery" / "index.csv", index=False)
+    rob = results()
+    rob.loc[rob.model == "m2", "model"] = "other-model"
+    rob.to_csv(tmp_path / "robustness.csv", index=False)
+    results().to_csv(tmp_path / "metrics.csv", index=False)
+    old = (tmp_path / "metrics.csv").stat().st_mtime - 3600
+    for f in (tmp_path / "gallery" / "index.csv", tmp_path / "robustness.csv"):
+        os.utime(f, (old, old))
+    res = CliRunner().invoke(main, ["report", str(tmp_path), "--no-box-plots"])
+    assert res.exit_code == 0, res.output
+    secs = _sections((tmp_path / "report.html").read_text())
+    assert "The gallery was drawn before metrics.csv was last written" in secs["failures"]
+    assert "models that are not in the results table: retired-model" in secs["failures"]
+    # m1 fails the rules (a missed Liver) but the gallery has no montage of it
+    assert "The gallery has no montages of m1" in secs["failures"]
+    assert "The robustness table was written before metrics.csv" in secs["robustness"]
+    assert "about models that are not in the results table: other-model" in secs["robustness"]
+    res = CliRunner().invoke(main, ["report", str(tmp_path), "--no-box-plots", "--strict"])
+    assert res.exit_code != 0 and "--strict" in res.output and "Traceback" not in res.output
+    # fresh inputs about the same models: no note
+    index["model"] = "m1"
+    index.to_csv(tmp_path / "gallery" / "index.csv", index=False)
+    results().to_csv(tmp_path / "robustness.csv", index=False)
+    res = CliRunner().invoke(main, ["report", str(tmp_path), "--no-box-plots", "--strict"])
+    assert res.exit_code == 0, res.output
+    assert "class='input-note'" not in (tmp_path / "report.html").read_text()
+
+
+def test_one_model_order_everywhere(tmp_path):
+    rows = [_row(f"c{i}", "ok", 0.9, 3.0, 1.0, model=m) for m in ("zeta", "alpha") for i in range(3)]
+    table = pd.DataFrame(rows)
+    text = build_report(tmp_path, table, box_plots=False).read_text()
+    head = _sections(text)["headline"]
+    # first appearance (the order of evaluation) when no order is given, not alphabetical
+    assert head.index(">zeta<") < head.index(">alpha<") and "models: zeta, alpha" in head
+    text = build_report(tmp_path, table, box_plots=False, options=ReportOptions(models=["alpha", "zeta"])).read_text()
+    secs = _sections(text)
+    assert secs["headline"].index(">alpha<") < secs["headline"].index(">zeta<")
+    acc = secs["accuracy"].split("id='summary'")[1]
+    assert acc.index("alpha @ A") < acc.index("zeta @ A")
+    paper = secs["paper"]
+    assert "Letters: a: alpha, b: zeta" in paper and paper.index("alpha on A") < paper.index("zeta on A")
+
+
+def test_key_findings_per_model_and_of_n_tested(tmp_path):
+    # two models, ten cases: m1 Pancreas DSC 0.81, m2 0.0 (missed); pooled the median would be 0.405
+    rows = []
+    for i in range(10):
+        rows.append(_row(f"c{i}", "ok", 0.81, 3.0, 1.0, structure="Pancreas", label=2))
+        rows.append(_row(f"c{i}", "missed", 0.0, inf, inf, model="m2", structure="Pancreas", label=2))
+        for m in ("m1", "m2"):
+            rows.append(_row(f"c{i}", "ok", 0.95, 2.0, 0.5, model=m))
+    stats = pd.DataFrame([dict(analysis="paired", comparison="m1 vs m2", centre="A", structure=f"S{k}", metric="dsc",
+                               arm_a="m1", arm_b="m2",
+                               verdict="significant (m1 better)" if k < 12 else ("n.s." if k < 16 else "not testable"),
+                               p_adjusted=0.01 if k < 12 else (0.5 if k < 16 else nan)) for k in range(18)])
+    text = build_report(tmp_path, pd.DataFrame(rows), stats=stats, box_plots=False).read_text()
+    head = _sections(text)["headline"]
+    assert "m1: lowest median DSC Pancreas 0.810 (n=10)" in head
+    assert "m2: lowest median DSC Pancreas 0.000 (n=10)" in head
+    assert "0.405" not in head
+    # 18 comparisons, 2 not testable: 12 of 16 tested
+    assert "m1 better: 12 of 16 tested" in head and "2 not testable" in head
+
+
+def test_finding_table_is_rendered_from_whatever_columns_it_has(tmp_path, monkeypatch):
+    import oarbench.finding as finding_mod
+
+    table = pd.DataFrame([_row(f"c{i}", "ok", 0.9, 3.0, 1.0, model=m, centre=c)
+                          for m in ("local-A", "fl") for c in ("A", "B") for i in range(3)])
+    stats = pd.DataFrame([dict(analysis="paired", comparison="fl vs local-A", centre="A", structure="Liver",
+                               metric="dsc", model="", arm_a="fl", arm_b="local-A", verdict="n.s.", p_adjusted=0.4)])
+    fake = pd.DataFrame([
+        dict(question="federated vs local", model="fl", reference="local-A", centre="A", other="A", structure=s,
+             metric="dsc", estimate=0.01, ci_low=-0.02, ci_high=0.03, margin=0.02, p_adjusted=0.4,
+             test="Wilcoxon", design="paired", verdict=v)
+        for s, v in (("Liver", "holds"), ("Spleen", "holds"), ("Heart", "not testable"), ("Bowel", "lower"))])
+    monkeypatch.setattr(finding_mod, "centre_shift_finding", lambda *a, **k: fake)
+    monkeypatch.setattr(finding_mod, "finding_lines", lambda f: ["fl holds against local-A on A."])
+    text = build_report(tmp_path, table, stats=stats, box_plots=False,
+                        options=ReportOptions(trained_on={"local-A": ["A"], "fl": ["A", "B"]})).read_text()
+    head = _sections(text)["headline"]
+    compact = head.split("<h3>Findings</h3>")[1].split("</table>")[0]
+    assert "holds 2 · lower 1 of 3 tested; 1 not testable" in compact
+    full = head.split("The finding per structure")[1]
+    for col in ("estimate", "ci_low", "ci_high", "margin", "design"):
+        assert f">{col}<" in full, col
+    assert "fl holds against local-A on A." in head
+
+
+def test_section_notes_are_shown_at_the_top_of_their_section(tmp_path):
+    text = build_report(tmp_path, results(), box_plots=False,
+                        section_notes={"accuracy": ["2 cases: the prediction equals the reference <exactly>."]}).read_text()
+    acc = _sections(text)["accuracy"]
+    assert "2 cases: the prediction equals the reference &lt;exactly&gt;." in acc.split("<figure")[0]
+    assert "prediction equals the reference" not in _sections(text)["headline"]
+
+
+def test_figure_one_is_readable_at_print_size_in_colour_blind_safe_colours():
+    from matplotlib.text import Text
+
+    from oarbench.report.data import _summaries
+    from oarbench.report.figures import MIN_FONT_PT, OKABE_ITO, PRINT_WIDTH_IN, figure_one_figure
+
+    rows = [_row(f"c{i}", "ok", 0.9 - 0.01 * i, 3.0 + i, 1.0, model=m, centre=c, structure=s, label=k)
+            for m in ("local-A", "local-B", "fl") for c in ("A", "B") for i in range(5)
+            for k, s in enumerate(("Liver", "Spleen", "Kidney_L"), 1)]
+    summ = _summaries(pd.DataFrame(rows))
+    fig, _note = figure_one_figure(summ, ["Liver", "Spleen", "Kidney_L"], ["local-A", "local-B", "fl"], ["A", "B"],
+                                   {("local-A", "B"): "cross"})
+    assert fig.get_size_inches()[0] <= PRINT_WIDTH_IN + 1e-9
+    fig.canvas.draw()
+    texts = [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    assert texts and min(t.get_fontsize() for t in texts) >= MIN_FONT_PT
+    from matplotlib.colors import to_hex
+
+    colours = {to_hex(line.get_color()) for ax in fig.axes for line in ax.get_lines() if line.get_xdata().size}
+    assert colours and colours <= {c.lower() for c in OKABE_ITO}
+    # the page shows it at its print width (style width in inches)
+    text = build_report_html(pd.DataFrame(rows))
+    assert re.search(r"id='figure-1'><img [^>]*style=\"width:7\.3\din\"", text)
+
+
+def build_report_html(table):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        return build_report(d, table, box_plots=False).read_text()
+
+
+def test_box_plots_only_where_n_allows(tmp_path):
+    from oarbench.report import MIN_BOX_N
+
+    rows = [_row(f"c{i}", "ok", 0.9, 3.0, 1.0) for i in range(MIN_BOX_N)]
+    rows += [_row("c0", "ok", 0.8, 3.0, 1.0, structure="Spleen", label=2)]
+    text = build_report(tmp_path, pd.DataFrame(rows)).read_text()
+    alts = [a["alt"] for t, a in _parse(text).tags if t == "img"]
+    assert "box plots of Liver" in alts and "box plots of Spleen" not in alts
+    spleen = text.split("id='s-Spleen'")[1].split("</details>")[0]
+    assert f"fewer than {MIN_BOX_N} ok rows" in spleen
+
+
+def test_legends_come_before_their_tables_and_notes_sit_with_the_table_they_describe(tmp_path):
+    import oarbench.stats as stats_mod
+
+    rows = [_row(f"c{i}", "ok", 0.9 - 0.01 * i, 3.0, 1.0, model=m) for m in ("m1", "m2") for i in range(8)]
+    table = pd.DataFrame(rows)
+    text = build_report(tmp_path, table, stats=stats_mod.run_stats(table), box_plots=False).read_text()
+    paper = _sections(text)["paper"]
+    assert paper.index("Letters: a: m1, b: m2") < paper.index("<table")
+    stats_part = _sections(text)["accuracy"].split("id='stats'")[1]
+    counts, detail = stats_part.split("<details>", 1)
+    # the note about bold cells with * is inside the details, with the table that has them
+    assert "bold with *" not in counts and "bold with *" in detail
+
+
+def test_cli_report_follows_the_prediction_order_of_the_run_record(tmp_path):
+    from oarbench.cli import main
+
+    t = results()
+    t = pd.concat([t[t.model == "m2"], t[t.model == "m1"]], ignore_index=True)  # rows: m2 first
+    t.to_csv(tmp_path / "metrics.csv", index=False)
+    # evaluate --prediction m1/ --prediction m2/: the run record lists m1's jobs first
+    jobs = [{"model": m, "centre": "A", "condition": "original"} for m in ("m1", "m2")]
+    (tmp_path / "run.json").write_text(json.dumps({"command": "evaluate", "jobs": jobs}))
+    res = CliRunner().invoke(main, ["report", str(tmp_path), "--no-box-plots"])
+    assert res.exit_code == 0, res.output
+    head = _sections((tmp_path / "report.html").read_text())["headline"]
+    assert head.index(">m1<") < head.index(">m2<") and "models: m1, m2" in head
+
+
+def test_figure_one_of_many_structures_shows_the_worst_and_says_so():
+    from oarbench.report.data import _summaries
+    from oarbench.report.figures import FIGURE_ONE_MAX_STRUCTURES, figure_one_figure
+
+    names = [f"S{k:02d}" for k in range(30)]
+    # structure k has DSC 0.5 + k / 100: the lowest medians are S00..S24
+    rows = [_row(f"c{i}", "ok", 0.5 + k / 100, 3.0, 1.0, structure=s, label=k + 1)
+            for k, s in enumerate(names) for i in range(3)]
+    fig, note = figure_one_figure(_summaries(pd.DataFrame(rows)), names, ["m1"], ["A"], {})
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == names[:FIGURE_ONE_MAX_STRUCTURES]
+    assert f"the {FIGURE_ONE_MAX_STRUCTURES} of 30 structures with the lowest median DSC" in note

@@ -13,13 +13,18 @@ Three runs of chromium:
 3. a negative control: the same copy plus a broken image and a console error,
    proving that both checks do detect failures.
 
-Layout checks at a 1,400 px wide window, with a probe script that measures the
-page after ``load`` (every ``<details>`` closed, as the report opens): the page
-height of a report of the demo study (a reduced demo run) stays below 15,000 px,
-no table is wider than the layout (its right edge within the body's, and no
-table container that has to scroll), and a report of a plain reference/prediction
-folder pair evaluated in folder mode has one section per structure. A negative
-control (an over-wide table appended to a copy) proves the width check fires.
+Checks of one report of the demo study (a reduced demo run, built once per module):
+at a 1,400 px wide window, with a probe script that measures the page after
+``load`` (every ``<details>`` closed, as the report opens), the page height stays
+below 15,000 px and no table is wider than the layout (its right edge within the
+body's, and no table container that has to scroll); at 1,400 x 900 the headline
+table and the whole of Figure 1 are on the first screen; printed to PDF (A4) it
+has a bounded page count and every figure lies on one page (an image cut by a page
+break is drawn on each page it spans, so it is named by more than one page of the
+PDF); every image loads. Each check has a negative control (an over-wide table, a
+page pushed down, an image taller than a page). A report of a plain
+reference/prediction folder pair evaluated in folder mode has one section per
+structure.
 
 Skipped (with the reason) where no chromium is installed: ``apt-get install chromium``.
 """
@@ -106,7 +111,7 @@ def test_report_opens_in_headless_chromium(tmp_path):
     report = _report(tmp_path)
     text = report.read_text()
     n_img = text.count("<img ")
-    assert n_img == 2  # one box-plot figure + one montage
+    assert n_img == 4  # Figure 1, the per-case figure, the Liver box plots (6 ok rows per group) and the montage
 
     # 1. the report as written: screenshot, no console messages
     shot = tmp_path / "shot.png"
@@ -162,14 +167,26 @@ def _layout(html_path: Path, profile: Path, width: int = 1400) -> dict[str, int]
     return {k: int(v) for k, v in (kv.split("=") for kv in match.group(1).split())}
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(_CHROMIUM is None, reason="no chromium/google-chrome on PATH (apt-get install chromium)")
-def test_demo_report_is_short_and_no_table_is_wider_than_the_layout(tmp_path):
+_NEEDS_CHROMIUM = pytest.mark.skipif(_CHROMIUM is None, reason="no chromium/google-chrome on PATH (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory) -> Path:
+    """One report of a reduced demo run (3 test cases per centre), shared by the tests of this module."""
+    if _CHROMIUM is None:
+        pytest.skip("no chromium/google-chrome on PATH (apt-get install chromium)")
     from oarbench.demo import run_demo
     from tests.test_demo import _small_config
 
-    outputs = run_demo(tmp_path / "demo", config=_small_config(tmp_path, 3), workers=1, log=lambda _m: None)
-    report = outputs["report"]
+    tmp = tmp_path_factory.mktemp("demo-report")
+    outputs = run_demo(tmp / "demo", config=_small_config(tmp, 3), workers=1, log=lambda _m: None)
+    return outputs["report"]
+
+
+@pytest.mark.slow
+@_NEEDS_CHROMIUM
+def test_demo_report_is_short_and_no_table_is_wider_than_the_layout(demo_report, tmp_path):
+    report = demo_report
     got = _layout(report, tmp_path / "profile-demo")
     assert got["open"] == 0 and got["tables"] >= 10
     assert got["structures"] == 19  # one closed section per structure of the 19-OAR map
@@ -180,6 +197,108 @@ def test_demo_report_is_short_and_no_table_is_wider_than_the_layout(tmp_path):
     cells = "".join(f"<td>{'x' * 30}{i}</td>" for i in range(60))
     wide.write_text(report.read_text().replace("</body>", f"<table style='white-space:nowrap'><tr>{cells}</tr></table></body>"))
     assert _layout(wide, tmp_path / "profile-wide")["wide"] >= 1
+
+
+_FIRST_SCREEN_PROBE = (
+    "<script>window.addEventListener('load', function () {"
+    " function bottom(el) { return el ? Math.round(el.getBoundingClientRect().bottom) : -1; }"
+    " var head = document.querySelector('#headline table'), fig = document.getElementById('figure-1');"
+    " var img = fig ? fig.querySelector('img') : null;"
+    " document.title = 'first headline=' + bottom(head) + ' figure=' + bottom(fig)"
+    "  + ' figtop=' + (fig ? Math.round(fig.getBoundingClientRect().top) : -1)"
+    "  + ' loaded=' + (img && img.complete && img.naturalWidth > 0 ? 1 : 0)"
+    "  + ' viewport=' + window.innerHeight; });</script>"
+)
+
+
+def _first_screen(html_path: Path, profile: Path) -> dict[str, int]:
+    probed = html_path.with_name(html_path.stem + "-first.html")
+    probed.write_text(html_path.read_text().replace("</body>", _FIRST_SCREEN_PROBE + "</body>"))
+    res = _chromium(["--window-size=1400,900", "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
+                    profile, timeout=120.0)
+    match = re.search(r"<title>first ([^<]*)</title>", res.stdout)
+    assert match, f"first-screen probe did not run; chromium rc={res.returncode}, stderr tail: {res.stderr[-800:]}"
+    return {k: int(v) for k, v in (kv.split("=") for kv in match.group(1).split())}
+
+
+@pytest.mark.slow
+@_NEEDS_CHROMIUM
+def test_demo_first_screen_shows_the_headline_and_figure_one(demo_report, tmp_path):
+    """At 1,400 x 900 (no scrolling) the headline table and the whole of Figure 1, caption included, are on screen."""
+    got = _first_screen(demo_report, tmp_path / "profile-first")
+    assert got["loaded"] == 1, got
+    assert 0 < got["headline"] <= 900 and 0 < got["figure"] <= 900, got
+    # negative control: the same page with 600 px of text above the headline fails the check
+    pushed = tmp_path / "pushed.html"
+    pushed.write_text(demo_report.read_text().replace("<section id='headline'>",
+                                                      "<div style='height:600px'>x</div><section id='headline'>", 1))
+    got = _first_screen(pushed, tmp_path / "profile-pushed")
+    assert got["figure"] > 900, got
+
+
+def _pdf_pages_and_images(pdf: bytes) -> tuple[list[bytes], dict[int, int]]:
+    """The page objects of a (Skia) PDF and, per image XObject, on how many pages it is drawn.
+
+    An image cut by a page break is drawn (clipped) on each page it spans, so it is named in the
+    resources of more than one page.
+    """
+    objs = {int(m.group(1)): m.group(2) for m in re.finditer(rb"(\d+) 0 obj(.*?)endobj", pdf, re.S)}
+    images = {n for n, body in objs.items() if re.search(rb"/Subtype\s*/Image", body)}
+    pages = [body for body in objs.values() if re.search(rb"/Type\s*/Page\b(?!s)", body)]
+    count = {i: 0 for i in images}
+    for body in pages:
+        m = re.search(rb"/XObject\s*<<(.*?)>>", body, re.S)
+        for ref in {int(r) for r in re.findall(rb"(\d+) 0 R", m.group(1))} if m else set():
+            if ref in count:
+                count[ref] += 1
+    return pages, count
+
+
+def _print_pdf(html_path: Path, profile: Path) -> bytes:
+    pdf = html_path.with_suffix(".pdf")
+    res = _chromium(["--no-pdf-header-footer", f"--print-to-pdf={pdf}", html_path.as_uri()], profile, timeout=120.0)
+    assert pdf.is_file(), f"no PDF; chromium rc={res.returncode}, stderr tail: {res.stderr[-800:]}"
+    return pdf.read_bytes()
+
+
+@pytest.mark.slow
+@_NEEDS_CHROMIUM
+def test_demo_report_prints_to_a4_with_no_figure_cut(demo_report, tmp_path):
+    import base64
+    import io
+
+    from matplotlib.image import imsave
+
+    text = demo_report.read_text()
+    pages, images = _pdf_pages_and_images(_print_pdf(demo_report, tmp_path / "profile-pdf"))
+    # A4 portrait: 210 x 297 mm = 595.3 x 841.9 pt (@page size A4; chromium rounds to its pixel grid)
+    for page in pages:
+        box = re.search(rb"/MediaBox\s*\[0 0 ([\d.]+) ([\d.]+)\]", page)
+        assert box and abs(float(box.group(1)) - 595.28) < 1 and abs(float(box.group(2)) - 841.89) < 1, page[:300]
+    assert 3 <= len(pages) <= 40, len(pages)
+    # every figure shown open is printed, each on one page only (figures are not split: @media print)
+    n_figures = text.count("<figure ")
+    assert n_figures >= 3 and len(images) >= n_figures, (n_figures, images)
+    assert all(n == 1 for n in images.values()), images
+    # negative control: an image taller than a page, outside any figure, is cut, and the check sees it
+    buf = io.BytesIO()
+    imsave(buf, np.random.default_rng(0).random((400, 100)), format="png")
+    tall = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    bad = tmp_path / "tall.html"
+    bad.write_text(text.replace("</body>", f"<img src='{tall}' style='height:600mm;width:50mm' alt='tall'></body>"))
+    _, images = _pdf_pages_and_images(_print_pdf(bad, tmp_path / "profile-pdf-bad"))
+    assert max(images.values()) > 1, images
+
+
+@pytest.mark.slow
+@_NEEDS_CHROMIUM
+def test_demo_report_every_image_loads(demo_report, tmp_path):
+    text = demo_report.read_text()
+    probed = tmp_path / "probe.html"
+    probed.write_text(text.replace("</body>", _PROBE + "</body>"))
+    images, broken, res = _probe(probed, tmp_path / "profile-images")
+    assert images == text.count("<img ") and images >= 4 and broken == 0
+    assert _console_lines(res.stderr) == []
 
 
 def _write_label(path: Path, array: np.ndarray) -> None:

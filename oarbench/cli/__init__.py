@@ -55,5 +55,9 @@ class _LazyGroup(click.Group):
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="oarbench")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Benchmark CT organ-at-risk auto-contouring models (local vs federated)."""
+    from oarbench.cli._common import one_line_warnings
+
+    ctx.with_resource(one_line_warnings())

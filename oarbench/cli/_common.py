@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, Callable, TypeVar
+import warnings
+from typing import Any, Callable, Iterator, TypeVar
 
 import click
 
@@ -16,6 +18,25 @@ def _os_message(exc: OSError) -> str:
         where = exc.filename if exc.filename is not None else ""
         return f"{where}: {exc.strerror}" if where else exc.strerror
     return str(exc)
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Show Python warnings as one clean line on stderr (``warning: MESSAGE``).
+
+    Python's default shows the file and source line that raised the warning, which
+    means nothing to a user of the command line; the previous handler is restored on exit.
+    """
+    previous = warnings.showwarning
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        click.echo(f"warning: {message}", err=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def user_errors(func: F) -> F:

@@ -32,7 +32,7 @@ def phantoms(out_dir: Path, seed: int | None, config_path: Path | None, cases_pe
 
     config = load_demo_config(config_path).with_overrides(seed=seed, cases_per_centre=cases_per_centre)
     if fmt == "dicom":
-        _dicom(out_dir, config, force)
+        _dicom(out_dir, config, force, progress=not no_progress)
         return
     from oarbench.progress import progress_bar
 
@@ -60,7 +60,9 @@ def phantoms(out_dir: Path, seed: int | None, config_path: Path | None, cases_pe
     click.echo(f"  study file: {paths.study_toml}")
 
 
-def _dicom(out_dir: Path, config, force: bool) -> None:
+def _dicom(out_dir: Path, config, force: bool, progress: bool = True) -> None:
+    from oarbench.progress import progress_bar
+
     try:
         from oarbench.dicom.phantoms import generate_dicom_study
     except ImportError as exc:
@@ -68,10 +70,18 @@ def _dicom(out_dir: Path, config, force: bool) -> None:
     manifest = out_dir / "dicom_manifest.csv"
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise click.ClickException(f"{out_dir}: not empty; use --force to write the DICOM study into it anyway")
-    try:
-        path = generate_dicom_study(out_dir, config)
-    except ImportError as exc:
-        raise click.ClickException(str(exc)) from exc
+    ph = config.phantoms
+    total = len(ph.centres) * (ph.train_cases_per_centre + ph.test_cases_per_centre)
+    # minutes of work: a bar on a terminal, a line every few percent in a log
+    with progress_bar(total, desc="phantoms (dicom)", unit="patients", enabled=progress, lines=True) as bar:
+        def step(message: str) -> None:
+            bar.set_postfix_str(message)
+            bar.update(1)
+
+        try:
+            path = generate_dicom_study(out_dir, config, progress=step)
+        except ImportError as exc:
+            raise click.ClickException(str(exc)) from exc
     n = sum(1 for _ in open(path, encoding="utf-8")) - 1
     click.echo(f"wrote {n} synthetic patients (seed {config.phantoms.seed}) as DICOM CT + RTSTRUCT to {out_dir} "
                f"({manifest.name} lists them)")

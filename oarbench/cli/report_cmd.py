@@ -106,7 +106,7 @@ def gallery(results: Path, study: Path | None, images: str | None, reference: st
 @click.command()
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), help="HTML file to write (default FOLDER/report.html).")
-@click.option("--no-box-plots", is_flag=True, help="Leave out the box plots (faster).")
+@click.option("--no-box-plots", is_flag=True, help="Leave out the per-structure box plots (faster).")
 @click.option("--dsc-below", default=None, callback=_off_or_float,
               help="Failure rule: DSC below this ('off' to turn off) [default: the gallery's rules, else 0.7].")
 @click.option("--hd95-above", default=None, callback=_off_or_float,
@@ -118,21 +118,26 @@ def gallery(results: Path, study: Path | None, images: str | None, reference: st
 @click.option("--small-reference-voxels", default=10, show_default=True, type=click.IntRange(min=0),
               help="Flag reference structures of at most this many voxels (0: off).")
 @click.option("--fp-thresholds", default=None, help="Volume thresholds (mL) of the false-positive kidney rates, e.g. 0,0.5,1,5.")
+@click.option("--strict", is_flag=True,
+              help="Refuse a gallery or robustness table older than the results table or about other models "
+                   "(default: build the report and say so on the page).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @user_errors
 def report(folder: Path, out_file: Path | None, no_box_plots: bool, dsc_below: float | None, hd95_above: float | None,
            drop_above: float | None, high_dsc: float, small_reference_voxels: int, fp_thresholds: str | None,
-           no_progress: bool) -> None:
+           strict: bool, no_progress: bool) -> None:
     """Build one self-contained HTML report from an analysis FOLDER.
 
     Reads FOLDER/metrics.csv (or, without it, FOLDER/metrics.parquet) and,
     where present, stats.csv, robustness.csv, noise_floor.csv, absent.csv,
     absent_pairs.csv, gallery/ and run.json (whose study TOML, when it still
-    exists, tells which centres each model was trained on).
+    exists, tells which centres each model was trained on and the model order).
+    Every input must lie inside FOLDER (links leading out of it are refused).
     """
     from dataclasses import replace
 
-    from oarbench.report import ReportOptions, build_report
+    from oarbench.report import ReportOptions, build_report, inside
+    from oarbench.report.context import run_record_facts
 
     metrics = folder / "metrics.csv"
     if not metrics.is_file():
@@ -140,23 +145,24 @@ def report(folder: Path, out_file: Path | None, no_box_plots: bool, dsc_below: f
         if not metrics.is_dir():
             raise ValueError(f"{folder}: no metrics.csv or metrics.parquet (run `oarbench evaluate` first)")
     optional = {
-        "stats": folder / "stats.csv",
-        "robustness": folder / "robustness.csv",
-        "noise_floor": folder / "noise_floor.csv",
-        "absent": folder / "absent.csv",
-        "absent_pairs": folder / "absent_pairs.csv",
-        "gallery_dir": folder / "gallery",
-        "provenance": folder / "run.json",
+        "stats": "stats.csv",
+        "robustness": "robustness.csv",
+        "noise_floor": "noise_floor.csv",
+        "absent": "absent.csv",
+        "absent_pairs": "absent_pairs.csv",
+        "gallery_dir": "gallery",
+        "provenance": "run.json",
     }
     found: dict[str, object] = {}
     notes = []
-    for key, path in optional.items():
+    for key, name in optional.items():
+        path = folder / name
         exists = path.is_dir() if key == "gallery_dir" else path.is_file()
         if exists:
-            found[key] = path
+            found[key] = inside(folder, name, "input")
             click.echo(f"using {path}")
         elif key not in ("noise_floor", "absent_pairs"):
-            notes.append(f"not found: {path.name}{'/' if key == 'gallery_dir' else ''}")
+            notes.append(f"not found: {name}{'/' if key == 'gallery_dir' else ''}")
             click.echo(f"not found, section left empty: {path}", err=True)
     thresholds = None
     if fp_thresholds is not None:
@@ -166,36 +172,24 @@ def report(folder: Path, out_file: Path | None, no_box_plots: bool, dsc_below: f
             raise click.BadParameter(f"expected numbers separated by commas, got {fp_thresholds!r}", param_hint="--fp-thresholds") from None
         if not thresholds or any(not (t >= 0) or t == float("inf") for t in thresholds):
             raise click.BadParameter(f"expected finite numbers >= 0, got {fp_thresholds!r}", param_hint="--fp-thresholds")
+    trained_on, models = run_record_facts(folder / "run.json")
     options = ReportOptions(high_dsc=high_dsc, small_reference_voxels=small_reference_voxels, fp_thresholds_ml=thresholds,
-                            trained_on=_trained_on(folder / "run.json"))
+                            trained_on=trained_on, models=models, strict=strict)
     given = {"dsc_below": dsc_below, "hd95_above": hd95_above, "drop_above": drop_above}
     ctx = click.get_current_context()
     explicit = {k: v for k, v in given.items() if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT}
     if explicit:
         from oarbench.gallery import FailureCriteria
-        from oarbench.report import _gallery_criteria
+        from oarbench.report import gallery_criteria
 
-        base = _gallery_criteria(folder / "gallery" if (folder / "gallery").is_dir() else None) or FailureCriteria()
+        base = gallery_criteria(found.get("gallery_dir")) or FailureCriteria()  # type: ignore[arg-type]
         options = replace(options, criteria=replace(base, **explicit))
     target = out_file if out_file is not None else folder / "report.html"
     from oarbench.progress import progress_bar
 
     with progress_bar(1, desc="report", unit="report", enabled=not no_progress) as bar:
-        bar.set_postfix_str("box plots, tables, galleries")
+        bar.set_postfix_str("figures, tables, galleries")
         path = build_report(target.parent, metrics, filename=target.name, notes=notes, box_plots=not no_box_plots,
                             options=options, **found)  # type: ignore[arg-type]
         bar.update(1)
     click.echo(f"wrote {path}")
-
-
-def _trained_on(run_json: Path) -> dict[str, tuple[str, ...]] | None:
-    """Model -> training centres from the study TOML named in run.json, when it can be read."""
-    import json
-
-    from oarbench.stats.paper import trained_on_from_run
-
-    try:
-        run = json.loads(run_json.read_text())
-    except (OSError, ValueError):
-        return None
-    return trained_on_from_run(run)
