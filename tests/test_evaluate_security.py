@@ -527,11 +527,11 @@ def test_every_table_writer_neutralises_formulas(tmp_path):
 
 
 def test_no_csv_is_written_around_the_shared_writer():
-    """Every CSV writer goes through oarbench.tables (csv_text / csv_row); the report is listed apart."""
+    """Every CSV writer goes through oarbench.tables (csv_text / csv_row), the report's downloads too."""
     root = Path(__file__).resolve().parents[1] / "oarbench"
     offenders = []
     for path in root.rglob("*.py"):
-        if path.name in ("tables.py", "report.py"):
+        if path.name == "tables.py":
             continue
         text = path.read_text()
         for needle in (".to_csv(", "csv.writer(", ".writerow(r)", ".writerows(rows)"):
@@ -575,3 +575,19 @@ def test_metadata_written_neutralised_is_read_back_exactly(tmp_path):
     assert "'=c1" in buf.getvalue()
     assert read_patients(tmp_path / "metadata.csv") == (("=c1", "@p1"), ("c2", "-p2"))
     assert read_nephrectomy(tmp_path / "metadata.csv") == {"=c1": "left", "c2": "none"}
+
+
+def test_report_names_predictions_equal_to_the_reference_and_the_observer(data):
+    """The report says, at the top of its accuracy section, which predictions were the reference
+    itself and which model is a second observer (from run.json, not from the scores)."""
+    import shutil
+
+    shutil.copyfile(data / "ref" / "c2.nii.gz", data / "pred" / "c2.nii.gz")
+    result = _evaluate(data, "--observer", str(data / "pred"), "--observer-name", "second-reader")
+    assert result.exit_code == 0, result.output
+    report = CliRunner().invoke(main, ["report", str(data / "out"), "--no-box-plots", "--no-progress"])
+    assert report.exit_code == 0, report.output
+    html = (data / "out" / "report.html").read_text()
+    accuracy = html[html.index("<section id='accuracy'>"):]
+    assert "have the same content as their reference (pred/c2" in accuracy
+    assert "second-reader: a second observer" in accuracy

@@ -137,7 +137,7 @@ def report(folder: Path, out_file: Path | None, no_box_plots: bool, dsc_below: f
     from dataclasses import replace
 
     from oarbench.report import ReportOptions, build_report, inside
-    from oarbench.report.context import run_record_facts
+    from oarbench.report.context import run_record_facts, run_record_notes
 
     metrics = folder / "metrics.csv"
     if not metrics.is_file():
@@ -190,6 +190,6 @@ def report(folder: Path, out_file: Path | None, no_box_plots: bool, dsc_below: f
     with progress_bar(1, desc="report", unit="report", enabled=not no_progress) as bar:
         bar.set_postfix_str("figures, tables, galleries")
         path = build_report(target.parent, metrics, filename=target.name, notes=notes, box_plots=not no_box_plots,
-                            options=options, **found)  # type: ignore[arg-type]
+                            options=options, section_notes=run_record_notes(folder / "run.json"), **found)  # type: ignore[arg-type]
         bar.update(1)
     click.echo(f"wrote {path}")

@@ -116,8 +116,10 @@ def load_table(obj: Any, name: str) -> pd.DataFrame | None:
     if not path.is_file():
         raise ValueError(f"{path}: {name} file not found")
     check_output_set(path)
+    from oarbench.tables import restore_cells
+
     try:
-        return pd.read_csv(path)
+        return restore_cells(pd.read_csv(path))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: cannot read {name} as CSV: {exc}") from exc
 
@@ -355,3 +357,31 @@ def run_record_facts(run_json: Path) -> tuple[dict[str, tuple[str, ...]] | None,
     if not models and isinstance(run.get("jobs"), list):
         models = list(dict.fromkeys(str(j["model"]) for j in run["jobs"] if isinstance(j, Mapping) and "model" in j))
     return trained, models or None
+
+
+def run_record_notes(run_json: Path) -> dict[str, list[str]]:
+    """Section notes a run record calls for: predictions equal to their reference, second observers.
+
+    ``{"accuracy": [...]}`` from run.json's ``same_as_reference`` (written by
+    ``oarbench evaluate`` when a prediction's content equals its reference's) and
+    ``observers`` (models that are a second observer's contours); empty when there is
+    nothing to say or no readable record.
+    """
+    try:
+        run = json.loads(Path(run_json).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(run, Mapping):
+        return {}
+    notes: list[str] = []
+    same = [s for s in run.get("same_as_reference") or [] if isinstance(s, Mapping)]
+    if same:
+        listed = ", ".join(f"{s.get('model', '?')}/{s.get('case', '?')}" for s in same[:10])
+        more = f" and {len(same) - 10} more" if len(same) > 10 else ""
+        notes.append(f"{len(same)} prediction(s) have the same content as their reference ({listed}{more}): their "
+                     "DSC 1 and HD95 0 say nothing about a model (run.json, same_as_reference).")
+    observers = [str(o) for o in run.get("observers") or [] if isinstance(o, str)]
+    if observers:
+        notes.append(f"{', '.join(observers)}: a second observer's contours, scored against the reference like a "
+                     "model: the human baseline. stats.csv's observer rows test each model for non-inferiority to it.")
+    return {"accuracy": notes} if notes else {}

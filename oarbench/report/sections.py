@@ -164,7 +164,7 @@ def _finding(ctx: ReportContext) -> dict[str, Any]:
     from oarbench.finding import centre_shift_finding, finding_lines
 
     try:
-        finding = centre_shift_finding(ctx.stats, {m: tuple(c) for m, c in trained.items()})
+        finding = centre_shift_finding(ctx.stats, {m: tuple(c) for m, c in trained.items()}, table=ctx.table)
         lines = finding_lines(finding)
     except KeyError as exc:
         out["why"] = f"The statistics table lacks the column {exc} that the finding needs (run oarbench stats)."

@@ -68,7 +68,9 @@ def text_columns(df: pd.DataFrame) -> list[str]:
 
 
 def csv_link(df: pd.DataFrame, filename: str) -> CsvLink:
-    data = base64.b64encode(df.to_csv(index=False).encode("utf-8")).decode("ascii")
+    from oarbench.tables import csv_text
+
+    data = base64.b64encode(csv_text(df).encode("utf-8")).decode("ascii")
     return CsvLink(filename, "data:text/csv;charset=utf-8;base64," + data, len(df))
 
 
