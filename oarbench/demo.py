@@ -558,7 +558,9 @@ def run_demo(
 
     done = step("report")
     from oarbench.report import ReportOptions, build_report
+    from oarbench.report.context import record_notes
 
+    summary_csv = results / "robustness_summary.csv"
     outputs["report"] = build_report(
         results,
         table,
@@ -567,6 +569,8 @@ def run_demo(
         absent_pairs=absent.pairs,
         robustness=robustness,
         noise_floor=results / "noise_floor.csv" if (robustness is not None and (results / "noise_floor.csv").is_file()) else None,
+        robustness_summary=summary_csv if (robustness is not None and summary_csv.is_file()) else None,
+        section_notes=record_notes(provenance),
         options=ReportOptions(criteria=criteria, trained_on={m.name: m.trained_on for m in study.models if m.trained_on},
                               models=[m.name for m in study.models]),
         gallery_dir=results / "gallery",

@@ -463,6 +463,9 @@ def test_cli_report_of_a_real_robustness_run_shows_floor_and_swaps(tmp_path):
     assert rows["flip_lr"].endswith("<td>2</td></tr>")
     # the liver mirrored onto the patient's left no longer overlaps the liver: worst ΔDSC -1
     assert "-1.000" in rows["flip_lr"]
+    # robustness_summary.csv is read: the rotation's model effect against its resample-only control
+    effect = rob.split("Model effect of the small rotations")[1].split("<h3>Noise floor</h3>")[0]
+    assert "rot_z+10" in effect and "resample_z+10" in effect
 
 
 def test_structures_absent_everywhere_are_named_once_not_given_sections(tmp_path):
@@ -728,3 +731,25 @@ def test_figure_one_of_many_structures_shows_the_worst_and_says_so():
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert labels == names[:FIGURE_ONE_MAX_STRUCTURES]
     assert f"the {FIGURE_ONE_MAX_STRUCTURES} of 30 structures with the lowest median DSC" in note
+
+
+def test_report_robustness_shows_the_model_effect_against_its_control(tmp_path):
+    """robustness_summary.csv's model effect (rotation minus control) and its interval, as given."""
+    table = _robust_rows()
+    summary = pd.DataFrame([dict(study="s", centre="A", model="m1", structure="Liver", condition="rot_z+10",
+                                 control_condition="resample_z+10", n_pairs_effect_dsc=7, model_effect_dsc=-0.0125,
+                                 model_effect_dsc_ci_low=-0.031, model_effect_dsc_ci_high=0.004,
+                                 n_pairs_effect_hd95=7, model_effect_hd95=0.5, model_effect_hd95_ci_low=0.25,
+                                 model_effect_hd95_ci_high=1.0),
+                            dict(study="s", centre="A", model="m1", structure="Liver", condition="flip_lr",
+                                 control_condition=None, n_pairs_effect_dsc=0, model_effect_dsc=float("nan"),
+                                 model_effect_dsc_ci_low=float("nan"), model_effect_dsc_ci_high=float("nan"))])
+    text = build_report(tmp_path, table[table.condition == "original"], robustness=table,
+                        robustness_summary=summary, box_plots=False).read_text()
+    rob = _sections(text)["robustness"]
+    effect = rob.split("Model effect of the small rotations")[1].split("<h3>Noise floor</h3>")[0]
+    assert "resample_z+10" in effect and "-0.013 [-0.031, 0.004]" in effect and "0.50 [0.25, 1.00]" in effect
+    assert "flip_lr" not in effect  # a lossless condition has no control, so no model-effect row
+    without = build_report(tmp_path / "plain", table[table.condition == "original"], robustness=table,
+                           box_plots=False).read_text()
+    assert "Model effect of the small rotations" not in without

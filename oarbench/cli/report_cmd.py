@@ -148,6 +148,7 @@ def report(folder: Path, out_file: Path | None, no_box_plots: bool, dsc_below: f
         "stats": "stats.csv",
         "robustness": "robustness.csv",
         "noise_floor": "noise_floor.csv",
+        "robustness_summary": "robustness_summary.csv",
         "absent": "absent.csv",
         "absent_pairs": "absent_pairs.csv",
         "gallery_dir": "gallery",
@@ -161,7 +162,7 @@ def report(folder: Path, out_file: Path | None, no_box_plots: bool, dsc_below: f
         if exists:
             found[key] = inside(folder, name, "input")
             click.echo(f"using {path}")
-        elif key not in ("noise_floor", "absent_pairs"):
+        elif key not in ("noise_floor", "robustness_summary", "absent_pairs"):
             notes.append(f"not found: {name}{'/' if key == 'gallery_dir' else ''}")
             click.echo(f"not found, section left empty: {path}", err=True)
     thresholds = None

@@ -54,6 +54,7 @@ def build_report(
     provenance: Mapping[str, Any] | str | Path | None = None,
     *,
     noise_floor: pd.DataFrame | str | Path | None = None,
+    robustness_summary: pd.DataFrame | str | Path | None = None,
     absent_pairs: pd.DataFrame | str | Path | None = None,
     options: ReportOptions | None = None,
     filename: str = "report.html",
@@ -86,6 +87,9 @@ def build_report(
         The run record (dict or path to ``run.json``): versions, options, input hashes.
     noise_floor:
         The robustness noise floor (``noise_floor.csv``).
+    robustness_summary:
+        ``robustness_summary.csv``: its small rotations' model effect (rotation minus
+        its resample-only control, with the interval) is shown in the robustness section.
     absent_pairs:
         The between-model tests of the absent-organ analysis (``absent_pairs.csv``);
         computed from ``absent`` when not given.
@@ -124,6 +128,7 @@ def build_report(
         robustness=robustness if robustness is None or isinstance(robustness, pd.DataFrame)
         else read_table(robustness, what="robustness table"),
         noise_floor=load_table(noise_floor, "noise-floor table"),
+        robustness_summary=load_table(robustness_summary, "robustness summary"),
         absent=load_table(absent, "absent-organ table"),
         absent_pairs=load_table(absent_pairs, "absent-organ pairs table"),
         gallery_dir=Path(gallery_dir) if gallery_dir is not None else None,

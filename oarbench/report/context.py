@@ -148,6 +148,7 @@ class ReportContext:
     stats: pd.DataFrame | None = None
     robustness: pd.DataFrame | None = None
     noise_floor: pd.DataFrame | None = None
+    robustness_summary: pd.DataFrame | None = None
     absent: pd.DataFrame | None = None
     absent_pairs: pd.DataFrame | None = None
     gallery_dir: Path | None = None
@@ -360,19 +361,22 @@ def run_record_facts(run_json: Path) -> tuple[dict[str, tuple[str, ...]] | None,
 
 
 def run_record_notes(run_json: Path) -> dict[str, list[str]]:
-    """Section notes a run record calls for: predictions equal to their reference, second observers.
-
-    ``{"accuracy": [...]}`` from run.json's ``same_as_reference`` (written by
-    ``oarbench evaluate`` when a prediction's content equals its reference's) and
-    ``observers`` (models that are a second observer's contours); empty when there is
-    nothing to say or no readable record.
-    """
+    """:func:`record_notes` of the run record at ``run_json`` (empty when it cannot be read)."""
     try:
         run = json.loads(Path(run_json).read_text())
     except (OSError, ValueError):
         return {}
-    if not isinstance(run, Mapping):
-        return {}
+    return record_notes(run) if isinstance(run, Mapping) else {}
+
+
+def record_notes(run: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Section notes a run record calls for: predictions equal to their reference, second observers.
+
+    ``{"accuracy": [...]}`` from the record's ``same_as_reference`` (written by
+    ``oarbench evaluate`` when a prediction's content equals its reference's) and
+    ``observers`` (models that are a second observer's contours); empty when there is
+    nothing to say.
+    """
     notes: list[str] = []
     same = [s for s in run.get("same_as_reference") or [] if isinstance(s, Mapping)]
     if same:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import platform
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -473,6 +473,35 @@ def section_accuracy(ctx: ReportContext) -> Section:
 # --------------------------------------------------------------------------- robustness
 
 
+def _model_effect_view(ctx: ReportContext, rank: Mapping[str, int]) -> Any:
+    """The small rotations' model effect (rotation minus its control, robustness_summary.csv), or None."""
+    s = ctx.robustness_summary
+    need = {"model", "centre", "structure", "condition", "control_condition", "model_effect_dsc",
+            "model_effect_dsc_ci_low", "model_effect_dsc_ci_high", "n_pairs_effect_dsc"}
+    if s is None or not need.issubset(s.columns):
+        return None
+    s = s[s["control_condition"].notna() & (s["control_condition"].astype(str) != "")]
+    if s.empty:
+        return None
+    s = s.assign(_r=s["model"].map(lambda m: rank.get(m, len(rank)))).sort_values(
+        ["_r", "condition", "structure", "centre"], kind="mergesort")
+
+    def effect(metric: str, digits: int) -> list[str]:
+        cols = [f"model_effect_{metric}", f"model_effect_{metric}_ci_low", f"model_effect_{metric}_ci_high"]
+        if not set(cols).issubset(s.columns):
+            return ["–"] * len(s)
+        return [f"{fmt(e, digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]" for e, lo, hi in s[cols].itertuples(index=False)]
+
+    show = pd.DataFrame({
+        "model": s["model"], "centre": s["centre"], "structure": s["structure"], "condition": s["condition"],
+        "control": s["control_condition"], "n pairs": s["n_pairs_effect_dsc"],
+        "model effect ΔDSC [95 % CI]": effect("dsc", 3), "model effect ΔHD95 mm [95 % CI]": effect("hd95", 2),
+    })
+    return table_view(show, csv="robustness_model_effect.csv", full=s.drop(columns="_r"),
+                      text_cols=["model", "centre", "structure", "condition", "control",
+                                 "model effect ΔDSC [95 % CI]", "model effect ΔHD95 mm [95 % CI]"])
+
+
 def section_robustness(ctx: ReportContext) -> Section:
     title = "Robustness: does the result survive flips and rotations?"
     data: dict[str, Any] = {"notes": _notes(ctx, "robustness"), "raw": None, "empty": False}
@@ -542,6 +571,7 @@ def section_robustness(ctx: ReportContext) -> Section:
     })
     data.update(
         figure=fig,
+        effect=_model_effect_view(ctx, rank),
         floor=table_view(fshow, text_cols=list(fshow.columns[:2]) + list(fshow.columns[3:])),
         floor_missing=bool((floor["kind"] == "not given").any()),
         per_model=table_view(rv, text_cols=["model", "condition", "ΔDSC median [Q1–Q3]", "worst ΔDSC", "floor ΔDSC median"]),
