@@ -356,6 +356,27 @@ class TrainerOptions:
         return {"augmentation": self.augmentation, "initial_lr": self.initial_lr, "batch_size": self.batch_size,
                 "optimizer": self.optimizer, "foreground_oversampling": self.foreground_oversampling}
 
+    def to_json(self) -> str:
+        """Every option as a JSON object (what the Flower engine's messages carry)."""
+        return json.dumps(dict(self.spec(), harmonise=self.harmonise), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainerOptions":
+        """Inverse of :meth:`to_json`; ValueError for malformed text or unknown options."""
+        try:
+            values = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ValueError(f"trainer options: not valid JSON ({exc})") from None
+        if not isinstance(values, dict):
+            raise ValueError("trainer options must be a JSON object")
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"trainer options: unknown option(s) {[str(u)[:30] for u in unknown[:5]]}")
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ValueError(f"trainer options: {exc}") from None
+
 
 @dataclass(frozen=True)
 class TrainResult:
