@@ -56,6 +56,7 @@ class TrainSettings:
     named schedules of :data:`SCHEDULES`.
     ``harmonise``: bring every case to the canonical orientation before nnU-Net sees it
     (:mod:`oarbench.train.harmonise`; off reproduces training on the arrays as stored).
+    ``optimizer_state``: ``"kept"`` or ``"reset"`` across federated rounds (:class:`TrainerOptions`).
     ``robustness_cases``: test cases per centre scored under ``conditions``;
     ``curve_cases``: test cases per centre scored for the learning curves (0: none).
     """
@@ -72,6 +73,7 @@ class TrainSettings:
     optimizer: str = QUICK_OPTIMIZER
     foreground_oversampling: float | None = QUICK_FOREGROUND
     harmonise: bool = True
+    optimizer_state: str = "kept"
     device: str = "cpu"
     mirroring: bool = False
     conditions: tuple[str, ...] = ("flip_lr", "prone", "rot_z+10")
@@ -111,13 +113,14 @@ class TrainSettings:
 
         return TrainerOptions(augmentation=self.augmentation, initial_lr=self.initial_lr, batch_size=self.batch_size,
                               optimizer=self.optimizer, foreground_oversampling=self.foreground_oversampling,
-                              harmonise=self.harmonise)
+                              harmonise=self.harmonise, optimizer_state=self.optimizer_state)
 
     def training_key(self) -> dict[str, Any]:
         """What a trained model depends on: a re-run reuses models only when this matches."""
         return {k: getattr(self, k) for k in ("epochs", "iterations", "rounds", "local_epochs", "width",
                                                "configuration", "augmentation", "batch_size", "initial_lr",
-                                               "optimizer", "foreground_oversampling", "harmonise", "engine")}
+                                               "optimizer", "foreground_oversampling", "harmonise", "optimizer_state",
+                                               "engine")}
 
 
 def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings: TrainSettings,

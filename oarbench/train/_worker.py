@@ -131,6 +131,21 @@ def step_init_weights(spec: dict) -> dict:
     return {"tensors": len(arrays), "parameters": int(sum(a.size for a in arrays.values()))}
 
 
+def _seed_data(seed: int, epoch: int) -> None:
+    """Seed every generator the data loader and augmentation draw from (numpy's global one for patch
+    sampling, torch's, Python's) from the run's seed and the epoch this call starts at: a repeated call
+    draws the same patches, and each federated round (a new process) draws new ones."""
+    import random
+
+    import numpy as np
+    import torch
+
+    state = int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
+    random.seed(state)
+    np.random.seed(state)
+    torch.manual_seed(state)
+
+
 def step_train(spec: dict) -> dict:
     import torch
 
@@ -162,11 +177,15 @@ def step_train(spec: dict) -> dict:
     trainer.initialize()
     if resume_from:
         trainer.load_checkpoint(resume_from)
+        if spec.get("optimizer_state", "kept") == "reset":
+            # a fresh optimizer (no momentum or moments); the epoch counter and poly schedule continue
+            trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
     if spec.get("initial_weights"):
         state = arrays_to_state(_load_arrays(spec["initial_weights"]), trainer.network)
         trainer.network.load_state_dict(state)
-    t0 = time.perf_counter()
     start_epoch = trainer.current_epoch
+    _seed_data(int(spec.get("seed", 0)), start_epoch)
+    t0 = time.perf_counter()
     trainer.run_training()
     seconds = time.perf_counter() - t0
     iterations = (trainer.current_epoch - start_epoch) * trainer.num_iterations_per_epoch

@@ -177,7 +177,7 @@ class ServerSettings:
 _RUN_CONFIG_OPTIONS: dict[str, tuple[str, Any]] = {
     "augmentation": ("augmentation", None), "initial-lr": ("initial_lr", 0.0), "batch-size": ("batch_size", 0),
     "optimizer": ("optimizer", None), "foreground-oversampling": ("foreground_oversampling", -1.0),
-    "harmonise": ("harmonise", None),
+    "harmonise": ("harmonise", None), "optimizer-state": ("optimizer_state", None),
 }
 
 
@@ -540,6 +540,7 @@ batch-size = 0
 optimizer = "sgd"
 foreground-oversampling = -1.0
 harmonise = true
+optimizer-state = "kept"
 """
 
 

@@ -329,6 +329,10 @@ class TrainerOptions:
     harmonise: bring every training case to the canonical orientation first
         (:mod:`oarbench.train.harmonise`; default on); ``False`` trains on the
         arrays as stored, as nnU-Net does.
+    optimizer_state: federated rounds: ``"kept"`` (each site resumes its own optimizer state,
+        SGD momentum or AdamW moments, from its checkpoint of the previous round) or
+        ``"reset"`` (a fresh optimizer every round; the epoch counter and the learning-rate
+        schedule still continue).
     """
 
     augmentation: str = "default"
@@ -337,6 +341,7 @@ class TrainerOptions:
     optimizer: str = "sgd"
     foreground_oversampling: float | None = None
     harmonise: bool = True
+    optimizer_state: str = "kept"
 
     def __post_init__(self) -> None:
         if self.augmentation not in ("default", "light"):
@@ -351,10 +356,13 @@ class TrainerOptions:
             raise ValueError(f"foreground_oversampling must be in [0, 1], got {self.foreground_oversampling}")
         if not isinstance(self.harmonise, bool):
             raise ValueError(f"harmonise must be True or False, got {self.harmonise!r}")
+        if self.optimizer_state not in ("kept", "reset"):
+            raise ValueError(f"optimizer_state must be 'kept' or 'reset', got {self.optimizer_state!r}")
 
     def spec(self) -> dict[str, Any]:
         return {"augmentation": self.augmentation, "initial_lr": self.initial_lr, "batch_size": self.batch_size,
-                "optimizer": self.optimizer, "foreground_oversampling": self.foreground_oversampling}
+                "optimizer": self.optimizer, "foreground_oversampling": self.foreground_oversampling,
+                "optimizer_state": self.optimizer_state}
 
     def to_json(self) -> str:
         """Every option as a JSON object (what the Flower engine's messages carry)."""
