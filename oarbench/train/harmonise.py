@@ -156,8 +156,8 @@ def harmonise_dataset(dataset_dir: str | Path, out_root: str | Path) -> Path:
         folder = src / sub
         names = sorted(p.name for p in folder.iterdir() if p.name.endswith(ending) and not p.name.startswith(".")) \
             if folder.is_dir() else []
-        for stale in (out / sub).iterdir():
-            if stale.name not in names:
+        for stale in (out / sub).iterdir():  # cases removed from the source since (and left-over temp files)
+            if stale.name not in names and (stale.is_symlink() or stale.is_file()):
                 stale.unlink()
         for name in names:
             f = folder / name

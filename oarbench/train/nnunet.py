@@ -514,7 +514,10 @@ def predict(model_folder: str | Path, input_folder: str | Path, output_folder: s
     """Predict every case in ``input_folder`` (``<case>_0000.nii.gz`` files) into ``output_folder``.
 
     Returns the seconds taken. Output files are ``<case><file_ending>`` on
-    the input grid, as ``nnUNetv2_predict`` writes them.
+    the input grid, as ``nnUNetv2_predict`` writes them; a model trained on
+    harmonised cases (plans.json ``oarbench_orientation``) predicts each input
+    in that orientation and maps the labels back (:mod:`oarbench.train.harmonise`).
+    Cases are predicted one after another (``num_processes`` is kept for callers).
     """
     model_folder = Path(model_folder)
     for f in ("plans.json", "dataset.json", f"fold_{fold}/checkpoint_final.pth"):
