@@ -280,3 +280,30 @@ def test_nnunet_model_twins_predict_the_same(tmp_path):
     assert len(np.unique(got["canonical"])) > 1  # the network does not predict one label everywhere
     for name, arr in got.items():
         assert int(np.count_nonzero(arr != got["canonical"])) == 0, name
+
+
+def test_cli_train_local_harmonise_switch(tmp_path, monkeypatch):
+    """`oarbench train local` passes --harmonise/--no-harmonise to train_local and prints what was done."""
+    from click.testing import CliRunner
+
+    from oarbench.cli import main
+    from oarbench.train import nnunet
+
+    got = []
+
+    def fake_train_local(dataset_dir, out, **kw):
+        got.append(kw["options"].harmonise)
+        h = ({"orientation": "LPS", "images_by_stored_orientation": {"LPS": 1, "RAS": 2}, "images_reoriented": 2}
+             if kw["options"].harmonise else {"orientation": "as stored"})
+        return {"model_folder": str(out / "m"), "fold": "all", "plan_preprocess_s": 1.0, "train_s": 2.0,
+                "s_per_iteration": 0.5, "num_cases": 3, "harmonisation": h}
+
+    monkeypatch.setattr(nnunet, "train_local", fake_train_local)
+    ds = _dataset(tmp_path / "raw", ["RAS"])
+    res = CliRunner().invoke(main, ["train", "local", "--dataset", str(ds), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "harmonisation: 2 of 3 images reoriented to LPS" in res.output
+    res = CliRunner().invoke(main, ["train", "local", "--dataset", str(ds), "--out", str(tmp_path / "o"),
+                                    "--no-harmonise"])
+    assert res.exit_code == 0, res.output
+    assert "harmonisation: off" in res.output and got == [True, False]
