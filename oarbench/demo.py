@@ -54,6 +54,9 @@ class TrainSettings:
     with ``rounds * local_epochs == epochs`` every site follows the local schedule
     (same iterations, same poly learning-rate decay). :meth:`schedule` builds the
     named schedules of :data:`SCHEDULES`.
+    ``harmonise``: bring every case to the canonical orientation before nnU-Net sees it
+    (:mod:`oarbench.train.harmonise`; off reproduces training on the arrays as stored).
+    ``optimizer_state``: ``"kept"`` or ``"reset"`` across federated rounds (:class:`TrainerOptions`).
     ``robustness_cases``: test cases per centre scored under ``conditions``;
     ``curve_cases``: test cases per centre scored for the learning curves (0: none).
     """
@@ -69,6 +72,8 @@ class TrainSettings:
     initial_lr: float | None = QUICK_LR
     optimizer: str = QUICK_OPTIMIZER
     foreground_oversampling: float | None = QUICK_FOREGROUND
+    harmonise: bool = True
+    optimizer_state: str = "kept"
     device: str = "cpu"
     mirroring: bool = False
     conditions: tuple[str, ...] = ("flip_lr", "prone", "rot_z+10")
@@ -107,13 +112,15 @@ class TrainSettings:
         from oarbench.train.nnunet import TrainerOptions
 
         return TrainerOptions(augmentation=self.augmentation, initial_lr=self.initial_lr, batch_size=self.batch_size,
-                              optimizer=self.optimizer, foreground_oversampling=self.foreground_oversampling)
+                              optimizer=self.optimizer, foreground_oversampling=self.foreground_oversampling,
+                              harmonise=self.harmonise, optimizer_state=self.optimizer_state)
 
     def training_key(self) -> dict[str, Any]:
         """What a trained model depends on: a re-run reuses models only when this matches."""
         return {k: getattr(self, k) for k in ("epochs", "iterations", "rounds", "local_epochs", "width",
                                                "configuration", "augmentation", "batch_size", "initial_lr",
-                                               "optimizer", "foreground_oversampling", "engine")}
+                                               "optimizer", "foreground_oversampling", "harmonise", "optimizer_state",
+                                               "engine")}
 
 
 def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings: TrainSettings,
@@ -156,13 +163,6 @@ def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings:
         missing = [c for c in model.trained_on if c not in datasets]
         if not model.trained_on or missing:
             raise ValueError(f"{study.path}: model {model.name!r} is trained on unknown centres {missing or '[]'}")
-        if len(model.trained_on) > 1 and settings.engine == "flower":
-            from oarbench.train.nnunet import TrainerOptions
-
-            if settings.options() != TrainerOptions():
-                raise ValueError("the flower engine trains with nnU-Net's default trainer (SGD, default "
-                                 "augmentation, planned batch size), not this schedule's; use the storage "
-                                 "engine, or --schedule full")
         todo.append(model)
     if not todo:
         return folders
@@ -211,7 +211,8 @@ def _train_model(model: Any, datasets: dict[str, Path], work: Path, settings: Tr
         summary = run_local({c: datasets[c] for c in model.trained_on}, work / "flower",
                             rounds=settings.rounds, local_epochs=settings.local_epochs,
                             iterations=settings.iterations, configuration=settings.configuration,
-                            width=settings.width, device=settings.device)
+                            width=settings.width, device=settings.device, options=settings.options(),
+                            num_processes=threads, threads=threads)
         return Path(summary["model"])
     keys = work / "keys"
     if not (keys / "federation.key").is_file():
@@ -243,10 +244,15 @@ def _snapshots(model: Any, models_dir: Path, settings: TrainSettings) -> list[tu
             out.append((int(info["iterations"]), f))
         return out
     # federated: the global weights each round started from (round 0: the initial weights), then the final ones
-    rounds = work / "parties" / model.trained_on[0] / "rounds"
+    if settings.engine == "flower":
+        rounds = work / "flower" / "sites" / model.trained_on[0] / "rounds"
+        final = work / "flower" / "server" / "final.safetensors"
+    else:
+        rounds = work / "parties" / model.trained_on[0] / "rounds"
+        final = work / "parties" / "coordinator" / "final.safetensors"
     per_round = settings.local_epochs * settings.iterations
     out = [(r * per_round, rounds / f"global_{r:05d}.safetensors") for r in range(settings.rounds)]
-    out.append((settings.rounds * per_round, work / "parties" / "coordinator" / "final.safetensors"))
+    out.append((settings.rounds * per_round, final))
     return [(i, f) for i, f in out if f.is_file()]
 
 

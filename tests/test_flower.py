@@ -280,3 +280,74 @@ def test_server_refuses_a_site_claiming_more_cases(tmp_path: Path, monkeypatch: 
     with pytest.raises(RuntimeError, match="> 1e\\+06"):
         serve(grid, ServerSettings(sites=("A", "B"), rounds=1, out=tmp_path / "srv2"), _steps(),
               roster={"A": 11, "B": 22})
+
+
+def test_trainer_options_reach_the_site_trainer_through_the_messages(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quick schedule's options go from the coordinator's run config (Flower's own parser) through the
+    query, train and evaluate messages to every site's NnunetSite and its trainer, with the schedule."""
+    flwr_app = pytest.importorskip("flwr.app")
+    from types import SimpleNamespace
+
+    from flwr.common.config import parse_config_args
+
+    from oarbench.demo import TrainSettings
+    from oarbench.train import federated
+    from oarbench.train.flower import (ServerSettings, _run_config, client_evaluate, client_query, client_train,
+                                       options_to_run_config, serve)
+    from oarbench.train.nnunet import TrainerOptions
+
+    quick = TrainSettings.schedule("quick", optimizer_state="reset")
+    opts = quick.options()
+    assert opts != TrainerOptions() and opts.optimizer == "adam" and opts.batch_size == 8
+    assert opts.optimizer_state == "reset" and opts.harmonise is True
+    line = _run_config({"sites": "A,B", "rounds": 2, "local-epochs": 1, "iterations": quick.iterations,
+                        "out": str(tmp_path / "srv"), **options_to_run_config(opts)})
+    settings = ServerSettings.from_run_config(parse_config_args([line]))
+    assert settings.options == opts and settings.iterations == quick.iterations
+    # nnU-Net's own choices (None) survive the run config, which holds no null
+    plain = ServerSettings.from_run_config(parse_config_args([_run_config(
+        {"sites": "A", "rounds": 1, "out": "/tmp/x", **options_to_run_config(TrainerOptions(harmonise=False))})]))
+    assert plain.options == TrainerOptions(harmonise=False)
+
+    seen: list[tuple] = []
+    counts = {"A": 2, "B": 3}
+
+    class FakeSite:
+        def __init__(self, dataset_dir, work, *, configuration, device, num_processes, options, threads):
+            self.site, self.work, self.options = Path(dataset_dir).name, Path(work), options
+            seen.append(("site", self.site, options))
+
+        def fingerprint_message(self):
+            return _fp_body(counts[self.site])
+
+        def install_plans(self, plans):
+            seen.append(("plans", self.site, plans))
+
+        def trainer(self, rounds, local_epochs, iterations):
+            def step(round_, global_weights):
+                seen.append(("train", self.site, self.options, rounds, local_epochs, iterations, round_))
+                return {k: (v + 1).astype(v.dtype) for k, v in global_weights.items()}, counts[self.site]
+            return step
+
+        def write_model(self, plans, final, num_training):
+            seen.append(("model", self.site, num_training))
+            return self.work / "model"
+
+    monkeypatch.setattr(federated, "NnunetSite", FakeSite)
+    monkeypatch.setattr(flwr_app, "Message", _Msg)
+
+    def node(site: str):
+        ctx = SimpleNamespace(node_config={"site": site, "dataset": str(tmp_path / site),
+                                           "work": str(tmp_path / "w" / site)})
+        steps = {"query": client_query, "train": client_train, "evaluate": client_evaluate}
+        return lambda kind, content: steps[kind](content, ctx)
+
+    serve(_Grid({1: node("A"), 2: node("B")}), settings, _steps(), roster={"A": 1, "B": 2})
+    trained = [s for s in seen if s[0] == "train"]
+    assert sorted((s[1], s[6]) for s in trained) == [("A", 0), ("A", 1), ("B", 0), ("B", 1)]
+    for _, site, options, rounds, local_epochs, iterations, _ in trained:
+        assert (options, rounds, local_epochs, iterations) == (opts, 2, 1, quick.iterations), site
+    # every step's site object got the same options (harmonisation included, so the dataset links agree)
+    assert {s[2] for s in seen if s[0] == "site"} == {opts}
+    assert sorted(s[1:] for s in seen if s[0] == "model") == [("A", 5), ("B", 5)]

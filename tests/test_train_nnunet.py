@@ -209,3 +209,52 @@ def test_federated_round_with_real_nnunet(tmp_path: Path) -> None:
     (in_dir / inputs[0].name).symlink_to(inputs[0])
     predict(model, in_dir, tmp_path / "pred", fold="all")
     _check_predictions(tmp_path / "pred", inputs)
+
+
+def test_data_seed_depends_on_seed_and_epoch() -> None:
+    """The training call's generators restart from (seed, start epoch): the same pair draws the same
+    numbers from numpy, torch and Python; another epoch or seed draws others."""
+    import random
+
+    torch = pytest.importorskip("torch")
+    from oarbench.train._worker import _seed_data
+
+    def draws(seed: int, epoch: int) -> tuple:
+        _seed_data(seed, epoch)
+        return (tuple(np.random.randint(0, 10**9, 4)), tuple(torch.randint(0, 10**9, (4,)).tolist()),
+                tuple(random.randrange(10**9) for _ in range(4)))
+
+    first = draws(0, 3)
+    assert draws(0, 3) == first
+    for other in (draws(0, 4), draws(1, 3)):
+        assert all(a != b for a, b in zip(other, first))
+
+
+@pytest.mark.slow
+@pytest.mark.nnunet
+def test_optimizer_state_kept_or_reset_across_rounds(tmp_path: Path) -> None:
+    """Two federated rounds of one AdamW step each: a kept optimizer has taken 2 steps after round 1,
+    a reset one 1 (its moments start again); the epoch counter continues either way."""
+    pytest.importorskip("nnunetv2")
+    import shutil
+
+    import torch
+
+    from oarbench.train.nnunet import NnunetPaths, TrainerOptions, link_dataset, plan_and_preprocess, train
+
+    ds = make_dataset(tmp_path / "raw", "Dataset503_Opt", n=2, seed=4)
+    paths = NnunetPaths.under(tmp_path / "site").make()
+    name = link_dataset(ds, paths)
+    plan_and_preprocess(paths, name, verify=False)
+    kw = dict(fold="all", epochs=2, iterations=1, val_iterations=1, width="tiny")
+    r0 = train(paths, name, stop_after_epoch=1, options=TrainerOptions(optimizer="adam"), **kw)
+    ckpt0 = tmp_path / "round0.pth"
+    shutil.copyfile(r0.checkpoint, ckpt0)
+    steps = {}
+    for state in ("kept", "reset"):
+        r1 = train(paths, name, stop_after_epoch=2, resume_from=ckpt0,
+                   options=TrainerOptions(optimizer="adam", optimizer_state=state), **kw)
+        ck = torch.load(r1.checkpoint, map_location="cpu", weights_only=False)
+        assert ck["current_epoch"] == 2
+        steps[state] = {int(v["step"]) for v in ck["optimizer_state"]["state"].values()}
+    assert steps == {"kept": {2}, "reset": {1}}

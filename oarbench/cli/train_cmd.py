@@ -77,14 +77,23 @@ def train() -> None:
 @click.option("--device", type=_DEVICES, default="cpu", show_default=True)
 @click.option("--processes", type=click.IntRange(min=1), default=2, show_default=True,
               help="Processes for fingerprint extraction and preprocessing (-np/-npfp).")
+@click.option("--harmonise/--no-harmonise", default=True, show_default=True,
+              help="Bring every case to LPS (identity direction) before nnU-Net reads it (docs/training.md).")
 @user_errors
 def local(dataset_dir: Path, out_dir: Path, configuration: str, fold: str, epochs: int, iterations: int,
-          width: str, device: str, processes: int) -> None:
+          width: str, device: str, processes: int, harmonise: bool) -> None:
     """Plan, preprocess and train one local nnU-Net model."""
-    from oarbench.train.nnunet import train_local
+    from oarbench.train.nnunet import TrainerOptions, train_local
 
     summary = train_local(dataset_dir, out_dir, configuration=configuration, fold=_fold(fold), epochs=epochs,
-                          iterations=iterations, width=width, device=device, num_processes=processes)
+                          iterations=iterations, width=width, device=device, num_processes=processes,
+                          options=TrainerOptions(harmonise=harmonise))
+    h = summary["harmonisation"]
+    if h["orientation"] == "as stored":
+        click.echo("harmonisation: off (cases used as stored)")
+    else:
+        click.echo(f"harmonisation: {h['images_reoriented']} of {sum(h['images_by_stored_orientation'].values())} "
+                   f"images reoriented to {h['orientation']} (stored as {h['images_by_stored_orientation']})")
     click.echo(f"model folder: {summary['model_folder']} (fold {summary['fold']})")
     click.echo(f"plan+preprocess {summary['plan_preprocess_s']:.1f} s, training {summary['train_s']:.1f} s "
                f"({summary['s_per_iteration']:.2f} s/iteration), {summary['num_cases']} cases")

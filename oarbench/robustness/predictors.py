@@ -276,6 +276,7 @@ class NnUNetModelPredictor:
             "use_mirroring": self.use_mirroring,
             "checkpoint": self.checkpoint,
             "trust_checkpoint": self.trust_checkpoint,
+            "orientation": self.orientation() or "as stored",
         }
 
     def _fold_list(self) -> list[int | str]:
@@ -366,17 +367,40 @@ class NnUNetModelPredictor:
         if bad:
             raise ValueError(f"nnU-Net model expects images named CASE_0000{ending}; got {bad}")
         cases = [_image_case(p) for p in paths]
-        log = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(log):
-                predictor.predict_from_files_sequential(  # type: ignore[attr-defined]
-                    [[str(p)] for p in paths], [str(out_dir / c) for c in cases], save_probabilities=False, overwrite=True
-                )
-        except Exception as exc:  # nnU-Net raises bare exceptions/assertions
-            raise PredictorError(f"nnU-Net prediction failed ({type(exc).__name__}: {exc})\n{_tail(log.getvalue())}") from exc
-        for extra in ("dataset.json", "plans.json", "predict_from_raw_data_args.json"):
-            (out_dir / extra).unlink(missing_ok=True)
+
+        def run(inputs: list[Path], stems: list[Path]) -> None:
+            log = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(log):
+                    predictor.predict_from_files_sequential(  # type: ignore[attr-defined]
+                        [[str(p)] for p in inputs], [str(s) for s in stems], save_probabilities=False, overwrite=True
+                    )
+            except Exception as exc:  # nnU-Net raises bare exceptions/assertions
+                raise PredictorError(f"nnU-Net prediction failed ({type(exc).__name__}: {exc})\n{_tail(log.getvalue())}") from exc
+            for folder in {Path(s).parent for s in stems}:
+                for extra in ("dataset.json", "plans.json", "predict_from_raw_data_args.json"):
+                    (folder / extra).unlink(missing_ok=True)
+
+        if self.orientation():
+            # trained on harmonised cases: predict in the canonical orientation, map back to each grid
+            from oarbench.train.harmonise import predict_in_canonical
+
+            predict_in_canonical(paths, cases, out_dir, run, ending=ending)
+        else:
+            run(paths, [out_dir / c for c in cases])
         return _collect_outputs(out_dir, cases, f"nnU-Net model {self.model_folder}")
+
+    def orientation(self) -> str | None:
+        """The orientation the model was trained in (plans.json ``oarbench_orientation``), or None: as stored."""
+        import json
+
+        from oarbench.train.harmonise import CANONICAL, PLANS_KEY
+
+        value = json.loads((self.model_folder / "plans.json").read_text()).get(PLANS_KEY)
+        if value is not None and value != CANONICAL:
+            raise ValueError(f"{self.model_folder / 'plans.json'}: unknown {PLANS_KEY} {str(value)[:20]!r} "
+                             f"(expected {CANONICAL!r})")
+        return value
 
 
 def _checkpoint_globals() -> list[Any]:

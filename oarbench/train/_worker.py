@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -58,16 +59,36 @@ def step_fingerprint(spec: dict) -> dict:
 
     t0 = time.perf_counter()
     fpe = DatasetFingerprintExtractor(spec["dataset"], spec["num_processes"], verbose=False)
-    fingerprint = fpe.run(overwrite_existing=True)
-    return {"fingerprint": json.loads(json.dumps(fingerprint, default=float)), "seconds": time.perf_counter() - t0}
+    fingerprint = json.loads(json.dumps(fpe.run(overwrite_existing=True), default=float))
+    _record_harmonisation(spec["dataset"], fingerprint)
+    return {"fingerprint": fingerprint, "seconds": time.perf_counter() - t0}
+
+
+def _record_harmonisation(dataset: str, fingerprint: dict) -> None:
+    """Add what harmonisation did (and the orientation the cases are in) to the stored fingerprint."""
+    from oarbench.train.harmonise import PLANS_KEY, dataset_record, record_summary
+
+    record = dataset_record(Path(os.environ["nnUNet_raw"]) / dataset)
+    fingerprint["oarbench_harmonisation"] = record_summary(record)
+    if record is not None:
+        fingerprint[PLANS_KEY] = record["canonical"]
+    _save_json(fingerprint, Path(os.environ["nnUNet_preprocessed"]) / dataset / "dataset_fingerprint.json")
 
 
 def step_plan(spec: dict) -> dict:
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
+    from oarbench.train.harmonise import PLANS_KEY
+
     planner = ExperimentPlanner(spec["dataset"], plans_name=spec.get("plans_name", "nnUNetPlans"))
-    plans = planner.plan_experiment()
-    return {"plans": json.loads(json.dumps(plans, default=float))}
+    plans = json.loads(json.dumps(planner.plan_experiment(), default=float))
+    pre = Path(os.environ["nnUNet_preprocessed"]) / spec["dataset"]
+    orientation = _load_json(pre / "dataset_fingerprint.json").get(PLANS_KEY)
+    if orientation:
+        # the orientation the cases were brought to travels with the plans into every model folder
+        plans[PLANS_KEY] = orientation
+        _save_json(plans, pre / f"{spec.get('plans_name', 'nnUNetPlans')}.json")
+    return {"plans": plans}
 
 
 def step_preprocess(spec: dict) -> dict:
@@ -110,6 +131,21 @@ def step_init_weights(spec: dict) -> dict:
     return {"tensors": len(arrays), "parameters": int(sum(a.size for a in arrays.values()))}
 
 
+def _seed_data(seed: int, epoch: int) -> None:
+    """Seed every generator the data loader and augmentation draw from (numpy's global one for patch
+    sampling, torch's, Python's) from the run's seed and the epoch this call starts at: a repeated call
+    draws the same patches, and each federated round (a new process) draws new ones."""
+    import random
+
+    import numpy as np
+    import torch
+
+    state = int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
+    random.seed(state)
+    np.random.seed(state)
+    torch.manual_seed(state)
+
+
 def step_train(spec: dict) -> dict:
     import torch
 
@@ -141,11 +177,15 @@ def step_train(spec: dict) -> dict:
     trainer.initialize()
     if resume_from:
         trainer.load_checkpoint(resume_from)
+        if spec.get("optimizer_state", "kept") == "reset":
+            # a fresh optimizer (no momentum or moments); the epoch counter and poly schedule continue
+            trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
     if spec.get("initial_weights"):
         state = arrays_to_state(_load_arrays(spec["initial_weights"]), trainer.network)
         trainer.network.load_state_dict(state)
-    t0 = time.perf_counter()
     start_epoch = trainer.current_epoch
+    _seed_data(int(spec.get("seed", 0)), start_epoch)
+    t0 = time.perf_counter()
     trainer.run_training()
     seconds = time.perf_counter() - t0
     iterations = (trainer.current_epoch - start_epoch) * trainer.num_iterations_per_epoch
@@ -209,18 +249,16 @@ def step_predict(spec: dict) -> dict:
 
     fold = spec["fold"]
     fold = fold if fold == "all" else int(fold)
-    predictor = NnUNetModelPredictor(
+    model = NnUNetModelPredictor(
         Path(spec["model_folder"]), folds=(fold,), device=spec["device"], use_mirroring=bool(spec["mirroring"])
-    ).load()
-    t0 = time.perf_counter()
-    predictor.predict_from_files(
-        spec["input_folder"],
-        spec["output_folder"],
-        save_probabilities=False,
-        overwrite=True,
-        num_processes_preprocessing=spec["num_processes"],
-        num_processes_segmentation_export=spec["num_processes"],
     )
+    ending = _load_json(Path(spec["model_folder"]) / "dataset.json").get("file_ending", ".nii.gz")
+    images = sorted(p for p in Path(spec["input_folder"]).iterdir()
+                    if p.name.endswith("_0000" + ending) and not p.name.startswith("."))
+    t0 = time.perf_counter()
+    if images:
+        # harmonised models predict in their canonical orientation, mapped back to each input's grid
+        model.predict(images, Path(spec["output_folder"]))
     return {"seconds": time.perf_counter() - t0}
 
 
@@ -245,10 +283,19 @@ def step_curve(spec: dict) -> dict:
     net, pm, cm = _build_network(plans, dataset_json, configuration, False)
     device = torch.device(spec["device"])
     io = SimpleITKIO()
+    oriented = plans.get("oarbench_orientation")  # trained on harmonised cases: score them in that orientation
     cases = []
-    for c in spec["cases"]:
-        image, props = io.read_images([c["image"]])
-        cases.append((c, image, props, io.read_seg(c["label"])[0][0]))
+    with tempfile.TemporaryDirectory(prefix="oarbench-curve-cases-") as tmp:
+        for k, c in enumerate(spec["cases"]):
+            files = [c["image"], c["label"]]
+            if oriented:
+                from oarbench.io import read_volume, write_volume
+                from oarbench.train.harmonise import to_canonical
+
+                files = [str(write_volume(to_canonical(read_volume(f), f), Path(tmp) / f"{k}_{i}.nii.gz"))
+                         for i, f in enumerate(files)]
+            image, props = io.read_images([files[0]])
+            cases.append((c, image, props, io.read_seg(files[1])[0][0]))
     rows = []
     for snap in spec["snapshots"]:
         net.load_state_dict(arrays_to_state(_load_arrays(snap["weights"]), net))

@@ -335,6 +335,13 @@ def merge_site_messages(bodies: Mapping[str, Mapping[str, Any]]) -> tuple[dict[s
                 raise ValueError(f"site {s!r} has dataset.json {key} {h.get(key)!r}, site "
                                  f"{sites[0]!r} has {ref.get(key)!r}")
     merged = merge_fingerprints({s: (bodies[s]["fingerprint"], bodies[s]["num_cases"]) for s in sites})
+    orientations = {s: bodies[s]["fingerprint"].get("oarbench_orientation") for s in sites}
+    if any(o is not None and not isinstance(o, str) for o in orientations.values()) \
+            or len(set(orientations.values())) > 1:  # cases harmonised to one orientation (oarbench.train.harmonise)
+        raise ValueError(f"sites disagree on the orientation of their cases: "
+                         f"{ {s: str(o)[:20] for s, o in orientations.items()} }")
+    if orientations[sites[0]]:
+        merged["oarbench_orientation"] = str(orientations[sites[0]])
     header = {k: ref[k] for k in ("labels", "channel_names", "file_ending")}
     header["numTraining"] = int(sum(bodies[s]["num_cases"] for s in sites))
     return merged, header
@@ -704,7 +711,8 @@ class NnunetSite:
 
         self.work = Path(self.work)
         self.paths = nn.NnunetPaths.under(self.work / "nnunet").make()
-        self.name = nn.link_dataset(self.dataset_dir, self.paths)
+        self.name = nn.link_dataset(self.dataset_dir, self.paths,
+                                    harmonise=(self.options or nn.TrainerOptions()).harmonise)
         self.dataset_json = json.loads((Path(self.paths.raw) / self.name / "dataset.json").read_text())
 
     @property

@@ -75,6 +75,11 @@ __all__ = [
     "add_to_roster",
     "weights_to_record",
     "record_to_weights",
+    "options_to_run_config",
+    "options_from_run_config",
+    "client_query",
+    "client_train",
+    "client_evaluate",
 ]
 
 log = logging.getLogger(__name__)
@@ -152,6 +157,7 @@ class ServerSettings:
     seed: int = 0
     timeout_s: float = 24 * 3600.0
     rules: AggregationRules = field(default_factory=AggregationRules)
+    options: Any = None  # TrainerOptions sent to every site (None: nnU-Net's defaults, harmonised)
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> "ServerSettings":
@@ -163,7 +169,62 @@ class ServerSettings:
         return cls(sites=sites, rounds=int(cfg["rounds"]), out=Path(str(cfg["out"])),
                    local_epochs=int(cfg.get("local-epochs", 1)), iterations=int(cfg.get("iterations", 250)),
                    configuration=str(cfg.get("configuration", "3d_fullres")), width=str(cfg.get("width", "default")),
-                   seed=int(cfg.get("seed", 0)), timeout_s=float(cfg.get("timeout", 24 * 3600.0)))
+                   seed=int(cfg.get("seed", 0)), timeout_s=float(cfg.get("timeout", 24 * 3600.0)),
+                   options=options_from_run_config(cfg))
+
+    def options_json(self) -> str:
+        """The trainer options as the messages carry them (JSON)."""
+        from oarbench.train.nnunet import TrainerOptions
+
+        return (self.options or TrainerOptions()).to_json()
+
+
+#: Trainer options in the Flower run config (kebab-case) -> (TrainerOptions field, the value that stands
+#: for nnU-Net's own choice, None; a run config holds no null).
+_RUN_CONFIG_OPTIONS: dict[str, tuple[str, Any]] = {
+    "augmentation": ("augmentation", None), "initial-lr": ("initial_lr", 0.0), "batch-size": ("batch_size", 0),
+    "optimizer": ("optimizer", None), "foreground-oversampling": ("foreground_oversampling", -1.0),
+    "harmonise": ("harmonise", None), "optimizer-state": ("optimizer_state", None),
+}
+
+
+def options_to_run_config(options: Any) -> dict[str, Any]:
+    """:class:`oarbench.train.nnunet.TrainerOptions` as Flower run config entries (see ``_RUN_CONFIG_OPTIONS``)."""
+    from oarbench.train.nnunet import TrainerOptions
+
+    options = options or TrainerOptions()
+    out: dict[str, Any] = {}
+    for key, (name, none) in _RUN_CONFIG_OPTIONS.items():
+        value = getattr(options, name)
+        out[key] = none if value is None else value
+    return out
+
+
+def options_from_run_config(cfg: Mapping[str, Any]) -> Any:
+    """Inverse of :func:`options_to_run_config`; absent entries take the TrainerOptions defaults."""
+    from oarbench.train.nnunet import TrainerOptions
+
+    values: dict[str, Any] = {}
+    for key, (name, none) in _RUN_CONFIG_OPTIONS.items():
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        if name == "harmonise":
+            if not isinstance(value, bool):
+                text = str(value).strip().lower()
+                if text not in ("true", "false"):
+                    raise ValueError(f"run config 'harmonise' must be true or false, got {str(value)[:20]!r}")
+                value = text == "true"
+        elif none is not None and value == none:
+            value = None
+        elif name == "batch_size":
+            value = int(value)
+        elif name in ("initial_lr", "foreground_oversampling"):
+            value = float(value)
+        else:
+            value = str(value)
+        values[name] = value
+    return TrainerOptions(**values)
 
 
 def _save_weights(path: Path, weights: Mapping[str, np.ndarray]) -> str:
@@ -273,7 +334,9 @@ def serve(grid: Any, settings: ServerSettings, steps: ServerSteps | None = None,
     nodes = sorted(int(n) for n in grid.get_node_ids())
 
     # 2. fingerprint round: a site's claim counts only from its roster node; pin its case count
-    replies = ask(nodes, "query", RecordDict({"oarbench": ConfigRecord({"step": "fingerprint"})}))
+    options = settings.options_json()  # the same trainer options (and harmonisation) at every site
+    replies = ask(nodes, "query", RecordDict({"oarbench": ConfigRecord({"step": "fingerprint",
+                                                                        "trainer-options": options})}))
     node_site: dict[int, str] = {}
     bodies: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
@@ -334,7 +397,8 @@ def serve(grid: Any, settings: ServerSettings, steps: ServerSteps | None = None,
     rounds_log = []
     for r in range(settings.rounds):
         cfg = ConfigRecord({"round": r, "rounds": settings.rounds, "local-epochs": settings.local_epochs,
-                            "iterations": settings.iterations, "plans": plans_text, "parent": sha})
+                            "iterations": settings.iterations, "plans": plans_text, "parent": sha,
+                            "trainer-options": options})
         replies = ask(sorted(node_site), "train", RecordDict({"global": weights_to_record(global_w), "config": cfg}))
         updates: dict[str, tuple[dict[str, np.ndarray], Any]] = {}
         failed: dict[str, str] = {}
@@ -365,7 +429,7 @@ def serve(grid: Any, settings: ServerSettings, steps: ServerSteps | None = None,
     # 4. final model everywhere
     final = out / "final.safetensors"
     shutil.copyfile(out / f"global_{settings.rounds:05d}.safetensors", final)
-    fin = ConfigRecord({"plans": plans_text, "num-training": int(header["numTraining"])})
+    fin = ConfigRecord({"plans": plans_text, "num-training": int(header["numTraining"]), "trainer-options": options})
     done = ask(sorted(node_site), "evaluate", RecordDict({"global": weights_to_record(global_w), "config": fin}))
     model = steps.write_model(plans, header, final, settings)
     summary = {
@@ -420,16 +484,62 @@ def make_server_app(coordinator_key: str | None = None) -> Any:
 # --------------------------------------------------------------------------- client
 
 
-def _site_from_context(context: Any) -> Any:
-    from oarbench.train.federated import NnunetSite
+def _site_from_context(context: Any, config: Any = None) -> Any:
+    """The site's steps (:class:`NnunetSite`) with the trainer options of the server's message ``config``."""
+    from oarbench.train import federated
+    from oarbench.train.nnunet import TrainerOptions
 
     cfg = context.node_config
     for key in ("site", "dataset", "work"):
         if not str(cfg.get(key, "")):
             raise ValueError(f"SuperNode --node-config must set {key}=... (site name, dataset folder, work folder)")
-    return NnunetSite(Path(str(cfg["dataset"])), Path(str(cfg["work"])),
-                      configuration=str(cfg.get("configuration", "3d_fullres")), device=str(cfg.get("device", "cpu")),
-                      num_processes=int(cfg.get("processes", 1)))
+    text = config.get("trainer-options") if config is not None else None
+    options = TrainerOptions.from_json(str(text)) if text else TrainerOptions()
+    return federated.NnunetSite(Path(str(cfg["dataset"])), Path(str(cfg["work"])),
+                                configuration=str(cfg.get("configuration", "3d_fullres")),
+                                device=str(cfg.get("device", "cpu")), num_processes=int(cfg.get("processes", 1)),
+                                options=options, threads=int(cfg["threads"]) if cfg.get("threads") else None)
+
+
+def client_query(content: Any, context: Any) -> Any:
+    """The ClientApp's ``query`` step: the site's name and fingerprint message (a ``RecordDict``)."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    step = content["oarbench"]["step"]
+    if step != "fingerprint":
+        raise ValueError(f"unknown query step {step!r}")
+    site = _site_from_context(context, content["oarbench"])
+    marker = site.work / "fingerprint_message.json"
+    if marker.is_file():
+        body = json.loads(marker.read_text())
+    else:
+        body = site.fingerprint_message()
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(body, sort_keys=True))
+    rec = ConfigRecord({"site": str(context.node_config["site"]), "message": json.dumps(body, sort_keys=True)})
+    return RecordDict({"fingerprint": rec})
+
+
+def client_train(content: Any, context: Any) -> Any:
+    """The ClientApp's ``train`` step: one round from the global weights, with the message's schedule and options."""
+    from flwr.app import MetricRecord, RecordDict
+
+    cfg = content["config"]
+    site = _site_from_context(context, cfg)
+    site.install_plans(json.loads(str(cfg["plans"])))
+    trainer = site.trainer(int(cfg["rounds"]), int(cfg["local-epochs"]), int(cfg["iterations"]))
+    weights, n = trainer(int(cfg["round"]), record_to_weights(content["global"]))
+    return RecordDict({"update": weights_to_record(weights), "metrics": MetricRecord({"num-cases": int(n)})})
+
+
+def client_evaluate(content: Any, context: Any) -> Any:
+    """The ClientApp's ``evaluate`` step: write the final global model as an nnU-Net model folder."""
+    from flwr.app import MetricRecord, RecordDict
+
+    cfg = content["config"]
+    site = _site_from_context(context, cfg)
+    site.write_model(json.loads(str(cfg["plans"])), record_to_weights(content["global"]), int(cfg["num-training"]))
+    return RecordDict({"model": MetricRecord({"written": 1})})
 
 
 def make_client_app() -> Any:
@@ -441,45 +551,22 @@ def make_client_app() -> Any:
     and case counts only.
     """
     require_flower()
-    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app import Message
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
 
     @app.query()
     def query(msg: Any, context: Any) -> Any:
-        step = msg.content["oarbench"]["step"]
-        if step != "fingerprint":
-            raise ValueError(f"unknown query step {step!r}")
-        site = _site_from_context(context)
-        marker = site.work / "fingerprint_message.json"
-        if marker.is_file():
-            body = json.loads(marker.read_text())
-        else:
-            body = site.fingerprint_message()
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps(body, sort_keys=True))
-        rec = ConfigRecord({"site": str(context.node_config["site"]), "message": json.dumps(body, sort_keys=True)})
-        return Message(content=RecordDict({"fingerprint": rec}), reply_to=msg)
+        return Message(content=client_query(msg.content, context), reply_to=msg)
 
     @app.train()
     def train(msg: Any, context: Any) -> Any:
-        cfg = msg.content["config"]
-        site = _site_from_context(context)
-        plans = json.loads(str(cfg["plans"]))
-        site.install_plans(plans)
-        trainer = site.trainer(int(cfg["rounds"]), int(cfg["local-epochs"]), int(cfg["iterations"]))
-        weights, n = trainer(int(cfg["round"]), record_to_weights(msg.content["global"]))
-        content = RecordDict({"update": weights_to_record(weights), "metrics": MetricRecord({"num-cases": int(n)})})
-        return Message(content=content, reply_to=msg)
+        return Message(content=client_train(msg.content, context), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Any, context: Any) -> Any:
-        cfg = msg.content["config"]
-        site = _site_from_context(context)
-        site.write_model(json.loads(str(cfg["plans"])), record_to_weights(msg.content["global"]),
-                         int(cfg["num-training"]))
-        return Message(content=RecordDict({"model": MetricRecord({"written": 1})}), reply_to=msg)
+        return Message(content=client_evaluate(msg.content, context), reply_to=msg)
 
     return app
 
@@ -518,6 +605,13 @@ seed = 0
 timeout = 86400.0
 out = ""
 roster = ""
+augmentation = "default"
+initial-lr = 0.0
+batch-size = 0
+optimizer = "sgd"
+foreground-oversampling = -1.0
+harmonise = true
+optimizer-state = "kept"
 """
 
 
@@ -739,12 +833,13 @@ class LocalFlowerFederation:
 
     def start_supernode(self, name: str, private_key: Path, *, site: str, dataset: str | Path, work: str | Path,
                         device: str = "cpu", configuration: str = "3d_fullres", processes: int = 1,
-                        max_retries: int | None = None,
-                        trusted_entities: Path | None = None) -> subprocess.Popen[bytes]:
+                        max_retries: int | None = None, trusted_entities: Path | None = None,
+                        threads: int | None = None) -> subprocess.Popen[bytes]:
         """Start one hospital's SuperNode (the command of :func:`supernode_command`), trusting the coordinator's key."""
         args = supernode_command(self.address, self.tls.ca, private_key, site=site, dataset=dataset, work=work,
                                  device=device, configuration=configuration, processes=processes,
-                                 port=_free_port(), trusted_entities=trusted_entities or self.trusted_entities)
+                                 port=_free_port(), trusted_entities=trusted_entities or self.trusted_entities,
+                                 threads=threads)
         if max_retries is not None:
             args += ["--max-retries", str(max_retries)]
         return self._start(f"supernode-{name}", args)
@@ -792,6 +887,8 @@ def run_local(
     seed: int = 0,
     timeout_s: float = 24 * 3600.0,
     federation: LocalFlowerFederation | None = None,
+    options: Any = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """A whole federation through Flower on this machine: SuperLink, one SuperNode per dataset, one run.
 
@@ -818,12 +915,12 @@ def run_local(
         roster = fed.roster(pubs, work / "roster.json")
         for site, ds in datasets.items():
             fed.start_supernode(site, keys / site, site=site, dataset=ds, work=work / "sites" / site, device=device,
-                                configuration=configuration, processes=num_processes)
+                                configuration=configuration, processes=num_processes, threads=threads)
         # the coordinator's own path: write the Flower App, sign it, submit it to the SuperLink, wait
         summary = coordinate(fed.control_address, fed.tls.ca, work, sites=list(datasets), rounds=rounds,
                              local_epochs=local_epochs, iterations=iterations, configuration=configuration,
                              width=width, seed=seed, timeout_s=timeout_s, signing_key=fed.signing_key,
-                             roster=roster)
+                             roster=roster, options=options)
         summary["site_models"] = {s: str(work / "sites" / s / "model") for s in summary["site_models_written"]}
         return summary
     finally:
@@ -893,9 +990,12 @@ def add_to_roster(path: str | Path, site: str, public_key: str | Path, node_id: 
 def coordinate(superlink: str, root_certificates: str | Path, work: str | Path, *, sites: Sequence[str],
                rounds: int, local_epochs: int = 1, iterations: int = 250, configuration: str = "3d_fullres",
                width: str = "default", seed: int = 0, timeout_s: float = 24 * 3600.0,
-               signing_key: str | Path, roster: str | Path) -> dict[str, Any]:
+               signing_key: str | Path, roster: str | Path, options: Any = None) -> dict[str, Any]:
     """Coordinator side: sign the Flower App with ``signing_key``, submit it to the SuperLink's Control API
     (``superlink``, on the coordinator's machine) with the signed ``roster`` file, and wait for it.
+
+    ``options`` (:class:`oarbench.train.nnunet.TrainerOptions`, default nnU-Net's) reach
+    every site's trainer in the ``train`` messages, as the storage engine passes them.
 
     The ServerApp runs at the SuperLink, so ``work`` must be a folder on the
     SuperLink's machine (the coordinator runs both). Returns the server's summary.
@@ -924,7 +1024,7 @@ def coordinate(superlink: str, root_certificates: str | Path, work: str | Path, 
     (out / "summary.json").unlink(missing_ok=True)
     cfg = {"sites": ",".join(sites), "rounds": rounds, "local-epochs": local_epochs, "iterations": iterations,
            "configuration": configuration, "width": width, "seed": seed, "timeout": float(timeout_s), "out": str(out),
-           "roster": json.dumps(doc, sort_keys=True)}
+           "roster": json.dumps(doc, sort_keys=True), **options_to_run_config(options)}
     cfg_file = work / "run-config.json"
     nn._atomic_text(cfg_file, json.dumps(cfg))
     res = subprocess.run([sys.executable, "-m", "oarbench.train.flower_link", "submit", str(app), "coordinator",
@@ -944,15 +1044,19 @@ def coordinate(superlink: str, root_certificates: str | Path, work: str | Path, 
 
 def supernode_command(superlink: str, root_certificates: str | Path, auth_key: str | Path, *, site: str,
                       dataset: str | Path, work: str | Path, device: str = "cpu", configuration: str = "3d_fullres",
-                      processes: int = 1, port: int = 9094, trusted_entities: str | Path) -> list[str]:
+                      processes: int = 1, port: int = 9094, trusted_entities: str | Path,
+                      threads: int | None = None) -> list[str]:
     """The ``flower-supernode`` command line of one hospital (outbound connection to the SuperLink only).
 
     ``trusted_entities``: the file naming the coordinator's app-signing key
     (:func:`oarbench.train.flower_trust.write_trusted_entities`); the SuperNode
-    runs only Flower Apps signed with it.
+    runs only Flower Apps signed with it. ``threads``: CPU threads of the site's
+    training processes (default: torch's, one per core).
     """
     node_config = {"site": site, "dataset": str(Path(dataset).resolve()), "work": str(Path(work).resolve()),
                    "device": device, "configuration": configuration, "processes": processes}
+    if threads:
+        node_config["threads"] = int(threads)
     return [_flower_bin("flower-supernode"), "--superlink", superlink, "--root-certificates",
             str(Path(root_certificates).resolve()), "--auth-supernode-private-key", str(Path(auth_key).resolve()),
             "--trusted-entities", str(Path(trusted_entities).resolve()),

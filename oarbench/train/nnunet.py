@@ -177,12 +177,22 @@ def _check_images(dataset_dir: Path, file_ending: str) -> None:
                 check_image_file(path)
 
 
-def link_dataset(dataset_dir: str | Path, paths: NnunetPaths) -> str:
-    """Make ``dataset_dir`` visible under ``paths.raw`` (a symlink) and return its dataset name."""
+def link_dataset(dataset_dir: str | Path, paths: NnunetPaths, *, harmonise: bool = True) -> str:
+    """Make ``dataset_dir`` visible under ``paths.raw`` (a symlink) and return its dataset name.
+
+    With ``harmonise`` (the default) the link points to a copy with every
+    training case in the canonical orientation
+    (:func:`oarbench.train.harmonise.harmonise_dataset`, written next to
+    ``paths.raw`` under ``harmonised/``); without it, to ``dataset_dir`` as stored.
+    """
     src = Path(dataset_dir).resolve()
     name = dataset_name(src)
     _check_raw_dataset(src)
     paths.make()
+    if harmonise:
+        from oarbench.train.harmonise import harmonise_dataset
+
+        src = harmonise_dataset(src, Path(paths.raw).parent / "harmonised").resolve()
     dst = Path(paths.raw) / name
     if dst.is_symlink() or dst.exists():
         if dst.resolve() != src:
@@ -255,6 +265,15 @@ def install_plans(paths: NnunetPaths, name: str, plans: Mapping[str, Any], *, pl
     ``plans_name``; the local dataset.json is copied next to them as nnU-Net's
     planner would. The fingerprint (local one by default) is stored too.
     """
+    from oarbench.train.harmonise import PLANS_KEY, dataset_record
+
+    record = dataset_record(Path(paths.raw) / name)
+    mine = record["canonical"] if record else None
+    if plans.get(PLANS_KEY) != mine:
+        raise ValueError(f"{Path(paths.raw) / name}: the plans are for cases in orientation "
+                         f"{plans.get(PLANS_KEY) or 'as stored'}, this dataset is "
+                         f"{'harmonised to ' + mine if mine else 'used as stored'} (all sites must use the "
+                         "same harmonisation setting)")
     pre = Path(paths.preprocessed) / name
     pre.mkdir(parents=True, exist_ok=True)
     out = dict(plans, dataset_name=name, plans_name=plans_name)
@@ -307,6 +326,13 @@ class TrainerOptions:
     batch_size: patches per iteration (nnU-Net: from the plans).
     optimizer: ``"sgd"`` (nnU-Net's) or ``"adam"`` (AdamW).
     foreground_oversampling: share of patches centred on a structure (nnU-Net: 0.33).
+    harmonise: bring every training case to the canonical orientation first
+        (:mod:`oarbench.train.harmonise`; default on); ``False`` trains on the
+        arrays as stored, as nnU-Net does.
+    optimizer_state: federated rounds: ``"kept"`` (each site resumes its own optimizer state,
+        SGD momentum or AdamW moments, from its checkpoint of the previous round) or
+        ``"reset"`` (a fresh optimizer every round; the epoch counter and the learning-rate
+        schedule still continue).
     """
 
     augmentation: str = "default"
@@ -314,6 +340,8 @@ class TrainerOptions:
     batch_size: int | None = None
     optimizer: str = "sgd"
     foreground_oversampling: float | None = None
+    harmonise: bool = True
+    optimizer_state: str = "kept"
 
     def __post_init__(self) -> None:
         if self.augmentation not in ("default", "light"):
@@ -326,10 +354,36 @@ class TrainerOptions:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.foreground_oversampling is not None and not 0 <= self.foreground_oversampling <= 1:
             raise ValueError(f"foreground_oversampling must be in [0, 1], got {self.foreground_oversampling}")
+        if not isinstance(self.harmonise, bool):
+            raise ValueError(f"harmonise must be True or False, got {self.harmonise!r}")
+        if self.optimizer_state not in ("kept", "reset"):
+            raise ValueError(f"optimizer_state must be 'kept' or 'reset', got {self.optimizer_state!r}")
 
     def spec(self) -> dict[str, Any]:
         return {"augmentation": self.augmentation, "initial_lr": self.initial_lr, "batch_size": self.batch_size,
-                "optimizer": self.optimizer, "foreground_oversampling": self.foreground_oversampling}
+                "optimizer": self.optimizer, "foreground_oversampling": self.foreground_oversampling,
+                "optimizer_state": self.optimizer_state}
+
+    def to_json(self) -> str:
+        """Every option as a JSON object (what the Flower engine's messages carry)."""
+        return json.dumps(dict(self.spec(), harmonise=self.harmonise), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainerOptions":
+        """Inverse of :meth:`to_json`; ValueError for malformed text or unknown options."""
+        try:
+            values = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ValueError(f"trainer options: not valid JSON ({exc})") from None
+        if not isinstance(values, dict):
+            raise ValueError("trainer options must be a JSON object")
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"trainer options: unknown option(s) {[str(u)[:30] for u in unknown[:5]]}")
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ValueError(f"trainer options: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -460,7 +514,10 @@ def predict(model_folder: str | Path, input_folder: str | Path, output_folder: s
     """Predict every case in ``input_folder`` (``<case>_0000.nii.gz`` files) into ``output_folder``.
 
     Returns the seconds taken. Output files are ``<case><file_ending>`` on
-    the input grid, as ``nnUNetv2_predict`` writes them.
+    the input grid, as ``nnUNetv2_predict`` writes them; a model trained on
+    harmonised cases (plans.json ``oarbench_orientation``) predicts each input
+    in that orientation and maps the labels back (:mod:`oarbench.train.harmonise`).
+    Cases are predicted one after another (``num_processes`` is kept for callers).
     """
     model_folder = Path(model_folder)
     for f in ("plans.json", "dataset.json", f"fold_{fold}/checkpoint_final.pth"):
@@ -514,11 +571,17 @@ def train_local(dataset_dir: str | Path, out: str | Path, *, configuration: str 
     ``num_processes``: preprocessing processes; ``threads``: CPU threads of the training
     process (default: torch's, one per core).
 
-    Returns a summary with the model folder and timings (seconds).
+    Unless ``options.harmonise`` is off, the cases are first brought to the canonical
+    orientation (:mod:`oarbench.train.harmonise`); the model's plans.json records it and
+    its predictions are made in that orientation and mapped back to each input's grid.
+
+    Returns a summary with the model folder, timings (seconds) and what harmonisation did.
     """
     _require_nnunet()
+    from oarbench.train.harmonise import dataset_record, record_summary
+
     paths = NnunetPaths.under(out).make()
-    name = link_dataset(dataset_dir, paths)
+    name = link_dataset(dataset_dir, paths, harmonise=options.harmonise)
     t0 = time.perf_counter()
     plan_and_preprocess(paths, name, configurations=(configuration,), num_processes=num_processes)
     t_plan = time.perf_counter() - t0
@@ -526,7 +589,8 @@ def train_local(dataset_dir: str | Path, out: str | Path, *, configuration: str 
                 width=width, device=device, log_file=Path(out) / "train.log", options=options,
                 snapshot_dir=snapshot_dir, threads=threads)
     return {"model_folder": str(res.model_folder), "fold": fold, "plan_preprocess_s": t_plan,
-            "train_s": res.seconds, "s_per_iteration": res.seconds_per_iteration, "num_cases": res.num_cases}
+            "train_s": res.seconds, "s_per_iteration": res.seconds_per_iteration, "num_cases": res.num_cases,
+            "harmonisation": record_summary(dataset_record(Path(paths.raw) / name))}
 
 
 @dataclass

@@ -1,0 +1,145 @@
+"""The demo's federated-versus-local gap, one change at a time: ``oarbench demo --train`` per ablation row.
+
+Run by hand (not a test, not in CI); each row is a whole ``demo --train`` (about 20 minutes on a
+quiet 2-core CPU), so run it on a machine with nothing else running, as the timings in
+docs/demo.md were::
+
+    python benchmarks/demo_ablation.py --out ablation [--rows today,harmonised,...] [--engine storage]
+
+Every row trains local-A, local-B and the federated model from scratch into ``OUT/<row>/``, with
+the same seeds: the phantoms' (cases/demo.toml: every row generates the same study), the initial
+global weights (seed 0), and each training call's data order (seeded from the run's seed and the
+epoch it starts at, docs/training.md). Only the thread scheduling of the 2 cores differs between
+runs, so repeat a row to see how much a number moves by itself before reading a difference. The
+local models do not depend on the federated settings: rows that share the local schedule retrain
+them the same way, and their numbers agreeing across rows is that check. The rows (``ROWS``) differ from the quick schedule in one setting each:
+
+* ``today``: no site harmonisation (nnU-Net reads the arrays as stored; centre B is x/y flipped);
+* ``harmonised``: the quick schedule as shipped (every case in LPS before nnU-Net sees it);
+* ``optimizer_reset``: harmonised, and each federated site starts every round with a fresh AdamW
+  (no moments carried over from its previous round; FedAvg averages the weights only, so a kept
+  optimizer applies moments gathered on the site's own pre-averaging trajectory);
+* ``rounds6x2``, ``rounds4x3``: harmonised, 6 rounds of 2 local epochs / 4 rounds of 3 (the same
+  12 epochs of 100 iterations per site);
+* ``longer``: harmonised, 10 epochs of 150 iterations (the earlier, longer schedule of docs/demo.md).
+
+Afterwards it prints, and writes to ``OUT/ablation.md`` and ``OUT/ablation.csv``, one row per
+ablation row, model and centre: the median DSC over the test cases of Liver, Spleen, Kidney_L,
+Kidney_R and Stomach (condition original), the training seconds, and fl minus each local model on
+that model's centre. Rows already done (``OUT/<row>/results/metrics.csv`` present) are not run
+again. The numbers this prints are what docs/demo.md's ablation table should hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ORGANS = ("Liver", "Spleen", "Kidney_L", "Kidney_R", "Stomach")
+
+#: Row name -> overrides of ``TrainSettings.schedule("quick", ...)``.
+ROWS: dict[str, dict[str, object]] = {
+    "today": {"harmonise": False},
+    "harmonised": {},
+    "optimizer_reset": {"optimizer_state": "reset"},
+    "rounds6x2": {"rounds": 6, "local_epochs": 2},
+    "rounds4x3": {"rounds": 4, "local_epochs": 3},
+    "longer": {"epochs": 10, "iterations": 150},
+}
+
+
+def run_row(name: str, out: Path, engine: str, workers: int) -> dict[str, float]:
+    """One ``demo --train`` with the row's settings into ``out/name``; returns its step timings."""
+    from oarbench.demo import TrainSettings, run_demo
+
+    row_dir = out / name
+    if (row_dir / "results" / "metrics.csv").is_file():
+        print(f"[ablation] {name}: done before, reused", flush=True)
+        return {}
+    row_dir.mkdir(parents=True, exist_ok=True)
+    settings = TrainSettings.schedule("quick", engine=engine, **ROWS[name])
+    (row_dir / "settings.json").write_text(json.dumps(settings.training_key(), indent=1))
+    t0 = time.perf_counter()
+    run_demo(row_dir, train=settings, workers=workers, log=lambda line: print(f"[{name}] {line}", flush=True))
+    seconds = time.perf_counter() - t0
+    (row_dir / "seconds.txt").write_text(f"{seconds:.1f}\n")
+    return {"seconds": seconds}
+
+
+def summarise(out: Path, names: list[str]) -> "object":
+    """Median DSC per row, model, centre and organ (condition original) from each row's metrics.csv."""
+    import pandas as pd
+
+    frames = []
+    for name in names:
+        metrics = out / name / "results" / "metrics.csv"
+        if not metrics.is_file():
+            continue
+        t = pd.read_csv(metrics)
+        t = t[(t["condition"] == "original") & t["structure"].isin(ORGANS)]
+        med = t.groupby(["model", "centre", "structure"])["dsc"].median().unstack("structure")
+        med = med.reindex(columns=list(ORGANS)).reset_index()
+        med.insert(0, "row", name)
+        seconds = out / name / "seconds.txt"
+        med["seconds"] = float(seconds.read_text()) if seconds.is_file() else float("nan")
+        frames.append(med)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def gaps(table: "object") -> "object":
+    """fl minus local-X on centre X, per row and organ (negative: fl below the local model)."""
+    import pandas as pd
+
+    rows = []
+    for row, g in table.groupby("row", sort=False):
+        for centre in ("A", "B"):
+            fl = g[(g["model"] == "fl") & (g["centre"] == centre)]
+            local = g[(g["model"] == f"local-{centre}") & (g["centre"] == centre)]
+            if len(fl) and len(local):
+                rows.append({"row": row, "comparison": f"fl - local-{centre} on {centre}",
+                             **{o: float(fl[o].iloc[0] - local[o].iloc[0]) for o in ORGANS}})
+    return pd.DataFrame(rows)
+
+
+def _markdown(table: "object") -> str:
+    """A pandas table as a Markdown table (numbers to 3 decimals)."""
+    def cell(v: object) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    ap.add_argument("--engine", choices=("storage", "flower"), default="storage")
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    names = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in names if r not in ROWS]
+    if unknown:
+        sys.exit(f"unknown row(s) {unknown}; rows: {', '.join(ROWS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"[ablation] {len(names)} row(s), engine {args.engine}, {os.cpu_count()} CPU(s)", flush=True)
+    for name in names:
+        run_row(name, args.out, args.engine, args.workers)
+    table = summarise(args.out, names)
+    if not len(table):
+        sys.exit("no row finished")
+    diff = gaps(table)
+    table.to_csv(args.out / "ablation.csv", index=False)
+    text = ("## Median DSC (condition original)\n\n" + _markdown(table)
+            + "\n## fl minus the local model on that model's centre\n\n" + _markdown(diff))
+    (args.out / "ablation.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
