@@ -25,7 +25,7 @@ from oarbench import __version__
 from oarbench.dicom._deps import dcmread, require_highdicom, require_pydicom
 from oarbench.dicom.ct import SeriesGeometry, read_geometry
 from oarbench.dicom.discover import scan
-from oarbench.dicom.rtstruct import Grid, trace_mask
+from oarbench.dicom.rtstruct import CONTOUR_CONVENTIONS, Grid, trace_mask
 from oarbench.io import Volume, atomic_write_bytes, atomic_write_text, check_same_grid, find_cases, read_volume
 from oarbench.labels import LabelMap
 
@@ -33,6 +33,8 @@ __all__ = ["COLOURS", "colour_of", "new_uid", "write_ct_series", "build_rtstruct
            "ExportResult", "export_predictions", "save_dataset"]
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+#: The contour convention of exported RTSTRUCTs (docs/dicom.md, "Which contour convention").
+DEFAULT_CONTOUR = "edges"
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 STUDY_COMPONENT = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management, as RTReferencedStudySequence names it
 
@@ -70,9 +72,19 @@ def save_dataset(ds, path: str | Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _ds(text: float) -> str:
-    s = f"{text:.4f}".rstrip("0").rstrip(".")
+def _ds(text: float, decimals: int = 4) -> str:
+    s = f"{text:.{decimals}f}".rstrip("0").rstrip(".")
     return "0" if s in ("-0", "") else s
+
+
+def _ds_point(value: float) -> str:
+    """A contour coordinate as a decimal string of at most 16 characters (the DS limit) with as
+    many decimals as fit, up to 8: a vertex on a voxel centre or edge stays within 1e-8 mm of it."""
+    for decimals in range(8, -1, -1):
+        s = _ds(value, decimals)
+        if len(s) <= 16:
+            return s
+    raise ValueError(f"contour coordinate {value} does not fit a DICOM decimal string")
 
 
 def _file_meta(sop_class: str, sop_uid: str):
@@ -177,12 +189,16 @@ def _check_grid(labels: Volume, geometry: SeriesGeometry, name: str) -> None:
 
 def build_rtstruct(labels: Volume, geometry: SeriesGeometry, label_map: LabelMap, *,
                    roi_names: dict[int, str] | None = None, label: str = "oarbench",
-                   uid_seed: str = "", source: str = "label map"):
+                   uid_seed: str = "", source: str = "label map", contour: str = DEFAULT_CONTOUR):
     """An RTSTRUCT dataset for ``labels`` (on the CT grid of ``geometry``).
 
     ``roi_names`` overrides the ROI name per label value (the synthetic study writes
-    centre spellings this way); by default the label map's names are used.
+    centre spellings this way); by default the label map's names are used. ``contour``
+    is the convention of :func:`oarbench.dicom.rtstruct.trace_mask` (``edges`` or
+    ``centres``, docs/dicom.md).
     """
+    if contour not in CONTOUR_CONVENTIONS:
+        raise ValueError(f"unknown contour convention {contour!r}; choose {' or '.join(CONTOUR_CONVENTIONS)}")
     pydicom = require_pydicom()
     _check_grid(labels, geometry, source)
     ct0 = dcmread(geometry.slices[0].path, stop_before_pixels=True)
@@ -249,7 +265,7 @@ def build_rtstruct(labels: Volume, geometry: SeriesGeometry, label_map: LabelMap
         roi.ROIGenerationAlgorithm = "AUTOMATIC"
         rois.append(roi)
         items = []
-        for z, pts in trace_mask(mask, grid):
+        for z, pts in trace_mask(mask, grid, contour):
             c = pydicom.Dataset()
             ref = pydicom.Dataset()
             ref.ReferencedSOPClassUID = CT_IMAGE_STORAGE
@@ -257,7 +273,7 @@ def build_rtstruct(labels: Volume, geometry: SeriesGeometry, label_map: LabelMap
             c.ContourImageSequence = [ref]
             c.ContourGeometricType = "CLOSED_PLANAR"
             c.NumberOfContourPoints = len(pts)
-            c.ContourData = [_ds(v) for v in pts.ravel()]
+            c.ContourData = [_ds_point(v) for v in pts.ravel()]
             items.append(c)
         rc = pydicom.Dataset()
         rc.ROIDisplayColor = list(colour_of(name))

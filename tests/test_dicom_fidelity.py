@@ -1,0 +1,99 @@
+"""RTSTRUCTs between oarbench and tools no one here wrote: rt-utils (this environment) and platipy
+0.7.2 (its own environment, tests/_dicom_external.py), on real-shaped organs (the phantom anatomy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pydicom")
+
+from tests import _dicom_external as X  # noqa: E402
+from oarbench.dicom.export import DEFAULT_CONTOUR, build_rtstruct, save_dataset  # noqa: E402
+from oarbench.dicom.rtstruct import Grid, Roi, index_to_patient, rasterise  # noqa: E402
+from oarbench.labels import DEFAULT_LABELS  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    """One synthetic case on a scanner-centred square grid (origin -(n-1)/2 x spacing), as DICOM CT."""
+    folder = tmp_path_factory.mktemp("fidelity")
+    ct, labels = X.phantom_case()
+    ct_dir, geometry = X.write_case(folder, ct)
+    arr = np.asarray(labels.array)
+    masks = {name: arr == value for value, name in DEFAULT_LABELS if np.any(arr == value)}
+    assert len(masks) >= 15  # small organs (adrenals, oesophagus, cord) of a few dozen voxels included
+    return {"folder": folder, "ct_dir": ct_dir, "geometry": geometry, "labels": labels, "masks": masks}
+
+
+def _exact(read: dict, masks: dict) -> dict:
+    """Structures whose mask came back with any voxel different, with their DSC."""
+    assert set(read) >= set(masks)
+    return {k: round(X.dice(read[k], m), 4) for k, m in masks.items() if not np.array_equal(read[k], m)}
+
+
+def test_rectangle_with_corners_on_voxel_centres_after_decimal_round_off():
+    # 512 x 0.9765625 mm (500 mm field of view): origin -249.51171875; a 21 x 11 voxel rectangle whose
+    # corners are voxel centres, ContourData rounded to 6 decimals: 21 * 11 = 231 centres on or inside
+    for origin in (-249.51171875, -250.0, 12.3456789):
+        grid = Grid((1, 512, 512), (3.0, 0.9765625, 0.9765625), (origin, origin, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+        corners = np.array([[100, 200, 0], [120, 200, 0], [120, 210, 0], [100, 210, 0]], float)
+        pts = np.round(index_to_patient(corners, grid), 6)
+        mask = rasterise(Roi(1, "R", "", (("CLOSED_PLANAR", pts),)), grid)
+        rows, cols = np.divmod(mask.indices, 512)
+        assert mask.indices.size == 231, origin
+        assert (rows.min(), rows.max(), cols.min(), cols.max()) == (200, 210, 100, 120)
+
+
+def test_rtutils_written_rtstructs_import_exactly(case):
+    path = X.rtutils_write(case["ct_dir"], case["masks"], case["folder"] / "rtutils.dcm")
+    assert _exact(X.own_read(case["geometry"], path), case["masks"]) == {}
+
+
+def test_platipy_written_rtstructs_import_exactly(case):
+    py = X.require_platipy()
+    path = X.platipy_write(case["ct_dir"], case["masks"], case["folder"] / "platipy.dcm", py)
+    assert _exact(X.own_read(case["geometry"], path), case["masks"]) == {}
+
+
+@pytest.mark.parametrize("contour", ["edges", "centres"])
+def test_exported_rtstruct_read_back_by_each_reader(case, contour):
+    ds = build_rtstruct(case["labels"], case["geometry"], DEFAULT_LABELS, contour=contour)
+    path = save_dataset(ds, case["folder"] / f"oarbench_{contour}.dcm")
+    masks = case["masks"]
+    assert _exact(X.own_read(case["geometry"], path), masks) == {}
+    rtutils = X.rtutils_read(case["ct_dir"], path)
+    strict = X.strict_centre_read(case["geometry"], path)
+    area = X.polygon_area_ratio(case["geometry"], path, masks)
+    if contour == "edges":
+        # a planning system's view: centre strictly inside, volume from the polygon area
+        assert _exact(strict, masks) == {}
+        assert all(abs(v - 1) < 1e-6 for v in area.values()), area
+        # rt-utils rounds the vertices (half-way between voxel centres) to indices: one ring too large
+        assert all(rtutils[k].sum() > m.sum() for k, m in masks.items())
+    else:
+        assert _exact(rtutils, masks) == {}
+        assert all(v < 1 for v in area.values()), area
+        assert all(X.dice(strict[k], m) < 1 for k, m in masks.items())
+
+
+def test_exported_rtstruct_read_back_by_platipy(case):
+    py = X.require_platipy()
+    masks = case["masks"]
+    for contour in ("edges", "centres"):
+        ds = build_rtstruct(case["labels"], case["geometry"], DEFAULT_LABELS, contour=contour)
+        path = save_dataset(ds, case["folder"] / f"oarbench_{contour}_p.dcm")
+        read = X.platipy_read(case["ct_dir"], path, py, case["folder"])
+        read = {k.replace("_", " ") if k not in masks else k: v for k, v in read.items()}
+        if contour == "centres":
+            # exact except around holes (platipy XORs filled polygons, boundary included, so the voxels
+            # a hole contour runs through are removed): here the vertebrae around the spinal canal
+            wrong = _exact(read, masks)
+            assert set(wrong) <= {"Vertebrae", "Liver", "Bowel", "Lung_L", "Lung_R"}, wrong
+            assert min(X.dice(read[k], m) for k, m in masks.items()) >= 0.8
+        else:
+            assert all(read[k].sum() > m.sum() for k, m in masks.items())
+
+
+def test_default_contour_convention_is_edges():
+    assert DEFAULT_CONTOUR == "edges"
