@@ -106,7 +106,8 @@ def write_case(folder: Path, ct, seed: str = "fidelity") -> tuple[Path, object]:
 
     header = {"PatientName": "Fidelity^Test", "PatientID": "FID1", "StudyInstanceUID": new_uid(seed, "study"),
               "SeriesInstanceUID": new_uid(seed, "series"), "FrameOfReferenceUID": new_uid(seed, "frame"),
-              "PatientSex": "O", "PatientAge": "008Y", "PatientPosition": "HFS"}
+              "PatientSex": "O", "PatientAge": "008Y", "PatientPosition": "HFS", "StudyID": "1",
+              "BodyPartExamined": "ABDOMEN"}
     paths = write_ct_series(ct, folder / "CT", header, uid_seed=seed)
     return folder / "CT", read_geometry(header["SeriesInstanceUID"], paths)
 

@@ -135,6 +135,9 @@ def write_ct_series(volume: Volume, folder: str | Path, header: dict[str, Any], 
         for key, value in header.items():
             setattr(ds, key, value)
         _fill_type2(ds)
+        for key in _CT_TYPE2:  # Frame of Reference and CT Image modules: present, may be empty
+            if key not in ds:
+                setattr(ds, key, "")
         ds.SeriesInstanceUID = series_uid
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = now
         ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
@@ -173,6 +176,9 @@ _PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", 
 
 _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID",
           "AccessionNumber", "ReferringPhysicianName")
+
+
+_CT_TYPE2 = ("PositionReferenceIndicator", "KVP", "AcquisitionNumber")
 
 
 def _fill_type2(ds) -> None:
@@ -293,18 +299,23 @@ def build_rtstruct(labels: Volume, geometry: SeriesGeometry, label_map: LabelMap
 
 
 def _property_type(name: str):
+    """SNOMED CT type of a structure and its side (Left / Right modifier, or None)."""
     from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
 
     stems = {"Liver": "Liver", "Spleen": "Spleen", "Kidney": "Kidney", "Glnd_Adrenal": "AdrenalGland",
-             "Pancreas": "Pancreas", "Stomach": "Stomach", "Duodenum": "Duodenum", "Bowel": "SmallIntestine",
+             "Pancreas": "Pancreas", "Stomach": "Stomach", "Duodenum": "Duodenum",
              "Gallbladder": "Gallbladder", "Esophagus": "Esophagus", "Heart": "Heart", "Lung": "Lung",
              "SpinalCord": "SpinalCord", "A_Aorta": "Aorta", "VenaCava_I": "InferiorVenaCava",
              "Vertebrae": "Vertebra"}
-    stem = name[:-2] if name.endswith(("_L", "_R")) else name
+    side = {"_L": codes.SCT.Left, "_R": codes.SCT.Right}.get(name[-2:])
+    stem = name[:-2] if side is not None else name
+    if stem == "Bowel":  # TG-263 Bowel: the small and the large bowel (docs/dicom.md)
+        return Code("113276009", "SCT", "Intestinal structure"), side
     try:
-        return getattr(codes.SCT, stems[stem])
+        return getattr(codes.SCT, stems[stem]), side
     except (KeyError, AttributeError):
-        return codes.SCT.Organ
+        return codes.SCT.Organ, side
 
 
 def build_seg(labels: Volume, geometry: SeriesGeometry, label_map: LabelMap, *, uid_seed: str = "",
@@ -315,8 +326,10 @@ def build_seg(labels: Volume, geometry: SeriesGeometry, label_map: LabelMap, *, 
 
     _check_grid(labels, geometry, source)
     sources = [dcmread(s.path) for s in geometry.slices]
-    for src in sources:
+    for src in sources:  # in-memory copies: what highdicom needs and some CT exports leave out
         _fill_type2(src)
+        if not str(src.get("SliceThickness", "") or "").strip():
+            src.SliceThickness = _ds(geometry.spacing_zyx[0])
     array = np.asarray(labels.array)
     present = [(v, n) for v, n in label_map if np.any(array == v)]
     if not present:
@@ -327,11 +340,16 @@ def build_seg(labels: Volume, geometry: SeriesGeometry, label_map: LabelMap, *, 
                                                    family=codes.cid7162.ArtificialIntelligence)
     for i, (value, name) in enumerate(present, 1):
         seg_array[array == value] = i
-        descriptions.append(hd.seg.SegmentDescription(
+        prop, side = _property_type(name)
+        desc = hd.seg.SegmentDescription(
             segment_number=i, segment_label=name, segmented_property_category=codes.SCT.Organ,
-            segmented_property_type=_property_type(name),
+            segmented_property_type=prop,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
-            tracking_uid=new_uid(uid_seed, "track", name) if uid_seed else new_uid(), tracking_id=name))
+            tracking_uid=new_uid(uid_seed, "track", name) if uid_seed else new_uid(), tracking_id=name)
+        if side is not None:  # Left / Right, inside the property type item (PS3.3 C.8.20.2)
+            desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                hd.sr.CodedConcept(side.value, side.scheme_designator, side.meaning)]
+        descriptions.append(desc)
     return hd.seg.Segmentation(
         source_images=sources, pixel_array=seg_array, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -364,14 +382,19 @@ def _cases_table(path: Path) -> dict[str, str]:
 
 def export_predictions(pred_dir: str | Path, dicom_dir: str | Path, out: str | Path, label_map: LabelMap, *,
                        formats: Sequence[str] = ("rtstruct", "seg"), cases_csv: str | Path | None = None,
-                       progress: Callable[[str], None] | None = None) -> ExportResult:
+                       progress: Callable[[str], None] | None = None, contour: str = DEFAULT_CONTOUR,
+                       on_plan: Callable[[int], None] | None = None) -> ExportResult:
     """Write ``OUT/CASE/RTSTRUCT.dcm`` and/or ``OUT/CASE/SEG.dcm`` for every prediction in ``pred_dir``.
 
     Predictions are matched to the CT series of ``dicom_dir`` through ``cases_csv``
     (case -> SeriesInstanceUID, from ``oarbench dicom import``); without it, a single
-    prediction maps to the single CT series of ``dicom_dir``. Everything is checked
-    before anything is written.
+    prediction maps to the single CT series of ``dicom_dir``. Everything is checked and
+    every object built before anything is written. ``contour`` is the RTSTRUCT contour
+    convention (``edges`` or ``centres``); ``on_plan`` is called with the number of cases
+    once they are known, ``progress`` after each case is built.
     """
+    if contour not in CONTOUR_CONVENTIONS:
+        raise ValueError(f"unknown contour convention {contour!r}; choose {' or '.join(CONTOUR_CONVENTIONS)}")
     unknown = sorted(set(formats) - {"rtstruct", "seg"})
     if unknown or not formats:
         raise ValueError(f"unknown export format(s) {unknown or list(formats)}; choose rtstruct and/or seg")
@@ -403,16 +426,33 @@ def export_predictions(pred_dir: str | Path, dicom_dir: str | Path, out: str | P
         if extra:
             raise ValueError(f"{preds[case]}: label values {extra} are not in the label map ({label_map.values})")
         plan.append((case, uid, geometry, volume))
+    if on_plan is not None:
+        on_plan(len(plan))
     out = Path(out)
-    rows, files = [], []
+    # every object is built (and so checked) before any file is written
+    built = []
     for case, uid, geometry, volume in plan:
+        rs = seg = None
+        try:
+            if "rtstruct" in formats:
+                rs = build_rtstruct(volume, geometry, label_map, source=str(preds[case]), contour=contour)
+            if "seg" in formats and np.any(volume.array):
+                seg = build_seg(volume, geometry, label_map, source=str(preds[case]))
+        except (ValueError, ImportError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a writer library refusing the CT headers
+            raise ValueError(f"{preds[case]}: cannot build DICOM objects on CT series {uid} "
+                             f"({geometry.slices[0].path.parent}): {exc}") from exc
+        built.append((case, uid, volume, rs, seg))
+        if progress is not None:
+            progress(case)
+    rows, files = [], []
+    for case, uid, volume, rs, seg in built:
         rs_path = seg_path = None
-        if "rtstruct" in formats:
-            ds = build_rtstruct(volume, geometry, label_map, source=str(preds[case]))
-            rs_path = save_dataset(ds, out / case / "RTSTRUCT.dcm")
+        if rs is not None:
+            rs_path = save_dataset(rs, out / case / "RTSTRUCT.dcm")
             files.append(rs_path)
-        if "seg" in formats and np.any(volume.array):
-            seg = build_seg(volume, geometry, label_map, source=str(preds[case]))
+        if seg is not None:
             seg_path = save_dataset(seg, out / case / "SEG.dcm")
             files.append(seg_path)
         for value, name in label_map:
@@ -421,8 +461,6 @@ def export_predictions(pred_dir: str | Path, dicom_dir: str | Path, out: str | P
                 rows.append({"case": case, "series_instance_uid": uid, "structure": name, "label": value,
                              "voxels": n, "rtstruct": rs_path.relative_to(out).as_posix() if rs_path else "",
                              "seg": seg_path.relative_to(out).as_posix() if seg_path else ""})
-        if progress is not None:
-            progress(case)
     buf = _stdio.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(EXPORT_COLUMNS), lineterminator="\n")
     w.writeheader()
