@@ -194,8 +194,8 @@ def read_rtstruct(path: str | Path) -> tuple[list[Roi], object]:
     except OSError as exc:
         raise ValueError(f"{path}: cannot read RTSTRUCT: {exc}") from exc
     if size > MAX_RTSTRUCT_BYTES:
-        raise ValueError(f"{path}: RTSTRUCT of {size / 2**20:.0f} MiB is larger than the "
-                         f"{MAX_RTSTRUCT_BYTES / 2**20:.0f} MiB oarbench reads")
+        raise ValueError(f"{path}: RTSTRUCT of {size:,} bytes is larger than the "
+                         f"{MAX_RTSTRUCT_BYTES:,} bytes oarbench reads")
     try:
         ds = dcmread(path)
     except Exception as exc:  # noqa: BLE001
