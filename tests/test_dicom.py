@@ -218,17 +218,34 @@ def test_contour_between_slices_is_an_error_before_anything_is_written(tmp_path)
     assert not (tmp_path / "out" / "imagesTr").exists()  # the good pair was not converted either
 
 
-def test_rotated_grid_trace_and_fill_give_back_the_mask(rng):
+@pytest.mark.parametrize("convention", ["edges", "centres"])
+@pytest.mark.parametrize("opened", [True, False])
+def test_rotated_grid_trace_and_fill_give_back_the_mask(rng, convention, opened):
+    # unopened random masks hold lone voxels, one-voxel lines, diagonal contacts and holes
     from scipy import ndimage
 
     c, s_ = math.cos(0.5), math.sin(0.5)
     rot = np.array([[c, -s_, 0], [s_ * 0.6, c * 0.6, -0.8], [s_ * 0.8, c * 0.8, 0.6]])
     grid = Grid((4, 21, 33), (3.0, 1.3, 0.7), (10.0, -5.0, 3.0), tuple(rot.ravel()))
-    mask = ndimage.binary_opening(rng.random(grid.shape) > 0.4)
-    polys = trace_mask(mask, grid)
+    mask = rng.random(grid.shape) > 0.4
+    if opened:
+        mask = ndimage.binary_opening(mask)
+    polys = trace_mask(mask, grid, convention)
+    # as a file holds them: decimal strings of 6 decimals
     back = np.zeros(mask.size, bool)
-    back[rasterise(Roi(1, "x", "", tuple(("CLOSED_PLANAR", p) for _, p in polys)), grid).indices] = True
+    back[rasterise(Roi(1, "x", "", tuple(("CLOSED_PLANAR", np.round(p, 6)) for _, p in polys)), grid).indices] = True
     assert np.array_equal(back.reshape(mask.shape), mask)
+    if convention == "edges":  # along the voxel edges: net polygon area = voxel area, slice by slice
+        for z in range(grid.shape[0]):
+            net = sum(0.5 * float(np.dot(q[:, 0], np.roll(q[:, 1], -1)) - np.dot(q[:, 1], np.roll(q[:, 0], -1)))
+                      for q in (rtstruct_index(p, grid) for zz, p in polys if zz == z))
+            assert abs(abs(net) - mask[z].sum()) < 1e-6
+
+
+def rtstruct_index(points: np.ndarray, grid: Grid) -> np.ndarray:
+    from oarbench.dicom.rtstruct import patient_to_index
+
+    return patient_to_index(points, grid)[:, :2]
 
 
 # --------------------------------------------------------------------------- overlaps, names, tables
