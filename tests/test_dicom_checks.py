@@ -21,7 +21,6 @@ from click.testing import CliRunner  # noqa: E402
 from oarbench.cli import main  # noqa: E402
 from oarbench.dicom import _deps, rtstruct as rtmod  # noqa: E402
 from oarbench.dicom.ct import read_geometry  # noqa: E402
-from oarbench.dicom.importer import ImportOptions, import_dicom  # noqa: E402
 from oarbench.labels import DEFAULT_LABELS  # noqa: E402
 from tests._dicom import CT, ct_series, rtstruct, square  # noqa: E402
 
@@ -244,7 +243,8 @@ def test_export_progress_knows_the_number_of_cases(tmp_path):
     assert totals == [1] and done == ["c"]
     seg = pydicom.dcmread(tmp_path / "out" / "c" / "SEG.dcm")
     assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "113276009"  # intestine
-    assert "SegmentedPropertyTypeModifierCodeSequence" not in seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
+    prop = seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0]
+    assert "SegmentedPropertyTypeModifierCodeSequence" not in prop
 
 
 # --------------------------------------------------------------------------- dciodvfy (dicom3tools)

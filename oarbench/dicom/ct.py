@@ -80,7 +80,8 @@ def _floats(value, n: int, what: str, path: Path) -> tuple[float, ...]:
     return out
 
 
-ENHANCED_CT = {"1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT", "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT"}
+ENHANCED_CT = {"1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT",
+               "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT"}
 
 
 def _frames(ds) -> int:
@@ -94,7 +95,8 @@ def _slice(ds, path: Path, series_uid: str = "") -> SliceGeometry:
     sop_class = str(ds.get("SOPClassUID", ""))
     if sop_class in ENHANCED_CT or _frames(ds) > 1:
         kind = ENHANCED_CT.get(sop_class, "multi-frame image")
-        raise ValueError(f"{path}: {kind} ({_frames(ds)} frames) in series {series_uid or '?'}: enhanced (multi-frame) CT is not supported; "
+        raise ValueError(f"{path}: {kind} ({_frames(ds)} frames) in series {series_uid or '?'}: "
+                         "enhanced (multi-frame) CT is not supported; "
                          "only single-frame CT slices are imported (convert the series to single-frame CT images "
                          "first)")
     for key in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns"):

@@ -5,8 +5,12 @@ writing for the synthetic study.
 An exported RTSTRUCT holds one ROI per structure present in the label map, named with
 its TG-263 name and drawn in a fixed colour (:data:`COLOURS`), with closed planar
 contours traced per axial slice (:func:`oarbench.dicom.rtstruct.trace_mask`; holes as
-separate polygons, even-odd). It references the CT's frame of reference, study and
-series, and every contour names the CT slice it lies on (ContourImageSequence).
+separate polygons, even-odd) along the voxel edges (:data:`DEFAULT_CONTOUR`, for planning
+systems) or through the boundary voxel centres (for rt-utils and platipy); docs/dicom.md
+has the measured table. The DICOM-SEG codes each structure in SNOMED CT with a Left/Right
+modifier for paired organs. Every object is built before any file is written. The RTSTRUCT
+references the CT's frame of reference, study and series, and every contour names the CT
+slice it lies on (ContourImageSequence).
 """
 
 from __future__ import annotations

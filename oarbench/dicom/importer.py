@@ -31,7 +31,7 @@ import numpy as np
 
 from oarbench.dicom.ct import SeriesGeometry, read_ct, read_geometry
 from oarbench.dicom.discover import Inventory, StructureSet, scan
-from oarbench.dicom.names import AMBIGUOUS, Aliases, NameResolver
+from oarbench.dicom.names import Aliases, NameResolver
 from oarbench.dicom.rtstruct import Grid, RoiMask, check_contours, rasterise, read_rtstruct
 from oarbench.executors import LocalExecutor
 from oarbench.io import atomic_write_text, write_volume
