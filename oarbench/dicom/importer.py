@@ -45,7 +45,7 @@ RECORDS = ".oarbench-import"
 IMPORT_COLUMNS = ("case", "roi_number", "roi_name", "structure", "status", "rule", "label", "voxels", "ml",
                   "overlap_ml", "lost_ml", "contours", "skipped_contours", "points", "points_off_image", "note")
 #: import.csv ``status``: the ROI is in the label map / mapped but nothing to draw / not imported.
-STATUSES = ("imported", "no contours", "no voxels", "unmapped", "ambiguous", "other frame of reference")
+STATUSES = ("imported", "no contours", "no voxels", "unmapped", "ambiguous")
 WITHHELD = "(withheld)"
 METADATA_COLUMNS = ("case", "centre", "age", "sex", "position", "patient_position")
 CASES_COLUMNS = ("case", "study_instance_uid", "series_instance_uid", "frame_of_reference_uid",
@@ -278,8 +278,9 @@ def _run_case(job: _Job, out: Path, options: ImportOptions) -> dict:
             row["status"] = "no contours" if mask.contours == 0 else "no voxels"
             what = ("has no closed contour" if mask.contours == 0 else
                     f"has {mask.contours} contour(s) that enclose no voxel centre")
+            strict = " (--strict makes this an error)" if mask.contours == 0 else ""
             warnings.append(f"{job.case}: ROI {roi.name!r} ({match.structure}) {what} in {rs_path}: "
-                            f"{match.structure} is absent from the label map (--strict makes this an error)")
+                            f"{match.structure} is absent from the label map{strict}")
         else:
             row["status"] = "imported"
             row["label"] = options.labels.value(match.structure)
