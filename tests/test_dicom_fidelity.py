@@ -97,3 +97,39 @@ def test_exported_rtstruct_read_back_by_platipy(case):
 
 def test_default_contour_convention_is_edges():
     assert DEFAULT_CONTOUR == "edges"
+
+
+@pytest.mark.parametrize("decimals", [2, 3, 6])
+def test_rectangle_read_from_a_file_with_few_decimals(tmp_path, decimals):
+    # a 21 x 11 rectangle with corners on voxel centres, its ContourData written with 2, 3 or 6
+    # decimals, placed where the rounding moves its left side inwards the most; with 2 decimals that
+    # is beyond the fixed snap tolerance (1e-3 voxel): the snap follows the strings' round-off
+    import pydicom
+
+    from oarbench.dicom.ct import read_geometry
+    from oarbench.dicom.rtstruct import read_rtstruct
+    from tests._dicom import ct_series, rtstruct
+
+    o, px = -249.51171875, 0.9765625
+    s = ct_series(tmp_path / "ct", rows=512, cols=512, pixel_spacing=(px, px),
+                  positions=[(o, o, 3.0 * k) for k in range(2)], pixels=np.zeros((2, 512, 512)))
+    geo = read_geometry(s["series"], s["paths"])
+    grid = Grid(geo.shape_zyx, geo.spacing_zyx, geo.origin, geo.direction)
+
+    # the left side where its rounding moves it inwards the most
+    c0 = max(range(0, 480), key=lambda k: round(o + k * px, decimals) - (o + k * px))
+    r0 = 200
+    shift = (round(o + c0 * px, decimals) - (o + c0 * px)) / px  # voxels
+    assert shift > (1e-3 if decimals == 2 else 0)
+    corners = index_to_patient(np.array([[c0, r0, 0], [c0 + 20, r0, 0], [c0 + 20, r0 + 10, 0],
+                                         [c0, r0 + 10, 0]], float), grid)
+    path = rtstruct(tmp_path / "rs.dcm", s, {"R": [corners]})
+    ds = pydicom.dcmread(path)
+    ds.ROIContourSequence[0].ContourSequence[0].ContourData = [f"{v:.{decimals}f}" for v in corners.ravel()]
+    ds.save_as(path)
+    roi = read_rtstruct(path)[0][0]
+    assert rasterise(roi, grid, path).indices.size == 231
+    # the same numbers without their strings: only the fixed tolerance (1e-3 voxel)
+    bare = Roi(1, "R", "", roi.contours)
+    expected = 231 if decimals >= 3 else 220  # 2 decimals: the left column (11 centres) falls outside
+    assert rasterise(bare, grid, path).indices.size == expected

@@ -2,11 +2,14 @@
 
 Contours -> voxels (docs/dicom.md has the measured accuracy):
 
-* **snapping**: after the mm -> index transform, an in-plane vertex coordinate within
-  :data:`SNAP_TOL` voxels of a whole index (a line of voxel centres) is moved onto it.
-  ContourData holds decimal strings: a vertex written on a voxel centre comes back
-  off it by the round-off of its digits (about 1e-7 voxels with 6 decimals), and
-  without the snap about half of such boundary centres would fall outside;
+* **snapping**: a vertex written on a voxel centre comes back off it by the writer's
+  arithmetic (rt-utils: up to 7e-6 voxels, measured) and the round-off of ContourData's
+  decimal strings (5e-7 mm with 6 decimals, 5e-3 mm with 2); without a snap about half
+  of such boundary centres would fall outside. After the mm -> index transform, an
+  in-plane vertex coordinate is moved onto a whole index (a line of voxel centres) when
+  it is within :data:`SNAP_TOL` voxels of it, or within the round-off of its decimal
+  strings where that is larger (half a unit in the last written decimal place, mapped
+  into voxel units), never more than :data:`SNAP_MAX` voxels;
 * **inclusion**: a voxel belongs to a contour when its *centre* lies strictly inside the
   closed polygon or on its boundary. After the snap, centres on an edge between two
   snapped vertices (or on an axis-parallel edge at a whole index) are found exactly by
@@ -59,6 +62,7 @@ __all__ = [
     "MAX_CONTOUR_POINTS",
     "MAX_RTSTRUCT_BYTES",
     "PLANE_TOL_FRACTION",
+    "SNAP_MAX",
     "SNAP_TOL",
     "Grid",
     "Roi",
@@ -73,8 +77,10 @@ __all__ = [
 
 #: A contour's points may lie this fraction of the slice spacing off a slice centre.
 PLANE_TOL_FRACTION = 0.1
-#: In-plane vertex coordinates (voxel indices) this close to a whole index are moved onto it.
-SNAP_TOL = 0.01
+#: Snap tolerance (voxels): a vertex coordinate this close to a whole index is moved onto it.
+SNAP_TOL = 1e-3
+#: The largest snap (voxels), whatever the decimal strings' round-off.
+SNAP_MAX = 0.05
 #: Contour points (vertices) one RTSTRUCT may hold; more is refused before the numbers are converted.
 MAX_CONTOUR_POINTS = 5_000_000
 #: An RTSTRUCT file larger than this is refused before it is read.
@@ -128,6 +134,8 @@ class Roi:
     name: str
     frame_of_reference_uid: str
     contours: tuple[tuple[str, np.ndarray], ...]
+    #: per contour, the round-off (mm) of each coordinate's decimal string, (n, 3); empty: numbers
+    round_off: tuple[np.ndarray, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -141,12 +149,13 @@ class RoiMask:
     points_off_image: int
 
 
-def _contour_numbers(item, where: str) -> tuple[np.ndarray, int]:
-    """The numbers of one contour's ContourData, converted without pydicom's per-value objects."""
+def _contour_numbers(item, where: str) -> tuple[np.ndarray, int, np.ndarray]:
+    """The numbers of one contour's ContourData, converted without pydicom's per-value objects,
+    their count and their round-off (:func:`_round_off`)."""
     elem = item.get_item(_CONTOUR_DATA) if _CONTOUR_DATA in item else None
     value = None if elem is None else elem.value
     if value is None or (isinstance(value, (bytes, str)) and not value.strip()):
-        return np.zeros(0, float), 0
+        return np.zeros(0, float), 0, np.zeros(0, float)
     if isinstance(value, (bytes, bytearray)):
         parts = bytes(value).split(b"\\")
     elif isinstance(value, str):
@@ -158,12 +167,26 @@ def _contour_numbers(item, where: str) -> tuple[np.ndarray, int]:
             parts = [value]
     try:
         if parts and isinstance(parts[0], (bytes, str)):
-            values = np.array(parts).astype(np.float64)
+            text = np.char.strip(np.array(parts))
+            values = text.astype(np.float64)
+            round_off = _round_off(text)
         else:
             values = np.asarray([float(v) for v in parts], np.float64)
+            round_off = _round_off(np.array([str(v) for v in parts]))
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{where}: ContourData is not a list of numbers ({str(exc)[:80]})") from None
-    return values, values.size
+    return values, values.size, round_off
+
+
+def _round_off(text: np.ndarray) -> np.ndarray:
+    """Half a unit in the last decimal place of each decimal string (mm): ``-249.511719`` -> 5e-7.
+    Strings without a decimal point, or in exponent notation, count as exact (0)."""
+    dot, e = (b".", b"e") if text.dtype.kind == "S" else (".", "e")
+    lower = np.char.lower(text)
+    pos = np.char.find(text, dot)
+    decimals = np.char.str_len(text) - pos - 1
+    exact = (pos < 0) | (np.char.find(lower, e) >= 0)
+    return np.where(exact, 0.0, 0.5 * 10.0 ** -np.clip(decimals, 0, 30).astype(float))
 
 
 def _raw_count(item) -> int:
@@ -209,6 +232,7 @@ def read_rtstruct(path: str | Path) -> tuple[list[Roi], object]:
         names[number] = (str(item.get("ROIName", "") or "").strip() or f"ROI {number}",
                          str(item.get("ReferencedFrameOfReferenceUID", "") or ""))
     rois: dict[int, list[tuple[str, np.ndarray]]] = {n: [] for n in names}
+    offs: dict[int, list[np.ndarray]] = {n: [] for n in names}
     items = list(ds.get("ROIContourSequence", []) or [])
     total = 0
     for item in items:
@@ -229,13 +253,14 @@ def read_rtstruct(path: str | Path) -> tuple[list[Roi], object]:
         for k, contour in enumerate(item.get("ContourSequence", []) or []):
             where = f"{path}: ROI {names[number][0]!r} contour {k + 1}"
             kind = str(contour.get("ContourGeometricType", "") or "").upper()
-            values, n = _contour_numbers(contour, where)
+            values, n, round_off = _contour_numbers(contour, where)
             if n % 3:
                 raise ValueError(f"{where}: ContourData holds {n} numbers, not a multiple of 3")
             if not np.all(np.isfinite(values)):
                 raise ValueError(f"{where}: ContourData holds a number that is not finite (NaN or infinity)")
             rois[number].append((kind, values.reshape(-1, 3)))
-    out = [Roi(n, names[n][0], names[n][1], tuple(rois[n])) for n in sorted(names)]
+            offs[number].append(round_off.reshape(-1, 3))
+    out = [Roi(n, names[n][0], names[n][1], tuple(rois[n]), tuple(offs[n])) for n in sorted(names)]
     return out, ds
 
 
@@ -262,16 +287,26 @@ def _area_contours(roi: Roi):
             yield k, pts
 
 
+def _snap_tolerance(roi: Roi, k: int, grid: Grid) -> np.ndarray:
+    """Per point, the round-off of contour ``k`` in voxel units along x and y (n, 2)."""
+    n = len(roi.contours[k][1])
+    if k >= len(roi.round_off) or roi.round_off[k].shape != (n, 3):
+        return np.full((n, 2), SNAP_TOL)
+    # an error of e_j mm along patient axis j moves index i by at most sum_j |M_ji| e_j / spacing_i
+    tol = (roi.round_off[k] @ np.abs(grid.matrix)) / grid.spacing_xyz
+    return np.clip(tol[:, :2] + 1e-9, SNAP_TOL, SNAP_MAX)
+
+
 def check_contours(roi: Roi, grid: Grid, source: str | Path = "") -> None:
     """Raise the errors :func:`rasterise` would raise, without drawing anything."""
     for k, pts in _area_contours(roi):
         _slice_of(roi, k, pts, grid, source)
 
 
-def _snap(v: np.ndarray) -> np.ndarray:
-    """Coordinates within :data:`SNAP_TOL` of a whole index, moved onto it."""
+def _snap(v: np.ndarray, tol: np.ndarray) -> np.ndarray:
+    """Coordinates within ``tol`` of a whole index, moved onto it."""
     r = np.rint(v)
-    return np.where(np.abs(v - r) <= SNAP_TOL, r, v)
+    return np.where(np.abs(v - r) <= tol, r, v)
 
 
 def _on_boundary(x: np.ndarray, y: np.ndarray, nx: int, ny: int) -> tuple[np.ndarray, np.ndarray]:
@@ -334,7 +369,8 @@ def rasterise(roi: Roi, grid: Grid, source: str | Path = "") -> RoiMask:
     points = off = used = 0
     for k, pts in _area_contours(roi):
         z0, idx = _slice_of(roi, k, pts, grid, source)
-        x, y = _snap(idx[:, 0]), _snap(idx[:, 1])
+        tol = _snap_tolerance(roi, k, grid)
+        x, y = _snap(idx[:, 0], tol[:, 0]), _snap(idx[:, 1], tol[:, 1])
         points += len(pts)
         off += int(np.count_nonzero((x < -0.5) | (x > nx - 0.5) | (y < -0.5) | (y > ny - 0.5)))
         if z0 not in planes:
