@@ -167,7 +167,7 @@ def _contour_numbers(item, where: str) -> tuple[np.ndarray, int, np.ndarray]:
             parts = [value]
     try:
         if parts and isinstance(parts[0], (bytes, str)):
-            text = np.char.strip(np.array(parts))
+            text = np.array(parts)
             values = text.astype(np.float64)
             round_off = _round_off(text)
         else:
@@ -181,12 +181,17 @@ def _contour_numbers(item, where: str) -> tuple[np.ndarray, int, np.ndarray]:
 def _round_off(text: np.ndarray) -> np.ndarray:
     """Half a unit in the last decimal place of each decimal string (mm): ``-249.511719`` -> 5e-7.
     Strings without a decimal point, or in exponent notation, count as exact (0)."""
-    dot, e = (b".", b"e") if text.dtype.kind == "S" else (".", "e")
-    lower = np.char.lower(text)
-    pos = np.char.find(text, dot)
-    decimals = np.char.str_len(text) - pos - 1
-    exact = (pos < 0) | (np.char.find(lower, e) >= 0)
-    return np.where(exact, 0.0, 0.5 * 10.0 ** -np.clip(decimals, 0, 30).astype(float))
+    if text.dtype.kind == "U":
+        text = np.char.encode(text, "ascii", "replace")
+    width = text.dtype.itemsize
+    if text.size == 0 or width == 0:
+        return np.zeros(text.shape, float)
+    b = np.frombuffer(text.tobytes(), np.uint8).reshape(text.size, width)  # one row of bytes per string
+    dot = b == ord(".")
+    after = np.arange(width)[None, :] > dot.argmax(axis=1)[:, None]
+    decimals = (after & (b >= ord("0")) & (b <= ord("9"))).sum(axis=1)
+    exact = ~dot.any(axis=1) | ((b == ord("e")) | (b == ord("E"))).any(axis=1)
+    return np.where(exact, 0.0, 0.5 * 10.0 ** -np.minimum(decimals, 30).astype(float))
 
 
 def _raw_count(item) -> int:
