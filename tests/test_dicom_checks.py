@@ -305,3 +305,14 @@ def test_dciodvfy_finds_nothing_in_anything_oarbench_writes(tmp_path):
                for s in seg.SegmentSequence)
     found = {f"{f.parent.name}/{f.name}": _verify(exe, f) for f in files}
     assert {k: v for k, v in found.items() if v} == {}
+
+
+def test_header_scan_knows_the_number_of_files_before_reading(tmp_path):
+    from oarbench.dicom.discover import scan
+
+    s = ct_series(tmp_path / "in" / "ct")
+    rtstruct(tmp_path / "in" / "rs.dcm", s, {"Lever": [LIVER]})
+    (tmp_path / "in" / "notes.txt").write_text("not DICOM")
+    seen: list = []
+    scan(tmp_path / "in", progress=lambda n: seen.append(("read", n)), on_total=lambda n: seen.append(("total", n)))
+    assert seen[0] == ("total", 6) and seen[-1] == ("read", 6) and len(seen) == 7

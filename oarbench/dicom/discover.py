@@ -140,9 +140,12 @@ def _referenced(ds) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(dict.fromkeys(series)), tuple(dict.fromkeys(frames))
 
 
-def scan(root: str | Path, progress: Callable[[int], None] | None = None) -> Inventory:
+def scan(root: str | Path, progress: Callable[[int], None] | None = None,
+         on_total: Callable[[int], None] | None = None) -> Inventory:
     """Read the header of every file under ``root`` (recursively; hidden files and
     folders are skipped; files that are not DICOM are counted, not read further).
+    ``on_total`` gets the number of files once the tree is listed, ``progress`` the
+    number read so far.
 
     Raises ValueError when ``root`` is no folder or holds no DICOM file.
     """
@@ -154,7 +157,10 @@ def scan(root: str | Path, progress: Callable[[int], None] | None = None) -> Inv
     other: list[DicomFile] = []
     seen_sop: dict[str, Path] = {}
     not_dicom = 0
-    for n, path in enumerate(_walk(root), 1):
+    paths = list(_walk(root))  # every file is checked to be a regular file before any is opened
+    if on_total is not None:
+        on_total(len(paths))
+    for n, path in enumerate(paths, 1):
         if progress is not None:
             progress(n)
         ds = _read_header(path)

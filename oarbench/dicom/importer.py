@@ -378,7 +378,11 @@ def import_dicom(dicom_dir: str | Path, out: str | Path, options: ImportOptions,
         from tqdm.auto import tqdm
 
         with tqdm(desc="reading DICOM headers", unit="file") as scan_bar:
-            inventory = scan(dicom_dir, progress=lambda _n: scan_bar.update())
+            def _total(n: int) -> None:
+                scan_bar.total = n
+                scan_bar.refresh()
+
+            inventory = scan(dicom_dir, progress=lambda _n: scan_bar.update(), on_total=_total)
     else:
         inventory = scan(dicom_dir)
     jobs = _plan(inventory, out, options, _warn)
