@@ -316,3 +316,23 @@ def test_header_scan_knows_the_number_of_files_before_reading(tmp_path):
     seen: list = []
     scan(tmp_path / "in", progress=lambda n: seen.append(("read", n)), on_total=lambda n: seen.append(("total", n)))
     assert seen[0] == ("total", 6) and seen[-1] == ("read", 6) and len(seen) == 7
+
+
+def test_export_writes_nothing_when_a_writer_refuses_the_ct(tmp_path, monkeypatch):
+    from oarbench.dicom import export as export_mod
+    from oarbench.io import Volume, write_volume
+
+    s = ct_series(tmp_path / "dicom")
+    geo = read_geometry(s["series"], s["paths"])
+    lab = np.zeros(geo.shape_zyx, np.uint8)
+    lab[1, 2:4, 2:5] = 1
+    write_volume(Volume(lab, geo.spacing_zyx, geo.origin, geo.direction), tmp_path / "pred" / "c.nii.gz")
+
+    def refuse(*_a, **_k):
+        raise RuntimeError("attribute X is required by the writer")
+
+    monkeypatch.setattr(export_mod, "build_seg", refuse)
+    res = CliRunner().invoke(main, ["dicom", "export", str(tmp_path / "pred"), "--dicom", str(tmp_path / "dicom"),
+                                    "--out", str(tmp_path / "out"), "--no-progress"])
+    _one_line_error(res, "c.nii.gz: cannot build DICOM objects on CT series", "attribute X is required")
+    assert not (tmp_path / "out").exists()  # the RTSTRUCT, built first, was not written either
