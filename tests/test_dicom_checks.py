@@ -336,3 +336,21 @@ def test_export_writes_nothing_when_a_writer_refuses_the_ct(tmp_path, monkeypatc
                                     "--out", str(tmp_path / "out"), "--no-progress"])
     _one_line_error(res, "c.nii.gz: cannot build DICOM objects on CT series", "attribute X is required")
     assert not (tmp_path / "out").exists()  # the RTSTRUCT, built first, was not written either
+
+
+def test_deflated_rtstruct_is_read_whole_within_the_cap(tmp_path, monkeypatch):
+    from oarbench.dicom.rtstruct import read_rtstruct
+    from tests._dicom import circle
+
+    s = ct_series(tmp_path / "ct")
+    ring = circle(12.0, -18.0, 1.5, 32.5, n=20000)  # 20,000 points: about 0.6 MB of text per contour
+    path = rtstruct(tmp_path / "rs.dcm", s, {"Lever": [ring] * 4})
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    rois = read_rtstruct(path)[0]
+    assert len(rois[0].contours) == 4 and rois[0].contours[3][1].shape == (20000, 3)
+    monkeypatch.setattr(_deps, "MAX_INFLATED_BYTES", 1 << 20)
+    with pytest.raises(ValueError, match=r"rs\.dcm: deflated data set inflates to more than 1 MiB before any "
+                                         r"pixel data; refused"):
+        read_rtstruct(path)

@@ -33,8 +33,8 @@ def require_skimage_measure() -> ModuleType:
 
 #: Bytes of pixel data one image (all its frames) may declare (Rows x Columns x frames x samples x bits).
 MAX_IMAGE_BYTES = 256 * 1024 * 1024
-#: Bytes of a deflated data set inflated to read its header (attributes before the pixel data).
-MAX_INFLATED_HEADER_BYTES = 16 * 1024 * 1024
+#: Bytes a deflated data set may inflate to before its pixel data (its header; all of an RTSTRUCT).
+MAX_INFLATED_BYTES = 512 * 1024 * 1024
 DEFLATED = "1.2.840.10008.1.2.1.99"
 _PIXEL_DATA = 0x7FE00010
 
@@ -64,46 +64,53 @@ def _check_size(ds, path) -> None:
 
 
 def _read_deflated(path, stop_before_pixels: bool):
-    """A Deflated Explicit VR Little Endian file, inflated step by step: never more than the header
-    (for ``stop_before_pixels``) or than the image its header declares."""
+    """A Deflated Explicit VR Little Endian file, inflated step by step: up to its pixel data for the
+    header (never more than :data:`MAX_INFLATED_BYTES`), and for the pixels no further than the
+    image its header declares."""
     import zlib
     from io import BytesIO
 
     require_pydicom()
     from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 
+    pixel_tag = b"\xe0\x7f\x10\x00"
+    chunk = 1 << 20
     with open(path, "rb") as fh:
         read_preamble(fh, False)
         meta = _read_file_meta_info(fh)
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        chunk = 1 << 20
-        head = bytearray()
-        # the header: inflate until the pixel data tag shows up (or the cap is reached)
-        pixel_tag = b"\xe0\x7f\x10\x00"
-        while len(head) < MAX_INFLATED_HEADER_BYTES:
+
+        def inflate(buf: bytearray, limit: int) -> bool:
+            """Inflate into ``buf`` up to ``limit`` bytes; True at the end of the stream."""
             data = inflater.unconsumed_tail or fh.read(chunk)
             if not data:
+                return True
+            buf += inflater.decompress(data, min(max(limit - len(buf), 1), chunk))  # <= 1 MiB a step
+            return False
+
+        head = bytearray()
+        ended = False
+        while not ended:  # the header: up to the pixel data tag, or all of a data set without one
+            start = max(len(head) - 3, 0)
+            ended = inflate(head, MAX_INFLATED_BYTES + 1)
+            if pixel_tag in head[start:]:
                 break
-            head += inflater.decompress(data, MAX_INFLATED_HEADER_BYTES - len(head))
-            if pixel_tag in head:
-                break
+            if len(head) > MAX_INFLATED_BYTES:
+                raise OversizeError(f"{path}: deflated data set inflates to more than "
+                                    f"{MAX_INFLATED_BYTES // 2**20} MiB before any pixel data; refused")
         stop = (lambda tag, vr, length: tag == _PIXEL_DATA)  # noqa: E731
         ds = read_dataset(BytesIO(bytes(head)), False, True, stop_when=stop)
         _check_size(ds, path)
         if stop_before_pixels:
             ds.file_meta = meta
             return ds
-        limit = MAX_INFLATED_HEADER_BYTES + _declared_bytes(ds) + (1 << 20)
-        body = bytearray(head)
-        while True:
-            data = inflater.unconsumed_tail or fh.read(chunk)
-            if not data:
-                break
-            body += inflater.decompress(data, limit + 1 - len(body))
-            if len(body) > limit:
+        limit = len(head) + _declared_bytes(ds) + (1 << 20)
+        while not ended:
+            ended = inflate(head, limit + 1)
+            if len(head) > limit:
                 raise OversizeError(f"{path}: deflated data set inflates to more than its header declares "
                                     f"({limit / 2**20:.0f} MiB); refused")
-    ds = read_dataset(BytesIO(bytes(body)), False, True)
+    ds = read_dataset(BytesIO(bytes(head)), False, True)
     ds.file_meta = meta
     ds.set_original_encoding(False, True)
     return ds
