@@ -61,6 +61,9 @@ def test_exported_rtstruct_read_back_by_each_reader(case, contour):
     ds = build_rtstruct(case["labels"], case["geometry"], DEFAULT_LABELS, contour=contour)
     path = save_dataset(ds, case["folder"] / f"oarbench_{contour}.dcm")
     masks = case["masks"]
+    assert ds.StructureSetROISequence[0].ROIGenerationDescription == {
+        "edges": "oarbench: polygons along the voxel edges",
+        "centres": "oarbench: polygons through the boundary voxel centres"}[contour]
     assert _exact(X.own_read(case["geometry"], path), masks) == {}
     rtutils = X.rtutils_read(case["ct_dir"], path)
     strict = X.strict_centre_read(case["geometry"], path)

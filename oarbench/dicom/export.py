@@ -39,6 +39,9 @@ __all__ = ["COLOURS", "colour_of", "new_uid", "write_ct_series", "build_rtstruct
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 #: The contour convention of exported RTSTRUCTs (docs/dicom.md, "Which contour convention").
 DEFAULT_CONTOUR = "edges"
+#: ROIGenerationDescription of each convention: what a reader of the file needs to know.
+_CONTOUR_WORDS = {"edges": "oarbench: polygons along the voxel edges",
+                  "centres": "oarbench: polygons through the boundary voxel centres"}
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 STUDY_COMPONENT = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management, as RTReferencedStudySequence names it
 
@@ -273,6 +276,7 @@ def build_rtstruct(labels: Volume, geometry: SeriesGeometry, label_map: LabelMap
         roi.ReferencedFrameOfReferenceUID = frame
         roi.ROIName = roi_name
         roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        roi.ROIGenerationDescription = _CONTOUR_WORDS[contour]
         rois.append(roi)
         items = []
         for z, pts in trace_mask(mask, grid, contour):
