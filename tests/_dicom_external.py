@@ -174,4 +174,4 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit("helper module")
+    sys.exit("imported by the tests and benchmarks/bench_dicom_fidelity.py; not a script")
