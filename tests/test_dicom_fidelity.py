@@ -136,3 +136,35 @@ def test_rectangle_read_from_a_file_with_few_decimals(tmp_path, decimals):
     bare = Roi(1, "R", "", roi.contours)
     expected = 231 if decimals >= 3 else 220  # 2 decimals: the left column (11 centres) falls outside
     assert rasterise(bare, grid, path).indices.size == expected
+
+
+def test_centres_on_the_polygon_match_an_exact_integer_oracle(rng):
+    # random polygons with whole-index vertices, some beyond the image, some edges axis-parallel
+    # with fractional ends: every voxel centre on an edge between two voxel centres or on an
+    # axis-parallel edge at a whole index (exact integer cross products here) is found, and no other
+    from oarbench.dicom.rtstruct import _on_boundary
+
+    ny, nx = 13, 17
+    for _ in range(60):
+        n = int(rng.integers(1, 7))
+        x = rng.integers(-4, nx + 4, n).astype(float)
+        y = rng.integers(-4, ny + 4, n).astype(float)
+        if rng.random() < 0.3:  # an axis-parallel edge whose ends are not voxel centres
+            x = np.append(x, [x[-1], x[-1]])
+            y = np.append(y, [y[-1] + 0.4, y[-1] + 5.7])
+        rows, cols = _on_boundary(x, y, nx, ny)
+        got = set(zip(rows.tolist(), cols.tolist()))
+        want = set()
+        for i in range(len(x)):
+            ax, ay, bx, by = x[i], y[i], x[(i + 1) % len(x)], y[(i + 1) % len(x)]
+            lattice = all(v == round(v) for v in (ax, ay, bx, by))
+            if not (lattice or (ax == bx and ax == round(ax)) or (ay == by and ay == round(ay))):
+                continue  # the documented scope: ends on voxel centres, or axis-parallel at a whole index
+            for r in range(ny):
+                for c in range(nx):
+                    # exact: the coordinates are whole or tenths, so scale by 10 to integers
+                    pax, pay, pbx, pby = (round(10 * v) for v in (ax - c, ay - r, bx - c, by - r))
+                    if pax * pby - pay * pbx == 0 and min(pax, pbx) <= 0 <= max(pax, pbx) \
+                            and min(pay, pby) <= 0 <= max(pay, pby):
+                        want.add((r, c))
+        assert got == want
