@@ -116,7 +116,7 @@ def test_cli_error_is_one_clean_line(tmp_path):
     s = ct_series(tmp_path / "in" / "ct", tilt=5.0)
     rtstruct(tmp_path / "in" / "rs.dcm", s, {"Liver": [square(10, -20, 14, -16, 30.0)]})
     res = CliRunner().invoke(main, ["dicom", "import", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
-                                    "--quiet"])
+                                    "--no-progress"])
     assert res.exit_code == 1
     assert "gantry tilt 5.0" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "out" / "imagesTr").exists()  # checked before anything is written
@@ -218,17 +218,34 @@ def test_contour_between_slices_is_an_error_before_anything_is_written(tmp_path)
     assert not (tmp_path / "out" / "imagesTr").exists()  # the good pair was not converted either
 
 
-def test_rotated_grid_trace_and_fill_give_back_the_mask(rng):
+@pytest.mark.parametrize("convention", ["edges", "centres"])
+@pytest.mark.parametrize("opened", [True, False])
+def test_rotated_grid_trace_and_fill_give_back_the_mask(rng, convention, opened):
+    # unopened random masks hold lone voxels, one-voxel lines, diagonal contacts and holes
     from scipy import ndimage
 
     c, s_ = math.cos(0.5), math.sin(0.5)
     rot = np.array([[c, -s_, 0], [s_ * 0.6, c * 0.6, -0.8], [s_ * 0.8, c * 0.8, 0.6]])
     grid = Grid((4, 21, 33), (3.0, 1.3, 0.7), (10.0, -5.0, 3.0), tuple(rot.ravel()))
-    mask = ndimage.binary_opening(rng.random(grid.shape) > 0.4)
-    polys = trace_mask(mask, grid)
+    mask = rng.random(grid.shape) > 0.4
+    if opened:
+        mask = ndimage.binary_opening(mask)
+    polys = trace_mask(mask, grid, convention)
+    # as a file holds them: decimal strings of 6 decimals
     back = np.zeros(mask.size, bool)
-    back[rasterise(Roi(1, "x", "", tuple(("CLOSED_PLANAR", p) for _, p in polys)), grid).indices] = True
+    back[rasterise(Roi(1, "x", "", tuple(("CLOSED_PLANAR", np.round(p, 6)) for _, p in polys)), grid).indices] = True
     assert np.array_equal(back.reshape(mask.shape), mask)
+    if convention == "edges":  # along the voxel edges: net polygon area = voxel area, slice by slice
+        for z in range(grid.shape[0]):
+            net = sum(0.5 * float(np.dot(q[:, 0], np.roll(q[:, 1], -1)) - np.dot(q[:, 1], np.roll(q[:, 0], -1)))
+                      for q in (rtstruct_index(p, grid) for zz, p in polys if zz == z))
+            assert abs(abs(net) - mask[z].sum()) < 1e-6
+
+
+def rtstruct_index(points: np.ndarray, grid: Grid) -> np.ndarray:
+    from oarbench.dicom.rtstruct import patient_to_index
+
+    return patient_to_index(points, grid)[:, :2]
 
 
 # --------------------------------------------------------------------------- overlaps, names, tables
@@ -262,15 +279,26 @@ def test_overlap_rule_smaller_structure_wins_and_volume_is_reported(tmp_path):
     ("Ösophagus", "Esophagus"), ("Speiseröhre", "Esophagus"), ("Speiseroehre", "Esophagus"),
     ("Speiserohre", "Esophagus"), ("Ruggenmerg", "SpinalCord"), ("Myelon", "SpinalCord"),
     ("Rückenmark", "SpinalCord"), ("Rueckenmark", "SpinalCord"), ("Wervels", "Vertebrae"),
-    ("Wirbelkörper", "Vertebrae"), ("Wirbelkoerper", "Vertebrae"), ("Dünndarm", "Bowel"), ("Hart", "Heart"),
+    ("Wirbelkörper", "Vertebrae"), ("Wirbelkoerper", "Vertebrae"), ("Darm", "Bowel"), ("Hart", "Heart"),
     ("Herz", "Heart"), ("Long links", "Lung_L"), ("Lunge re.", "Lung_R"), ("Vena cava inferior", "VenaCava_I"),
-    ("L_Kidney", "Kidney_L"), ("IVC", "VenaCava_I"), ("Liver", "Liver"), ("Small_Intestine", "Bowel"),
+    ("L_Kidney", "Kidney_L"), ("IVC", "VenaCava_I"), ("Liver", "Liver"), ("Intestine", "Bowel"),
     ("Vena_Cava_Inferior", "VenaCava_I"), ("Vertebral Bodies", "Vertebrae"), ("Adrenal_Gland_R", "Glnd_Adrenal_R"),
     ("Lt Lung", "Lung_L"), ("untere Hohlvene", "VenaCava_I"), ("Twaalfvingerige darm", "Duodenum"),
     ("Zwölffingerdarm", "Duodenum"), ("Wervellichamen", "Vertebrae"), ("Bauchspeicheldruese", "Pancreas"),
+    # side letters run into the organ, brackets, who drew it (auto / AI / KI), a leading z_, parts of the aorta
+    ("RLung", "Lung_R"), ("LLung", "Lung_L"), ("RKidney", "Kidney_R"), ("Kidney (R)", "Kidney_R"),
+    ("Liver_auto", "Liver"), ("Liver (AI)", "Liver"), ("z_Liver", "Liver"), ("Aorta_Abd", "A_Aorta"),
+    ("Aorta descendens", "A_Aorta"), ("SpinalCanal", "SpinalCord"), ("Herz (KI)", "Heart"),
 ])
 def test_clinical_spellings_resolve(name, expected):
     assert NameResolver(DEFAULT_LABELS).resolve(name).structure == expected
+
+
+@pytest.mark.parametrize("name", ["Bowel_Small", "Small_Intestine", "Dünndarm", "Dunne darm", "SmallBowel"])
+def test_small_bowel_alone_is_not_tg263_bowel(name):
+    # TG-263's Bowel is the small and the large bowel; the SEG codes Bowel as the intestine (both)
+    m = NameResolver(DEFAULT_LABELS).resolve(name)
+    assert m.structure == "unmapped" and "small bowel" in m.rule
 
 
 @pytest.mark.parametrize("name", ["Nier", "Niere", "Lunge", "BODY", "PTV_60", "Leverx", "Kidney"])
@@ -312,8 +340,11 @@ def test_aliases_file_errors_name_the_file(tmp_path):
 
 
 def test_age_and_position_from_headers():
-    assert age_years("007Y") == 7.0 and age_years("018M") == 1.5 and age_years("") is None
-    assert age_years("", "20200301", "20260301") == pytest.approx(6.0, abs=0.01)
+    # whole (completed) years only: a fraction of a year plus the study date would give the birth date
+    assert age_years("007Y") == 7 and age_years("018M") == 1 and age_years("011M") == 0 and age_years("") is None
+    assert age_years("", "20200301", "20260301") == 6 and age_years("", "20200302", "20260301") == 5
+    assert age_years("", "20200229", "20260228") == 5 and age_years("", "20200229", "20260301") == 6
+    assert isinstance(age_years("100W"), int) and age_years("100W") == 1 and age_years("400D") == 1
     assert [position_of(p) for p in ("HFS", "FFS", "HFP", "FFP", "", "XYZ")] == \
         ["supine", "supine", "prone", "prone", "unknown", "unknown"]
 
@@ -337,15 +368,18 @@ def test_import_tables_pseudonyms_pairing_and_resume(tmp_path):
     cases = {r["series_instance_uid"]: r for r in _rows(out / "cases.csv")}
     c1, c2 = cases[s1["series"]]["case"], cases[s2["series"]]["case"]
     meta = {r["case"]: r for r in _rows(out / "metadata.csv")}
-    assert meta[c1] == {"case": c1, "centre": "A", "age": "4.0", "sex": "F", "position": "prone",
+    assert meta[c1] == {"case": c1, "centre": "A", "age": "4", "sex": "F", "position": "prone",
                         "patient_position": "FFP"}
-    assert meta[c2]["age"] == "0.92" and meta[c2]["position"] == "supine"
+    assert meta[c2]["age"] == "0" and meta[c2]["position"] == "supine"  # 11 months: whole years
     rows = _rows(out / "import.csv")
     liver = next(r for r in rows if r["roi_name"] == "Lever")
     # x 11..14 (4 columns, 1 mm) x y -19..-17 in 1.5 mm rows: centres -20 + 1.5 j in (-19.5, -16.5): j = 1, 2 -> 8 px
     assert liver["structure"] == "Liver" and int(liver["voxels"]) == 8
     assert float(liver["ml"]) == pytest.approx(8 * 1.0 * 1.5 * 2.5 / 1000)
-    assert next(r for r in rows if r["roi_name"] == "BODY")["structure"] == "unmapped"
+    # the ROI not imported: listed with its status, its name withheld from the shared table
+    body = next(r for r in rows if r["structure"] == "unmapped")
+    assert body["roi_name"] == "(withheld)" and body["status"] == "unmapped" and liver["status"] == "imported"
+    assert "BODY" not in (out / "import.csv").read_text() and res.unmapped == {"BODY": 1}
     # no patient name or id anywhere in the output
     for path in out.rglob("*"):
         assert "SECRET" not in path.name and "Doe" not in path.name
@@ -428,7 +462,7 @@ def test_phantoms_as_dicom_import_to_valid_nnunet_dataset(tmp_path):
     assert res.exit_code == 0, res.output
     manifest = _rows(src / "dicom_manifest.csv")
     assert len(manifest) == 2
-    res = runner.invoke(main, ["dicom", "import", str(src), "--out", str(out), "--quiet", "--workers", "2"])
+    res = runner.invoke(main, ["dicom", "import", str(src), "--out", str(out), "--no-progress", "--workers", "2"])
     assert res.exit_code == 0, res.output
     assert "2 cases (2 imported, 0 already there)" in res.output and "not imported" not in res.output
     rows = _rows(out / "import.csv")
@@ -442,8 +476,8 @@ def test_phantoms_as_dicom_import_to_valid_nnunet_dataset(tmp_path):
     import pydicom
 
     assert pydicom.dcmread(b_rtstruct).SpecificCharacterSet == "ISO_IR 192"
-    assert "Dünndarm".encode("utf-8") in b_rtstruct.read_bytes()
-    assert "Dünndarm" in {r["roi_name"] for r in rows}
+    assert "Speiseröhre".encode("utf-8") in b_rtstruct.read_bytes()
+    assert "Speiseröhre" in {r["roi_name"] for r in rows}
     ids = {m["patient_id"] for m in manifest}
     for path in out.rglob("*"):
         if path.is_file() and path.suffix in (".csv", ".json"):
@@ -452,7 +486,7 @@ def test_phantoms_as_dicom_import_to_valid_nnunet_dataset(tmp_path):
 
     verify_dataset_integrity(str(out), 1)  # raises on any inconsistency
     assert json.loads((out / "dataset.json").read_text())["numTraining"] == 2
-    res = runner.invoke(main, ["dicom", "import", str(src), "--out", str(out), "--quiet"])
+    res = runner.invoke(main, ["dicom", "import", str(src), "--out", str(out), "--no-progress"])
     assert "(0 imported, 2 already there)" in res.output
 
 
@@ -616,7 +650,7 @@ def test_missing_dependency_message_names_the_extra(monkeypatch, tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "x.dcm").write_bytes(b"\0" * 200)
     res = CliRunner().invoke(main, ["dicom", "import", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
-                                    "--quiet"])
+                                    "--no-progress"])
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert res.output.strip().splitlines() == [res.output.strip()]  # one line
     assert "pip install 'oarbench[dicom]'" in res.output
@@ -679,11 +713,12 @@ def test_rtstruct_errors_name_the_file_and_roi(tmp_path):
     rtstruct(tmp_path / "in" / "rs.dcm", s, {"Lever": [tilted]})
     with pytest.raises(ValueError, match=r"rs\.dcm: ROI 'Lever' contour 1 is not in a slice plane"):
         import_dicom(tmp_path / "in", tmp_path / "out", ImportOptions(DEFAULT_LABELS))
-    # the same contour in an ROI that is not imported is only a note
+    # the same contour in an ROI that is not imported stops nothing: that ROI is not drawn at all
     rtstruct(tmp_path / "in" / "rs.dcm", s, {"Lever": [square(10.5, -19.5, 14.5, -16.5, 32.5)], "BODY": [tilted]})
     res = import_dicom(tmp_path / "in", tmp_path / "out", ImportOptions(DEFAULT_LABELS))
-    body = next(r for r in res.rows if r["roi_name"] == "BODY")
-    assert body["structure"] == "unmapped" and "is not in a slice plane" in body["note"]
+    body = next(r for r in res.rows if r["structure"] == "unmapped")
+    assert body["status"] == "unmapped" and "voxels" not in body
+    assert res.unmapped == {"BODY": 1} and {r["status"] for r in res.rows} == {"imported", "unmapped"}
 
 
 def test_rtstruct_with_contours_of_an_undefined_roi_is_refused(tmp_path):
@@ -710,7 +745,7 @@ def test_folder_without_dicom_is_an_error(tmp_path):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "readme.txt").write_text("x")
     res = CliRunner().invoke(main, ["dicom", "import", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
-                                    "--quiet"])
+                                    "--no-progress"])
     assert res.exit_code == 1 and "no DICOM images or RTSTRUCTs found (1 other files)" in res.output
 
 
@@ -721,7 +756,7 @@ def test_cli_import_with_aliases_and_labels(tmp_path):
     (tmp_path / "a.toml").write_text('[centre.X.patterns]\n"gtv_\\\\d+" = "GTV"\n', encoding="utf-8")
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "Liver": 1, "GTV": 2}}))
     res = CliRunner().invoke(main, ["dicom", "import", str(tmp_path / "in"), "--out", str(tmp_path / "o"),
-                                    "--quiet", "--centre", "X", "--aliases", str(tmp_path / "a.toml"),
+                                    "--no-progress", "--centre", "X", "--aliases", str(tmp_path / "a.toml"),
                                     "--labels", str(tmp_path / "dataset.json"), "--case-prefix", "siteX"])
     assert res.exit_code == 0, res.output
     rows = {r["roi_name"]: r for r in _rows(tmp_path / "o" / "import.csv")}

@@ -10,7 +10,7 @@
   float32).
 
 Refused with an error naming the series and a file: a modality other than CT,
-multi-frame images, mixed image sizes, orientations or pixel spacings, gantry tilt
+enhanced (multi-frame) CT, which is not supported, mixed image sizes, orientations or pixel spacings, gantry tilt
 (a non-zero GantryDetectorTilt, or slice positions that do not move along ``n``), two
 slices at one position, and missing slices or unequal slice spacing (the gap is named).
 """
@@ -80,7 +80,25 @@ def _floats(value, n: int, what: str, path: Path) -> tuple[float, ...]:
     return out
 
 
-def _slice(ds, path: Path) -> SliceGeometry:
+ENHANCED_CT = {"1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT",
+               "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT"}
+
+
+def _frames(ds) -> int:
+    try:
+        return int(str(ds.get("NumberOfFrames", 1) or 1).strip() or 1)
+    except ValueError:
+        return 1
+
+
+def _slice(ds, path: Path, series_uid: str = "") -> SliceGeometry:
+    sop_class = str(ds.get("SOPClassUID", ""))
+    if sop_class in ENHANCED_CT or _frames(ds) > 1:
+        kind = ENHANCED_CT.get(sop_class, "multi-frame image")
+        raise ValueError(f"{path}: {kind} ({_frames(ds)} frames) in series {series_uid or '?'}: "
+                         "enhanced (multi-frame) CT is not supported; "
+                         "only single-frame CT slices are imported (convert the series to single-frame CT images "
+                         "first)")
     for key in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns"):
         if key not in ds:
             raise ValueError(f"{path}: no {key} (needed to place the image)")
@@ -89,7 +107,7 @@ def _slice(ds, path: Path) -> SliceGeometry:
         orientation=_floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", path),
         position=_floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", path),  # type: ignore[arg-type]
         pixel_spacing=_floats(ds.PixelSpacing, 2, "PixelSpacing", path),  # type: ignore[arg-type]
-        modality=str(ds.get("Modality", "")).upper(), frames=int(ds.get("NumberOfFrames", 1) or 1),
+        modality=str(ds.get("Modality", "")).upper(), frames=_frames(ds),
         tilt=float(ds.get("GantryDetectorTilt", 0.0) or 0.0), sop_instance_uid=str(ds.SOPInstanceUID))
 
 
@@ -171,7 +189,7 @@ def read_geometry(series_uid: str, paths: list[Path]) -> SeriesGeometry:
             ds = dcmread(p, stop_before_pixels=True)
         except Exception as exc:  # noqa: BLE001 - any parser failure is a bad file
             raise ValueError(f"{p}: cannot read DICOM header: {exc}") from exc
-        slices.append(_slice(ds, Path(p)))
+        slices.append(_slice(ds, Path(p), series_uid))
     return series_geometry(series_uid, slices)
 
 

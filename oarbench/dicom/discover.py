@@ -12,11 +12,12 @@ An RTSTRUCT that neither rule pairs is reported, never attached by guess.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from oarbench.dicom._deps import dcmread, require_pydicom
+from oarbench.dicom._deps import OversizeError, dcmread, require_pydicom
 
 __all__ = ["DicomFile", "Series", "StructureSet", "Inventory", "scan"]
 
@@ -82,20 +83,35 @@ class Inventory:
     unpaired: list[tuple[StructureSet, str]]  # RTSTRUCTs that match no series, with the reason
     not_dicom: int
     other: list[DicomFile]  # DICOM files that are neither images of a series nor RTSTRUCT (SEG, RTPLAN, ...)
+    notes: list[str] = field(default_factory=list)  # how RTSTRUCTs were paired, where it was not by series
 
 
 def _walk(root: Path) -> Iterable[Path]:
+    """Every visible file under ``root``; anything that is not a regular file (a FIFO, a device, a
+    socket, a link to one) is refused by name before it is opened: reading a FIFO blocks forever."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if not name.startswith("."):
-                yield Path(dirpath) / name
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as exc:
+                raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
+            if not stat.S_ISREG(mode):
+                kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or
+                        stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+                raise ValueError(f"{path}: {kind}, not a file; refused without opening it (remove it from the tree)")
+            yield path
 
 
 def _read_header(path: Path):
     pydicom = require_pydicom()
     try:
         return dcmread(path, stop_before_pixels=True)
+    except OversizeError:
+        raise
     except (pydicom.errors.InvalidDicomError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError):
         return None
 
@@ -124,9 +140,12 @@ def _referenced(ds) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(dict.fromkeys(series)), tuple(dict.fromkeys(frames))
 
 
-def scan(root: str | Path, progress: Callable[[int], None] | None = None) -> Inventory:
+def scan(root: str | Path, progress: Callable[[int], None] | None = None,
+         on_total: Callable[[int], None] | None = None) -> Inventory:
     """Read the header of every file under ``root`` (recursively; hidden files and
     folders are skipped; files that are not DICOM are counted, not read further).
+    ``on_total`` gets the number of files once the tree is listed, ``progress`` the
+    number read so far.
 
     Raises ValueError when ``root`` is no folder or holds no DICOM file.
     """
@@ -138,7 +157,10 @@ def scan(root: str | Path, progress: Callable[[int], None] | None = None) -> Inv
     other: list[DicomFile] = []
     seen_sop: dict[str, Path] = {}
     not_dicom = 0
-    for n, path in enumerate(_walk(root), 1):
+    paths = list(_walk(root))  # every file is checked to be a regular file before any is opened
+    if on_total is not None:
+        on_total(len(paths))
+    for n, path in enumerate(paths, 1):
         if progress is not None:
             progress(n)
         ds = _read_header(path)
@@ -168,6 +190,7 @@ def scan(root: str | Path, progress: Callable[[int], None] | None = None) -> Inv
 
     pairs: dict[str, list[StructureSet]] = {}
     unpaired: list[tuple[StructureSet, str]] = []
+    notes: list[str] = []
     for ss in sorted(structures, key=lambda s: str(s.file.path)):
         target = next((uid for uid in ss.referenced_series if uid in series), None)
         if target is None:
@@ -178,6 +201,10 @@ def scan(root: str | Path, progress: Callable[[int], None] | None = None) -> Inv
                 candidates = ct_only
             if len(candidates) == 1:
                 target = candidates[0]
+                if ss.referenced_series:
+                    notes.append(f"{ss.file.path}: references series {', '.join(ss.referenced_series)}, which is "
+                                 f"not in {root}; paired by its frame of reference with series {target} "
+                                 f"({series[target].first_path.parent})")
             elif len(candidates) > 1:
                 unpaired.append((ss, f"its frame of reference holds {len(candidates)} image series and it names "
                                      "none of them"))
@@ -187,4 +214,4 @@ def scan(root: str | Path, progress: Callable[[int], None] | None = None) -> Inv
                 unpaired.append((ss, f"references series {refs}, which is not in {root}"))
                 continue
         pairs.setdefault(target, []).append(ss)
-    return Inventory(root, series, structures, pairs, unpaired, not_dicom, other)
+    return Inventory(root, series, structures, pairs, unpaired, not_dicom, other, notes)

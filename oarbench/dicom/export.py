@@ -5,8 +5,12 @@ writing for the synthetic study.
 An exported RTSTRUCT holds one ROI per structure present in the label map, named with
 its TG-263 name and drawn in a fixed colour (:data:`COLOURS`), with closed planar
 contours traced per axial slice (:func:`oarbench.dicom.rtstruct.trace_mask`; holes as
-separate polygons, even-odd). It references the CT's frame of reference, study and
-series, and every contour names the CT slice it lies on (ContourImageSequence).
+separate polygons, even-odd) along the voxel edges (:data:`DEFAULT_CONTOUR`, for planning
+systems) or through the boundary voxel centres (for rt-utils and platipy); docs/dicom.md
+has the measured table. The DICOM-SEG codes each structure in SNOMED CT with a Left/Right
+modifier for paired organs. Every object is built before any file is written. The RTSTRUCT
+references the CT's frame of reference, study and series, and every contour names the CT
+slice it lies on (ContourImageSequence).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from oarbench import __version__
 from oarbench.dicom._deps import dcmread, require_highdicom, require_pydicom
 from oarbench.dicom.ct import SeriesGeometry, read_geometry
 from oarbench.dicom.discover import scan
-from oarbench.dicom.rtstruct import Grid, trace_mask
+from oarbench.dicom.rtstruct import CONTOUR_CONVENTIONS, Grid, trace_mask
 from oarbench.io import Volume, atomic_write_bytes, atomic_write_text, check_same_grid, find_cases, read_volume
 from oarbench.labels import LabelMap
 from oarbench.tables import csv_row, restore_cell
@@ -34,6 +38,11 @@ __all__ = ["COLOURS", "colour_of", "new_uid", "write_ct_series", "build_rtstruct
            "ExportResult", "export_predictions", "save_dataset"]
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+#: The contour convention of exported RTSTRUCTs (docs/dicom.md, "Which contour convention").
+DEFAULT_CONTOUR = "edges"
+#: ROIGenerationDescription of each convention: what a reader of the file needs to know.
+_CONTOUR_WORDS = {"edges": "oarbench: polygons along the voxel edges",
+                  "centres": "oarbench: polygons through the boundary voxel centres"}
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 STUDY_COMPONENT = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management, as RTReferencedStudySequence names it
 
@@ -71,9 +80,19 @@ def save_dataset(ds, path: str | Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _ds(text: float) -> str:
-    s = f"{text:.4f}".rstrip("0").rstrip(".")
+def _ds(text: float, decimals: int = 4) -> str:
+    s = f"{text:.{decimals}f}".rstrip("0").rstrip(".")
     return "0" if s in ("-0", "") else s
+
+
+def _ds_point(value: float) -> str:
+    """A contour coordinate as a decimal string of at most 16 characters (the DS limit) with as
+    many decimals as fit, up to 8: a vertex on a voxel centre or edge stays within 1e-8 mm of it."""
+    for decimals in range(8, -1, -1):
+        s = _ds(value, decimals)
+        if len(s) <= 16:
+            return s
+    raise ValueError(f"contour coordinate {value} does not fit a DICOM decimal string")
 
 
 def _file_meta(sop_class: str, sop_uid: str):
@@ -124,6 +143,9 @@ def write_ct_series(volume: Volume, folder: str | Path, header: dict[str, Any], 
         for key, value in header.items():
             setattr(ds, key, value)
         _fill_type2(ds)
+        for key in _CT_TYPE2:  # Frame of Reference and CT Image modules: present, may be empty
+            if key not in ds:
+                setattr(ds, key, "")
         ds.SeriesInstanceUID = series_uid
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = now
         ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
@@ -164,6 +186,9 @@ _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDa
           "AccessionNumber", "ReferringPhysicianName")
 
 
+_CT_TYPE2 = ("PositionReferenceIndicator", "KVP", "AcquisitionNumber")
+
+
 def _fill_type2(ds) -> None:
     """Type 2 attributes (present, may be empty) that some CT exports leave out."""
     for key in _TYPE2:
@@ -178,12 +203,16 @@ def _check_grid(labels: Volume, geometry: SeriesGeometry, name: str) -> None:
 
 def build_rtstruct(labels: Volume, geometry: SeriesGeometry, label_map: LabelMap, *,
                    roi_names: dict[int, str] | None = None, label: str = "oarbench",
-                   uid_seed: str = "", source: str = "label map"):
+                   uid_seed: str = "", source: str = "label map", contour: str = DEFAULT_CONTOUR):
     """An RTSTRUCT dataset for ``labels`` (on the CT grid of ``geometry``).
 
     ``roi_names`` overrides the ROI name per label value (the synthetic study writes
-    centre spellings this way); by default the label map's names are used.
+    centre spellings this way); by default the label map's names are used. ``contour``
+    is the convention of :func:`oarbench.dicom.rtstruct.trace_mask` (``edges`` or
+    ``centres``, docs/dicom.md).
     """
+    if contour not in CONTOUR_CONVENTIONS:
+        raise ValueError(f"unknown contour convention {contour!r}; choose {' or '.join(CONTOUR_CONVENTIONS)}")
     pydicom = require_pydicom()
     _check_grid(labels, geometry, source)
     ct0 = dcmread(geometry.slices[0].path, stop_before_pixels=True)
@@ -248,9 +277,10 @@ def build_rtstruct(labels: Volume, geometry: SeriesGeometry, label_map: LabelMap
         roi.ReferencedFrameOfReferenceUID = frame
         roi.ROIName = roi_name
         roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        roi.ROIGenerationDescription = _CONTOUR_WORDS[contour]
         rois.append(roi)
         items = []
-        for z, pts in trace_mask(mask, grid):
+        for z, pts in trace_mask(mask, grid, contour):
             c = pydicom.Dataset()
             ref = pydicom.Dataset()
             ref.ReferencedSOPClassUID = CT_IMAGE_STORAGE
@@ -258,7 +288,7 @@ def build_rtstruct(labels: Volume, geometry: SeriesGeometry, label_map: LabelMap
             c.ContourImageSequence = [ref]
             c.ContourGeometricType = "CLOSED_PLANAR"
             c.NumberOfContourPoints = len(pts)
-            c.ContourData = [_ds(v) for v in pts.ravel()]
+            c.ContourData = [_ds_point(v) for v in pts.ravel()]
             items.append(c)
         rc = pydicom.Dataset()
         rc.ROIDisplayColor = list(colour_of(name))
@@ -278,18 +308,23 @@ def build_rtstruct(labels: Volume, geometry: SeriesGeometry, label_map: LabelMap
 
 
 def _property_type(name: str):
+    """SNOMED CT type of a structure and its side (Left / Right modifier, or None)."""
     from pydicom.sr.codedict import codes
+    from pydicom.sr.coding import Code
 
     stems = {"Liver": "Liver", "Spleen": "Spleen", "Kidney": "Kidney", "Glnd_Adrenal": "AdrenalGland",
-             "Pancreas": "Pancreas", "Stomach": "Stomach", "Duodenum": "Duodenum", "Bowel": "SmallIntestine",
+             "Pancreas": "Pancreas", "Stomach": "Stomach", "Duodenum": "Duodenum",
              "Gallbladder": "Gallbladder", "Esophagus": "Esophagus", "Heart": "Heart", "Lung": "Lung",
              "SpinalCord": "SpinalCord", "A_Aorta": "Aorta", "VenaCava_I": "InferiorVenaCava",
              "Vertebrae": "Vertebra"}
-    stem = name[:-2] if name.endswith(("_L", "_R")) else name
+    side = {"_L": codes.SCT.Left, "_R": codes.SCT.Right}.get(name[-2:])
+    stem = name[:-2] if side is not None else name
+    if stem == "Bowel":  # TG-263 Bowel: the small and the large bowel (docs/dicom.md)
+        return Code("113276009", "SCT", "Intestinal structure"), side
     try:
-        return getattr(codes.SCT, stems[stem])
+        return getattr(codes.SCT, stems[stem]), side
     except (KeyError, AttributeError):
-        return codes.SCT.Organ
+        return codes.SCT.Organ, side
 
 
 def build_seg(labels: Volume, geometry: SeriesGeometry, label_map: LabelMap, *, uid_seed: str = "",
@@ -300,8 +335,10 @@ def build_seg(labels: Volume, geometry: SeriesGeometry, label_map: LabelMap, *, 
 
     _check_grid(labels, geometry, source)
     sources = [dcmread(s.path) for s in geometry.slices]
-    for src in sources:
+    for src in sources:  # in-memory copies: what highdicom needs and some CT exports leave out
         _fill_type2(src)
+        if not str(src.get("SliceThickness", "") or "").strip():
+            src.SliceThickness = _ds(geometry.spacing_zyx[0])
     array = np.asarray(labels.array)
     present = [(v, n) for v, n in label_map if np.any(array == v)]
     if not present:
@@ -312,11 +349,16 @@ def build_seg(labels: Volume, geometry: SeriesGeometry, label_map: LabelMap, *, 
                                                    family=codes.cid7162.ArtificialIntelligence)
     for i, (value, name) in enumerate(present, 1):
         seg_array[array == value] = i
-        descriptions.append(hd.seg.SegmentDescription(
+        prop, side = _property_type(name)
+        desc = hd.seg.SegmentDescription(
             segment_number=i, segment_label=name, segmented_property_category=codes.SCT.Organ,
-            segmented_property_type=_property_type(name),
+            segmented_property_type=prop,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
-            tracking_uid=new_uid(uid_seed, "track", name) if uid_seed else new_uid(), tracking_id=name))
+            tracking_uid=new_uid(uid_seed, "track", name) if uid_seed else new_uid(), tracking_id=name)
+        if side is not None:  # Left / Right, inside the property type item (PS3.3 C.8.20.2)
+            desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                hd.sr.CodedConcept(side.value, side.scheme_designator, side.meaning)]
+        descriptions.append(desc)
     return hd.seg.Segmentation(
         source_images=sources, pixel_array=seg_array, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -349,14 +391,19 @@ def _cases_table(path: Path) -> dict[str, str]:
 
 def export_predictions(pred_dir: str | Path, dicom_dir: str | Path, out: str | Path, label_map: LabelMap, *,
                        formats: Sequence[str] = ("rtstruct", "seg"), cases_csv: str | Path | None = None,
-                       progress: Callable[[str], None] | None = None) -> ExportResult:
+                       progress: Callable[[str], None] | None = None, contour: str = DEFAULT_CONTOUR,
+                       on_plan: Callable[[int], None] | None = None) -> ExportResult:
     """Write ``OUT/CASE/RTSTRUCT.dcm`` and/or ``OUT/CASE/SEG.dcm`` for every prediction in ``pred_dir``.
 
     Predictions are matched to the CT series of ``dicom_dir`` through ``cases_csv``
     (case -> SeriesInstanceUID, from ``oarbench dicom import``); without it, a single
-    prediction maps to the single CT series of ``dicom_dir``. Everything is checked
-    before anything is written.
+    prediction maps to the single CT series of ``dicom_dir``. Everything is checked and
+    every object built before anything is written. ``contour`` is the RTSTRUCT contour
+    convention (``edges`` or ``centres``); ``on_plan`` is called with the number of cases
+    once they are known, ``progress`` after each case is built.
     """
+    if contour not in CONTOUR_CONVENTIONS:
+        raise ValueError(f"unknown contour convention {contour!r}; choose {' or '.join(CONTOUR_CONVENTIONS)}")
     unknown = sorted(set(formats) - {"rtstruct", "seg"})
     if unknown or not formats:
         raise ValueError(f"unknown export format(s) {unknown or list(formats)}; choose rtstruct and/or seg")
@@ -388,16 +435,33 @@ def export_predictions(pred_dir: str | Path, dicom_dir: str | Path, out: str | P
         if extra:
             raise ValueError(f"{preds[case]}: label values {extra} are not in the label map ({label_map.values})")
         plan.append((case, uid, geometry, volume))
+    if on_plan is not None:
+        on_plan(len(plan))
     out = Path(out)
-    rows, files = [], []
+    # every object is built (and so checked) before any file is written
+    built = []
     for case, uid, geometry, volume in plan:
+        rs = seg = None
+        try:
+            if "rtstruct" in formats:
+                rs = build_rtstruct(volume, geometry, label_map, source=str(preds[case]), contour=contour)
+            if "seg" in formats and np.any(volume.array):
+                seg = build_seg(volume, geometry, label_map, source=str(preds[case]))
+        except (ValueError, ImportError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a writer library refusing the CT headers
+            raise ValueError(f"{preds[case]}: cannot build DICOM objects on CT series {uid} "
+                             f"({geometry.slices[0].path.parent}): {exc}") from exc
+        built.append((case, uid, volume, rs, seg))
+        if progress is not None:
+            progress(case)
+    rows, files = [], []
+    for case, uid, volume, rs, seg in built:
         rs_path = seg_path = None
-        if "rtstruct" in formats:
-            ds = build_rtstruct(volume, geometry, label_map, source=str(preds[case]))
-            rs_path = save_dataset(ds, out / case / "RTSTRUCT.dcm")
+        if rs is not None:
+            rs_path = save_dataset(rs, out / case / "RTSTRUCT.dcm")
             files.append(rs_path)
-        if "seg" in formats and np.any(volume.array):
-            seg = build_seg(volume, geometry, label_map, source=str(preds[case]))
+        if seg is not None:
             seg_path = save_dataset(seg, out / case / "SEG.dcm")
             files.append(seg_path)
         for value, name in label_map:
@@ -406,8 +470,6 @@ def export_predictions(pred_dir: str | Path, dicom_dir: str | Path, out: str | P
                 rows.append({"case": case, "series_instance_uid": uid, "structure": name, "label": value,
                              "voxels": n, "rtstruct": rs_path.relative_to(out).as_posix() if rs_path else "",
                              "seg": seg_path.relative_to(out).as_posix() if seg_path else ""})
-        if progress is not None:
-            progress(case)
     buf = _stdio.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(EXPORT_COLUMNS), lineterminator="\n")
     w.writeheader()

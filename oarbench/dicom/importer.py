@@ -31,7 +31,7 @@ import numpy as np
 
 from oarbench.dicom.ct import SeriesGeometry, read_ct, read_geometry
 from oarbench.dicom.discover import Inventory, StructureSet, scan
-from oarbench.dicom.names import AMBIGUOUS, Aliases, NameResolver
+from oarbench.dicom.names import Aliases, NameResolver
 from oarbench.dicom.rtstruct import Grid, RoiMask, check_contours, rasterise, read_rtstruct
 from oarbench.executors import LocalExecutor
 from oarbench.io import atomic_write_text, write_volume
@@ -41,10 +41,13 @@ from oarbench.tables import csv_row, restore_cell
 __all__ = ["ImportOptions", "ImportResult", "import_dicom", "IMPORT_COLUMNS", "METADATA_COLUMNS", "CASES_COLUMNS",
            "position_of", "age_years"]
 
-RULES_VERSION = 1  # bump when a rule changes so that reruns recompute
+RULES_VERSION = 2  # bump when a rule changes so that reruns recompute
 RECORDS = ".oarbench-import"
-IMPORT_COLUMNS = ("case", "roi_number", "roi_name", "structure", "rule", "label", "voxels", "ml", "overlap_ml",
-                  "lost_ml", "contours", "skipped_contours", "points", "points_off_image", "note")
+IMPORT_COLUMNS = ("case", "roi_number", "roi_name", "structure", "status", "rule", "label", "voxels", "ml",
+                  "overlap_ml", "lost_ml", "contours", "skipped_contours", "points", "points_off_image", "note")
+#: import.csv ``status``: the ROI is in the label map / mapped but nothing to draw / not imported.
+STATUSES = ("imported", "no contours", "no voxels", "unmapped", "ambiguous")
+WITHHELD = "(withheld)"
 METADATA_COLUMNS = ("case", "centre", "age", "sex", "position", "patient_position")
 CASES_COLUMNS = ("case", "study_instance_uid", "series_instance_uid", "frame_of_reference_uid",
                  "rtstruct_sop_instance_uid")
@@ -59,6 +62,8 @@ class ImportOptions:
     centre: str = "local"
     case_prefix: str = "case"
     force: bool = False
+    strict: bool = False  # a mapped ROI without contours is an error, not a warning
+    keep_unmapped_names: bool = False  # write the names of ROIs not imported into import.csv
 
 
 @dataclass
@@ -71,14 +76,14 @@ class ImportResult:
     warnings: list[str]
     overlap_ml: float
 
+    #: (ROI name, structure, rule) -> cases, for ROIs not mapped in the cases converted by this run
+    #: (names are kept in memory only, unless ImportOptions.keep_unmapped_names)
+    unmapped_names: dict[tuple[str, str, str], list[str]] = field(default_factory=dict)
+
     @property
     def unmapped(self) -> dict[str, int]:
         """ROI name -> number of cases, for names that were not mapped (unmapped or ambiguous)."""
-        out: dict[str, int] = {}
-        for r in self.rows:
-            if r["structure"] in ("unmapped", AMBIGUOUS):
-                out[r["roi_name"]] = out.get(r["roi_name"], 0) + 1
-        return out
+        return {name: len(set(cases)) for (name, _s, _r), cases in self.unmapped_names.items()}
 
 
 def position_of(code: str) -> str:
@@ -86,18 +91,22 @@ def position_of(code: str) -> str:
     return _POSITIONS.get(code.strip().upper(), "unknown")
 
 
-def age_years(patient_age: str, birth_date: str = "", study_date: str = "") -> float | None:
-    """Age in years from PatientAge (``nnnY``/``M``/``W``/``D``), else from the birth and study dates."""
+def age_years(patient_age: str, birth_date: str = "", study_date: str = "") -> int | None:
+    """Age in whole years (completed years) from PatientAge (``nnnY``/``M``/``W``/``D``), else from the
+    birth and study dates. Whole years only: an age to a fraction of a year together with the study
+    date would give the birth date to within days."""
     m = re.fullmatch(r"\s*(\d{1,3})\s*([YMWD])\s*", patient_age or "", re.IGNORECASE)
     if m:
         n, unit = int(m.group(1)), m.group(2).upper()
-        return round(n / {"Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}[unit], 2)
+        return {"Y": n, "M": n // 12, "W": int(n * 7 // 365.25), "D": int(n // 365.25)}[unit]
     try:
         b = date(int(birth_date[:4]), int(birth_date[4:6]), int(birth_date[6:8]))
         s = date(int(study_date[:4]), int(study_date[4:6]), int(study_date[6:8]))
     except (ValueError, TypeError):
         return None
-    return round((s - b).days / 365.25, 2) if s >= b else None
+    if s < b:
+        return None
+    return s.year - b.year - ((s.month, s.day) < (b.month, b.day))
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,7 @@ def _read_cases_csv(path: Path) -> dict[tuple[str, str], str]:
 def _settings_key(options: ImportOptions) -> str:
     a = options.aliases
     settings = {"rules": RULES_VERSION, "labels": options.labels.labels, "centre": options.centre,
+                "names": options.keep_unmapped_names,
                 "aliases": [a.exact, a.patterns, a.centre_exact, a.centre_patterns]}
     return json.dumps(settings, sort_keys=True, default=str)
 
@@ -147,6 +157,8 @@ def _plan(inventory: Inventory, out: Path, options: ImportOptions, warn: Callabl
     """Check every paired series and RTSTRUCT completely, then give each (series, RTSTRUCT) a case id."""
     for ss, why in inventory.unpaired:
         warn(f"{ss.file.path}: RTSTRUCT not imported: {why}")
+    for note in inventory.notes:
+        warn(note)
     for uid, s in sorted(inventory.series.items()):
         if uid not in inventory.pairs and s.modality == "CT":
             warn(f"series {uid} ({s.first_path.parent}): CT without an RTSTRUCT, not imported")
@@ -187,7 +199,9 @@ def _plan(inventory: Inventory, out: Path, options: ImportOptions, warn: Callabl
 
 def _check_structures(inventory: Inventory, geometries: dict[str, SeriesGeometry], options: ImportOptions) -> list[str]:
     """Every problem that would stop the conversion of an RTSTRUCT: unreadable file, ROI in
-    another frame of reference, contours of imported ROIs off the CT slices."""
+    another frame of reference, contours of imported ROIs off the CT slices (the message names
+    the CT series and the series the RTSTRUCT references), and with ``--strict`` a mapped ROI
+    without contours."""
     errors = []
     resolver = NameResolver(options.labels, options.aliases, options.centre)
     for uid, geo in sorted(geometries.items()):
@@ -203,7 +217,16 @@ def _check_structures(inventory: Inventory, geometries: dict[str, SeriesGeometry
                     if roi.frame_of_reference_uid and ct_frame and roi.frame_of_reference_uid != ct_frame:
                         raise ValueError(f"{path}: ROI {roi.name!r} is drawn in frame of reference "
                                          f"{roi.frame_of_reference_uid}, the CT series {uid} is in {ct_frame}")
-                    check_contours(roi, grid, path)
+                    try:
+                        check_contours(roi, grid, path)
+                    except ValueError as exc:
+                        refs = ", ".join(ss.referenced_series) or "none"
+                        raise ValueError(f"{exc}; checked against CT series {uid} ({geo.slices[0].path.parent}), "
+                                         f"the RTSTRUCT references series {refs}") from exc
+                    if options.strict and not any(kind in ("CLOSED_PLANAR", "CLOSED_PLANAR_XOR") and len(pts)
+                                                  for kind, pts in roi.contours):
+                        raise ValueError(f"{path}: ROI {roi.name!r} ({match.structure}) has no closed contour "
+                                         "(--strict)")
             except ValueError as exc:
                 errors.append(str(exc))
     return errors
@@ -233,27 +256,34 @@ def _run_case(job: _Job, out: Path, options: ImportOptions) -> dict:
     matches = resolver.resolve_all([r.name for r in rois])
     rows: list[dict] = []
     masks: dict[int, RoiMask] = {}
+    warnings: list[str] = []
+    unmapped: list[list[str]] = []
     for roi, match in zip(rois, matches):
-        row: dict[str, Any] = {"case": job.case, "roi_number": roi.number, "roi_name": roi.name,
-                               "structure": match.structure, "rule": match.rule, "label": "", "note": ""}
+        shown = roi.name if (match.mapped or options.keep_unmapped_names) else WITHHELD
+        row: dict[str, Any] = {"case": job.case, "roi_number": roi.number, "roi_name": shown,
+                               "structure": match.structure, "status": match.structure, "rule": match.rule,
+                               "label": "", "note": ""}
+        if not match.mapped:
+            # not imported: nothing of it is drawn, and its name stays out of the tables unless asked
+            unmapped.append([roi.name, match.structure, match.rule])
+            row["contours"] = len(roi.contours)
+            rows.append(row)
+            continue
         if roi.frame_of_reference_uid and ct_frame and roi.frame_of_reference_uid != ct_frame:
-            if match.mapped:
-                raise ValueError(f"{rs_path}: ROI {roi.name!r} is drawn in frame of reference "
-                                 f"{roi.frame_of_reference_uid}, the CT series {job.series_uid} is in {ct_frame}")
-            row["note"] = "other frame of reference"
-            rows.append(row)
-            continue
-        try:
-            mask = rasterise(roi, grid, rs_path)
-        except ValueError as exc:
-            if match.mapped:
-                raise
-            row["note"] = str(exc).replace(f"{rs_path}: ", "")
-            rows.append(row)
-            continue
+            raise ValueError(f"{rs_path}: ROI {roi.name!r} is drawn in frame of reference "
+                             f"{roi.frame_of_reference_uid}, the CT series {job.series_uid} is in {ct_frame}")
+        mask = rasterise(roi, grid, rs_path)
         row.update(voxels=int(mask.indices.size), contours=mask.contours, skipped_contours=mask.skipped_contours,
                    points=mask.points, points_off_image=mask.points_off_image)
-        if match.mapped:
+        if mask.contours == 0 or mask.indices.size == 0:
+            row["status"] = "no contours" if mask.contours == 0 else "no voxels"
+            what = ("has no closed contour" if mask.contours == 0 else
+                    f"has {mask.contours} contour(s) that enclose no voxel centre")
+            strict = " (--strict makes this an error)" if mask.contours == 0 else ""
+            warnings.append(f"{job.case}: ROI {roi.name!r} ({match.structure}) {what} in {rs_path}: "
+                            f"{match.structure} is absent from the label map{strict}")
+        else:
+            row["status"] = "imported"
             row["label"] = options.labels.value(match.structure)
             masks[roi.number] = mask
         rows.append(row)
@@ -294,7 +324,10 @@ def _run_case(job: _Job, out: Path, options: ImportOptions) -> dict:
                  "series_instance_uid": job.series_uid, "frame_of_reference_uid": ct_frame,
                  "rtstruct_sop_instance_uid": job.rtstruct.file.sop_instance_uid},
     }
+    if warnings:
+        record["warnings"] = warnings
     atomic_write_text(out / RECORDS / f"{job.case}.json", json.dumps(record, indent=1) + "\n")
+    record["unmapped_names"] = unmapped  # in memory only: names of ROIs not imported
     return record
 
 
@@ -346,7 +379,11 @@ def import_dicom(dicom_dir: str | Path, out: str | Path, options: ImportOptions,
         from tqdm.auto import tqdm
 
         with tqdm(desc="reading DICOM headers", unit="file") as scan_bar:
-            inventory = scan(dicom_dir, progress=lambda _n: scan_bar.update())
+            def _total(n: int) -> None:
+                scan_bar.total = n
+                scan_bar.refresh()
+
+            inventory = scan(dicom_dir, progress=lambda _n: scan_bar.update(), on_total=_total)
     else:
         inventory = scan(dicom_dir)
     jobs = _plan(inventory, out, options, _warn)
@@ -377,6 +414,13 @@ def import_dicom(dicom_dir: str | Path, out: str | Path, options: ImportOptions,
             bar.close()
 
     cases = [j.case for j in jobs]
+    unmapped_names: dict[tuple[str, str, str], list[str]] = {}
+    for job in jobs:
+        record = records[job.case]
+        for msg in record.get("warnings", []):
+            _warn(msg)
+        for name, structure, rule in record.pop("unmapped_names", []):
+            unmapped_names.setdefault((name, structure, rule), []).append(job.case)
     # cases imported by an earlier run from files that are no longer in this tree stay in the
     # dataset and in every table (their images are still in imagesTr/labelsTr)
     known = _read_cases_csv(out / "cases.csv")
@@ -399,4 +443,4 @@ def import_dicom(dicom_dir: str | Path, out: str | Path, options: ImportOptions,
               f"({', '.join(old_cases[:5])}{', ...' if len(old_cases) > 5 else ''})")
     overlap = sum(float(records[c]["overlap_ml"]) for c in cases)
     return ImportResult(out, cases, len(todo), len(jobs) - len(todo), [r for c in cases for r in records[c]["rows"]],
-                        warnings, overlap)
+                        warnings, overlap, unmapped_names)

@@ -50,7 +50,6 @@ _CLINICAL_ORGANS: dict[str, str] = {
     "alvleesklier": "Pancreas",
     "maag": "Stomach",
     "twaalfvingerigedarm": "Duodenum",
-    "dunnedarm": "Bowel",
     "darm": "Bowel",
     "darmen": "Bowel",
     "galblaas": "Gallbladder",
@@ -75,7 +74,8 @@ _CLINICAL_ORGANS: dict[str, str] = {
     "bauchspeicheldrüse": "Pancreas",
     "magen": "Stomach",
     "zwölffingerdarm": "Duodenum",
-    "dünndarm": "Bowel",
+    "darm": "Bowel",
+    "darmschlingen": "Bowel",
     "gallenblase": "Gallbladder",
     "ösophagus": "Esophagus",
     "speiseröhre": "Esophagus",
@@ -92,9 +92,29 @@ _CLINICAL_ORGANS: dict[str, str] = {
 }
 # English spellings beyond oarbench.labels.canonical_name (same normalisation as above).
 _ENGLISH_EXTRA: dict[str, str] = {
-    "smallintestine": "Bowel",
-    "intestinesmall": "Bowel",
-    "smallbowel": "Bowel",
+    "liver": "Liver",
+    "spleen": "Spleen",
+    "kidney": "Kidney",
+    "adrenal": "Glnd_Adrenal",
+    "pancreas": "Pancreas",
+    "stomach": "Stomach",
+    "duodenum": "Duodenum",
+    "bowel": "Bowel",
+    "intestine": "Bowel",
+    "intestines": "Bowel",
+    "esophagus": "Esophagus",
+    "oesophagus": "Esophagus",
+    "heart": "Heart",
+    "lung": "Lung",
+    "spinalcord": "SpinalCord",
+    "spinalcanal": "SpinalCord",
+    "ivc": "VenaCava_I",
+    "vertebrae": "Vertebrae",
+    "aortaabd": "A_Aorta",
+    "aortadescendens": "A_Aorta",
+    "aortadesc": "A_Aorta",
+    "descendingaorta": "A_Aorta",
+    "aortadescending": "A_Aorta",
     "venacavainferior": "VenaCava_I",
     "vcinf": "VenaCava_I",
     "vertebralbody": "Vertebrae",
@@ -114,6 +134,12 @@ _CLINICAL_SIDES = {
     "rechts": "R", "re": "R", "r": "R", "rts": "R", "right": "R", "rt": "R", "dex": "R", "dexter": "R",
 }
 _LATERAL = {"Kidney", "Glnd_Adrenal", "Lung"}
+# Words that mark who or what drew a contour, not what it is: dropped (``Liver_auto``,
+# ``Liver (AI)``); a leading ``z`` (``z_Liver``, the prefix that sorts a ROI last in a TPS) too.
+_DECORATIONS = {"auto", "ai", "ki", "dl"}
+# Small bowel only: TG-263's Bowel is the small and the large bowel together, so these are not Bowel.
+_SMALL_BOWEL = {"smallintestine", "intestinesmall", "smallbowel", "bowelsmall", "dunnedarm", "dunnendarm",
+                "duenndarm", "dunndarm", "intestinumtenue"}
 _UMLAUTS = {"ä": ("ae", "a"), "ö": ("oe", "o"), "ü": ("ue", "u"), "ß": ("ss", "ss")}
 
 
@@ -148,6 +174,10 @@ def clinical_name(name: str) -> str | None:
     side word (``"Nier"``) gives ``None``: the side is never guessed.
     """
     tokens = [t for t in re.split(r"[\s_\-.,/()]+", _fold(name.strip())) if t]
+    if len(tokens) >= 2 and tokens[0] == "z":
+        tokens = tokens[1:]
+    if len(tokens) >= 2:
+        tokens = [t for t in tokens if t not in _DECORATIONS] or tokens
     side = None
     rest = []
     for tok in tokens:
@@ -157,12 +187,24 @@ def clinical_name(name: str) -> str | None:
             rest.append(tok)
     if side is None and len(tokens) >= 2 and tokens[0] in _CLINICAL_SIDES:
         side, rest = _CLINICAL_SIDES[tokens[0]], tokens[1:]
-    stem = _CLINICAL_TABLE.get("".join(rest))
+    word = "".join(rest)
+    stem = _CLINICAL_TABLE.get(word)
+    if stem is None and side is None:
+        # a side letter run into the organ word: RLung, LKidney, LungR, KidneyL
+        for glued, organ in ((word[:1], word[1:]), (word[-1:], word[:-1])):
+            if glued in ("l", "r") and _CLINICAL_TABLE.get(organ) in _LATERAL:
+                side, stem = glued.upper(), _CLINICAL_TABLE[organ]
+                break
     if stem is None:
         return None
     if stem in _LATERAL:
         return f"{stem}_{side}" if side else None
     return stem if side is None else None
+
+
+def small_bowel_only(name: str) -> bool:
+    """True for a name that means the small bowel alone (``Bowel_Small``, ``Dünndarm``, ``Dunne darm``)."""
+    return "".join(t for t in re.split(r"[\s_\-.,/()]+", _fold(name.strip())) if t) in _SMALL_BOWEL
 
 
 def _sideless(name: str) -> bool:
@@ -295,6 +337,9 @@ class NameResolver:
             return NameMatch(name, hits.pop(), "aliases file pattern")
         if name in self._names:
             return NameMatch(name, name, "exact")
+        if small_bowel_only(name) and "Bowel" in self._names:
+            return NameMatch(name, UNMAPPED, "small bowel only; Bowel is the small and large bowel (TG-263): "
+                                             "map it with --aliases if that is what the centre means")
         canon = canonical_name(name)
         if canon != name and canon in self._names:
             return NameMatch(name, canon, "built-in alias")

@@ -35,13 +35,13 @@ __all__ = ["CENTRE_NAMES", "DUTCH_NAMES", "GERMAN_NAMES", "generate_dicom_study"
 #: Dutch clinical names of the 19 default structures (label value -> ROI name).
 DUTCH_NAMES: dict[int, str] = {
     1: "Lever", 2: "Milt", 3: "Nier links", 4: "Nier rechts", 5: "Bijnier links", 6: "Bijnier rechts",
-    7: "Alvleesklier", 8: "Maag", 9: "Duodenum", 10: "Dunne darm", 11: "Galblaas", 12: "Slokdarm", 13: "Hart",
+    7: "Alvleesklier", 8: "Maag", 9: "Duodenum", 10: "Darm", 11: "Galblaas", 12: "Slokdarm", 13: "Hart",
     14: "Long links", 15: "Long rechts", 16: "Ruggenmerg", 17: "Aorta", 18: "Vena cava inferior", 19: "Wervels",
 }
 #: German clinical names of the 19 default structures (label value -> ROI name).
 GERMAN_NAMES: dict[int, str] = {
     1: "Leber", 2: "Milz", 3: "Niere li.", 4: "Niere re.", 5: "Nebenniere li.", 6: "Nebenniere re.",
-    7: "Pankreas", 8: "Magen", 9: "Duodenum", 10: "Dünndarm", 11: "Gallenblase", 12: "Speiseröhre", 13: "Herz",
+    7: "Pankreas", 8: "Magen", 9: "Duodenum", 10: "Darm", 11: "Gallenblase", 12: "Speiseröhre", 13: "Herz",
     14: "Lunge li.", 15: "Lunge re.", 16: "Myelon", 17: "Aorta", 18: "Vena cava inferior", 19: "Wirbelkörper",
 }
 #: Naming style per centre of the shipped demo study.
