@@ -497,3 +497,59 @@ def test_audit_log_hash_chain_and_cli(tmp_path: Path) -> None:
     assert "line 2: does not follow" in verify(log).problem
     res = CliRunner().invoke(main, ["fl", "audit", str(log)])
     assert res.exit_code != 0 and "BROKEN at line 2" in res.output and "Traceback" not in res.output
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_every_fl_command_reports_bad_input_in_one_line(tmp_path: Path) -> None:
+    """Bad input to each ``oarbench fl`` command: exit code != 0, one line naming the file and the problem."""
+    from click.testing import CliRunner
+
+    from oarbench.cli import main
+
+    runner = CliRunner()
+    keys = tmp_path / "k"
+    assert runner.invoke(main, ["fl", "keys", "--out", str(keys), "--sites", "A,B"]).exit_code == 0
+    site_a = tmp_path / "kA"
+    shutil.copytree(keys / "A", site_a)
+    (site_a / "roster.json").write_text("garbage")
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "opts.json").write_text("{bad")
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    fifo = tmp_path / "fifo.jsonl"
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(fifo)
+    else:
+        fifo.mkdir()
+    common = ["--storage", str(tmp_path / "s"), "--sites", "A,B", "--rounds", "1", "--work", str(tmp_path / "w")]
+    cases = [
+        (["keys", "--out", str(tmp_path / "x")], "give either --name"),
+        (["keys", "--out", str(tmp_path / "x"), "--name", "A/B"], "party name 'A/B'"),
+        (["keys", "--out", str(keys / "A"), "--name", "A"], "refusing to overwrite"),
+        (["keys", "--out", str(tmp_path / "none"), "--name", "A", "--rotate"], "no complete key pair"),
+        (["roster", "--keys", str(data)], "coordinator.ed25519: private key file not found"),
+        (["roster", "--keys", str(keys / COORDINATOR), "--revoke", "Z"], "Z.pub: no public key of site 'Z'"),
+        (["audit", str(tmp_path / "bad.jsonl")], "audit chain broken in"),
+        (["audit", str(fifo)], "fifo.jsonl"),
+        (["audit", str(tmp_path / "missing")], "missing"),
+        (["site", *common, "--keys", str(site_a), "--site", "A", "--dataset", str(data)],
+         "roster.json: roster is not JSON"),
+        (["site", *common, "--keys", str(keys), "--site", "C", "--dataset", str(data)],
+         "C.ed25519: private key file not found"),
+        (["coordinator", *common, "--keys", str(keys), "--weighting", "most"], "weighting must be"),
+        (["coordinator", *common, "--keys", str(keys), "--aggregator", "trimmed:0.9"], "aggregator must be"),
+        (["coordinator", *common, "--keys", str(keys), "--storage-options", str(tmp_path / "opts.json")],
+         "opts.json: --storage-options must be JSON"),
+        (["coordinator", *common, "--keys", str(tmp_path / "nowhere")], "nowhere"),
+        (["coordinator", "--work", str(tmp_path / "w")], "--engine storage needs --storage"),
+        (["simulate", "--work", str(tmp_path / "w"), "--dataset", "A", "--rounds", "1"], "must be SITE=DIR"),
+    ]
+    for args, needle in cases:
+        res = runner.invoke(main, ["fl", *args])
+        lines = res.output.strip().splitlines()
+        assert res.exit_code != 0 and "Traceback" not in res.output, (args, res.output)
+        assert needle in lines[-1] and lines[-1].startswith("Error: "), (args, res.output)
+        if args[0] != "audit":  # audit prints its per-file summary first
+            assert len(lines) == 1, (args, res.output)

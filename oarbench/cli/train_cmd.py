@@ -20,7 +20,7 @@ COORDINATOR_LABEL = "coordinator"
 def _need(engine: str, **given: Any) -> None:
     missing = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is None]
     if missing:
-        raise click.UsageError(f"--engine {engine} needs {', '.join(missing)}")
+        raise ValueError(f"--engine {engine} needs {', '.join(missing)}")
 
 
 def _fold(value: str) -> int | str:
@@ -35,20 +35,22 @@ def _fold(value: str) -> int | str:
 def _sites(value: str) -> tuple[str, ...]:
     sites = tuple(s.strip() for s in value.split(",") if s.strip())
     if not sites:
-        raise click.BadParameter("give at least one site name, comma-separated (e.g. A,B)")
+        raise ValueError("give at least one site name, comma-separated (e.g. A,B)")
     return sites
 
 
 def _storage_options(value: str | None) -> dict[str, Any]:
     if not value:
         return {}
-    text = Path(value).read_text() if Path(value).is_file() else value
+    is_file = Path(value).is_file()
+    text = Path(value).read_text() if is_file else value
+    where = f"{value}: " if is_file else ""
     try:
         opts = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"--storage-options must be JSON or a JSON file: {exc}") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{where}--storage-options must be JSON or a JSON file: {exc}") from None
     if not isinstance(opts, dict):
-        raise click.BadParameter("--storage-options must be a JSON object")
+        raise ValueError(f"{where}--storage-options must be a JSON object")
     return opts
 
 
@@ -90,7 +92,21 @@ def local(dataset_dir: Path, out_dir: Path, configuration: str, fold: str, epoch
                f"({summary['s_per_iteration']:.2f} s/iteration), {summary['num_cases']} cases")
 
 
-@click.group("fl")
+class _OneLineErrors(click.Command):
+    """A command whose option errors are one line (``Error: Invalid value for '--keys': ...``), no usage text."""
+
+    def make_context(self, info_name, args, parent=None, **extra):  # type: ignore[no-untyped-def]
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            raise click.ClickException(exc.format_message()) from None
+
+
+class _FlGroup(click.Group):
+    command_class = _OneLineErrors
+
+
+@click.group("fl", cls=_FlGroup)
 def fl() -> None:
     """Federated nnU-Net training through shared storage (needs the fl and nnunet extras)."""
 
@@ -108,7 +124,7 @@ def keys(out_dir: Path, name: str | None, rotate: bool, sites: str | None) -> No
     from oarbench.train.keys import generate_keys, generate_party_key, rotate_party_key
 
     if (name is None) == (sites is None):
-        raise click.UsageError("give either --name (this party's keys) or --sites (every party, one machine)")
+        raise ValueError("give either --name (this party's keys) or --sites (every party, one machine)")
     if sites is not None:
         folders = generate_keys(out_dir, list(_sites(sites)))
         for party, folder in folders.items():
@@ -319,7 +335,7 @@ def simulate(engine: str, storage: str | None, storage_options: str | None, keys
     for item in datasets:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise click.BadParameter(f"--dataset must be SITE=DIR, got {item!r}")
+            raise ValueError(f"--dataset must be SITE=DIR, got {item!r}")
         pairs[name] = Path(path)
     if engine == "flower":
         from oarbench.train.flower import run_local
