@@ -28,6 +28,10 @@ Rules (documented in docs/training.md, "What a dishonest site can and cannot do"
   if ``||u - g|| > rules.max_delta_ratio * ||g||`` (default 1): a sign-flipped
   model (``||u - g|| = 2 ||g||``) or noise of the global's norm (about
   ``1.41 ||g||``) is refused.
+
+Both bounds apply when the caller passes the first global as ``reference``
+(the storage coordinator always does); without it only the older per-round
+norm bound against ``g`` applies.
 * The norm rules cannot scale an all-zero model; then only the absolute bound applies.
 
 The combination (:func:`combine`) is FedAvg by default, or a robust
@@ -161,8 +165,10 @@ def check_update(update: Mapping[str, np.ndarray], global_weights: Mapping[str, 
     """Raise :class:`RejectedUpdate` unless ``update`` keeps every rule.
 
     ``global_weights`` is the model the update was trained from; ``reference``
-    the fixed model of the norm bound (the first global; default
-    ``global_weights``).
+    the fixed model of the norm bound (the first global). Without
+    ``reference`` the norm bound is taken against ``global_weights`` and the
+    step rule is off: the older per-round rule, which compounds over rounds
+    (kept for callers that have not adopted the first global as reference).
     """
     check_tensors(update, global_weights, rules)
     ref = weights_norm(reference if reference is not None else global_weights)
@@ -176,7 +182,7 @@ def check_update(update: Mapping[str, np.ndarray], global_weights: Mapping[str, 
                 f"divided/multiplied by {r:g})"
             )
     g = weights_norm(global_weights)
-    if g > 0:
+    if reference is not None and g > 0:
         d = weights_norm({k: np.asarray(update[k], np.float64) - np.asarray(global_weights[k], np.float64)
                           for k in global_weights if _is_float(np.asarray(global_weights[k]))})
         if d > rules.max_delta_ratio * g:
@@ -326,8 +332,9 @@ def aggregate(
     pinned: site -> case count of its accepted fingerprint.
     rules: the limits (default :class:`AggregationRules`).
     min_updates: fewest accepted updates; fewer raise ``ValueError``.
-    reference: the fixed model of the norm bound (the first global model;
-        default ``global_weights``, which lets the bound compound over rounds).
+    reference: the fixed model of the norm bound (the first global model);
+        with it the step rule applies too. Default: the per-round bound against
+        ``global_weights`` only, which compounds over rounds.
     weights: site -> FedAvg weight (default the pinned case counts; see
         :func:`fedavg_weights`).
     """
