@@ -497,6 +497,12 @@ def test_audit_log_hash_chain_and_cli(tmp_path: Path) -> None:
     assert "line 2: does not follow" in verify(log).problem
     res = CliRunner().invoke(main, ["fl", "audit", str(log)])
     assert res.exit_code != 0 and "BROKEN at line 2" in res.output and "Traceback" not in res.output
+    with pytest.raises(ValueError, match="coordinator.jsonl: audit log does not verify .line 2"):
+        AuditLog(log, COORDINATOR)  # a party never appends to a broken chain
+    # a restarted party continues an intact chain
+    log.write_text("".join(lines))
+    AuditLog(log, COORDINATOR).append("wrote", object="x")
+    assert verify(log).ok and verify(log).lines == len(lines) + 1
 
 
 # --------------------------------------------------------------------------- the CLI

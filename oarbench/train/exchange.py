@@ -7,21 +7,25 @@ default; ``s3://bucket/prefix``, ``gs://``, ``az://``, ``webdav`` when the
 matching fsspec back-end is installed). Hospitals therefore need outbound
 connections only.
 
-Keys: every party makes its own Ed25519 key pair (:func:`generate_party_key`)
-and hands out only the public key; the coordinator makes the federation's
-AES-256 key and a random federation id (:func:`create_federation`) and gives
-both to the sites. :func:`generate_keys` makes all of it in one folder, for a
-federation simulated on one machine only.
+Keys (:mod:`oarbench.train.keys`): every party makes its own Ed25519
+(signing) and X25519 (encryption) key pairs and hands out only the public
+halves; the coordinator signs a roster of every party's public keys and the
+federation's random id. There is no shared secret. :func:`generate_keys`
+makes every party's folder under one folder, for a federation simulated on
+one machine only.
 
 Every object is
 
 * serialised in a safe format: tensors as safetensors (never pickles), other
   payloads as UTF-8 JSON;
-* encrypted with AES-256-GCM under the federation key, with a 12-byte random
-  nonce. The object *header* (federation id and name, round, sender, kind,
-  slot name, plaintext size and sha256, parent model hash, case count) is
-  the GCM associated data, so a ciphertext moved to another round, sender,
-  kind or federation fails to decrypt;
+* encrypted with AES-256-GCM under a random content key and a 12-byte random
+  nonce; the content key is encrypted to each recipient (ephemeral X25519,
+  HKDF-SHA256, AES-256-GCM): a site's objects to the coordinator and the site,
+  the coordinator's to every party on the roster. The object *header*
+  (federation id and name, round, sender, kind, slot name, plaintext size and
+  sha256, parent model hash, case count, recipients) is the GCM associated
+  data, so a ciphertext moved to another round, sender, kind or federation
+  fails to decrypt;
 * described by a *manifest* (JSON) that carries the header, the path of the
   ciphertext (a name unique to this write), the sha256 and byte size of the
   ciphertext, and an Ed25519 signature of the sender over all of that.
@@ -35,6 +39,9 @@ manifest wins, and the other removes only its own ciphertext.
 
 Every check that fails raises :class:`RejectedObject` with a reason that
 names the object; :meth:`Exchange.collect` logs it and leaves the object out.
+A party that finds in one of its own slots anything that does not verify as
+an object of that slot replaces it with its next put; only regular files
+are ever opened.
 Anything in storage is untrusted input: manifests are read with a size cap
 and parsed against a fixed schema before any other step.
 

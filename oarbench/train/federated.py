@@ -57,6 +57,7 @@ from oarbench.train.aggregate import (
     fedavg,
     fedavg_weights,
     parse_weighting,
+    weights_norm,
 )
 from oarbench.train.exchange import (
     COORDINATOR,
@@ -559,6 +560,7 @@ def run_coordinator(
         counts = dict(case_counts)
         weights = fedavg_weights(counts, weighting)
     results: list[RoundResult] = []
+    stepped: set[tuple[int, str]] = set()  # (round, site) whose step size was logged
     while current < config.rounds:
         started = time.monotonic()
         got = exchange.get("global", current, "global")
@@ -605,6 +607,14 @@ def run_coordinator(
                     refused.add(site)
                     continue
                 valid[site] = (w, weights[site])
+                if log.isEnabledFor(logging.INFO) and (current, site) not in stepped:
+                    stepped.add((current, site))
+                    g_norm = weights_norm(global_w)
+                    step = weights_norm({k: np.asarray(w[k], np.float64) - np.asarray(global_w[k], np.float64)
+                                         for k in global_w if np.issubdtype(np.asarray(global_w[k]).dtype,
+                                                                            np.floating)})
+                    log.info("coordinator: round %d, site %s: step %.4g x the global's norm (limit %g)", current,
+                             site, step / g_norm if g_norm > 0 else float("nan"), rules.max_delta_ratio)
             # a verified update that breaks a rule settles its site for the round; an object that fails
             # verification does not (its owner replaces it), nor does a .bin without manifest
             settled = set(valid) | (refused & set(config.sites))
