@@ -559,3 +559,23 @@ def test_every_fl_command_reports_bad_input_in_one_line(tmp_path: Path) -> None:
         assert needle in lines[-1] and lines[-1].startswith("Error: "), (args, res.output)
         if args[0] != "audit":  # audit prints its per-file summary first
             assert len(lines) == 1, (args, res.output)
+
+
+def test_rotated_coordinator_key_starts_a_new_roster(tmp_path: Path) -> None:
+    from oarbench.train.keys import rotate_party_key, sign_roster
+
+    keys = tmp_path / "keys"
+    generate_keys(keys, ["A"])
+    old_id = json.loads((keys / "roster.json").read_text())["federation_id"]
+    rotate_party_key(keys / COORDINATOR, COORDINATOR)
+    with pytest.raises(ValueError, match="move .*roster.json aside to start a new roster"):
+        sign_roster(keys / COORDINATOR)
+    os.replace(keys / COORDINATOR / "roster.json", tmp_path / "old-roster.json")
+    new = sign_roster(keys / COORDINATOR)
+    assert new.serial == 1 and new.federation_id != old_id
+    # A still pins the old coordinator key: the new roster does not verify there until A pins the new one
+    shutil.copy(keys / COORDINATOR / "roster.json", keys / "A" / "roster.json")
+    with pytest.raises(ValueError, match="roster signature does not verify"):
+        load_keyring(keys, "A")
+    shutil.copy(keys / COORDINATOR / "public" / "coordinator.pub", keys / "A" / "public" / "coordinator.pub")
+    assert load_keyring(keys, "A").federation_id == new.federation_id

@@ -284,7 +284,12 @@ def sign_roster(keys: str | Path, *, revoke: list[str] | tuple[str, ...] = ()) -
         raise ValueError(f"{keys}/public: {len(parties)} parties, at most {MAX_PARTIES}")
     fed_id, serial = secrets.token_hex(16), 1
     if (keys / ROSTER).exists():
-        old = read_roster(keys / ROSTER, parties[COORDINATOR][0])
+        try:
+            old = read_roster(keys / ROSTER, parties[COORDINATOR][0])
+        except ValueError as exc:
+            raise ValueError(f"{exc}; if the coordinator's key was rotated, move {keys / ROSTER} aside to "
+                             f"start a new roster (a new federation id), and give every site the new "
+                             f"public/{COORDINATOR}.pub to pin") from None
         fed_id, serial = old.federation_id, old.serial + 1
     roster = Roster(fed_id, serial, parties)
     body = roster.body()
