@@ -360,6 +360,8 @@ def test_sign_flip_and_noise_of_the_globals_norm_refused() -> None:
     scale = weights_norm(g) / weights_norm(noise)
     noise = {k: (v * scale).astype(v.dtype) for k, v in noise.items()}
     assert weights_norm(noise) == pytest.approx(weights_norm(g), rel=1e-5)
+    step = weights_norm({k: noise[k].astype(np.float64) - g[k] for k in g}) / weights_norm(g)
+    assert 1.35 < step < 1.5  # about sqrt(2): noise is nearly orthogonal to the model
     with pytest.raises(RejectedUpdate, match="moves"):
         check_update(noise, g, rules, reference=g)
 
@@ -546,6 +548,7 @@ def test_every_fl_command_reports_bad_input_in_one_line(tmp_path: Path) -> None:
          "C.ed25519: private key file not found"),
         (["coordinator", *common, "--keys", str(keys), "--weighting", "most"], "weighting must be"),
         (["coordinator", *common, "--keys", str(keys), "--aggregator", "trimmed:0.9"], "aggregator must be"),
+        (["coordinator", *common, "--keys", str(keys), "--max-step", "-1"], "max_delta_ratio must be"),
         (["coordinator", *common, "--keys", str(keys), "--storage-options", str(tmp_path / "opts.json")],
          "opts.json: --storage-options must be JSON"),
         (["coordinator", *common, "--keys", str(tmp_path / "nowhere")], "nowhere"),

@@ -224,12 +224,14 @@ def _exchange(storage: str, storage_options: str | None, keys_dir: Path, identit
               help="storage: FedAvg weight of a site: cases (its case count), equal, or capped:N (at most N).")
 @click.option("--aggregator", default="fedavg", show_default=True,
               help="storage: fedavg, median (coordinate-wise) or trimmed:F (trimmed mean, 0 <= F < 0.5).")
+@click.option("--max-step", type=float, default=1.3, show_default=True,
+              help="storage: refuse an update farther from the global model than this times its norm.")
 @user_errors
 def coordinator(engine: str, storage: str | None, storage_options: str | None, keys_dir: Path | None,
                 superlink: str | None, root_certificates: Path | None, sites: str | None, rounds: int | None,
                 federation: str, work: Path, configuration: str, poll: float, verbose: bool,
                 quorum: int | None, timeout: float | None, width: str, local_epochs: int, iterations: int,
-                weighting: str, aggregator: str) -> None:
+                weighting: str, aggregator: str, max_step: float) -> None:
     """Merge fingerprints, publish plans, aggregate rounds; restartable (storage) or one Flower run."""
     _logging(verbose)
     if engine == "flower":
@@ -248,7 +250,7 @@ def coordinator(engine: str, storage: str | None, storage_options: str | None, k
 
     _need(engine, storage=storage, keys=keys_dir, sites=sites, rounds=rounds)
     parse_weighting(weighting)
-    rules = AggregationRules(aggregator=aggregator)
+    rules = AggregationRules(aggregator=aggregator, max_delta_ratio=max_step)
     cfg = FederationConfig(_sites(str(sites)), int(str(rounds)), quorum=quorum, timeout_s=timeout, poll_s=poll)
     model = nnunet_coordinator(_exchange(str(storage), storage_options, Path(str(keys_dir)), COORDINATOR,
                                          federation, work), cfg, work, configuration=configuration, width=width,

@@ -25,7 +25,7 @@ Rules (documented in docs/training.md, "What a dishonest site can and cannot do"
   (default 10). Against the *current* global this bound would compound: a
   site sending 9.9 times the global every round grows it without limit.
 * **Small step.** An update trained from the global model ``g`` is refused
-  if ``||u - g|| > rules.max_delta_ratio * ||g||`` (default 1): a sign-flipped
+  if ``||u - g|| > rules.max_delta_ratio * ||g||`` (default 1.3): a sign-flipped
   model (``||u - g|| = 2 ||g||``) or noise of the global's norm (about
   ``1.41 ||g||``) is refused.
 
@@ -95,7 +95,7 @@ class AggregationRules:
     max_norm_ratio: float = 10.0
     max_abs_weight: float = 1e6
     max_cases: int = MAX_CASES
-    max_delta_ratio: float = 1.0
+    max_delta_ratio: float = 1.3
     aggregator: str = "fedavg"
 
     def __post_init__(self) -> None:
