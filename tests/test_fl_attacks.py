@@ -582,3 +582,29 @@ def test_rotated_coordinator_key_starts_a_new_roster(tmp_path: Path) -> None:
         load_keyring(keys, "A")
     shutil.copy(keys / COORDINATOR / "public" / "coordinator.pub", keys / "A" / "public" / "coordinator.pub")
     assert load_keyring(keys, "A").federation_id == new.federation_id
+
+
+def test_coordinator_refuses_sites_not_on_its_roster(fed: dict[str, Exchange]) -> None:
+    cfg = FederationConfig(("A", "B", "C"), rounds=1, poll_s=FAST)
+    with pytest.raises(ValueError, match=r"\['C'\] are not on the coordinator's roster"):
+        run_coordinator(fed[COORDINATOR], cfg, _init)
+    with pytest.raises(ValueError, match=r"\['C'\] are not on the coordinator's roster"):
+        make_shared_plans(fed[COORDINATOR], cfg, _plan)
+
+
+def test_remote_store_opens_files_only(tmp_path: Path) -> None:
+    """On an fsspec back-end (here memory://) a folder planted in place of a manifest is refused by its type."""
+    import fsspec
+
+    generate_keys(tmp_path / "keys", ["A"])
+    url = f"memory://fl-{os.getpid()}-{time.monotonic_ns()}"
+    coord = Exchange(url, load_keyring(tmp_path / "keys", COORDINATOR))
+    a = Exchange(url, load_keyring(tmp_path / "keys", "A"))
+    g = coord.put("global", 0, b"g0")
+    fs = fsspec.filesystem("memory")
+    fs.makedirs(f"{coord.root}/round_00000/update/A.manifest.json/inner", exist_ok=True)
+    fs.pipe_file(f"{coord.root}/round_00000/update/A.manifest.json/inner/x", b"x")
+    accepted, rejected = coord.collect("update", 0)
+    assert accepted == {} and "unreadable" in rejected["round_00000/update/A.manifest.json"]
+    a.put("update", 0, b"u", parent=g.sha256, num_cases=1)  # the owner replaces it
+    assert coord.collect("update", 0)[0]["A"].payload == b"u"

@@ -554,7 +554,11 @@ class Exchange:
         """Remove whatever is at ``rel`` (a file, a planted folder, FIFO or link)."""
         path = self._full(rel)
         try:
-            if self._local and os.path.isdir(path) and not os.path.islink(path):
+            if self._local:
+                folder = os.path.isdir(path) and not os.path.islink(path)
+            else:
+                folder = self.fs.info(path).get("type") == "directory"
+            if folder:
                 self.fs.rm(path, recursive=True)
             else:
                 self.fs.rm_file(path)

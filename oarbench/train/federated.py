@@ -393,6 +393,7 @@ def make_shared_plans(
         labels or channels.
     """
     parse_weighting(weighting)
+    _check_roster(exchange, config)
     existing = exchange.get_valid("plans", -1, "plans")
     if existing is not None:
         return _plans_message(existing)["plans"]
@@ -419,6 +420,14 @@ def make_shared_plans(
     log.info("coordinator: plans published; case counts %s frozen, FedAvg weights (%s) %s", counts, weighting,
              message["weights"])
     return plans
+
+
+def _check_roster(exchange: Exchange, config: FederationConfig) -> None:
+    """The coordinator refuses to wait for sites whose keys are not on its roster (it could never accept them)."""
+    missing = sorted(set(config.sites) - set(exchange.keyring.trusted))
+    if missing:
+        raise ValueError(f"site(s) {missing} are not on the coordinator's roster (no public keys): add their "
+                         f"public files and sign the roster again ('oarbench fl roster')")
 
 
 def _plans_message(rec: Any) -> dict[str, Any]:
@@ -542,6 +551,7 @@ def run_coordinator(
         raise ValueError(f"the coordinator must use the {COORDINATOR!r} keys, not {exchange.keyring.identity!r}")
     rules = rules or AggregationRules()
     parse_weighting(weighting)
+    _check_roster(exchange, config)
     current = latest_global_round(exchange, config.rounds)
     if current < 0:
         init = initial_weights() if callable(initial_weights) else initial_weights
