@@ -608,3 +608,31 @@ def test_remote_store_opens_files_only(tmp_path: Path) -> None:
     assert accepted == {} and "unreadable" in rejected["round_00000/update/A.manifest.json"]
     a.put("update", 0, b"u", parent=g.sha256, num_cases=1)  # the owner replaces it
     assert coord.collect("update", 0)[0]["A"].payload == b"u"
+
+
+def test_cli_roster_rotation_and_revocation(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from oarbench.cli import main
+
+    runner = CliRunner()
+    coord = tmp_path / "keys-coordinator"
+    for name, folder in ((COORDINATOR, coord), ("A", tmp_path / "keys-A"), ("B", tmp_path / "keys-B")):
+        assert runner.invoke(main, ["fl", "keys", "--out", str(folder), "--name", name]).exit_code == 0
+        if name != COORDINATOR:
+            shutil.copy(folder / "public" / f"{name}.pub", coord / "public" / f"{name}.pub")
+    res = runner.invoke(main, ["fl", "roster", "--keys", str(coord)])
+    assert res.exit_code == 0 and "serial 1, sites A, B" in res.output, res.output
+    old_pub = (tmp_path / "keys-A" / "public" / "A.pub").read_text()
+    res = runner.invoke(main, ["fl", "keys", "--out", str(tmp_path / "keys-A"), "--name", "A", "--rotate"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "keys-A" / "public" / "A.pub").read_text() != old_pub
+    assert len(list((tmp_path / "keys-A" / "retired").rglob("A.x25519"))) == 1
+    shutil.copy(tmp_path / "keys-A" / "public" / "A.pub", coord / "public" / "A.pub")
+    res = runner.invoke(main, ["fl", "roster", "--keys", str(coord), "--revoke", "B"])
+    assert res.exit_code == 0 and "serial 2, sites A;" in res.output, res.output
+    shutil.copy(coord / "roster.json", tmp_path / "keys-A" / "roster.json")
+    shutil.copy(coord / "public" / "coordinator.pub", tmp_path / "keys-A" / "public" / "coordinator.pub")
+    ring = load_keyring(tmp_path / "keys-A", "A")
+    assert sorted(ring.recipients) == ["A", COORDINATOR]
+    assert sorted(load_keyring(coord, COORDINATOR).trusted) == ["A"]
