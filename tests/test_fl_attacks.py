@@ -636,3 +636,28 @@ def test_cli_roster_rotation_and_revocation(tmp_path: Path) -> None:
     ring = load_keyring(tmp_path / "keys-A", "A")
     assert sorted(ring.recipients) == ["A", COORDINATOR]
     assert sorted(load_keyring(coord, COORDINATOR).trusted) == ["A"]
+
+
+def test_hung_read_is_given_up(tmp_path: Path) -> None:
+    """A read that never returns (a hung mount or back-end) counts as unreadable after read_timeout_s."""
+    generate_keys(tmp_path / "keys", ["A"])
+    url = str(tmp_path / "bucket")
+    coord = Exchange(url, load_keyring(tmp_path / "keys", COORDINATOR), read_timeout_s=0.2)
+    a = Exchange(url, load_keyring(tmp_path / "keys", "A"))
+    g = coord.put("global", 0, tensors_to_bytes(_init()))
+    a.put("update", 0, tensors_to_bytes(_init()), parent=g.sha256, num_cases=1)
+    release = threading.Event()
+    real = coord._read_now
+
+    def hang(rel: str, limit: int | None = None) -> bytes:
+        if "update" in rel:
+            release.wait(30)
+        return real(rel, limit)
+
+    coord._read_now = hang  # type: ignore[method-assign]
+    cfg = FederationConfig(("A",), rounds=1, poll_s=FAST, timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"A.manifest.json: manifest unreadable \(TimeoutError\)"):
+        run_coordinator(coord, cfg, _init, case_counts={"A": 1})
+    assert time.monotonic() - started < 10
+    release.set()

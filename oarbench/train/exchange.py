@@ -64,6 +64,7 @@ import re
 import secrets
 import stat
 import tempfile
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -436,6 +437,10 @@ class Exchange:
         bytes, so a poll does not download and decrypt them again.
     audit:
         The party's hash-chained audit log (:class:`oarbench.train.audit.AuditLog`).
+    read_timeout_s:
+        A read of one object that has not finished after this many seconds is
+        given up (the object counts as unreadable, the party goes on waiting
+        within its own timeout); None: no limit.
     """
 
     def __init__(
@@ -448,6 +453,7 @@ class Exchange:
         max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
         cache_bytes: int = 2 * 1024**3,
         audit: AuditLog | None = None,
+        read_timeout_s: float | None = 300.0,
     ) -> None:
         import fsspec.core
         from fsspec.implementations.local import LocalFileSystem
@@ -469,6 +475,7 @@ class Exchange:
         #: Where this party records what it read, wrote, accepted and refused (None: nowhere).
         self.audit = audit
         self._audited: set[str] = set()
+        self.read_timeout_s = read_timeout_s
         if self._local:
             Path(self.root).mkdir(parents=True, exist_ok=True)
 
@@ -522,6 +529,27 @@ class Exchange:
             self.fs.pipe_file(path, data)
 
     def _read(self, rel: str, limit: int | None = None) -> bytes:
+        """:meth:`_read_now` in a helper thread, given up after ``read_timeout_s`` (a hung read never blocks)."""
+        if self.read_timeout_s is None:
+            return self._read_now(rel, limit)
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["data"] = self._read_now(rel, limit)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["error"] = exc
+
+        t = threading.Thread(target=run, name=f"read {rel[-40:]}", daemon=True)
+        t.start()
+        t.join(self.read_timeout_s)
+        if t.is_alive():
+            raise TimeoutError(f"{self.url}/{rel}: read did not finish within {self.read_timeout_s:g} s")
+        if "error" in box:
+            raise box["error"]
+        return box["data"]
+
+    def _read_now(self, rel: str, limit: int | None = None) -> bytes:
         """Read ``rel`` if it is a regular file; with ``limit``, at most ``limit + 1`` bytes (callers reject longer).
 
         A FIFO, device, socket, folder or link planted in storage is never opened
