@@ -123,7 +123,15 @@ _MANIFEST_KEYS = {"version", "header", "object", "ciphertext_sha256", "ciphertex
 
 
 class RejectedObject(ValueError):
-    """An object in storage failed a check; it must never be used."""
+    """An object in storage failed a check; it must never be used.
+
+    ``transient``: the object could not be read in time (it may be fine); its
+    owner does not replace it for that.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def _check_name(name: str, what: str) -> str:
@@ -735,6 +743,8 @@ class Exchange:
             self.open_manifest(manifest_rel, kind=kind, round_=round_, parent=parent or None, fresh=True)
             return False
         except RejectedObject as exc:
+            if exc.transient:  # not read in time: it may be valid, so the slot counts as taken
+                return False
             log.warning("%s: replacing an object in this party's own slot that fails verification: %s", where, exc)
             self._audit("replaced", manifest_rel, round_, reason=str(exc))
         self._remove(manifest_rel)
@@ -820,7 +830,8 @@ class Exchange:
         except FileNotFoundError:
             raise RejectedObject(f"{where}: manifest missing") from None
         except OSError as exc:  # a planted folder or unreadable file in the manifest's place
-            raise RejectedObject(f"{where}: manifest unreadable ({type(exc).__name__})") from None
+            raise RejectedObject(f"{where}: manifest unreadable ({type(exc).__name__})",
+                                 transient=isinstance(exc, TimeoutError)) from None
         header, manifest, signature = self._parse_manifest(raw, where)
         if header.sender not in self.keyring.trusted and header.sender != self.keyring.identity:
             raise RejectedObject(f"{where}: unknown sender {header.sender!r} (no trusted public key)")
@@ -893,7 +904,8 @@ class Exchange:
         except FileNotFoundError:
             raise RejectedObject(f"{where}: object {obj} is missing") from None
         except OSError as exc:  # a folder or unreadable file in the object's place
-            raise RejectedObject(f"{where}: object {obj} unreadable ({type(exc).__name__})") from None
+            raise RejectedObject(f"{where}: object {obj} unreadable ({type(exc).__name__})",
+                                 transient=isinstance(exc, TimeoutError)) from None
         self.downloads += 1
         self._audit("read", obj, header.round, digest=_sha256(ciphertext), sender=header.sender)
         if len(ciphertext) != want:
