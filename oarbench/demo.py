@@ -215,7 +215,7 @@ def _train_model(model: Any, datasets: dict[str, Path], work: Path, settings: Tr
                             num_processes=threads, threads=threads)
         return Path(summary["model"])
     keys = work / "keys"
-    if not (keys / "federation.key").is_file():
+    if not (keys / "roster.json").is_file():
         generate_keys(keys, list(model.trained_on))
     storage = (work / "storage").resolve()
     storage.mkdir(parents=True, exist_ok=True)

@@ -52,8 +52,13 @@ def _payload() -> bytes:
 
 
 def test_keys_files_and_no_overwrite(keys: Path) -> None:
-    assert sorted(p.name for p in (keys / "public").iterdir()) == ["A.pub", "B.pub", "coordinator.pub"]
-    assert oct((keys / "A.ed25519").stat().st_mode & 0o777) == "0o600"
+    """One folder per party: its own private keys only, the public files it needs, the signed roster."""
+    assert sorted(p.name for p in (keys / COORDINATOR / "public").iterdir()) == ["A.pub", "B.pub", "coordinator.pub"]
+    assert sorted(p.name for p in (keys / "A" / "public").iterdir()) == ["A.pub", "coordinator.pub"]
+    for party in (COORDINATOR, "A", "B"):
+        private = sorted(p.name for p in (keys / party).iterdir() if p.is_file() and p.suffix != ".json")
+        assert private == [f"{party}.ed25519", f"{party}.x25519"]
+        assert oct((keys / party / f"{party}.x25519").stat().st_mode & 0o777) == "0o600"
     with pytest.raises(FileExistsError):
         generate_keys(keys, ["A"])
     ring = load_keyring(keys, COORDINATOR)
@@ -115,11 +120,13 @@ def test_tampered_byte_with_rewritten_hash_fails_signature(parties: dict[str, Ex
     assert "bad signature" in _only_rejection(coord)
 
 
-def test_wrong_federation_key_rejected(tmp_path: Path, parties: dict[str, Exchange], keys: Path) -> None:
+def test_wrong_encryption_key_rejected(tmp_path: Path, parties: dict[str, Exchange], keys: Path) -> None:
+    """A encrypts to a coordinator key that is not the coordinator's (an old or forged one): decryption fails."""
     from dataclasses import replace
 
     coord = parties[COORDINATOR]
-    ring = replace(load_keyring(keys, "A"), federation_key=os.urandom(32))
+    ring = load_keyring(keys, "A")
+    ring = replace(ring, recipients=dict(ring.recipients, coordinator=os.urandom(32)))
     Exchange(coord.url, ring).put("update", 0, _payload(), num_cases=3)
     assert "decryption failed" in _only_rejection(coord)
 
@@ -131,7 +138,8 @@ def test_unknown_and_unsigned_site_rejected(tmp_path: Path, parties: dict[str, E
     ring_c = load_keyring(other, "C")
     from dataclasses import replace
 
-    ring_c = replace(ring_c, federation_key=coord.keyring.federation_key)
+    ring_c = replace(ring_c, federation_id=coord.keyring.federation_id,
+                     recipients=dict(ring_c.recipients, coordinator=coord.keyring.encryption_public_key()))
     Exchange(coord.url, ring_c).put("update", 0, _payload(), num_cases=3)
     assert "unknown sender 'C'" in _only_rejection(coord)
 
@@ -149,7 +157,8 @@ def test_site_impersonating_another_site_rejected(parties: dict[str, Exchange], 
     from dataclasses import replace
 
     coord = parties[COORDINATOR]
-    ring_b_as_a = replace(load_keyring(keys, "B"), identity="A")
+    ring_b = load_keyring(keys, "B")
+    ring_b_as_a = replace(ring_b, identity="A", recipients=dict(ring_b.recipients, A=ring_b.encryption_public_key()))
     Exchange(coord.url, ring_b_as_a).put("update", 0, _payload(), num_cases=3)
     assert "bad signature for sender 'A'" in _only_rejection(coord)
 
@@ -255,11 +264,13 @@ def test_cli_keys_and_clean_errors(tmp_path: Path) -> None:
     from oarbench.cli import main
 
     runner = CliRunner()
-    for args in (["keys", "--name", "A"], ["keys", "--name", "B"], ["federation"]):
+    for args in (["keys", "--name", "coordinator"], ["keys", "--name", "A"], ["keys", "--name", "B"]):
         res = runner.invoke(main, ["fl", *args, "--out", str(tmp_path / "k")])
         assert res.exit_code == 0, res.output
-    assert (tmp_path / "k" / "federation.key").is_file() and (tmp_path / "k" / "public" / "B.pub").is_file()
-    again = runner.invoke(main, ["fl", "federation", "--out", str(tmp_path / "k")])
+    res = runner.invoke(main, ["fl", "roster", "--keys", str(tmp_path / "k")])
+    assert res.exit_code == 0 and "serial 1, sites A, B" in res.output, res.output
+    assert (tmp_path / "k" / "roster.json").is_file() and (tmp_path / "k" / "public" / "B.pub").is_file()
+    again = runner.invoke(main, ["fl", "keys", "--name", "A", "--out", str(tmp_path / "k")])
     assert again.exit_code != 0 and "refusing to overwrite" in again.output
     bad = runner.invoke(main, ["fl", "keys", "--out", str(tmp_path / "k2"), "--name", "A/../B"])
     assert bad.exit_code != 0 and "letters, digits" in bad.output
@@ -267,4 +278,4 @@ def test_cli_keys_and_clean_errors(tmp_path: Path) -> None:
     missing = runner.invoke(main, ["fl", "site", "--storage", str(tmp_path / "s"), "--keys", str(tmp_path / "k"),
                                    "--sites", "A,B,C", "--rounds", "1", "--work", str(tmp_path / "w"),
                                    "--site", "C", "--dataset", str(tmp_path)])
-    assert missing.exit_code != 0 and "C.ed25519: key file not found" in missing.output
+    assert missing.exit_code != 0 and "C.ed25519: private key file not found" in missing.output

@@ -36,7 +36,6 @@ from oarbench.train.exchange import (  # noqa: E402
     RejectedObject,
     _canonical,
     _sha256,
-    create_federation,
     generate_keys,
     generate_party_key,
     load_keyring,
@@ -199,9 +198,10 @@ def _plant(ex: Exchange, rel: str, data: bytes) -> None:
 
 def _good_manifest(ex: Exchange) -> dict:
     header = Header(federation=ex.federation, round=0, sender="A", kind="update", name="A", size=1,
-                    sha256=_sha256(b"x"), federation_id=ex.keyring.federation_id)
-    return {"version": 2, "header": header.as_dict(), "object": "round_00000/update/A." + "0" * 32 + ".bin",
-            "ciphertext_sha256": "0" * 64, "ciphertext_size": 29, "signature": base64.b64encode(b"s" * 64).decode()}
+                    sha256=_sha256(b"x"), federation_id=ex.keyring.federation_id, recipients=("A", COORDINATOR))
+    return {"version": 3, "header": header.as_dict(), "object": "round_00000/update/A." + "0" * 32 + ".bin",
+            "ciphertext_sha256": "0" * 64, "ciphertext_size": 32 + 2 * 48 + 12 + 1 + 16,
+            "signature": base64.b64encode(b"s" * 64).decode()}
 
 
 HOSTILE = {
@@ -252,7 +252,7 @@ def test_coordinator_survives_planted_garbage_and_fake_final_round(fed: dict[str
         g = None
         while g is None:
             g = fed["A"].get("global", 0, "global")
-        for s, d in (("A", 1.0), ("B", 2.0)):
+        for s, d in (("A", 0.5), ("B", 0.75)):  # steps within the global's norm
             w = {k: v + d for k, v in tensors_from_bytes(g.payload).items()}
             fed[s].put("update", 0, tensors_to_bytes(w), parent=g.header.sha256, num_cases=1)
         a_done.set()
@@ -263,7 +263,7 @@ def test_coordinator_survives_planted_garbage_and_fake_final_round(fed: dict[str
     t.join()
     assert a_done.is_set() and [r.round for r in results] == [0]
     g1 = tensors_from_bytes(fed["B"].get("global", 1, "global").payload)
-    np.testing.assert_array_equal(g1["w"], np.full((2, 3), 2.5, np.float32))  # 1 + (1 + 2) / 2
+    np.testing.assert_array_equal(g1["w"], np.full((2, 3), 1.625, np.float32))  # 1 + (0.5 + 0.75) / 2
     assert latest_global_round(coord) == 1
     assert run_coordinator(coord, cfg, _init) == []  # finished means: a valid global of the last round
 
@@ -332,7 +332,7 @@ def test_fedavg_refuses_unbounded_counts() -> None:
 
 
 def test_update_rules_non_finite_huge_and_norm() -> None:
-    rules = AggregationRules(max_norm_ratio=10.0, max_abs_weight=1e6)
+    rules = AggregationRules(max_norm_ratio=10.0, max_abs_weight=1e6, max_delta_ratio=100.0)  # norm bounds only
     g = {"w": np.full(4, 1.0, np.float32), "step": np.array([3], np.int64)}  # ||g|| = 2
     ok = {"w": np.full(4, 9.5, np.float32), "step": np.array([4], np.int64)}  # ||u|| = 19 <= 20
     check_update(ok, g, rules)
@@ -374,18 +374,19 @@ def test_each_party_makes_its_own_key_pair(tmp_path: Path) -> None:
     """The coordinator's folder never holds a site's private key; a site's never holds another's."""
     import shutil
 
+    from oarbench.train.keys import sign_roster
+
     coord_dir, a_dir = tmp_path / "coordinator", tmp_path / "site-A"
     generate_party_key(coord_dir, COORDINATOR)
-    create_federation(coord_dir)
     generate_party_key(a_dir, "A")
-    # exchange public keys and the federation files only
+    # exchange public files only: A's public key to the coordinator, which signs the roster
     shutil.copy(a_dir / "public/A.pub", coord_dir / "public/A.pub")
-    for f in ("federation.key", "federation.id"):
-        shutil.copy(coord_dir / f, a_dir / f)
-    os.chmod(a_dir / "federation.key", 0o600)
+    sign_roster(coord_dir)
+    shutil.copy(coord_dir / "roster.json", a_dir / "roster.json")
     shutil.copy(coord_dir / "public/coordinator.pub", a_dir / "public/coordinator.pub")
     assert sorted(p.name for p in coord_dir.glob("*.ed25519")) == ["coordinator.ed25519"]
     assert sorted(p.name for p in a_dir.glob("*.ed25519")) == ["A.ed25519"]
+    assert sorted(p.name for p in a_dir.glob("*.x25519")) == ["A.x25519"]
     url = str(tmp_path / "bucket")
     coord = Exchange(url, load_keyring(coord_dir, COORDINATOR))
     a = Exchange(url, load_keyring(a_dir, "A"))
@@ -396,16 +397,16 @@ def test_each_party_makes_its_own_key_pair(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
-@pytest.mark.parametrize("victim", ["A.ed25519", "federation.key"])
+@pytest.mark.parametrize("victim", ["A.ed25519", "A.x25519"])
 def test_group_readable_private_key_refused(tmp_path: Path, victim: str) -> None:
     generate_keys(tmp_path / "k", ["A"])
-    os.chmod(tmp_path / "k" / victim, 0o640)
+    os.chmod(tmp_path / "k" / "A" / victim, 0o640)
     with pytest.raises(PermissionError, match=r"readable or writable by group/others \(mode 0640\)"):
         load_keyring(tmp_path / "k", "A")
 
 
 def test_federation_id_stops_cross_study_replay(tmp_path: Path) -> None:
-    """Same site keys and even the same AES key in two studies: objects of one never verify in the other."""
+    """Same party keys in two studies: objects of one never verify in the other."""
     generate_keys(tmp_path / "k", ["A"])
     ring1 = load_keyring(tmp_path / "k", "A")
     ring2 = replace(ring1, federation_id="f" * 32)
@@ -433,10 +434,8 @@ def test_cli_keys_per_party(tmp_path: Path) -> None:
     res = runner.invoke(main, ["fl", "keys", "--out", str(tmp_path / "a"), "--name", "A"])
     assert res.exit_code == 0, res.output
     assert sorted(p.relative_to(tmp_path / "a").as_posix() for p in (tmp_path / "a").rglob("*")
-                  if p.is_file()) == ["A.ed25519", "public/A.pub"]
-    res = runner.invoke(main, ["fl", "federation", "--out", str(tmp_path / "c")])
-    assert res.exit_code == 0, res.output
-    assert (tmp_path / "c/federation.key").is_file() and (tmp_path / "c/federation.id").is_file()
+                  if p.is_file()) == ["A.ed25519", "A.x25519", "public/A.pub"]
+    assert json.loads((tmp_path / "a/public/A.pub").read_text())["name"] == "A"
     again = runner.invoke(main, ["fl", "keys", "--out", str(tmp_path / "a"), "--name", "A"])
     assert again.exit_code != 0 and "refusing to overwrite" in again.output
 
@@ -479,9 +478,11 @@ def test_oversized_object_behind_valid_manifest_not_downloaded(fed: dict[str, Ex
 
 
 def test_header_type_checks() -> None:
-    good = Header("oarbench", 0, "A", "update", "A", 1, "0" * 64, federation_id="1" * 32).as_dict()
+    good = Header("oarbench", 0, "A", "update", "A", 1, "0" * 64, federation_id="1" * 32,
+                  recipients=("A", "coordinator")).as_dict()
     assert Header.from_dict(good).sender == "A"
     for key, value in (("round", True), ("round", 2**70), ("num_cases", -1), ("sha256", "xyz"),
-                       ("federation_id", "short"), ("kind", "weights")):
+                       ("federation_id", "short"), ("kind", "weights"), ("recipients", []),
+                       ("recipients", ["A", "A"]), ("recipients", ["x"] * 101), ("recipients", "A")):
         with pytest.raises(RejectedObject):
             Header.from_dict(dict(good, **{key: value}))

@@ -248,23 +248,45 @@ def _steps():
 
 
 def test_server_pins_counts_binds_nodes_and_averages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Node 33 claims site X, not in the federation: refused. FedAvg 2:3 of +1 and +2 adds (2*1 + 3*2)/5 = 1.6 a
-    round: 1 -> 4.2. (Two nodes claiming one site: tests/test_flower_trust.py.)"""
+    """Node 33 claims site X, not in the federation: refused. FedAvg 2:3 of +0.25 and +0.5 adds
+    (2*0.25 + 3*0.5)/5 = 0.4 a round: 1 -> 1.8. (Two nodes claiming one site: tests/test_flower_trust.py.)"""
     flwr_app = pytest.importorskip("flwr.app")
     from safetensors.numpy import load_file
 
     from oarbench.train.flower import ServerSettings, serve
 
     monkeypatch.setattr(flwr_app, "Message", _Msg)
-    grid = _Grid({11: _site("A", 2, 1.0), 22: _site("B", 3, 2.0), 33: _site("X", 50, 9.0)})
+    grid = _Grid({11: _site("A", 2, 0.25), 22: _site("B", 3, 0.5), 33: _site("X", 50, 9.0)})
     st = ServerSettings(sites=("A", "B"), rounds=2, out=tmp_path / "srv")
     summary = serve(grid, st, _steps(), roster={"A": 11, "B": 22})
     assert summary["sites"] == {"11": "A", "22": "B"} and summary["case_counts"] == {"A": 2, "B": 3}
     assert [c for r in summary["rounds"] for c in r["contributors"]] == [["A", 2], ["B", 3]] * 2
     assert (33, "train") not in grid.sent  # the node that claimed another site never trains
     final = load_file(str(tmp_path / "srv/final.safetensors"))
-    np.testing.assert_allclose(final["w"], np.full(4, 1 + 2 * 1.6, np.float32), rtol=1e-6)
+    np.testing.assert_allclose(final["w"], np.full(4, 1 + 2 * 0.4, np.float32), rtol=1e-6)
     assert json.loads((tmp_path / "srv/plans.json").read_text()) == {"n": 5}
+
+
+def test_server_bounds_updates_against_the_first_global(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Flower server applies the storage engine's bounds against the first global model: a site
+    that sends the sign-flipped global (a step of 2x the global's norm, over the 1.3x bound) is refused
+    and the run cannot go on without it; an honest step of 0.25 per weight (norm 0.5 against 2) is kept."""
+    flwr_app = pytest.importorskip("flwr.app")
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from oarbench.train.flower import ServerSettings, record_to_weights, serve, weights_to_record
+
+    def flipper(kind: str, content):
+        if kind == "query":
+            return RecordDict({"fingerprint": ConfigRecord({"site": "B", "message": json.dumps(_fp_body(3))})})
+        w = {k: (-v if v.dtype.kind == "f" else v) for k, v in record_to_weights(content["global"]).items()}
+        return RecordDict({"update": weights_to_record(w), "metrics": MetricRecord({"num-cases": 3})})
+
+    monkeypatch.setattr(flwr_app, "Message", _Msg)
+    grid = _Grid({11: _site("A", 2, 0.25), 22: flipper})
+    with pytest.raises(RuntimeError, match=r"'B': 'update moves 4 away from the global model, more than 1.3 x"):
+        serve(grid, ServerSettings(sites=("A", "B"), rounds=1, out=tmp_path / "srv"), _steps(),
+              roster={"A": 11, "B": 22})
 
 
 def test_server_refuses_a_site_claiming_more_cases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

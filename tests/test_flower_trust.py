@@ -225,12 +225,12 @@ def test_a_rostered_node_claiming_another_site_fails_the_run(tmp_path: Path, fak
 
 
 def test_other_claims_refused_and_recorded_run_completes(tmp_path: Path, fake_messages) -> None:
-    """Node 7 claims an unknown site: refused, recorded, never trains; A and B average 2:3 (+1, +2) -> 1 + 1.6."""
+    """Node 7 claims an unknown site: refused, recorded, never trains; A and B average 2:3 (+0.25, +0.5) -> 1 + 0.4."""
     from safetensors.numpy import load_file
 
     from oarbench.train.flower import ServerSettings, serve
 
-    grid = _Grid({7: _site("Z", 40, 9.0), 11: _site("A", 2, 1.0), 22: _site("B", 3, 2.0)})
+    grid = _Grid({7: _site("Z", 40, 9.0), 11: _site("A", 2, 0.25), 22: _site("B", 3, 0.5)})
     summary = serve(grid, ServerSettings(sites=("A", "B"), rounds=1, out=tmp_path / "srv"), _steps(),
                     roster={"A": 11, "B": 22})
     assert summary["status"] == "completed" and summary["sites"] == {"11": "A", "22": "B"}
@@ -239,7 +239,7 @@ def test_other_claims_refused_and_recorded_run_completes(tmp_path: Path, fake_me
     assert refused == [{"node": 7, "site": "Z", "accepted": False,
                         "reason": "site 'Z' is not in this federation ('A', 'B')"}]
     assert json.loads((tmp_path / "srv/summary.json").read_text())["identity"] == summary["identity"]
-    np.testing.assert_allclose(load_file(str(tmp_path / "srv/final.safetensors"))["w"], np.full(4, 2.6, np.float32))
+    np.testing.assert_allclose(load_file(str(tmp_path / "srv/final.safetensors"))["w"], np.full(4, 1.4, np.float32))
 
 
 def test_server_needs_a_roster_entry_for_every_site(tmp_path: Path, fake_messages) -> None:

@@ -187,13 +187,16 @@ def test_federated_round_with_real_nnunet(tmp_path: Path) -> None:
     image_bytes = int(np.prod(SHAPE)) * 4
     from oarbench.train.exchange import tensors_to_bytes
 
-    # ciphertext = 12-byte nonce + safetensors payload (same tensor names/shapes every round) + 16-byte tag
+    # ciphertext = ephemeral X25519 key (32) + per recipient a wrapped 32-byte content key and its 16-byte tag
+    # + 12-byte nonce + safetensors payload (same tensor names/shapes every round) + 16-byte tag;
+    # a global model goes to the coordinator, A and B, an update to the coordinator and its site
     weights_bytes = len(tensors_to_bytes(finals[COORDINATOR]))
     for rel, size in coord.list_objects():
         kind = rel.split("/")[1]
         assert kind in ("fingerprint", "plans", "global", "update"), rel
         if rel.endswith(".bin") and kind in ("global", "update"):
-            assert size == weights_bytes + 28, (rel, size, weights_bytes)
+            recipients = 3 if kind == "global" else 2
+            assert size == 32 + recipients * 48 + 12 + weights_bytes + 16, (rel, size, weights_bytes)
         elif rel.endswith(".bin"):
             assert size < 20000 < image_bytes, (rel, size)
         else:

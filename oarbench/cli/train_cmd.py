@@ -1,4 +1,4 @@
-"""``oarbench train local`` and ``oarbench fl keys|coordinator|site|simulate`` (docs/training.md)."""
+"""``oarbench train local`` and ``oarbench fl keys|roster|audit|coordinator|site|simulate`` (docs/training.md)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ COORDINATOR_LABEL = "coordinator"
 def _need(engine: str, **given: Any) -> None:
     missing = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is None]
     if missing:
-        raise click.UsageError(f"--engine {engine} needs {', '.join(missing)}")
+        raise ValueError(f"--engine {engine} needs {', '.join(missing)}")
 
 
 def _fold(value: str) -> int | str:
@@ -35,20 +35,22 @@ def _fold(value: str) -> int | str:
 def _sites(value: str) -> tuple[str, ...]:
     sites = tuple(s.strip() for s in value.split(",") if s.strip())
     if not sites:
-        raise click.BadParameter("give at least one site name, comma-separated (e.g. A,B)")
+        raise ValueError("give at least one site name, comma-separated (e.g. A,B)")
     return sites
 
 
 def _storage_options(value: str | None) -> dict[str, Any]:
     if not value:
         return {}
-    text = Path(value).read_text() if Path(value).is_file() else value
+    is_file = Path(value).is_file()
+    text = Path(value).read_text() if is_file else value
+    where = f"{value}: " if is_file else ""
     try:
         opts = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"--storage-options must be JSON or a JSON file: {exc}") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{where}--storage-options must be JSON or a JSON file: {exc}") from None
     if not isinstance(opts, dict):
-        raise click.BadParameter("--storage-options must be a JSON object")
+        raise ValueError(f"{where}--storage-options must be a JSON object")
     return opts
 
 
@@ -99,36 +101,86 @@ def local(dataset_dir: Path, out_dir: Path, configuration: str, fold: str, epoch
                f"({summary['s_per_iteration']:.2f} s/iteration), {summary['num_cases']} cases")
 
 
-@click.group("fl")
+class _OneLineErrors(click.Command):
+    """A command whose option errors are one line (``Error: Invalid value for '--keys': ...``), no usage text."""
+
+    def make_context(self, info_name, args, parent=None, **extra):  # type: ignore[no-untyped-def]
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            raise click.ClickException(exc.format_message()) from None
+
+
+class _FlGroup(click.Group):
+    command_class = _OneLineErrors
+
+
+@click.group("fl", cls=_FlGroup)
 def fl() -> None:
     """Federated nnU-Net training through shared storage (needs the fl and nnunet extras)."""
 
 
 @fl.command("keys")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="This party's key folder.")
-@click.option("--name", required=True, help="This party's name: 'coordinator' or the site name.")
+              help="This party's key folder (with --sites: a folder that gets one key folder per party).")
+@click.option("--name", default=None, help="This party's name: 'coordinator' or the site name.")
+@click.option("--rotate", is_flag=True, help="Replace this party's existing key pairs (old ones go to retired/).")
+@click.option("--sites", default=None,
+              help="For a federation on one machine only: make every party's keys, one folder each, and the roster.")
 @user_errors
-def keys(out_dir: Path, name: str) -> None:
-    """Create this party's own Ed25519 key pair; share only public/NAME.pub."""
-    from oarbench.train.exchange import generate_party_key
+def keys(out_dir: Path, name: str | None, rotate: bool, sites: str | None) -> None:
+    """Create this party's own key pairs (Ed25519 signing, X25519 encryption); share only public/NAME.pub."""
+    from oarbench.train.keys import generate_keys, generate_party_key, rotate_party_key
 
-    paths = generate_party_key(out_dir, name)
-    click.echo(f"private key {paths[name]} (mode 0600, never leaves this party); "
-               f"give {paths[name + '.pub']} to the other parties")
+    if (name is None) == (sites is None):
+        raise ValueError("give either --name (this party's keys) or --sites (every party, one machine)")
+    if sites is not None:
+        folders = generate_keys(out_dir, list(_sites(sites)))
+        for party, folder in folders.items():
+            click.echo(f"{party}: {folder} (its private keys only, the public roster)")
+        return
+    paths = (rotate_party_key if rotate else generate_party_key)(out_dir, str(name))
+    click.echo(f"private keys {paths[str(name)]} and {paths[str(name) + '.x25519']} (mode 0600, never leave this "
+               f"party); give {paths[str(name) + '.pub']} to the coordinator")
 
 
-@fl.command("federation")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="The coordinator's key folder.")
+@fl.command("roster")
+@click.option("--keys", "keys_dir", required=True, type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="The coordinator's key folder; public/ holds every site's NAME.pub.")
+@click.option("--revoke", multiple=True, help="Drop this site from the roster (repeatable).")
 @user_errors
-def federation_cmd(out_dir: Path) -> None:
-    """Coordinator: create the federation key and the random federation id."""
-    from oarbench.train.exchange import create_federation
+def roster_cmd(keys_dir: Path, revoke: tuple[str, ...]) -> None:
+    """Coordinator: sign roster.json from the public keys in KEYS/public (again after a rotation or revocation)."""
+    from oarbench.train.keys import sign_roster
 
-    paths = create_federation(out_dir)
-    click.echo(f"wrote {paths['federation']} (secret, mode 0600) and {paths['federation.id']}; give both to "
-               f"every site over a confidential channel, with public/coordinator.pub")
+    roster = sign_roster(keys_dir, revoke=list(revoke))
+    click.echo(f"{keys_dir / 'roster.json'}: serial {roster.serial}, sites {', '.join(roster.sites) or '(none)'}; "
+               f"give it and public/coordinator.pub to every site")
+
+
+@fl.command("audit")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@user_errors
+def audit_cmd(path: Path) -> None:
+    """Verify the hash chain of audit logs (a file, or every *.jsonl under a folder) and summarise them."""
+    from oarbench.train.audit import verify
+
+    files = sorted(path.rglob("*.jsonl")) if path.is_dir() else [path]
+    if not files:
+        raise click.ClickException(f"{path}: no audit logs (*.jsonl) found")
+    broken = []
+    for f in files:
+        summary = verify(f)
+        actions = ", ".join(f"{k} {v}" for k, v in sorted(summary.actions.items())) or "empty"
+        state = "chain intact" if summary.ok else f"BROKEN at {summary.problem}"
+        click.echo(f"{f}: {state}; {summary.lines} lines ({actions}); parties {sorted(summary.parties)}; "
+                   f"last hash {summary.head}")
+        for reason in summary.refused[:20]:
+            click.echo(f"  refused {reason}")
+        if not summary.ok:
+            broken.append(str(f))
+    if broken:
+        raise click.ClickException(f"audit chain broken in {', '.join(broken)}")
 
 
 def _common(f):  # type: ignore[no-untyped-def]
@@ -159,11 +211,14 @@ def _common(f):  # type: ignore[no-untyped-def]
     return f
 
 
-def _exchange(storage: str, storage_options: str | None, keys_dir: Path, identity: str, federation: str):  # type: ignore[no-untyped-def]
+def _exchange(storage: str, storage_options: str | None, keys_dir: Path, identity: str, federation: str,  # type: ignore[no-untyped-def]
+              work: Path):
+    from oarbench.train.audit import AuditLog
     from oarbench.train.exchange import Exchange, load_keyring
 
     return Exchange(storage, load_keyring(keys_dir, identity), federation=federation,
-                    storage_options=_storage_options(storage_options))
+                    storage_options=_storage_options(storage_options),
+                    audit=AuditLog(work / "audit.jsonl", identity))
 
 
 @fl.command("coordinator")
@@ -181,12 +236,19 @@ def _exchange(storage: str, storage_options: str | None, keys_dir: Path, identit
                    "with it.")
 @click.option("--roster", default=None, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="flower: the signed roster (site -> registered SuperNode key; oarbench fl register).")
+@click.option("--weighting", default="cases", show_default=True,
+              help="storage: FedAvg weight of a site: cases (its case count), equal, or capped:N (at most N).")
+@click.option("--aggregator", default="fedavg", show_default=True,
+              help="storage: fedavg, median (coordinate-wise) or trimmed:F (trimmed mean, 0 <= F < 0.5).")
+@click.option("--max-step", type=float, default=1.3, show_default=True,
+              help="storage: refuse an update farther from the global model than this times its norm.")
 @user_errors
 def coordinator(engine: str, storage: str | None, storage_options: str | None, keys_dir: Path | None,
                 superlink: str | None, root_certificates: Path | None, sites: str | None, rounds: int | None,
                 federation: str, work: Path, configuration: str, poll: float, verbose: bool,
                 quorum: int | None, timeout: float | None, width: str, local_epochs: int, iterations: int,
-                signing_key: Path | None, roster: Path | None) -> None:
+                signing_key: Path | None, roster: Path | None,
+                weighting: str, aggregator: str, max_step: float) -> None:
     """Merge fingerprints, publish plans, aggregate rounds; restartable (storage) or one signed Flower run."""
     _logging(verbose)
     if engine == "flower":
@@ -204,13 +266,17 @@ def coordinator(engine: str, storage: str | None, storage_options: str | None, k
             raise click.ClickException(" ".join(str(exc).split())) from None
         click.echo(f"final federated model: {summary['model']}")
         return
+    from oarbench.train.aggregate import AggregationRules, parse_weighting
     from oarbench.train.exchange import COORDINATOR
     from oarbench.train.federated import FederationConfig, nnunet_coordinator
 
     _need(engine, storage=storage, keys=keys_dir, sites=sites, rounds=rounds)
+    parse_weighting(weighting)
+    rules = AggregationRules(aggregator=aggregator, max_delta_ratio=max_step)
     cfg = FederationConfig(_sites(str(sites)), int(str(rounds)), quorum=quorum, timeout_s=timeout, poll_s=poll)
     model = nnunet_coordinator(_exchange(str(storage), storage_options, Path(str(keys_dir)), COORDINATOR,
-                                         federation), cfg, work, configuration=configuration, width=width)
+                                         federation, work), cfg, work, configuration=configuration, width=width,
+                               plans_timeout_s=timeout, weighting=weighting, rules=rules)
     click.echo(f"final federated model: {model}")
 
 
@@ -229,12 +295,14 @@ def coordinator(engine: str, storage: str | None, storage_options: str | None, k
 @click.option("--trusted-entities", default=None, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="flower: the file naming the coordinator's app-signing key (from the coordinator); the SuperNode "
                    "runs only apps signed with it.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None,
+              help="storage: seconds to wait for the plans or a global model before giving up (default: forever).")
 @user_errors
 def site(engine: str, storage: str | None, storage_options: str | None, keys_dir: Path | None,
          superlink: str | None, root_certificates: Path | None, sites: str | None, rounds: int | None,
          federation: str, work: Path, configuration: str, poll: float, verbose: bool, site: str, dataset_dir: Path,
          local_epochs: int, iterations: int, device: str, auth_key: Path | None, port: int,
-         trusted_entities: Path | None) -> None:
+         trusted_entities: Path | None, timeout: float | None) -> None:
     """Upload the fingerprint, train the rounds locally, keep the final model; restartable (storage),
     or run this hospital's Flower SuperNode until stopped (flower)."""
     _logging(verbose)
@@ -261,9 +329,9 @@ def site(engine: str, storage: str | None, storage_options: str | None, keys_dir
 
     _need(engine, storage=storage, keys=keys_dir, sites=sites, rounds=rounds)
     cfg = FederationConfig(_sites(str(sites)), int(str(rounds)), poll_s=poll)
-    model = nnunet_site(_exchange(str(storage), storage_options, Path(str(keys_dir)), site, federation), cfg,
+    model = nnunet_site(_exchange(str(storage), storage_options, Path(str(keys_dir)), site, federation, work), cfg,
                         dataset_dir, work, local_epochs=local_epochs, iterations=iterations,
-                        configuration=configuration, device=device)
+                        configuration=configuration, device=device, timeout_s=timeout)
     click.echo(f"final federated model: {model}")
 
 
@@ -398,7 +466,7 @@ def simulate(engine: str, storage: str | None, storage_options: str | None, keys
     for item in datasets:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise click.BadParameter(f"--dataset must be SITE=DIR, got {item!r}")
+            raise ValueError(f"--dataset must be SITE=DIR, got {item!r}")
         pairs[name] = Path(path)
     if engine == "flower":
         from oarbench.train.flower import run_local
@@ -413,7 +481,7 @@ def simulate(engine: str, storage: str | None, storage_options: str | None, keys
             click.echo(f"{party}: {folder}")
         return
     keys = keys_dir or work / "keys"
-    if not (keys / "federation.key").exists():
+    if not (keys / "roster.json").exists():
         generate_keys(keys, list(pairs))
     url = storage or str(work / "storage")
     cfg = FederationConfig(tuple(pairs), rounds, poll_s=poll)

@@ -7,7 +7,9 @@
   torch and nnU-Net; used inside the child processes);
 * :mod:`oarbench.train.federated`: FedAvg, the coordinator/site round protocol,
   merged fingerprints and shared plans, ``simulate``;
-* :mod:`oarbench.train.exchange`: encrypted, signed, atomic objects in fsspec storage.
+* :mod:`oarbench.train.exchange`: encrypted, signed, atomic objects in fsspec storage;
+* :mod:`oarbench.train.keys`: per-party key pairs and the coordinator-signed roster;
+* :mod:`oarbench.train.audit`: each party's hash-chained audit log.
 
 Importing this package imports neither torch nor nnU-Net. See docs/training.md.
 """

@@ -7,21 +7,25 @@ default; ``s3://bucket/prefix``, ``gs://``, ``az://``, ``webdav`` when the
 matching fsspec back-end is installed). Hospitals therefore need outbound
 connections only.
 
-Keys: every party makes its own Ed25519 key pair (:func:`generate_party_key`)
-and hands out only the public key; the coordinator makes the federation's
-AES-256 key and a random federation id (:func:`create_federation`) and gives
-both to the sites. :func:`generate_keys` makes all of it in one folder, for a
-federation simulated on one machine only.
+Keys (:mod:`oarbench.train.keys`): every party makes its own Ed25519
+(signing) and X25519 (encryption) key pairs and hands out only the public
+halves; the coordinator signs a roster of every party's public keys and the
+federation's random id. There is no shared secret. :func:`generate_keys`
+makes every party's folder under one folder, for a federation simulated on
+one machine only.
 
 Every object is
 
 * serialised in a safe format: tensors as safetensors (never pickles), other
   payloads as UTF-8 JSON;
-* encrypted with AES-256-GCM under the federation key, with a 12-byte random
-  nonce. The object *header* (federation id and name, round, sender, kind,
-  slot name, plaintext size and sha256, parent model hash, case count) is
-  the GCM associated data, so a ciphertext moved to another round, sender,
-  kind or federation fails to decrypt;
+* encrypted with AES-256-GCM under a random content key and a 12-byte random
+  nonce; the content key is encrypted to each recipient (ephemeral X25519,
+  HKDF-SHA256, AES-256-GCM): a site's objects to the coordinator and the site,
+  the coordinator's to every party on the roster. The object *header*
+  (federation id and name, round, sender, kind, slot name, plaintext size and
+  sha256, parent model hash, case count, recipients) is the GCM associated
+  data, so a ciphertext moved to another round, sender, kind or federation
+  fails to decrypt;
 * described by a *manifest* (JSON) that carries the header, the path of the
   ciphertext (a name unique to this write), the sha256 and byte size of the
   ciphertext, and an Ed25519 signature of the sender over all of that.
@@ -35,6 +39,9 @@ manifest wins, and the other removes only its own ciphertext.
 
 Every check that fails raises :class:`RejectedObject` with a reason that
 names the object; :meth:`Exchange.collect` logs it and leaves the object out.
+A party that finds in one of its own slots anything that does not verify as
+an object of that slot replaces it with its next put; only regular files
+are ever opened.
 Anything in storage is untrusted input: manifests are read with a size cap
 and parsed against a fixed schema before any other step.
 
@@ -57,14 +64,17 @@ import re
 import secrets
 import stat
 import tempfile
+import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from oarbench.train.aggregate import MAX_CASES
+from oarbench.train.audit import AuditLog
+from oarbench.train.keys import COORDINATOR, MAX_PARTIES, generate_keys, generate_party_key, load_party
 
 __all__ = [
     "COORDINATOR",
@@ -76,7 +86,6 @@ __all__ = [
     "Exchange",
     "generate_keys",
     "generate_party_key",
-    "create_federation",
     "load_keyring",
     "tensors_to_bytes",
     "tensors_from_bytes",
@@ -85,8 +94,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Name of the coordinator as a sender.
-COORDINATOR = "coordinator"
 #: Object kinds and who may send them.
 KINDS: dict[str, str] = {
     "fingerprint": "site",
@@ -94,15 +101,17 @@ KINDS: dict[str, str] = {
     "global": COORDINATOR,
     "update": "site",
 }
-_MANIFEST_VERSION = 2
+_MANIFEST_VERSION = 3
 _NONCE_BYTES = 12
 _TAG_BYTES = 16
+_WRAPPED_BYTES = 32 + _TAG_BYTES  # a content key encrypted to one recipient
+_HKDF_INFO = b"oarbench-fl-v3 content key"
 _KEY_BYTES = 32
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 _NAME_MAX = 64
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _FED_ID = re.compile(r"[0-9a-f]{32}")
-#: Largest manifest read from storage (bytes); a signed manifest is well under 2 KiB.
+#: Largest manifest read from storage (bytes); a signed manifest of 100 recipients is under 10 KiB.
 MAX_MANIFEST_BYTES = 16 * 1024
 #: Largest round number accepted.
 MAX_ROUND = 1_000_000
@@ -114,7 +123,15 @@ _MANIFEST_KEYS = {"version", "header", "object", "ciphertext_sha256", "ciphertex
 
 
 class RejectedObject(ValueError):
-    """An object in storage failed a check; it must never be used."""
+    """An object in storage failed a check; it must never be used.
+
+    ``transient``: the object could not be read in time (it may be fine); its
+    owner does not replace it for that.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def _check_name(name: str, what: str) -> str:
@@ -134,6 +151,19 @@ def _sha256(data: bytes) -> str:
 def _short(value: Any, n: int = 60) -> str:
     text = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
     return text if len(text) <= n else text[:n] + "..."
+
+
+def _wrap_key(shared: bytes, eph_pub: bytes, recipient_pub: bytes) -> bytes:
+    """Key that encrypts an object's content key to one recipient: HKDF-SHA256 over the X25519 secret."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=eph_pub + recipient_pub, info=_HKDF_INFO).derive(shared)
+
+
+def _ciphertext_size(header: "Header") -> int:
+    """Ephemeral public key, one wrapped content key per recipient, nonce, ciphertext and tag."""
+    return 32 + _WRAPPED_BYTES * len(header.recipients) + _NONCE_BYTES + header.size + _TAG_BYTES
 
 
 # --------------------------------------------------------------------------- payloads
@@ -159,35 +189,40 @@ def tensors_from_bytes(data: bytes) -> dict[str, np.ndarray]:
 
 @dataclass(frozen=True)
 class KeyRing:
-    """What one party holds.
+    """What one party holds (:func:`load_keyring` reads it from the party's key folder).
 
     Attributes
     ----------
-    federation_key:
-        32-byte AES-256-GCM key shared by all parties of one federation.
     identity:
         This party's name (``"coordinator"`` or a site name).
     signing_key:
         This party's Ed25519 private key, raw 32 bytes (never leaves the party).
+    decryption_key:
+        This party's X25519 private key, raw 32 bytes (never leaves the party):
+        objects encrypted to this party are opened with it.
     trusted:
-        Public keys (raw 32 bytes) of the parties whose objects this party
-        accepts, by name (the coordinator holds the sites' keys; a site holds
-        the coordinator's).
+        Ed25519 public keys (raw 32 bytes) of the parties whose objects this
+        party accepts, by name (the coordinator holds the sites'; a site the
+        coordinator's).
+    recipients:
+        X25519 public keys of the parties this party encrypts to, by name (the
+        coordinator: every party on the roster; a site: the coordinator).
     federation_id:
-        Random id (32 hex digits) made with the federation key; bound into
-        every object so that objects of one federation never verify in another.
+        Random id (32 hex digits) from the roster; bound into every object so
+        that objects of one federation never verify in another.
     """
 
-    federation_key: bytes
     identity: str
     signing_key: bytes
+    decryption_key: bytes = b"\0" * _KEY_BYTES
     trusted: Mapping[str, bytes] = field(default_factory=dict)
+    recipients: Mapping[str, bytes] = field(default_factory=dict)
     federation_id: str = "0" * 32
 
     def __post_init__(self) -> None:
-        if len(self.federation_key) != _KEY_BYTES:
-            raise ValueError(f"federation key must be {_KEY_BYTES} bytes, got {len(self.federation_key)}")
         _check_name(self.identity, "party name")
+        if len(self.signing_key) != _KEY_BYTES or len(self.decryption_key) != _KEY_BYTES:
+            raise ValueError(f"private keys must be {_KEY_BYTES} bytes")
         if not _FED_ID.fullmatch(self.federation_id):
             raise ValueError(f"federation id must be 32 hex digits, got {self.federation_id[:40]!r}")
 
@@ -203,6 +238,17 @@ class KeyRing:
 
         return (
             Ed25519PrivateKey.from_private_bytes(self.signing_key)
+            .public_key()
+            .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        )
+
+    def encryption_public_key(self) -> bytes:
+        """This party's X25519 public key, raw 32 bytes."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        return (
+            X25519PrivateKey.from_private_bytes(self.decryption_key)
             .public_key()
             .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         )
@@ -223,146 +269,33 @@ class KeyRing:
         return True
 
 
-def _write_key_file(path: Path, text: str, private: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o600 if private else 0o644)
-        os.link(tmp, path)  # create-only: never overwrite an existing key
-    except FileExistsError as exc:
-        raise FileExistsError(f"{path}: key file exists already; refusing to overwrite it") from exc
-    finally:
-        os.unlink(tmp)
+def load_keyring(keys: str | Path, identity: str) -> KeyRing:
+    """Load a party's :class:`KeyRing` from its key folder (:mod:`oarbench.train.keys`).
 
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii") + "\n"
-
-
-def _check_private_mode(path: Path) -> None:
-    if os.name != "posix":
-        return
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise PermissionError(
-            f"{path}: private key file is readable or writable by group/others (mode {stat.S_IMODE(mode):04o}); "
-            f"run 'chmod 600 {path}'"
-        )
-
-
-def _read_key_file(path: Path, n: int, *, private: bool = False) -> bytes:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: key file not found") from None
-    if private:
-        _check_private_mode(path)
-    try:
-        data = base64.b64decode(text.strip(), validate=True)
-    except ValueError as exc:
-        raise ValueError(f"{path}: not a base64 key file ({exc})") from exc
-    if len(data) != n:
-        raise ValueError(f"{path}: key must be {n} bytes, got {len(data)}")
-    return data
-
-
-def generate_party_key(out: str | Path, name: str) -> dict[str, Path]:
-    """Make one party's Ed25519 key pair in ``out``: ``<name>.ed25519`` (0600) and ``public/<name>.pub``.
-
-    Each party runs this itself and hands out only ``public/<name>.pub``.
-    Existing files are never overwritten.
-    """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    out = Path(out)
-    _check_name(name, "party name")
-    key = Ed25519PrivateKey.generate()
-    raw_priv = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                 serialization.NoEncryption())
-    raw_pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    paths = {name: out / f"{name}.ed25519", f"{name}.pub": out / "public" / f"{name}.pub"}
-    _write_key_file(paths[f"{name}.pub"], _b64(raw_pub), private=False)
-    _write_key_file(paths[name], _b64(raw_priv), private=True)
-    return paths
-
-
-def create_federation(out: str | Path) -> dict[str, Path]:
-    """Make a federation's AES-256 key (``federation.key``, 0600) and random id (``federation.id``) in ``out``.
-
-    The coordinator runs this once and gives both files to every site over a
-    confidential channel. Existing files are never overwritten.
-    """
-    out = Path(out)
-    paths = {"federation": out / "federation.key", "federation.id": out / "federation.id"}
-    _write_key_file(paths["federation"], _b64(secrets.token_bytes(_KEY_BYTES)), private=True)
-    _write_key_file(paths["federation.id"], secrets.token_hex(16) + "\n", private=False)
-    return paths
-
-
-def generate_keys(out: str | Path, sites: list[str]) -> dict[str, Path]:
-    """All keys of a federation in one folder: for a federation simulated on one machine only.
-
-    Writes ``federation.key`` and ``federation.id`` (:func:`create_federation`)
-    and every party's key pair (:func:`generate_party_key`). Whoever holds this
-    folder can sign as any party, so a real federation never uses it: there
-    each party runs :func:`generate_party_key` itself.
-
-    Returns
-    -------
-    dict
-        File paths by role (``"federation"``, ``"federation.id"``, ``"<party>"``, ``"<party>.pub"``).
-    """
-    out = Path(out)
-    names = [COORDINATOR] + [_check_name(s, "site name") for s in sites]
-    if len(set(names)) != len(names):
-        raise ValueError(f"site names must be distinct and not {COORDINATOR!r}: {sites}")
-    paths = create_federation(out)
-    for name in names:
-        paths.update(generate_party_key(out, name))
-    return paths
-
-
-def load_keyring(keys: str | Path, identity: str, *, trust: list[str] | None = None) -> KeyRing:
-    """Load a party's :class:`KeyRing` from its key folder.
-
-    Parameters
-    ----------
-    keys:
-        Folder with ``federation.key``, ``federation.id``, ``<identity>.ed25519``
-        and ``public/`` (the public keys of the parties to trust).
-    identity:
-        ``"coordinator"`` or the site name.
-    trust:
-        Names whose public keys to trust. Default: for the coordinator every
-        ``public/*.pub`` except its own; for a site only the coordinator.
+    ``keys`` is the party's own folder (its private keys, ``roster.json``,
+    and for a site ``public/coordinator.pub``), or a folder made by
+    :func:`generate_keys` holding one such folder per party. The coordinator
+    trusts and encrypts to every party on the roster; a site trusts only the
+    coordinator and encrypts to the coordinator and itself.
 
     Raises
     ------
     PermissionError
-        The private key or the federation key is readable by group or others.
+        A private key is readable by group or others.
+    ValueError
+        The roster is not signed by the coordinator's pinned key, or does not
+        list this party's current keys (revoked, or rotated and not signed again).
     """
-    keys = Path(keys)
-    _check_name(identity, "party name")
-    fed = _read_key_file(keys / "federation.key", _KEY_BYTES, private=True)
-    id_path = keys / "federation.id"
-    try:
-        fed_id = id_path.read_text().strip()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{id_path}: federation id file not found (made with the federation key)") from None
-    if not _FED_ID.fullmatch(fed_id):
-        raise ValueError(f"{id_path}: federation id must be 32 hex digits")
-    priv = _read_key_file(keys / f"{identity}.ed25519", 32, private=True)
-    pub_dir = keys / "public"
-    if trust is None:
-        if identity == COORDINATOR:
-            trust = sorted(p.name[: -len(".pub")] for p in pub_dir.glob("*.pub") if p.stem != COORDINATOR)
-        else:
-            trust = [COORDINATOR]
-    trusted = {_check_name(name, "party name"): _read_key_file(pub_dir / f"{name}.pub", 32) for name in trust}
-    return KeyRing(federation_key=fed, identity=identity, signing_key=priv, trusted=trusted, federation_id=fed_id)
+    party = load_party(keys, identity)
+    roster = party.roster
+    if identity == COORDINATOR:
+        names = list(roster.parties)
+    else:
+        names = [COORDINATOR, identity]
+    trusted = {n: roster.parties[n][0] for n in names if n != identity}
+    recipients = {n: roster.parties[n][1] for n in names}
+    return KeyRing(identity=identity, signing_key=party.ed_priv, decryption_key=party.x_priv, trusted=trusted,
+                   recipients=recipients, federation_id=roster.federation_id)
 
 
 # --------------------------------------------------------------------------- objects
@@ -398,6 +331,7 @@ class Header:
     parent: str = ""
     num_cases: int = 0
     federation_id: str = "0" * 32
+    recipients: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -411,13 +345,14 @@ class Header:
             "sha256": self.sha256,
             "parent": self.parent,
             "num_cases": int(self.num_cases),
+            "recipients": list(self.recipients),
         }
 
     @classmethod
     def from_dict(cls, d: Any) -> "Header":
         """Parse a header from untrusted JSON: exact fields, exact types, bounded values."""
         fields = ("federation", "federation_id", "round", "sender", "kind", "name", "size", "sha256", "parent",
-                  "num_cases")
+                  "num_cases", "recipients")
         if not isinstance(d, dict):
             raise RejectedObject(f"header is {type(d).__name__}, not an object")
         if set(d) != set(fields):
@@ -446,7 +381,15 @@ class Header:
                 _check_name(d[k], k)
             except ValueError as exc:
                 raise RejectedObject(f"header: {exc}") from None
-        return cls(**{k: d[k] for k in fields})
+        rec = d["recipients"]
+        if not isinstance(rec, list) or not 1 <= len(rec) <= MAX_PARTIES or len(set(map(str, rec))) != len(rec):
+            raise RejectedObject(f"header recipients must be a list of 1..{MAX_PARTIES} distinct names")
+        for name in rec:
+            try:
+                _check_name(name, "recipient")
+            except ValueError as exc:
+                raise RejectedObject(f"header: {exc}") from None
+        return cls(**dict({k: d[k] for k in fields}, recipients=tuple(rec)))
 
 
 @dataclass(frozen=True)
@@ -500,6 +443,12 @@ class Exchange:
     cache_bytes:
         Accepted objects are kept by manifest hash up to this many payload
         bytes, so a poll does not download and decrypt them again.
+    audit:
+        The party's hash-chained audit log (:class:`oarbench.train.audit.AuditLog`).
+    read_timeout_s:
+        A read of one object that has not finished after this many seconds is
+        given up (the object counts as unreadable, the party goes on waiting
+        within its own timeout); None: no limit.
     """
 
     def __init__(
@@ -511,6 +460,8 @@ class Exchange:
         storage_options: Mapping[str, Any] | None = None,
         max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
         cache_bytes: int = 2 * 1024**3,
+        audit: AuditLog | None = None,
+        read_timeout_s: float | None = 300.0,
     ) -> None:
         import fsspec.core
         from fsspec.implementations.local import LocalFileSystem
@@ -529,8 +480,28 @@ class Exchange:
         self._bad: dict[str, str] = {}  # manifest sha256 -> reason, for failures of the stored object itself
         #: Ciphertext downloads done (for tests and diagnostics).
         self.downloads = 0
+        #: Where this party records what it read, wrote, accepted and refused (None: nowhere).
+        self.audit = audit
+        self._audited: set[str] = set()
+        self.read_timeout_s = read_timeout_s
         if self._local:
             Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    def recipients_for(self, kind: str) -> tuple[str, ...]:
+        """Who can decrypt an object of ``kind`` this party writes.
+
+        Coordinator objects (plans, global models): every party on the roster.
+        Site objects (fingerprint, update): the coordinator and the site itself.
+        """
+        me = self.keyring.identity
+        if me == COORDINATOR:
+            return tuple(sorted(set(self.keyring.recipients) | {me}))
+        return tuple(sorted({COORDINATOR, me}))
+
+    def _audit(self, action: str, rel: str, round_: int, *, digest: str = "", reason: str = "",
+               sender: str = "") -> None:
+        if self.audit is not None:
+            self.audit.append(action, object=rel, round=round_, digest=digest, reason=reason, sender=sender)
 
     def _log_once(self, level: int, reason: str) -> None:
         if reason not in self._logged:
@@ -566,10 +537,69 @@ class Exchange:
             self.fs.pipe_file(path, data)
 
     def _read(self, rel: str, limit: int | None = None) -> bytes:
-        """Read ``rel``; with ``limit``, read at most ``limit + 1`` bytes (callers reject longer)."""
+        """:meth:`_read_now` in a helper thread, given up after ``read_timeout_s`` (a hung read never blocks)."""
+        if self.read_timeout_s is None:
+            return self._read_now(rel, limit)
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                box["data"] = self._read_now(rel, limit)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box["error"] = exc
+
+        t = threading.Thread(target=run, name=f"read {rel[-40:]}", daemon=True)
+        t.start()
+        t.join(self.read_timeout_s)
+        if t.is_alive():
+            raise TimeoutError(f"{self.url}/{rel}: read did not finish within {self.read_timeout_s:g} s")
+        if "error" in box:
+            raise box["error"]
+        return box["data"]
+
+    def _read_now(self, rel: str, limit: int | None = None) -> bytes:
+        """Read ``rel`` if it is a regular file; with ``limit``, at most ``limit + 1`` bytes (callers reject longer).
+
+        A FIFO, device, socket, folder or link planted in storage is never opened
+        (it could block a reader forever): local files are checked with
+        ``os.fstat`` on a descriptor opened non-blocking and without following
+        links; other back-ends by the type fsspec reports.
+        """
+        path = self._full(rel)
+        if self._local:
+            flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(f"{path} is not a regular file")
+            fd = os.open(path, flags)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped between lstat and open
+                    raise OSError(f"{path} is not a regular file")
+                with os.fdopen(fd, "rb", closefd=False) as fh:
+                    return fh.read() if limit is None else fh.read(limit + 1)
+            finally:
+                os.close(fd)
+        info = self.fs.info(path)
+        if info.get("type") != "file":
+            raise OSError(f"{path} is not a file ({info.get('type')})")
         if limit is None:
-            return self.fs.cat_file(self._full(rel))
-        return self.fs.cat_file(self._full(rel), start=0, end=limit + 1)
+            return self.fs.cat_file(path)
+        return self.fs.cat_file(path, start=0, end=limit + 1)
+
+    def _remove(self, rel: str) -> None:
+        """Remove whatever is at ``rel`` (a file, a planted folder, FIFO or link)."""
+        path = self._full(rel)
+        try:
+            if self._local:
+                folder = os.path.isdir(path) and not os.path.islink(path)
+            else:
+                folder = self.fs.info(path).get("type") == "directory"
+            if folder:
+                self.fs.rm(path, recursive=True)
+            else:
+                self.fs.rm_file(path)
+        except FileNotFoundError:
+            pass
 
     def _exists(self, rel: str) -> bool:
         return self.fs.exists(self._full(rel))
@@ -591,15 +621,31 @@ class Exchange:
         ``object_rel`` is where the ciphertext will be stored (default: a new
         unique name in the header's slot).
         """
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         if header.sender != self.keyring.identity:
             raise ValueError(f"header sender {header.sender!r} is not this party ({self.keyring.identity!r})")
         if object_rel is None:
             object_rel = f"{object_slot(header.kind, header.round, header.name)}.{secrets.token_hex(16)}.bin"
+        if not header.recipients:
+            header = replace(header, recipients=self.recipients_for(header.kind))
+        missing = [r for r in header.recipients if r not in self.keyring.recipients]
+        if missing:
+            raise ValueError(f"no public encryption key for recipient(s) {missing} on this party's roster")
         aad = _canonical(header.as_dict())
+        # one random content key per object, encrypted to each recipient with X25519 + HKDF-SHA256 + AES-GCM
+        content_key = AESGCM.generate_key(bit_length=256)
+        ephemeral = X25519PrivateKey.generate()
+        eph_pub = ephemeral.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        parts = [eph_pub]
+        for name in header.recipients:
+            pub = self.keyring.recipients[name]
+            kek = _wrap_key(ephemeral.exchange(X25519PublicKey.from_public_bytes(pub)), eph_pub, pub)
+            parts.append(AESGCM(kek).encrypt(b"\0" * _NONCE_BYTES, content_key, aad))
         nonce = secrets.token_bytes(_NONCE_BYTES)
-        ciphertext = nonce + AESGCM(self.keyring.federation_key).encrypt(nonce, payload, aad)
+        ciphertext = b"".join(parts) + nonce + AESGCM(content_key).encrypt(nonce, payload, aad)
         body = {
             "version": _MANIFEST_VERSION,
             "header": header.as_dict(),
@@ -654,11 +700,12 @@ class Exchange:
             parent=parent,
             num_cases=num_cases,
             federation_id=self.keyring.federation_id,
+            recipients=self.recipients_for(kind),
         )
         slot = object_slot(kind, round_, name)
         manifest_rel = slot + ".manifest.json"
         duplicate = f"{self.url}/{slot}: duplicate upload refused, the slot is already committed"
-        if self._exists(manifest_rel) and not self._clear_foreign_manifest(manifest_rel):
+        if self._exists(manifest_rel) and not self._clear_bad_manifest(kind, round_, manifest_rel, parent):
             raise FileExistsError(duplicate)
         object_rel = f"{slot}.{secrets.token_hex(16)}.bin"
         ciphertext, manifest = self.seal(header, payload, object_rel)
@@ -667,9 +714,10 @@ class Exchange:
         for attempt in (0, 1):
             try:
                 self._create(manifest_rel, data)
+                self._audit("wrote", manifest_rel, round_, digest=header.sha256, sender=me)
                 return header
             except FileExistsError as exc:
-                if attempt == 0 and self._clear_foreign_manifest(manifest_rel):
+                if attempt == 0 and self._clear_bad_manifest(kind, round_, manifest_rel, parent):
                     continue
                 try:  # another writer committed first: remove our own, never-referenced ciphertext
                     self.fs.rm_file(self._full(object_rel))
@@ -678,34 +726,28 @@ class Exchange:
                 raise FileExistsError(duplicate) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _clear_foreign_manifest(self, manifest_rel: str) -> bool:
-        """Remove a manifest in one of this party's slots that this party did not sign; True if removed.
+    def _clear_bad_manifest(self, kind: str, round_: int, manifest_rel: str, parent: str = "") -> bool:
+        """Remove what sits in one of this party's slots unless it is a valid object of that slot; True if removed.
 
-        Only this party can sign manifests for its own slots, so a manifest there that
-        is not a well-formed manifest signed by this party was planted (or is garbage)
-        and no reader would ever accept it. A manifest this party signed (another of
-        its processes committed first) is never touched.
+        Only this party can sign objects for its own slots, so anything there
+        that fails verification for exactly this slot (planted, a copy of one of
+        its own manifests from another round, a manifest whose ciphertext is
+        missing or damaged, a folder or FIFO) is useless to every reader: the
+        owner replaces it. A valid object of the slot (another process of this
+        party committed first) is never touched.
         """
         where = f"{self.url}/{manifest_rel}"
-        try:
-            raw = self._read(manifest_rel, limit=MAX_MANIFEST_BYTES)
-        except FileNotFoundError:
+        if not self._exists(manifest_rel):
             return True
-        except OSError:
-            return False  # cannot read it, so cannot tell: leave it and report the slot as taken
         try:
-            header, manifest, signature = self._parse_manifest(raw, where)
-            mine = header.sender == self.keyring.identity and self.keyring.verify(
-                self.keyring.identity, _canonical(manifest), signature)
-        except RejectedObject:
-            mine = False
-        if mine:
+            self.open_manifest(manifest_rel, kind=kind, round_=round_, parent=parent or None, fresh=True)
             return False
-        log.warning("%s: removing a manifest this party did not sign from its own slot", where)
-        try:
-            self.fs.rm_file(self._full(manifest_rel))
-        except FileNotFoundError:
-            pass
+        except RejectedObject as exc:
+            if exc.transient:  # not read in time: it may be valid, so the slot counts as taken
+                return False
+            log.warning("%s: replacing an object in this party's own slot that fails verification: %s", where, exc)
+            self._audit("replaced", manifest_rel, round_, reason=str(exc))
+        self._remove(manifest_rel)
         return True
 
     # -- reading -----------------------------------------------------------------------------
@@ -754,6 +796,7 @@ class Exchange:
         round_: int,
         parent: str | None = None,
         max_size: int | None = None,
+        fresh: bool = False,
     ) -> Received:
         """Read, verify and decrypt one object; raise :class:`RejectedObject` on any failure.
 
@@ -767,15 +810,28 @@ class Exchange:
         plaintext size and sha256; parent model hash where ``parent`` is given.
 
         Objects that passed are cached by manifest hash: a second read of the
-        same manifest does not download the ciphertext again.
+        same manifest does not download the ciphertext again (``fresh``:
+        download and check it again all the same).
         """
+        try:
+            return self._open_manifest(manifest_rel, kind=kind, round_=round_, parent=parent, max_size=max_size,
+                                       fresh=fresh)
+        except RejectedObject as exc:
+            if str(exc) not in self._audited:
+                self._audited.add(str(exc))
+                self._audit("refused", manifest_rel, round_, reason=str(exc))
+            raise
+
+    def _open_manifest(self, manifest_rel: str, *, kind: str, round_: int, parent: str | None,
+                       max_size: int | None, fresh: bool) -> Received:
         where = f"{self.url}/{manifest_rel}"
         try:
             raw = self._read(manifest_rel, limit=MAX_MANIFEST_BYTES)
         except FileNotFoundError:
             raise RejectedObject(f"{where}: manifest missing") from None
         except OSError as exc:  # a planted folder or unreadable file in the manifest's place
-            raise RejectedObject(f"{where}: manifest unreadable ({type(exc).__name__})") from None
+            raise RejectedObject(f"{where}: manifest unreadable ({type(exc).__name__})",
+                                 transient=isinstance(exc, TimeoutError)) from None
         header, manifest, signature = self._parse_manifest(raw, where)
         if header.sender not in self.keyring.trusted and header.sender != self.keyring.identity:
             raise RejectedObject(f"{where}: unknown sender {header.sender!r} (no trusted public key)")
@@ -807,26 +863,32 @@ class Exchange:
             MAX_JSON_OBJECT_BYTES if kind in ("fingerprint", "plans") else self.max_object_bytes)
         if header.size > cap:
             raise RejectedObject(f"{where}: object of {header.size} bytes exceeds the cap of {cap} bytes")
-        if manifest["ciphertext_size"] != header.size + _NONCE_BYTES + _TAG_BYTES:
+        if manifest["ciphertext_size"] != _ciphertext_size(header):
             raise RejectedObject(f"{where}: ciphertext size {manifest['ciphertext_size']} does not match the "
                                  f"plaintext size {header.size}")
         if parent is not None and header.parent != parent:
             raise RejectedObject(
                 f"{where}: trained from global model {header.parent[:12]}..., expected {parent[:12]}..."
             )
+        if self.keyring.identity not in header.recipients:
+            raise RejectedObject(f"{where}: not encrypted to this party ({self.keyring.identity!r}; recipients "
+                                 f"{list(header.recipients)[:5]})")
         key = _sha256(raw)
-        hit = self._cache.get(key)
+        hit = None if fresh else self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return Received(header=hit[0], payload=hit[1], manifest_path=manifest_rel)
-        if key in self._bad:
+        if key in self._bad and not fresh:
             raise RejectedObject(self._bad[key])
         payload = self._download(where, obj, manifest, header, key)
+        self._bad.pop(key, None)
         self._remember(key, header, payload)
+        self._audit("accepted", manifest_rel, header.round, digest=header.sha256, sender=header.sender)
         return Received(header=header, payload=payload, manifest_path=manifest_rel)
 
     def _download(self, where: str, obj: str, manifest: Mapping[str, Any], header: Header, key: str) -> bytes:
         from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         def bad(reason: str) -> RejectedObject:
@@ -842,19 +904,29 @@ class Exchange:
         except FileNotFoundError:
             raise RejectedObject(f"{where}: object {obj} is missing") from None
         except OSError as exc:  # a folder or unreadable file in the object's place
-            raise RejectedObject(f"{where}: object {obj} unreadable ({type(exc).__name__})") from None
+            raise RejectedObject(f"{where}: object {obj} unreadable ({type(exc).__name__})",
+                                 transient=isinstance(exc, TimeoutError)) from None
         self.downloads += 1
+        self._audit("read", obj, header.round, digest=_sha256(ciphertext), sender=header.sender)
         if len(ciphertext) != want:
             raise bad(f"{where}: truncated or padded object: {len(ciphertext)} bytes, manifest says {want}")
         if _sha256(ciphertext) != manifest["ciphertext_sha256"]:
             raise bad(f"{where}: ciphertext sha256 mismatch (object tampered)")
         aad = _canonical(header.as_dict())
+        me = self.keyring.identity
+        eph_pub = ciphertext[:32]
+        at = 32 + _WRAPPED_BYTES * header.recipients.index(me)
+        body = 32 + _WRAPPED_BYTES * len(header.recipients)
         try:
-            payload = AESGCM(self.keyring.federation_key).decrypt(
-                ciphertext[:_NONCE_BYTES], ciphertext[_NONCE_BYTES:], aad
-            )
-        except InvalidTag:
-            raise bad(f"{where}: decryption failed (wrong federation key, or object/header altered)") from None
+            mine = X25519PrivateKey.from_private_bytes(self.keyring.decryption_key)
+            my_pub = self.keyring.encryption_public_key()
+            kek = _wrap_key(mine.exchange(X25519PublicKey.from_public_bytes(eph_pub)), eph_pub, my_pub)
+            content_key = AESGCM(kek).decrypt(b"\0" * _NONCE_BYTES, ciphertext[at:at + _WRAPPED_BYTES], aad)
+            payload = AESGCM(content_key).decrypt(ciphertext[body:body + _NONCE_BYTES],
+                                                  ciphertext[body + _NONCE_BYTES:], aad)
+        except (InvalidTag, ValueError):
+            raise bad(f"{where}: decryption failed (not encrypted to this party's key, or object/header "
+                      f"altered)") from None
         if len(payload) != header.size or _sha256(payload) != header.sha256:
             raise bad(f"{where}: plaintext size/sha256 differ from the signed header")
         return payload
@@ -869,7 +941,7 @@ class Exchange:
             self._cached_bytes -= len(old)
 
     def get(self, kind: str, round_: int, name: str, *, parent: str | None = None,
-            max_size: int | None = None) -> Received | None:
+            max_size: int | None = None, fresh: bool = False) -> Received | None:
         """The object in one slot, or ``None`` if its manifest is not (yet) there.
 
         Raises :class:`RejectedObject` if it is there but fails a check.
@@ -878,7 +950,54 @@ class Exchange:
         if not self._exists(slot + ".manifest.json"):
             return None
         return self.open_manifest(slot + ".manifest.json", kind=kind, round_=round_, parent=parent,
-                                  max_size=max_size)
+                                  max_size=max_size, fresh=fresh)
+
+    def get_valid(self, kind: str, round_: int, name: str, *, parent: str | None = None,
+                  max_size: int | None = None) -> Received | None:
+        """Like :meth:`get`, but an object that fails a check counts as not there yet (logged once).
+
+        For waits: the owner replaces a bad object with its next put, so a
+        reader keeps waiting (within its timeout) instead of failing.
+        """
+        try:
+            return self.get(kind, round_, name, parent=parent, max_size=max_size)
+        except RejectedObject as exc:
+            self._log_once(logging.WARNING, str(exc))
+            return None
+
+    def ensure(self, kind: str, round_: int, payload: bytes, *, parent: str = "", num_cases: int = 0,
+               deep: bool = False) -> bool:
+        """Check that this party's own object in a slot is still there and intact; put it again if not.
+
+        Cheap by default (the manifest, and the stored ciphertext's type and
+        size); ``deep`` downloads and verifies the object again. Returns True
+        if the object had to be written again.
+        """
+        name = kind if self.keyring.identity == COORDINATOR else self.keyring.identity
+        slot = object_slot(kind, -1 if kind in ("fingerprint", "plans") else round_, name)
+        rel = slot + ".manifest.json"
+        try:
+            if deep:
+                ok = self.get(kind, round_, name, fresh=True) is not None
+            else:
+                got = self.get(kind, round_, name)
+                ok = got is not None
+                if ok:
+                    raw = self._read(rel, limit=MAX_MANIFEST_BYTES)
+                    obj = json.loads(raw)["object"]
+                    info = self.fs.info(self._full(obj))
+                    ok = info.get("type") == "file" and int(info.get("size") or 0) == json.loads(raw)[
+                        "ciphertext_size"]
+        except (RejectedObject, OSError, ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            return False
+        log.warning("%s/%s: own object missing or damaged; writing it again", self.url, rel)
+        try:
+            self.put(kind, round_, payload, parent=parent, num_cases=num_cases)
+        except FileExistsError:  # another process of this party wrote a valid one meanwhile
+            return False
+        return True
 
     def collect(
         self, kind: str, round_: int, *, parent: str | None = None, max_size: int | None = None

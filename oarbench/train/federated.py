@@ -45,13 +45,19 @@ if TYPE_CHECKING:
 
 from oarbench.train.aggregate import (
     MAX_CASES,
+    MAX_INTENSITY,
     AggregationRules,
     RejectedUpdate,
     Weights,
     check_case_count,
     check_fingerprint_body,
+    check_tensors,
     check_update,
+    combine,
     fedavg,
+    fedavg_weights,
+    parse_weighting,
+    weights_norm,
 )
 from oarbench.train.exchange import (
     COORDINATOR,
@@ -76,6 +82,7 @@ __all__ = [
     "merge_site_messages",
     "nnunet_plans",
     "fetch_plans",
+    "frozen_counts",
     "latest_global_round",
     "simulate",
     "FEDERATED_DATASET",
@@ -112,6 +119,10 @@ class FederationConfig:
     timeout_s: seconds the coordinator waits for the updates of one round
         before it aggregates a quorum (None: wait for all sites forever).
     poll_s: seconds between storage polls.
+    recheck_s: seconds between full re-verifications (download, hash,
+        decrypt) of a party's own latest object while it waits; a cheaper check
+        (manifest, ciphertext size) runs at every poll. A missing or damaged
+        own object is written again.
     """
 
     sites: tuple[str, ...]
@@ -119,6 +130,7 @@ class FederationConfig:
     quorum: int | None = None
     timeout_s: float | None = None
     poll_s: float = 1.0
+    recheck_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -159,8 +171,10 @@ class RoundResult:
 
 
 def _site_check(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> str | None:
+    """A site's own sanity check of its training result (tensors, finite, bounded); the norm rules are the
+    coordinator's."""
     try:
-        check_update(update, reference, AggregationRules())
+        check_tensors(update, reference, AggregationRules())
     except RejectedUpdate as exc:
         return str(exc)
     return None
@@ -209,6 +223,15 @@ def merge_fingerprints(fingerprints: Mapping[str, tuple[Mapping[str, Any], int]]
         * ``median_relative_size_after_cropping``: case-weighted mean of the
           site medians (approximation; nnU-Net only compares it with 0.75).
     """
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            return _merge_fingerprints(fingerprints)
+    except (OverflowError, FloatingPointError):
+        raise ValueError(f"fingerprints of {sorted(fingerprints)} hold values too large to merge (intensity "
+                         f"statistics overflow); every value must lie within +-{MAX_INTENSITY:g}") from None
+
+
+def _merge_fingerprints(fingerprints: Mapping[str, tuple[Mapping[str, Any], int]]) -> dict[str, Any]:
     if not fingerprints:
         raise ValueError("no fingerprints to merge")
     sites = sorted(fingerprints)
@@ -269,14 +292,7 @@ def publish_fingerprint(exchange: Exchange, fingerprint: Mapping[str, Any], data
     me = exchange.keyring.identity
     try:
         exchange.put("fingerprint", -1, json.dumps(body, sort_keys=True).encode("utf-8"), num_cases=num_cases)
-    except FileExistsError:
-        try:
-            exchange.get("fingerprint", -1, me)
-        except RejectedObject as exc:
-            raise RuntimeError(
-                f"site {me!r}: its fingerprint slot holds an object it did not write ({exc}); the coordinator "
-                f"never uses it, but the slot must be cleared in storage before this site can take part"
-            ) from None
+    except FileExistsError:  # a valid fingerprint of this site is committed (restart): it stands
         log.info("%s: fingerprint already uploaded (restart); keeping the committed one", me)
 
 
@@ -363,8 +379,14 @@ def make_shared_plans(
     plan: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]],
     *,
     timeout_s: float | None = None,
+    weighting: str = "cases",
 ) -> dict[str, Any]:
     """Coordinator side: wait for all sites' fingerprints, merge, plan once, publish signed plans.
+
+    The plans message also freezes every site's case count (from its
+    fingerprint, now) and its FedAvg weight under the ``weighting`` policy
+    (:func:`oarbench.train.aggregate.fedavg_weights`): the coordinator uses
+    these in every round, whatever a site publishes later.
 
     ``plan(merged_fingerprint, dataset_header)`` returns the plans dict (for
     nnU-Net: :func:`oarbench.train.nnunet.plan_from_fingerprint`). If plans
@@ -377,9 +399,11 @@ def make_shared_plans(
         the first committed object of a slot stands), or sites disagree on
         labels or channels.
     """
-    existing = exchange.get("plans", -1, "plans")
+    parse_weighting(weighting)
+    _check_roster(exchange, config)
+    existing = exchange.get_valid("plans", -1, "plans")
     if existing is not None:
-        return json.loads(existing.payload)
+        return _plans_message(existing)["plans"]
 
     def poll() -> dict | None:
         bodies, bad = _fingerprint_bodies(exchange, config.sites)
@@ -390,20 +414,57 @@ def make_shared_plans(
     bodies = _wait("all sites' fingerprints", poll, config.poll_s, timeout_s)
     merged, header = merge_site_messages(bodies)
     plans = plan(merged, header)
+    counts = {s: int(bodies[s]["num_cases"]) for s in sorted(bodies)}
+    message = {"plans": plans, "dataset": header, "case_counts": counts, "weighting": weighting,
+               "weights": fedavg_weights(counts, weighting)}
     try:
-        exchange.put("plans", -1, json.dumps(plans, sort_keys=True).encode("utf-8"))
+        exchange.put("plans", -1, json.dumps(message, sort_keys=True).encode("utf-8"))
     except FileExistsError:  # a second coordinator process committed first: its plans stand
         got = exchange.get("plans", -1, "plans")
         if got is None:  # pragma: no cover - committed a moment ago
             raise
-        return json.loads(got.payload)
+        return _plans_message(got)["plans"]
+    log.info("coordinator: plans published; case counts %s frozen, FedAvg weights (%s) %s", counts, weighting,
+             message["weights"])
     return plans
+
+
+def _check_roster(exchange: Exchange, config: FederationConfig) -> None:
+    """The coordinator refuses to wait for sites whose keys are not on its roster (it could never accept them)."""
+    missing = sorted(set(config.sites) - set(exchange.keyring.trusted))
+    if missing:
+        raise ValueError(f"site(s) {missing} are not on the coordinator's roster (no public keys): add their "
+                         f"public files and sign the roster again ('oarbench fl roster')")
+
+
+def _plans_message(rec: Any) -> dict[str, Any]:
+    """The coordinator's signed plans message: plans, dataset header, frozen case counts and FedAvg weights."""
+    try:
+        msg = json.loads(rec.payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{rec.manifest_path}: plans message is not JSON ({exc})") from None
+    keys = {"plans", "dataset", "case_counts", "weighting", "weights"}
+    if not isinstance(msg, dict) or set(msg) != keys:
+        raise ValueError(f"{rec.manifest_path}: plans message must hold exactly {sorted(keys)}")
+    for k in ("case_counts", "weights"):
+        if not isinstance(msg[k], dict) or not all(type(v) is int and 1 <= v <= MAX_CASES for v in msg[k].values()):
+            raise ValueError(f"{rec.manifest_path}: {k} must map sites to integers in 1..{MAX_CASES}")
+    return msg
+
+
+def frozen_counts(exchange: Exchange) -> tuple[dict[str, int], dict[str, int]] | None:
+    """``(case counts, FedAvg weights)`` by site, frozen in the coordinator's signed plans; None before planning."""
+    got = exchange.get_valid("plans", -1, "plans")
+    if got is None:
+        return None
+    msg = _plans_message(got)
+    return dict(msg["case_counts"]), dict(msg["weights"])
 
 
 def fetch_plans(exchange: Exchange, *, poll_s: float = 1.0, timeout_s: float | None = None) -> dict[str, Any]:
     """Site side: wait for the coordinator's signed plans and return them."""
-    got = _wait("the coordinator's plans", lambda: exchange.get("plans", -1, "plans"), poll_s, timeout_s)
-    return json.loads(got.payload)
+    got = _wait("the coordinator's plans", lambda: exchange.get_valid("plans", -1, "plans"), poll_s, timeout_s)
+    return _plans_message(got)["plans"]
 
 
 # --------------------------------------------------------------------------- rounds
@@ -442,7 +503,7 @@ def latest_global_round(exchange: Exchange, max_round: int | None = None) -> int
 
 
 def _read_global(exchange: Exchange, round_: int) -> tuple[Weights, str] | None:
-    got = exchange.get("global", round_, "global")
+    got = exchange.get_valid("global", round_, "global")
     if got is None:
         return None
     return tensors_from_bytes(got.payload), got.header.sha256
@@ -468,13 +529,22 @@ def run_coordinator(
     stop: threading.Event | None = None,
     case_counts: Mapping[str, int] | None = None,
     rules: AggregationRules | None = None,
+    weighting: str = "cases",
 ) -> list[RoundResult]:
     """Run (or resume) the coordinator until the final global model is published.
 
-    Each site's FedAvg weight is pinned: to ``case_counts`` where given, else
-    to the case count of its accepted fingerprint in storage; an update
-    claiming another count, or failing a rule of
-    :mod:`oarbench.train.aggregate`, is refused.
+    Each site's case count and FedAvg weight are frozen: to ``case_counts``
+    (weighted by ``weighting``) where given, else to the counts and weights in
+    the coordinator's signed plans, else (no plans: a protocol without
+    planning) to the case count of each site's accepted fingerprint when this
+    call first sees it. An update claiming another count, or failing a rule of
+    :mod:`oarbench.train.aggregate` (norm bound against the first global
+    model), is refused for the round.
+
+    An object that fails verification (missing or damaged ciphertext, a
+    copied or planted manifest) is not a refusal: its owner replaces it, so
+    the round waits for it (within ``config.timeout_s``). The coordinator
+    keeps its own current global model intact the same way.
 
     Returns the results of the rounds aggregated in this call (none if the
     federation had already finished).
@@ -487,13 +557,27 @@ def run_coordinator(
     if exchange.keyring.identity != COORDINATOR:
         raise ValueError(f"the coordinator must use the {COORDINATOR!r} keys, not {exchange.keyring.identity!r}")
     rules = rules or AggregationRules()
+    parse_weighting(weighting)
+    _check_roster(exchange, config)
     current = latest_global_round(exchange, config.rounds)
     if current < 0:
         init = initial_weights() if callable(initial_weights) else initial_weights
         _publish_global(exchange, 0, init)
         log.info("coordinator: published initial global model (round 0)")
         current = 0
+    first = exchange.get_valid("global", 0, "global")
+    if first is None:  # round 0 damaged after later rounds verified: publish it again
+        init = initial_weights() if callable(initial_weights) else initial_weights
+        _publish_global(exchange, 0, init)
+        first = exchange.get("global", 0, "global")
+    reference = tensors_from_bytes(first.payload)
+    counts: dict[str, int] = {}
+    weights: dict[str, int] = {}
+    if case_counts is not None:
+        counts = dict(case_counts)
+        weights = fedavg_weights(counts, weighting)
     results: list[RoundResult] = []
+    stepped: set[tuple[int, str]] = set()  # (round, site) whose step size was logged
     while current < config.rounds:
         started = time.monotonic()
         got = exchange.get("global", current, "global")
@@ -502,10 +586,25 @@ def run_coordinator(
         global_w, global_sha = tensors_from_bytes(got.payload), got.header.sha256
         cap = len(got.payload) + 64 * 1024  # an update has the global model's tensors: about its size
         deadline = None if config.timeout_s is None else started + config.timeout_s
+        last_deep = time.monotonic()
         while True:
-            pinned = dict(case_counts) if case_counts is not None else pinned_case_counts(exchange, config.sites)
+            deep = time.monotonic() - last_deep >= config.recheck_s
+            if deep:
+                last_deep = time.monotonic()
+            exchange.ensure("global", current, got.payload, parent=got.header.parent,
+                            num_cases=got.header.num_cases, deep=deep)
+            if case_counts is None:
+                frozen = frozen_counts(exchange)
+                if frozen is not None:
+                    counts, weights = frozen
+                else:
+                    for s, n in pinned_case_counts(exchange, config.sites).items():
+                        if s not in counts:  # frozen at first sight
+                            counts[s] = n
+                            weights[s] = fedavg_weights({s: n}, weighting)[s]
             accepted, rejected = exchange.collect("update", current, parent=global_sha, max_size=cap)
             valid: dict[str, tuple[Weights, int]] = {}
+            refused: set[str] = set()
             for site, rec in accepted.items():
                 if site not in config.sites:
                     rejected[rec.manifest_path] = f"{rec.manifest_path}: site {site!r} is not in this federation"
@@ -514,19 +613,28 @@ def run_coordinator(
                     w = tensors_from_bytes(rec.payload)
                 except Exception as exc:  # safetensors raises its own error types
                     rejected[rec.manifest_path] = f"{rec.manifest_path}: not a safetensors payload ({exc})"
+                    refused.add(site)
                     continue
                 try:
-                    n = check_case_count(site, rec.header.num_cases, pinned, rules)
-                    check_update(w, global_w, rules)
+                    check_case_count(site, rec.header.num_cases, counts, rules)
+                    check_update(w, global_w, rules, reference)
                 except RejectedUpdate as exc:
                     rejected[rec.manifest_path] = f"{rec.manifest_path}: {exc}"
                     exchange._log_once(logging.WARNING, rejected[rec.manifest_path])
+                    refused.add(site)
                     continue
-                valid[site] = (w, n)
-            # a refused manifest is final (its slot cannot be written again); a .bin without
-            # manifest may be an upload in progress, so it does not settle that site
-            refused_sites = {p.rsplit("/", 1)[-1].split(".")[0] for p in rejected if p.endswith(".manifest.json")}
-            settled = set(valid) | (refused_sites & set(config.sites))
+                valid[site] = (w, weights[site])
+                if log.isEnabledFor(logging.INFO) and (current, site) not in stepped:
+                    stepped.add((current, site))
+                    g_norm = weights_norm(global_w)
+                    step = weights_norm({k: np.asarray(w[k], np.float64) - np.asarray(global_w[k], np.float64)
+                                         for k in global_w if np.issubdtype(np.asarray(global_w[k]).dtype,
+                                                                            np.floating)})
+                    log.info("coordinator: round %d, site %s: step %.4g x the global's norm (limit %g)", current,
+                             site, step / g_norm if g_norm > 0 else float("nan"), rules.max_delta_ratio)
+            # a verified update that breaks a rule settles its site for the round; an object that fails
+            # verification does not (its owner replaces it), nor does a .bin without manifest
+            settled = set(valid) | (refused & set(config.sites))
             if len(valid) == len(config.sites):
                 break
             if settled >= set(config.sites) or (deadline is not None and time.monotonic() > deadline):
@@ -540,8 +648,8 @@ def run_coordinator(
                 return results
             time.sleep(config.poll_s)
         order = sorted(valid)
-        new = fedavg([valid[s] for s in order], max_cases=rules.max_cases)
-        total = sum(valid[s][1] for s in order)
+        new = combine([valid[s] for s in order], rules)
+        total = sum(counts[s] for s in order)
         sha = _publish_global(exchange, current + 1, new, parent=global_sha, num_cases=min(total, MAX_CASES))
         res = RoundResult(
             round=current,
@@ -566,18 +674,28 @@ def run_site(
 ) -> Weights | None:
     """Run (or resume) one site until the final global model is published; return it.
 
-    Resumes at the latest global round in storage: if this site's update for
-    that round is already committed it waits for the next one. Returns
-    ``None`` if ``stop`` is set first.
+    Resumes at the latest global round in storage: if this site's valid
+    update for that round is already committed it waits for the next one. A
+    global model that fails verification counts as not there yet (its owner
+    replaces it); while it waits, the site keeps its own last update intact
+    (written again if it went missing or was damaged). ``timeout_s`` bounds
+    every wait. Returns ``None`` if ``stop`` is set first.
     """
     me = exchange.keyring.identity
     if me not in config.sites:
         raise ValueError(f"site {me!r} is not in this federation ({config.sites})")
     r = max(latest_global_round(exchange, config.rounds), 0)
+    mine: tuple[int, bytes, str, int] | None = None  # (round, payload, parent, cases) of this site's last update
+    last_deep = [time.monotonic()]
     while True:
         def poll() -> tuple[Weights, str] | None:
             if stop is not None and stop.is_set():
                 return ({}, "")
+            if mine is not None:
+                deep = time.monotonic() - last_deep[0] >= config.recheck_s
+                if deep:
+                    last_deep[0] = time.monotonic()
+                exchange.ensure("update", mine[0], mine[1], parent=mine[2], num_cases=mine[3], deep=deep)
             return _read_global(exchange, r)
 
         global_w, sha = _wait(f"global model of round {r}", poll, config.poll_s, timeout_s)
@@ -586,18 +704,27 @@ def run_site(
         if r >= config.rounds:
             log.info("%s: final global model (round %d) received", me, r)
             return global_w
-        if exchange.get("update", r, me, parent=sha) is not None:
+        try:
+            have = exchange.get("update", r, me, parent=sha)
+        except RejectedObject as exc:  # e.g. an old manifest of this site copied into the slot: replaced below
+            log.warning("%s: own update slot of round %d fails verification (%s); training and writing it", me,
+                        r, exc)
+            have = None
+        if have is not None:
             log.info("%s: update for round %d already committed (resumed)", me, r)
+            mine = (r, have.payload, sha, have.header.num_cases)
         else:
             local_w, n_cases = train(r, global_w)
             problem = _site_check(local_w, global_w)
             if problem:
                 raise ValueError(f"site {me!r}, round {r}: local training returned bad weights: {problem}")
+            payload = tensors_to_bytes(local_w)
             try:
-                exchange.put("update", r, tensors_to_bytes(local_w), parent=sha, num_cases=int(n_cases))
+                exchange.put("update", r, payload, parent=sha, num_cases=int(n_cases))
                 log.info("%s: uploaded update for round %d (%d cases)", me, r, n_cases)
-            except FileExistsError:  # another process of this site committed first: that update stands
+            except FileExistsError:  # another process of this site committed a valid update first: it stands
                 log.warning("%s: update for round %d was committed by another process; keeping it", me, r)
+            mine = (r, payload, sha, int(n_cases))
         r += 1
 
 
@@ -640,7 +767,13 @@ def _dataset_header(dataset_json: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def shared_dataset_header(exchange: Exchange, config: FederationConfig) -> dict[str, Any]:
-    """dataset.json for the federated model: the sites' common header plus the total case count."""
+    """dataset.json for the federated model: the sites' common header plus the total case count.
+
+    From the coordinator's signed plans message where published (frozen at planning), else from the fingerprints.
+    """
+    got_plans = exchange.get_valid("plans", -1, "plans")
+    if got_plans is not None:  # frozen at planning time
+        return dict(_plans_message(got_plans)["dataset"])
     got, _ = _fingerprint_bodies(exchange, config.sites)
     bodies = [got[s] for s in config.sites if s in got]
     if not bodies:
@@ -658,6 +791,8 @@ def nnunet_coordinator(
     width: str = "default",
     seed: int = 0,
     plans_timeout_s: float | None = None,
+    weighting: str = "cases",
+    rules: AggregationRules | None = None,
 ) -> Path:
     """The coordinator of a federated nnU-Net: shared plans, rounds, final model folder.
 
@@ -672,14 +807,14 @@ def nnunet_coordinator(
     def plan(merged: dict[str, Any], header: dict[str, Any]) -> dict[str, Any]:
         return nnunet_plans(merged, header, configuration=configuration, width=width)
 
-    plans = make_shared_plans(exchange, config, plan, timeout_s=plans_timeout_s)
+    plans = make_shared_plans(exchange, config, plan, timeout_s=plans_timeout_s, weighting=weighting)
     header = shared_dataset_header(exchange, config)
 
     def init() -> Weights:
         f = nn.initial_weights(plans, header, work / "initial.safetensors", configuration=configuration, seed=seed)
         return tensors_from_bytes(f.read_bytes())
 
-    run_coordinator(exchange, config, init)
+    run_coordinator(exchange, config, init, rules=rules)
     got = exchange.get("global", config.rounds, "global")
     if got is None:  # pragma: no cover - run_coordinator returns only after publishing it
         raise RuntimeError(f"{exchange.url}: final global model missing")
@@ -773,22 +908,25 @@ def nnunet_site(
     plans_timeout_s: float | None = None,
     options: TrainerOptions | None = None,
     threads: int | None = None,
+    timeout_s: float | None = None,
 ) -> Path:
     """One site of a federated nnU-Net: fingerprint, shared plans, local rounds, final model folder.
 
     Images never leave ``dataset_dir``; the site uploads its fingerprint and
     its encrypted weights only. Returns ``work/model`` holding the final
-    global model. Restartable at any point.
+    global model. Restartable at any point. ``timeout_s`` bounds each wait
+    for the coordinator's plans or global model (None: wait forever).
     """
     site = NnunetSite(Path(dataset_dir), Path(work), configuration=configuration, device=device,
                       num_processes=num_processes, options=options, threads=threads)
     me = exchange.keyring.identity
-    if exchange.get("fingerprint", -1, me) is None:
+    if exchange.get_valid("fingerprint", -1, me) is None:
         body = site.fingerprint_message()
         publish_fingerprint(exchange, body["fingerprint"], body["dataset"], body["num_cases"])
-    plans = fetch_plans(exchange, poll_s=config.poll_s, timeout_s=plans_timeout_s)
+    plans = fetch_plans(exchange, poll_s=config.poll_s,
+                        timeout_s=plans_timeout_s if plans_timeout_s is not None else timeout_s)
     site.install_plans(plans)
-    final = run_site(exchange, config, site.trainer(config.rounds, local_epochs, iterations))
+    final = run_site(exchange, config, site.trainer(config.rounds, local_epochs, iterations), timeout_s=timeout_s)
     if final is None:  # pragma: no cover - only with a stop event
         raise RuntimeError("site stopped before the final round")
     got = exchange.get("global", config.rounds, "global")
@@ -818,7 +956,8 @@ def nnunet_simulate(
     The sites train at the same time; ``threads`` (CPU threads of each site's
     training process) defaults to the machine's cores shared out among them.
 
-    ``keys`` is a folder made by :func:`oarbench.train.exchange.generate_keys`.
+    ``keys`` is a folder made by :func:`oarbench.train.exchange.generate_keys` (one key folder per party).
+    Each party appends to its audit log ``work/<party>/audit.jsonl``.
     Returns the final model folders by party (``"coordinator"`` and each site);
     all hold the same weights.
     """
@@ -828,8 +967,11 @@ def nnunet_simulate(
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // max(1, len(datasets)))
 
+    from oarbench.train.audit import AuditLog
+
     def ex(name: str) -> Exchange:
-        return Exchange(url, load_keyring(keys, name), federation=federation, storage_options=storage_options)
+        return Exchange(url, load_keyring(keys, name), federation=federation, storage_options=storage_options,
+                        audit=AuditLog(work / name / "audit.jsonl", name))
 
     jobs: dict[str, Callable[[], Path]] = {
         COORDINATOR: lambda: nnunet_coordinator(ex(COORDINATOR), config, work / COORDINATOR,

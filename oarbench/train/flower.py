@@ -393,6 +393,7 @@ def serve(grid: Any, settings: ServerSettings, steps: ServerSteps | None = None,
 
     # 3. rounds
     global_w = steps.initial(plans, header, settings)
+    first = global_w  # the bound's reference: no site can move it (oarbench.train.aggregate)
     sha = _save_weights(out / "global_00000.safetensors", global_w)
     rounds_log = []
     for r in range(settings.rounds):
@@ -417,7 +418,8 @@ def serve(grid: Any, settings: ServerSettings, steps: ServerSteps | None = None,
                 continue
             updates[site] = (w, int(claimed) if isinstance(claimed, (int, np.integer)) else claimed)
         try:
-            agg = aggregate(updates, global_w, pinned, settings.rules, min_updates=len(settings.sites))
+            agg = aggregate(updates, global_w, pinned, settings.rules, min_updates=len(settings.sites),
+                            reference=first)
         except ValueError as exc:
             raise RuntimeError(f"round {r}: {exc}; failed sites: {failed}") from None
         global_w = agg.weights
