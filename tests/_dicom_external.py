@@ -2,15 +2,14 @@
 
 * rt-utils (pinned in constraints.txt) runs in this environment;
 * platipy 0.7.2 pins pydicom 2, so it runs in its own virtual environment through
-  ``tests/_platipy_tool.py``: ``OARBENCH_PLATIPY_PYTHON`` names its python, else
-  ``<repo>/.venv-platipy/bin/python`` (built by ``.ci/run``; ``tests/platipy-requirements.txt``).
+  ``tests/_platipy_tool.py``, found by ``tests/_platipy.py`` (``OARBENCH_PLATIPY_PYTHON``, else
+  ``<repo>/.venv-platipy``, built by ``.ci/run`` from ``tests/platipy-requirements.txt``).
 
 Masks here are bool arrays (z, y, x) on the CT grid, z along the slice normal.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -18,33 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from tests._platipy import PLATIPY_VERSION, platipy_python, require_platipy  # noqa: F401 - one finder
+
 REPO = Path(__file__).resolve().parent.parent
 TOOL = Path(__file__).resolve().parent / "_platipy_tool.py"
-PLATIPY_VERSION = "0.7.2"
 
-
-def platipy_python() -> Path | None:
-    """The python of the platipy environment, or None when there is none."""
-    named = os.environ.get("OARBENCH_PLATIPY_PYTHON", "")
-    for candidate in ([Path(named)] if named else []) + [REPO / ".venv-platipy" / "bin" / "python"]:
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def require_platipy():
-    """The platipy python; a test skips without it, except under CI (CI=true), where it fails."""
-    import pytest
-
-    py = platipy_python()
-    if py is None:
-        msg = (f"platipy {PLATIPY_VERSION} environment not found: build it with `python3 -m venv .venv-platipy && "
-               ".venv-platipy/bin/pip install -r tests/platipy-requirements.txt` (as .ci/run does) or set "
-               "OARBENCH_PLATIPY_PYTHON")
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return py
 
 
 def _platipy(mode: str, ct_dir: Path, src: Path, dst: Path, python: Path) -> None:

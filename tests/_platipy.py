@@ -41,3 +41,18 @@ def platipy_python() -> str | None:
         if res.returncode == 0 and res.stdout.strip() == PLATIPY_VERSION:
             return str(python)
     return None
+
+
+def require_platipy() -> str:
+    """:func:`platipy_python`; a test skips without it, except under CI (CI=true), where it fails."""
+    import pytest
+
+    python = platipy_python()
+    if python is None:
+        msg = (f"platipy {PLATIPY_VERSION} environment not found: build it with `python3 -m venv .venv-platipy && "
+               ".venv-platipy/bin/pip install -r tests/platipy-requirements.txt` (as .ci/run does) or set "
+               "OARBENCH_PLATIPY_PYTHON")
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return python

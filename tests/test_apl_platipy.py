@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from oarbench.metrics import added_path_length
-from tests._platipy import platipy_python
+from tests._platipy import require_platipy
 from tests._shapes import random_mask
 
 _SCRIPT = """
@@ -35,9 +35,7 @@ def _write(path, mask, spacing_zyx):
 
 
 def _platipy(jobs):
-    python = platipy_python()
-    if python is None:
-        pytest.skip("no environment with platipy 0.7.2 (see tests/_platipy.py)")
+    python = require_platipy()
     res = subprocess.run([python, "-c", _SCRIPT, json.dumps(jobs)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
