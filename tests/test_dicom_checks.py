@@ -354,3 +354,13 @@ def test_deflated_rtstruct_is_read_whole_within_the_cap(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"rs\.dcm: deflated data set inflates to more than 1 MiB before any "
                                          r"pixel data; refused"):
         read_rtstruct(path)
+
+
+def test_deflated_stream_followed_by_a_padding_byte_ends(tmp_path):
+    # a deflate stream of odd length is padded with a byte after its end: reading stops at the end
+    path = _deflated_slice(tmp_path / "ct", 64)
+    raw = path.read_bytes()
+    for extra in (b"\x00", b"\x00\x00\x00"):
+        path.write_bytes(raw + extra)
+        assert _deps.dcmread(path).pixel_array.shape == (64, 64)
+        assert int(_deps.dcmread(path, stop_before_pixels=True).Rows) == 64

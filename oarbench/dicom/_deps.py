@@ -82,6 +82,8 @@ def _read_deflated(path, stop_before_pixels: bool):
 
         def inflate(buf: bytearray, limit: int) -> bool:
             """Inflate into ``buf`` up to ``limit`` bytes; True at the end of the stream."""
+            if inflater.eof:  # bytes after the stream's end (a padding byte) are never inflated
+                return True
             data = inflater.unconsumed_tail or fh.read(chunk)
             if not data:
                 return True
