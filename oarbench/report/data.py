@@ -110,7 +110,8 @@ def quantile_inf(values: Sequence[float] | np.ndarray, q: float) -> float:
     return float(v[lo] + frac * (v[hi] - v[lo]))
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
+def fmt(value: Any, digits: int = 3) -> str:
+    """A number with ``digits`` decimals; NaN as ``–``, ±inf as ``∞``."""
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -408,7 +409,7 @@ def _group_label(model: str, centre: str, setting: str = "") -> str:
 
 
 def _iqr(m: float, a: float, b: float, digits: int = 3) -> str:
-    return f"{_fmt(m, digits)} [{_fmt(a, digits)}–{_fmt(b, digits)}]"
+    return f"{fmt(m, digits)} [{fmt(a, digits)}–{fmt(b, digits)}]"
 
 
 def _is_untestable(verdict: pd.Series) -> pd.Series:

@@ -7,14 +7,14 @@ into HTML, so every text from a table is escaped on the way out.
 from __future__ import annotations
 
 import base64
-import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 from oarbench.report.data import _fmt_cell
+from oarbench.report.data import fmt as fmt  # the one number format of the report
 from oarbench.report.figures import Drawn
 
 __all__ = ["Cell", "TableView", "CsvLink", "FigureView", "table_view", "csv_link", "text_columns", "figure_view"]
@@ -107,19 +107,6 @@ def figure_view(drawn: Drawn | None, number: int, alt: str, caption: str, *, id:
     if drawn.note:
         caption = caption.rstrip(".") + f"; {drawn.note}."
     return FigureView(number, drawn.uri, round(drawn.width_in, 2), alt, caption, id, title)
-
-
-def fmt(value: Any, digits: int = 3) -> str:
-    """A number with ``digits`` decimals; NaN as ``–``, ±inf as ``∞``."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    if math.isnan(v):
-        return "–"
-    if math.isinf(v):
-        return "∞" if v > 0 else "−∞"
-    return f"{v:.{digits}f}"
 
 
 def join(items: Sequence[str], sep: str = ", ") -> str:
