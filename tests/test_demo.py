@@ -49,6 +49,9 @@ def test_demo_runs_every_step_and_resumes(tmp_path):
         stats.loc[stats["analysis"] == "paired", "arm_b"])
     html = (res / "report.html").read_text()
     assert "<img" in html and "Liver" in html
+    # the report names the second observer in the accuracy section and in the paper tables' legend
+    assert "observer-2: a second observer&#39;s contours" in html
+    assert "observer-2: a second observer (the human" in html
     # the finding: both local models on the other centre, fl against each local model on both centres
     finding = pd.read_csv(res / "finding.csv")
     local = finding[finding["question"] == "local on other centre"]

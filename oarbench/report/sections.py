@@ -267,10 +267,11 @@ def section_paper(ctx: ReportContext) -> Section:
     metrics = [m for m in ("dsc", "hd95", "msd") if m in ctx.table.columns]
     # rows in the report's model order: the paper tables (and their letters) follow first appearance
     ranked = ctx.table.iloc[np.argsort(ctx.table["model"].map(ctx.model_rank).to_numpy(), kind="stable")]
+    observers = [str(o) for o in (ctx.provenance or {}).get("observers") or [] if str(o) in set(ctx.table["model"])]
     paper = ctx.cached("paper", lambda: paper_table(ranked, ctx.stats, metrics=metrics,
-                                                    trained_on=ctx.options.trained_on))
+                                                    trained_on=ctx.options.trained_on, observers=observers))
     data: dict[str, Any] = {"notes": _notes(ctx, "paper"), "family": None, "tables": [], "csv": None,
-                            "letters": "", "latex": "", "empty": paper.empty,
+                            "letters": "", "latex": "", "empty": paper.empty, "observers": observers,
                             "resolution": list((ctx.provenance or {}).get("resolution_warnings") or [])}
     if ctx.stats is not None and not ctx.stats.empty and "family" in ctx.stats.columns:
         data["family"] = {
