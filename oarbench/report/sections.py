@@ -176,6 +176,8 @@ def _finding(ctx: ReportContext) -> dict[str, Any]:
         out["why"] = "The statistics table has no cross-centre or paired comparisons of the trained models."
         return out
     keys = [k for k in _FINDING_KEYS if k in finding.columns]
+    single = [k for k in keys if k == "metric" and finding[k].nunique() <= 1]  # one metric: said in the caption
+    keys = [k for k in keys if k not in single]
     f = finding.copy()
     f["_r"] = f["model"].map(ctx.model_rank) if "model" in f else 0
     rows = []
@@ -194,7 +196,8 @@ def _finding(ctx: ReportContext) -> dict[str, Any]:
     compact = pd.DataFrame(rows).sort_values(["_r"] + keys[:1], kind="mergesort").drop(columns="_r")
     cols = [c for c in _FINDING_ORDER if c in finding.columns] + [c for c in finding.columns if c not in _FINDING_ORDER]
     full = finding[cols]
-    out.update(compact=table_view(compact, text_cols=list(compact.columns)),
+    out.update(metric=str(finding["metric"].iloc[0]).upper() if single else "",
+               compact=table_view(compact, text_cols=list(compact.columns)),
                full=table_view(full, csv="finding.csv"), lines=lines, n=len(finding))
     return out
 
