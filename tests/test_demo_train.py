@@ -62,8 +62,9 @@ def test_demo_train_end_to_end(tmp_path):
         assert (folder / "plans.json").is_file() and (folder / "fold_all" / "checkpoint_final.pth").is_file()
     res = out / "results"
     table = pd.read_csv(res / "metrics.csv")
-    assert len(table) == 2 * 3 * 2 * len(DEFAULT_LABELS)
-    assert set(table["model"]) == {"local-A", "local-B", "fl"}
+    # 2 centres x (3 trained models + the second observer) x 2 test cases x 19 structures
+    assert len(table) == 2 * 4 * 2 * len(DEFAULT_LABELS)
+    assert set(table["model"]) == {"local-A", "local-B", "fl", "observer-2"}
     # predictions of the trained models, not the simulated ones
     preds = sorted((out / "trained" / "original").glob("*/*/*.nii.gz"))
     assert len(preds) == 2 * 3 * 2

@@ -123,6 +123,11 @@ def test_a_url_names_the_storage_extra(monkeypatch, url, extra, what):
 def test_an_s3_url_without_s3fs_names_the_s3_extra(monkeypatch):
     pytest.importorskip("fsspec")
     _hide(monkeypatch, "s3fs")
+    import importlib
+
+    registry = importlib.import_module("fsspec.registry")  # the module (fsspec.registry is its mapping)
+    for protocol in ("s3", "s3a"):  # a class another test imported stays in fsspec's registry
+        monkeypatch.delitem(registry._registry, protocol, raising=False)
     from oarbench import storage
 
     with pytest.raises(ValueError, match=r"^s3://b/x\.csv: a URL needs fsspec and s3fs, .*'oarbench\[s3\]'$"):

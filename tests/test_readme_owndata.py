@@ -161,7 +161,7 @@ def test_robustness_own_model_sequence_on_core_install(core, tmp_path):
     rob = pd.read_csv(results / "robustness.csv")
     flips = ("flip_lr", "flip_ap", "flip_si", "rot90_si", "rot180_si", "rot270_si", "prone", "feet_first")
     # docs: the --rotate set, and the resampling control of its small rotations
-    conditions = {"original", *flips, "rot_z+10", "rot_z-10", "resample_z10"}
+    conditions = {"original", *flips, "rot_z+10", "rot_z-10", "resample_z+10", "resample_z-10"}
     assert set(rob["condition"]) == conditions
     assert set(rob["model"]) == {"my_model"} and set(rob["case"]) == set(cases)
     assert len(rob) == len(conditions) * len(cases) * len(STRUCTURES)

@@ -383,7 +383,7 @@ class NnUNetModelPredictor:
 
         if self.orientation():
             # trained on harmonised cases: predict in the canonical orientation, map back to each grid
-            from oarbench.train.harmonise import predict_in_canonical
+            from oarbench.robustness.orientation import predict_in_canonical
 
             predict_in_canonical(paths, cases, out_dir, run, ending=ending)
         else:
@@ -394,7 +394,7 @@ class NnUNetModelPredictor:
         """The orientation the model was trained in (plans.json ``oarbench_orientation``), or None: as stored."""
         import json
 
-        from oarbench.train.harmonise import CANONICAL, PLANS_KEY
+        from oarbench.robustness.orientation import CANONICAL, PLANS_KEY
 
         value = json.loads((self.model_folder / "plans.json").read_text()).get(PLANS_KEY)
         if value is not None and value != CANONICAL:
