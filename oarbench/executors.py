@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import ipaddress
 import statistics
 import sys
 import time
@@ -42,6 +41,8 @@ import uuid
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
+
+from oarbench._net import is_loopback
 
 __all__ = [
     "Executor",
@@ -379,17 +380,6 @@ class BatchSizer:
         return max(1, min(size, AUTO_BATCH_MAX, tail))
 
 
-def _is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1); names are not resolved."""
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def dask_security(address: str, *, ca_file: str | Path | None = None, cert: str | Path | None = None,
                   key: str | Path | None = None, insecure: bool = False) -> Any:
     """The ``distributed.security.Security`` to reach the scheduler at ``address`` with, or None.
@@ -440,7 +430,7 @@ def dask_security(address: str, *, ca_file: str | Path | None = None, cert: str 
         host = parse_host_port(location)[0] if location else ""
     except ValueError as exc:
         raise ValueError(f"--scheduler {address}: {exc}") from None
-    if not insecure and not _is_loopback(host):
+    if not insecure and not is_loopback(host):
         raise ValueError(
             f"--scheduler {address}: a plain {scheme}:// scheduler is unauthenticated and unencrypted (whoever "
             "reaches it can run code on its workers and read what they read); use tls:// with "

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import ipaddress
 import json
 import os
 import socket
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from oarbench._net import is_loopback
 
 __all__ = ["FLWR_VERSION", "PublicFleetOnly", "signed_start_run", "run_superlink", "submit", "main"]
 
@@ -117,15 +118,6 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def run_superlink(public_host: str, public_port: int, coordinator_key: Path, superlink_args: Sequence[str],
                   expose_control: bool = False) -> None:
     """Run flwr's SuperLink with a Fleet-only public listener and coordinator-signed runs (blocks)."""
@@ -152,7 +144,7 @@ def run_superlink(public_host: str, public_port: int, coordinator_key: Path, sup
         raise SystemExit("the locked SuperLink needs TLS: give --ssl-ca-certfile, --ssl-certfile, --ssl-keyfile")
     if not config.enable_supernode_auth:
         raise SystemExit("the locked SuperLink needs --enable-supernode-auth (registered SuperNode keys only)")
-    if not _is_loopback(config.host) and not expose_control:
+    if not is_loopback(config.host) and not expose_control:
         raise SystemExit(f"the Control API (--host {config.host}) must be on loopback; "
                          "see docs/training.md for reaching it from another machine")
     if int(public_port) == int(config.port):
