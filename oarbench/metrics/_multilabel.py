@@ -9,6 +9,7 @@ are empty.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -20,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from oarbench.labels import LabelMap
+from oarbench.metrics import _kernels
 from oarbench.metrics._clinical import APL_CONVENTIONS, added_path_length, centroid_distance, volumetric_similarity
 from oarbench.metrics._overlap import dice_from_counts
 from oarbench.metrics._surface import (
@@ -141,7 +143,8 @@ def resolve_backend(backend: str = "auto", device: str | None = None) -> tuple[s
 
 def _surface_backend(backend: str, device: str) -> SurfaceBackend:
     if backend == "numpy":
-        return surface_distances_cropped
+        # each structure's crop is the union of its two boxes
+        return functools.partial(surface_distances_cropped, tight=True)
     # The torch backend receives crops that are already boolean tensors on the device.
     from oarbench.metrics._torch import surface_distances_in_box
 
@@ -313,12 +316,40 @@ def evaluate_labels(
         return _evaluate_on_device(ref, pred, sp, labels, (tol, apl_convention), surface, device, threads)
     n_threads = _threads(threads)
     with ThreadPoolExecutor(n_threads) if n_threads > 1 else contextlib.nullcontext() as pool:
-        # find_objects and the array work of each structure release the GIL.
+        # find_objects, the compiled kernels and the array work of each structure release the GIL.
+        scanned = _label_boxes(ref, pred, max(labels.max_value, max(labels.ignored, default=0)))
+        if scanned is not None:
+            return _evaluate_boxes(ref, pred, *scanned[:2], sp, labels, (tol, apl_convention), surface, pool,
+                                   scanned[2])
         if pool is None:
             ref_boxes, pred_boxes = ndimage.find_objects(ref), ndimage.find_objects(pred)
         else:
             ref_boxes, pred_boxes = pool.map(ndimage.find_objects, (ref, pred))
         return _evaluate_boxes(ref, pred, ref_boxes, pred_boxes, sp, labels, (tol, apl_convention), surface, pool)
+
+
+def _label_boxes(ref: np.ndarray, pred: np.ndarray, n_labels: int) -> tuple[list, list, tuple] | None:
+    """Every value's bounding box in each volume (as ``ndimage.find_objects`` gives them) and the
+    voxel counts of each value (reference, prediction, both), in one compiled pass over the two
+    volumes; None where the compiled kernels are not built or the volumes are not both uint8 or
+    both uint16 (the caller then uses ``find_objects`` and counts inside the crops)."""
+    kernels = _kernels.ckernels
+    if kernels is None or ref.dtype != pred.dtype or ref.dtype not in (np.uint8, np.uint16) or n_labels < 1:
+        return None
+    if n_labels > np.iinfo(ref.dtype).max:
+        return None
+    shape3 = (1,) * (3 - ref.ndim) + ref.shape
+    boxes = np.empty((2, n_labels, 6), dtype=np.int64)
+    counts = np.empty((3, n_labels + 1), dtype=np.int64)
+    kernels.label_boxes(np.ascontiguousarray(ref), np.ascontiguousarray(pred), ref.dtype.itemsize, *shape3,
+                        n_labels, boxes[0], boxes[1], counts)
+    skip = 3 - ref.ndim
+
+    def as_slices(rows: np.ndarray) -> list:
+        return [None if row[0] < 0 else tuple(slice(int(row[2 * k]), int(row[2 * k + 1])) for k in range(skip, 3))
+                for row in rows]
+
+    return as_slices(boxes[0]), as_slices(boxes[1]), (counts[0], counts[1], counts[2])
 
 
 def _tolerances(labels: LabelMap, default: float, per_structure: Mapping[str, float] | None) -> dict[str, float]:

@@ -12,6 +12,7 @@ from typing import Any, overload
 import numpy as np
 from scipy.spatial import cKDTree
 
+from oarbench.metrics import _kernels
 from oarbench.metrics._tables import contour_length_table, surfel_area_table
 
 __all__ = [
@@ -171,14 +172,17 @@ def _offset_distance(delta: np.ndarray, spacing: np.ndarray) -> np.ndarray:
 
 #: How many of the grid offsets nearest in mm the local search tries before the KD-tree.
 LOCAL_OFFSETS = 200
+#: The same for the compiled search, whose cost per point stops at its first hit.
+LOCAL_OFFSETS_C = 2000
 #: Threads of the KD-tree queries (scipy's ``workers``).
 KDTREE_WORKERS = 1
 
 
 @lru_cache(maxsize=32)
 def _local_offsets(spacing: tuple[float, ...], count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``count`` integer offsets nearest to the origin in mm, ascending by distance
-    (ties in a fixed order), and their distances."""
+    """The (at most) ``count`` integer offsets nearest to the origin in mm, ascending by distance
+    (ties in a fixed order), and their distances; an offset is left out only with every other
+    offset at its distance."""
     sp = np.asarray(spacing, dtype=np.float64)
     # A box certainly holding the `count` nearest offsets: the ball of radius r
     # holds at least the cube of half-side r / sqrt(ndim) (in mm).
@@ -188,7 +192,10 @@ def _local_offsets(spacing: tuple[float, ...], count: int) -> tuple[np.ndarray, 
     offsets = np.stack([g.ravel() for g in grids], axis=1)
     dist = _offset_distance(offsets, sp)
     order = np.lexsort(tuple(offsets[:, k] for k in reversed(range(offsets.shape[1]))) + (dist,))
-    order = order[:count]
+    order = order[: count + 1]
+    # Whole groups of equal distance only: a point that meets no target at these offsets
+    # then lies farther than every one of them.
+    order = order[: count][dist[order[:count]] < dist[order[count]]]
     offsets, dist = offsets[order], dist[order]
     offsets.flags.writeable = False
     dist.flags.writeable = False
@@ -233,6 +240,95 @@ def _nearest(points: np.ndarray, targets: np.ndarray, target_map: np.ndarray, sp
     return dist
 
 
+def _surfels_c(mask: np.ndarray, pad: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_surfels` for a 3D mask with the compiled kernels: the surface corners as flat
+    indices into the code map padded by ``pad`` corners on each side, their codes, and that
+    code map (uint8, 0 in the padding)."""
+    padded = np.zeros(tuple(s + 2 for s in mask.shape), dtype=np.uint8)
+    padded[1:-1, 1:-1, 1:-1] = mask
+    codes = np.zeros(tuple(int(s + 1 + 2 * p) for s, p in zip(mask.shape, pad)), dtype=np.uint8)
+    n = _kernels.ckernels.corner_codes(padded, *mask.shape, codes, *(int(p) for p in pad))
+    index = np.empty(n, dtype=np.int64)
+    _kernels.ckernels.border_index(codes, index)
+    return index, codes.ravel()[index], codes
+
+
+def _nearest_c(
+    where: np.ndarray, targets: np.ndarray, target_codes: np.ndarray, spacing: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_nearest` for flat corner indices into padded code maps (:func:`_surfels_c`):
+    the compiled local search over the offsets of :func:`_local_offsets`, then the same
+    KD-tree for the rest. Returns the distances and, per point, the index of the offset
+    that found its target (-1 for the points left to the KD-tree)."""
+    n = len(where)
+    rank = np.full(n, -1, dtype=np.int32)
+    if n == 0:
+        return np.zeros(0, dtype=np.float64), rank
+    if len(targets) == 0:
+        return np.full(n, np.inf), rank
+    offsets, offset_dist = _local_offsets(tuple(float(v) for v in spacing), LOCAL_OFFSETS_C)
+    strides = np.array([int(np.prod(target_codes.shape[k + 1 :])) for k in range(target_codes.ndim)], dtype=np.int64)
+    _kernels.ckernels.nearest_rank(target_codes, where, np.ascontiguousarray(offsets @ strides), rank)
+    found = rank >= 0
+    dist = np.empty(n, dtype=np.float64)
+    dist[found] = offset_dist[rank[found]]
+    todo = np.flatnonzero(~found)
+    if len(todo):
+        shape = target_codes.shape
+        points = np.stack(np.unravel_index(where[todo], shape), axis=1)
+        target_points = np.stack(np.unravel_index(targets, shape), axis=1)
+        tree = cKDTree(target_points * spacing, balanced_tree=False, compact_nodes=False)
+        _, nearest = tree.query(points * spacing, k=1, workers=KDTREE_WORKERS)
+        dist[todo] = _offset_distance(target_points[nearest] - points, spacing)
+    return dist, rank
+
+
+@lru_cache(maxsize=32)
+def _value_ranks(values: tuple[float, ...]) -> tuple[np.ndarray, int]:
+    """The rank of each value among the distinct values (equal values, equal rank), and how
+    many distinct values there are."""
+    distinct, inverse = np.unique(np.asarray(values, dtype=np.float64), return_inverse=True)
+    inverse = inverse.astype(np.int64)
+    inverse.flags.writeable = False
+    return inverse, len(distinct)
+
+
+def _sorted_ranked(
+    distances: np.ndarray, rank: np.ndarray, codes: np.ndarray, table: np.ndarray, spacing: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_sorted` for the compiled search's output, in linear time where it can.
+
+    A distance found at offset ``rank`` is one of the offset table's values and an area one of
+    the area table's, so (distance, area) order is the order of a small integer key: rank of the
+    distance among the table's distinct distances times the number of distinct areas, plus the
+    rank of the area. A stable sort of 16-bit keys is a radix sort in numpy. The points left to
+    the KD-tree lie farther than every offset (:func:`_local_offsets`) and follow, sorted by
+    :func:`_sorted`. The order is the same as :func:`_sorted`'s up to ties of equal (distance,
+    area), which are interchangeable."""
+    areas = table[codes]
+    _, offset_dist = _local_offsets(tuple(float(v) for v in spacing), LOCAL_OFFSETS_C)
+    dist_rank, n_dist = _value_ranks(tuple(offset_dist.tolist()))
+    area_rank, n_area = _value_ranks(tuple(table.tolist()))
+    if n_dist * n_area > 1 << 16:
+        return _sorted(distances, areas)
+    found = rank >= 0
+    if found.all():
+        key = (dist_rank[rank] * n_area + area_rank[codes]).astype(np.uint16)
+        order = np.argsort(key, kind="stable")
+    else:
+        near = np.flatnonzero(found)
+        far = np.flatnonzero(~found)
+        key = (dist_rank[rank[near]] * n_area + area_rank[codes[near]]).astype(np.uint16)
+        order = np.concatenate([near[np.argsort(key, kind="stable")], far[np.lexsort((areas[far], distances[far]))]])
+    return distances[order], areas[order]
+
+
+def _offset_reach(spacing: np.ndarray) -> np.ndarray:
+    """How far (grid steps per axis) the local offsets reach."""
+    offsets, _ = _local_offsets(tuple(float(v) for v in spacing), LOCAL_OFFSETS_C)
+    return np.abs(offsets).max(axis=0)
+
+
 def _sorted(distances: np.ndarray, areas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # Sort by distance, ties by area, as the reference library does.
     order = np.lexsort((areas, distances))
@@ -240,15 +336,27 @@ def _sorted(distances: np.ndarray, areas: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def surface_distances_cropped(
-    reference: np.ndarray, prediction: np.ndarray, spacing: tuple[float, ...]
+    reference: np.ndarray, prediction: np.ndarray, spacing: tuple[float, ...], *, tight: bool = False
 ) -> SurfaceDistances:
-    """:func:`compute_surface_distances` for boolean masks already validated."""
+    """:func:`compute_surface_distances` for boolean masks already validated.
+
+    ``tight``: the caller guarantees that ``reference | prediction`` touches every face of the
+    arrays (they are cut to the union of the two masks' bounding boxes), so the crop to that
+    box is skipped."""
     table = contour_length_table(spacing) if reference.ndim == 2 else surfel_area_table(spacing)
-    box = _bounding_box(reference | prediction)
+    box = tuple(slice(None) for _ in reference.shape) if tight else _bounding_box(reference | prediction)
     if box is None:
         empty = np.zeros(0)
         return SurfaceDistances(empty, empty, empty, empty)
     sp = np.asarray(spacing, dtype=np.float64)
+    if reference.ndim == 3 and _kernels.ckernels is not None:
+        pad = _offset_reach(sp)
+        idx_ref, code_ref, map_ref = _surfels_c(reference[box], pad)
+        idx_pred, code_pred, map_pred = _surfels_c(prediction[box], pad)
+        d_rp, rank_rp = _nearest_c(idx_ref, idx_pred, map_pred, sp)
+        d_pr, rank_pr = _nearest_c(idx_pred, idx_ref, map_ref, sp)
+        return SurfaceDistances(*_sorted_ranked(d_rp, rank_rp, code_ref, table, sp),
+                                *_sorted_ranked(d_pr, rank_pr, code_pred, table, sp))
     pts_ref, area_ref, map_ref = _surfels(reference[box], table)
     pts_pred, area_pred, map_pred = _surfels(prediction[box], table)
     d_rp = _nearest(pts_ref, pts_pred, map_pred, sp)
