@@ -48,9 +48,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from oarbench.labels import DEFAULT_LABELS
-from oarbench.metrics import evaluate_labels
+from oarbench.metrics import _kernels, evaluate_labels
 
 TOLERANCE_MM = 2.0
+READ = "read 2 files (SimpleITK)"
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
@@ -160,7 +161,7 @@ def status_mb(key):
                 return int(line.split()[1]) / 1024
 def rss_mb():
     return status_mb('VmRSS')
-from oarbench.metrics import evaluate_labels
+from oarbench.metrics import _kernels, evaluate_labels
 from oarbench.labels import DEFAULT_LABELS
 import scipy.spatial, scipy.ndimage
 base_rss = rss_mb()
@@ -191,6 +192,10 @@ def memory_of_numpy_path(ref: np.ndarray, pred: np.ndarray, spacing: tuple[float
 # --- report -----------------------------------------------------------------------------
 
 
+def _threads_default() -> int:
+    return min(2, os.cpu_count() or 1)
+
+
 def max_abs_diff(ours: dict[int, dict[str, float]], theirs: dict[int, dict[str, float]], key: str) -> float:
     return max(abs(ours[v][key] - theirs[v][key]) for v in theirs)
 
@@ -217,12 +222,11 @@ def main() -> None:
     versions["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "")
     print("versions:", ", ".join(f"{k} {v}" for k, v in versions.items()))
 
-    t_read, _, (ref, pred, spacing) = timed(lambda: read_case(args.case), args.repeats)
+    ref, pred, spacing = read_case(args.case)
     print(f"case: {ref.shape} (z, y, x) uint8 x 2 = {2 * ref.nbytes / 2**20:.1f} MiB, spacing {spacing} mm, "
           f"{len(np.unique(ref)) - 1} reference structures")
 
     times: dict[str, float] = {}
-    times["read 2 files (SimpleITK)"] = t_read
     results: dict[str, Any] = {}
     default_threads = torch.get_num_threads()
 
@@ -238,11 +242,28 @@ def main() -> None:
     def torch_cpu() -> Any:
         return evaluate_labels(ref, pred, spacing, DEFAULT_LABELS, backend="torch", device="cpu")
 
+    def without_kernels(fn: Callable[[], Any]) -> Callable[[], Any]:
+        """fn with the compiled kernels switched off: the numpy code an install without a C compiler runs."""
+        def call() -> Any:
+            saved, _kernels.ckernels = _kernels.ckernels, None
+            try:
+                return fn()
+            finally:
+                _kernels.ckernels = saved
+        return call
+
+    def numpy_path(threads: int | None) -> Callable[[], Any]:
+        return lambda: evaluate_labels(ref, pred, spacing, DEFAULT_LABELS, backend="numpy", threads=threads)
+
+    print(f"oarbench surface kernel: {_kernels.surface_kernel()}")
     methods: dict[str, tuple[Callable[[], Any], int]] = {
-        "oarbench numpy": (lambda: evaluate_labels(ref, pred, spacing, DEFAULT_LABELS, backend="numpy"), args.repeats),
-        "oarbench numpy (1 thread)": (
-            lambda: evaluate_labels(ref, pred, spacing, DEFAULT_LABELS, backend="numpy", threads=1), args.repeats),
+        READ: (lambda: read_case(args.case), args.repeats),
+        "oarbench numpy": (numpy_path(None), args.repeats),
+        "oarbench numpy (1 thread)": (numpy_path(1), args.repeats),
     }
+    if _kernels.ckernels is not None:
+        methods["oarbench numpy, kernels off (numpy code only)"] = (without_kernels(numpy_path(None)), args.repeats)
+        methods["oarbench numpy, kernels off, 1 thread"] = (without_kernels(numpy_path(1)), args.repeats)
     for threads in sorted({1, default_threads}):
         methods[f"oarbench torch-CPU ({threads} thread{'s' if threads > 1 else ''})"] = (
             with_threads(threads, torch_cpu), args.repeats)
@@ -306,9 +327,20 @@ def main() -> None:
     print(f"{'method':58s} {'median s':>9s} {'x oarbench numpy':>17s}")
     for name, t in times.items():
         print(f"{name:58s} {t:9.3f} {t / ours_t:17.2f}")
-    end_to_end = times["read 2 files (SimpleITK)"] + ours_t
+    end_to_end = times[READ] + ours_t
     print(f"\nend to end (read + oarbench numpy) {end_to_end:.3f} s: reading "
           f"{100 * times['read 2 files (SimpleITK)'] / end_to_end:.0f} %, metrics {100 * ours_t / end_to_end:.0f} %")
+    lib_t = times["reference library (surface-distance 0.1)"]
+    one_t = times["oarbench numpy (1 thread)"]
+    targets = {
+        "metrics / reading (target <= 2)": ours_t / times[READ],
+        "reference library / oarbench, 1 thread (target >= 10)": lib_t / one_t,
+        f"reference library / oarbench, {_threads_default()} threads (target >= 20)": lib_t / ours_t,
+    }
+    print()
+    for name, ratio in targets.items():
+        print(f"{name}: {ratio:.2f}")
+    results["ratios"] = targets
     load = os.getloadavg()
     print(f"load average at end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     if args.json:

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from oarbench.metrics import _kernels
+
 __all__ = [
     "APL_CONVENTIONS",
     "AddedPathLength",
@@ -174,6 +176,15 @@ def _count_farther(todo: np.ndarray, cp: np.ndarray, scale: np.ndarray, limit: f
         return int(np.count_nonzero(d > limit))
     order = np.argsort(dist[keep], kind="stable")
     offsets = np.stack([dy[keep][order], dx[keep][order]], axis=1)
+    kernels = _kernels.ckernels
+    if kernels is not None:
+        # the compiled search of the surface core: the first offset that meets the contour
+        padded = np.pad(cp.astype(np.uint8), ((0, 0), (ry, ry), (rx, rx)))
+        h, w = padded.shape[1:]
+        where = (todo[:, 0] * h + todo[:, 1] + ry) * w + todo[:, 2] + rx
+        rank = np.empty(len(todo), dtype=np.int32)
+        kernels.nearest_rank(padded, where.astype(np.int64), (offsets[:, 0] * w + offsets[:, 1]).astype(np.int64), rank)
+        return int(np.count_nonzero(rank < 0))
     padded = np.pad(cp, ((0, 0), (ry, ry), (rx, rx)))
     z, y, x = todo[:, 0], todo[:, 1] + ry, todo[:, 2] + rx
     for oy, ox in offsets:

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Mapping
 
 import numpy as np
-from scipy import ndimage
 
 from oarbench.labels import LabelMap
 from oarbench.metrics import _kernels
@@ -321,6 +320,8 @@ def evaluate_labels(
         if scanned is not None:
             return _evaluate_boxes(ref, pred, *scanned[:2], sp, labels, (tol, apl_convention), surface, pool,
                                    scanned[2])
+        from scipy import ndimage
+
         if pool is None:
             ref_boxes, pred_boxes = ndimage.find_objects(ref), ndimage.find_objects(pred)
         else:

@@ -10,7 +10,6 @@ from functools import lru_cache
 from typing import Any, overload
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from oarbench.metrics import _kernels
 from oarbench.metrics._tables import contour_length_table, surfel_area_table
@@ -234,6 +233,8 @@ def _nearest(points: np.ndarray, targets: np.ndarray, target_map: np.ndarray, sp
             todo, where = todo[keep], where[keep]
             if len(todo) == 0:
                 return dist
+    from scipy.spatial import cKDTree
+
     tree = cKDTree(targets * spacing, balanced_tree=False, compact_nodes=False)
     _, nearest = tree.query(points[todo] * spacing, k=1, workers=KDTREE_WORKERS)
     dist[todo] = _offset_distance(targets[nearest] - points[todo], spacing)
@@ -277,6 +278,8 @@ def _nearest_c(
         shape = target_codes.shape
         points = np.stack(np.unravel_index(where[todo], shape), axis=1)
         target_points = np.stack(np.unravel_index(targets, shape), axis=1)
+        from scipy.spatial import cKDTree
+
         tree = cKDTree(target_points * spacing, balanced_tree=False, compact_nodes=False)
         _, nearest = tree.query(points * spacing, k=1, workers=KDTREE_WORKERS)
         dist[todo] = _offset_distance(target_points[nearest] - points, spacing)

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
-from scipy import stats as _st
+
+
+def _scipy_stats():  # type: ignore[no-untyped-def]
+    """scipy.stats, imported on first use (a second of start-up that scoring alone does not need)."""
+    from scipy import stats
+
+    return stats
+
 
 __all__ = [
     "ZERO_METHODS",
@@ -265,7 +272,7 @@ def _signed_rank_ci(d: np.ndarray, confidence: float) -> tuple[float, float, flo
         level = 1.0 - 2.0 * float(cdf[k - 1])
         method = "exact"
     else:
-        z = _st.norm.ppf(1.0 - tail)
+        z = _scipy_stats().norm.ppf(1.0 - tail)
         k = int(math.floor(m / 2.0 - z * math.sqrt(n * (n + 1) * (2 * n + 1) / 24.0)))
         if k < 1:
             return math.nan, math.nan, math.nan, "normal"
@@ -279,7 +286,7 @@ def _ranks_and_sums(d: np.ndarray, zero_method: str) -> tuple[float, float, floa
     x = d[d != 0] if zero_method == "wilcox" else d
     if x.size == 0:
         return 0.0, 0.0, 0.0
-    r = _st.rankdata(np.abs(x))
+    r = _scipy_stats().rankdata(np.abs(x))
     r_plus = float(r[x > 0].sum())
     r_minus = float(r[x < 0].sum())
     if zero_method == "zsplit":
@@ -312,10 +319,10 @@ def _signed_rank_permutation_p(d: np.ndarray, zero_method: str, alternative: str
     """
     if zero_method == "wilcox":
         x = d[d != 0]
-        ranks = _st.rankdata(np.abs(x))
+        ranks = _scipy_stats().rankdata(np.abs(x))
     else:  # pratt and zsplit rank the zeros too; zsplit's half-ranks of zeros are a constant
         x = d
-        ranks = _st.rankdata(np.abs(d))
+        ranks = _scipy_stats().rankdata(np.abs(d))
     nz = x != 0
     w = np.rint(2.0 * ranks[nz]).astype(np.int64)
     observed = int(np.rint(2.0 * ranks[x > 0].sum()))
@@ -387,7 +394,7 @@ def signed_rank_test(
             statistic = min(r_plus, r_minus) if alternative == "two-sided" else r_plus
             p = _signed_rank_permutation_p(ranked, zero_method, alternative)
         else:
-            res = _st.wilcoxon(ranked, zero_method=zero_method, alternative=alternative, method=method)
+            res = _scipy_stats().wilcoxon(ranked, zero_method=zero_method, alternative=alternative, method=method)
             statistic, p = float(res.statistic), float(res.pvalue)
     return SignedRankResult(
         n=n, n_nonzero=n_nonzero, n_inf=n_inf, r_plus=r_plus, r_minus=r_minus,
@@ -436,7 +443,7 @@ def rank_sum_test(
     hl = _median_sorted(diffs)
     # normal-approximation CI of the shift (order statistics of the n1*n2 differences)
     m = diffs.size
-    z = _st.norm.ppf(1.0 - (1.0 - confidence) / 2.0)
+    z = _scipy_stats().norm.ppf(1.0 - (1.0 - confidence) / 2.0)
     k = int(math.floor(m / 2.0 - z * math.sqrt(n1 * n2 * (n1 + n2 + 1) / 12.0)))
     if k >= 1:
         ci_low, ci_high, ci_level = float(diffs[k - 1]), float(diffs[m - k]), confidence
@@ -451,7 +458,7 @@ def rank_sum_test(
     else:
         reason = ""
     # U of x from mid-ranks (equals scipy's statistic): U1 = R1 - n1 (n1 + 1) / 2
-    ranks = _st.rankdata(finite_for_ranking(pooled))
+    ranks = _scipy_stats().rankdata(finite_for_ranking(pooled))
     u1 = float(ranks[:n1].sum() - n1 * (n1 + 1) / 2.0)
     rbc = 2.0 * u1 / (n1 * n2) - 1.0
     statistic = p = math.nan
@@ -459,7 +466,7 @@ def rank_sum_test(
     if not reason:
         ties = np.unique(pooled).size < pooled.size
         method = "exact" if (not ties and max(n1, n2) <= _EXACT_MAX_N) else "asymptotic"
-        res = _st.mannwhitneyu(x, y, alternative="two-sided", method=method, use_continuity=True)
+        res = _scipy_stats().mannwhitneyu(x, y, alternative="two-sided", method=method, use_continuity=True)
         statistic, p = float(res.statistic), float(res.pvalue)
     return RankSumResult(n1, n2, n_inf, statistic, p, method, rbc, hl, ci_low, ci_high, ci_level,
                          "normal" if k >= 1 else "", not reason, reason)
