@@ -44,7 +44,7 @@ from oarbench.io import (
     write_output_set,
 )
 from oarbench.labels import LABELS_HINT, LabelMap
-from oarbench.metrics import RESULT_COLUMNS, STATUSES, evaluate_labels, resolve_backend
+from oarbench.metrics import RESULT_COLUMNS, STATUSES, evaluate_labels, resolve_backend, surface_kernel
 from oarbench.progress import progress_bar
 from oarbench.tables import DEFAULT_CENTRE, DEFAULT_STUDY, TABLE_COLUMNS, check_keys, csv_text, restore_cell
 
@@ -659,6 +659,8 @@ def _evaluate_jobs(
         "platform": platform.platform(),
         "numpy": np.__version__,
         "pandas": pd.__version__,
+        # compiled kernels or the numpy code (same values): docs/performance.md, "Compiled kernels"
+        "surface_kernel": surface_kernel(),
         "options": {
             "tolerance_mm": options.tolerance_mm,
             "tolerances_mm": dict(options.tolerances),

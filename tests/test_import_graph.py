@@ -2,7 +2,8 @@
 
 The graph is read from the source with :mod:`ast` (nothing is imported). A node
 is a module (``oarbench/x/y.py`` is ``oarbench.x.y``, a package's
-``__init__.py`` is the package). Edges, from the module that holds the
+``__init__.py`` is the package; an extension module built from ``oarbench/x/y.c``
+is ``oarbench.x.y`` too, a leaf that imports nothing of the package). Edges, from the module that holds the
 import statement:
 
 * every ``import oarbench.a.b`` / ``from oarbench.a import b`` / relative
@@ -46,11 +47,12 @@ def _absolute(importer: str, is_package: bool, level: int, module: str | None) -
 def import_graph(root: Path) -> dict[str, set[str]]:
     """Module -> the package's modules it imports (see the module docstring for what counts)."""
     files = {module_name(p, root): p for p in sorted(root.rglob("*.py"))}
+    modules = set(files) | {module_name(p, root) for p in root.rglob("*.c")}
     top = root.name
-    graph: dict[str, set[str]] = {name: set() for name in files}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
 
     def owner(name: str) -> str | None:  # the module that ``name`` (module or module.attribute) lives in
-        while name and name not in files:
+        while name and name not in modules:
             name = name.rpartition(".")[0]
         return name or None
 
@@ -62,7 +64,7 @@ def import_graph(root: Path) -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = _absolute(name, is_package, node.level, node.module)
                 # a submodule named in the list is the target; any other name lives in ``base``
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             else:
                 continue
             for target in targets:

@@ -32,6 +32,7 @@ from oarbench.metrics._multilabel import (
     evaluate_labels,
     resolve_backend,
 )
+from oarbench.metrics._kernels import surface_kernel
 from oarbench.metrics._overlap import dice, overlap_counts
 from oarbench.metrics._surface import (
     SurfaceDistances,
@@ -65,6 +66,7 @@ __all__ = [
     "compute_surface_distances",
     "evaluate_labels",
     "resolve_backend",
+    "surface_kernel",
     "dice",
     "overlap_counts",
     "hausdorff",
