@@ -4,8 +4,9 @@ One federation run (fingerprint round + one training round, tiny nnU-Net) checks
 (a) the global weights equal FedAvg of the two sites' own updates, computed here
 from the sites' files; the storage engine aggregates the same updates to the same
 bits; (b) a SuperNode whose key was never registered is refused; (c) the federated
-model predicts; and what the server received is only fingerprints, weights and
-case counts.
+model predicts; (d) the storage engine, run on the same datasets with the same seeds,
+options and threads, trains the same updates and global weights, bit for bit; and
+what the server received is only fingerprints, weights and case counts.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def test_flower_deployment_tls_auth_fedavg_predict(tmp_path: Path) -> None:
         x_key, _ = make_node_key(tmp_path / "intruder", "X")
         intruder = fed.start_supernode("X", x_key, site="A", dataset=a, work=tmp_path / "xw", max_retries=1)
         summary = run_local({"A": a, "B": b}, run, rounds=1, iterations=2, width="tiny", federation=fed,
-                            timeout_s=900)
+                            timeout_s=900, threads=1)
         x_code = intruder.wait(timeout=120)
     x_log = (tmp_path / "flower/logs/supernode-X.log").read_text()
     assert x_code != 0 and "Failed to activate SuperNode" in x_log, x_log[-2000:]
@@ -103,6 +104,23 @@ def test_flower_deployment_tls_auth_fedavg_predict(tmp_path: Path) -> None:
     storage_final = tensors_from_bytes(ex["A"].get("global", 1, "global").payload)
     for k, v in final.items():
         np.testing.assert_array_equal(storage_final[k], v)
+
+    # (d) the storage engine trains the same model: same datasets, seeds, options and threads give the
+    # same site updates and the same global weights after the round, bit for bit
+    from oarbench.train.federated import FederationConfig, nnunet_simulate
+
+    generate_keys(tmp_path / "storage-keys", ["A", "B"])
+    nnunet_simulate(str(tmp_path / "storage-bucket"), tmp_path / "storage-keys", {"A": a, "B": b},
+                    tmp_path / "storage-work", FederationConfig(("A", "B"), rounds=1, poll_s=0.2),
+                    iterations=2, width="tiny", threads=1)
+    for site, flower_update in (("A", ua), ("B", ub)):
+        storage_update = load_file(str(tmp_path / "storage-work" / site / "rounds/update_00000.safetensors"))
+        assert sorted(storage_update) == sorted(flower_update)
+        for k, v in flower_update.items():
+            np.testing.assert_array_equal(storage_update[k], v, err_msg=f"{site} {k}")
+    storage_engine_final = load_file(str(tmp_path / "storage-work/coordinator/final.safetensors"))
+    for k, v in final.items():
+        np.testing.assert_array_equal(storage_engine_final[k], v, err_msg=k)
 
     # privacy: what the server received
     received = json.loads((run / "server/received.json").read_text())
