@@ -31,6 +31,7 @@ from oarbench.executors import Executor, LocalExecutor
 from oarbench.io import (
     MAX_IMAGE_BYTES,
     OutputLock,
+    Volume,
     case_id,
     check_header_size,
     check_same_grid,
@@ -236,6 +237,19 @@ def _missing_rows(options: EvalOptions) -> list[dict[str, Any]]:
     ]
 
 
+def _read_pair(reference: Path, prediction: Path, options: EvalOptions) -> tuple[Volume, Volume]:
+    """Both images, read at the same time when the case has two threads (decompression and
+    SimpleITK's reader release the GIL); an error names the reference first when both fail."""
+    if (options.threads or 1) < 2:
+        return (read_volume(reference, max_bytes=options.max_image_bytes),
+                read_volume(prediction, max_bytes=options.max_image_bytes))
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        ref, pred = (pool.submit(read_volume, p, max_bytes=options.max_image_bytes) for p in (reference, prediction))
+        return ref.result(), pred.result()
+
+
 def evaluate_case(reference: Path, prediction: Path | None, options: EvalOptions) -> list[dict[str, Any]]:
     """Rows (dicts of the metric columns) for one case; ``prediction=None`` means missing."""
     if prediction is None:
@@ -254,8 +268,7 @@ def evaluate_case(reference: Path, prediction: Path | None, options: EvalOptions
             f"{prediction} is not on the grid of {reference}: size {ref_head.size} vs {pred_head.size} (from the "
             "headers; use --resample-prediction to resample it onto the reference grid)"
         )
-    ref = read_volume(reference, max_bytes=options.max_image_bytes)
-    pred = read_volume(prediction, max_bytes=options.max_image_bytes)
+    ref, pred = _read_pair(reference, prediction, options)
     if not same_grid(ref, pred):
         if options.resample_prediction and ref.array.ndim == pred.array.ndim:
             pred = resample_nearest(pred, ref)

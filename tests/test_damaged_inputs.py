@@ -100,6 +100,19 @@ def test_damaged_prediction_is_refused_not_scored(study, tmp_path, damage):
     assert not (out / "metrics.csv").exists()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_both_files_damaged_the_reference_is_named(study, threads):
+    # with two threads the two files are read at the same time; the message still names the reference
+    from oarbench.evaluate import EvalOptions, evaluate_case
+
+    ref, pred, _ = study
+    for path in (ref, pred):
+        path.write_bytes(DAMAGES["cut at 50 %"](path.read_bytes()))
+    with pytest.raises(ValueError) as err:
+        evaluate_case(ref, pred, EvalOptions(labels=LabelMap({1: "Liver", 2: "Kidney_L"}), threads=threads))
+    assert str(err.value).startswith(f"{ref}: cannot read image"), str(err.value)
+
+
 def test_undamaged_control_scores_exactly_one(study, tmp_path):
     ref, pred, labels = study
     result = _evaluate(ref.parent, pred.parent, labels, tmp_path / "out")
