@@ -230,19 +230,32 @@ def _nifti_layout(header: bytes, path: Path) -> tuple[int, int, int, str | None]
     return int(vox_offset), (n * bitpix + 7) // 8, max(bitpix // 8, 1), (order + dtype) if dtype else None
 
 
-def _scan_payload(stream: Any, path: Path, what: str) -> None:
-    """Read a NIfTI byte stream to its end: the voxel data must be complete and hold no NaN."""
+def _scan_payload(stream: Any, path: Path, what: str, into: np.ndarray | None = None) -> None:
+    """Read a NIfTI byte stream to its end: the voxel data must be complete and hold no NaN.
+
+    ``into`` (uint8, as many bytes as the header announces) receives the voxel data."""
     header = stream.read(540)
     offset, need, item, float_dtype = _nifti_layout(header, path)
     seen = len(header)
     nan = 0
     carry = header[offset:] if seen > offset else b""
+    filled = 0
+
+    def keep(data: bytes) -> None:
+        nonlocal filled
+        if into is not None and filled < need and data:
+            k = min(len(data), need - filled)
+            into[filled:filled + k] = np.frombuffer(data, dtype=np.uint8, count=k)
+            filled += k
+
+    keep(carry)
     while True:
         block = stream.read(_CHUNK)
         if not block:
             break
         block_data = block[offset - seen:] if seen < offset else block
         seen += len(block)
+        keep(block_data)
         if seen - offset > need + _TRAILING_SLACK:
             raise ValueError(
                 f"{path}: cannot read image: {what} holds more than {need + _TRAILING_SLACK} bytes after the header, "
@@ -369,7 +382,7 @@ def check_header_size(header: ImageHeader, path: Any, max_bytes: int | None = MA
         )
 
 
-def check_image_file(path: str | Path) -> None:
+def check_image_file(path: str | Path, *, into: np.ndarray | None = None) -> None:
     """Check that an image file is complete before any number is read from it.
 
     SimpleITK reads a truncated NIfTI file without complaint, filling the
@@ -379,19 +392,82 @@ def check_image_file(path: str | Path) -> None:
     marker, CRC-32 and length trailer), when the voxel data after the header's
     voxel offset is shorter than its dimensions x bytes per voxel, or when a
     floating-point image holds NaN voxels. Other formats are checked by their
-    SimpleITK readers, which refuse incomplete data.
+    SimpleITK readers, which refuse incomplete data. ``into`` (NIfTI only; uint8, the voxel data's
+    size) receives the voxel data as the check reads it.
     """
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".nii.gz"):
         try:
             with gzip.open(path, "rb") as stream:
-                _scan_payload(stream, path, "the decompressed file")
+                _scan_payload(stream, path, "the decompressed file", into)
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raise ValueError(f"{path}: cannot read image: damaged or incomplete gzip stream ({exc}); an interrupted copy?") from None
     elif name.endswith(".nii"):
         with open(path, "rb") as stream:
-            _scan_payload(stream, path, "the file")
+            _scan_payload(stream, path, "the file", into)
+
+
+#: NIfTI datatype code -> numpy type of the scalar images :func:`_read_nifti_direct` reads.
+_NIFTI_SCALARS = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8",
+                  1280: "u8"}
+
+
+def _direct_layout(header: bytes) -> tuple[np.dtype, tuple[int, int, int]] | None:
+    """(voxel type, (z, y, x) shape) of a little-endian NIfTI-1 3D scalar image whose voxels are
+    read as stored (no scaling), or None."""
+    if len(header) < 348 or struct.unpack("<i", header[:4])[0] != 348:
+        return None  # big-endian or NIfTI-2 files: SimpleITK reads them
+    dims = struct.unpack("<8h", header[40:56])
+    datatype = struct.unpack("<h", header[70:72])[0]
+    slope, inter = struct.unpack("<ff", header[112:120])
+    if dims[0] != 3 or datatype not in _NIFTI_SCALARS or slope not in (0.0, 1.0) or inter != 0.0:
+        return None  # other dimensions and voxel types, scaled voxels: SimpleITK reads them
+    return np.dtype("<" + _NIFTI_SCALARS[datatype]), (int(dims[3]), int(dims[2]), int(dims[1]))
+
+
+def _read_nifti_direct(path: Path) -> Volume | None:
+    """A 3D scalar NIfTI-1 image stored without scaling, decompressed once.
+
+    The voxels come from the completeness check (:func:`check_image_file`), which reads the whole
+    payload anyway; the geometry from SimpleITK's reading of the header (``ReadImageInformation``:
+    the spacing, origin and direction :func:`sitk.ReadImage` gives). None for every other image,
+    and wherever SimpleITK's header reading disagrees on the grid or the voxel type: the caller
+    then reads it with SimpleITK (tests/test_io_direct.py checks both against SimpleITK)."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return None
+    try:
+        with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as stream:
+            header = stream.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None  # the full reading names the problem
+    layout = _direct_layout(header)
+    if layout is None:
+        return None
+    dtype, shape = layout
+    native = dtype.newbyteorder("=")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    if (reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1
+            or tuple(reader.GetSize()) != shape[::-1]
+            or reader.GetPixelID() != sitk.GetImageFromArray(np.zeros((1, 1, 1), native)).GetPixelID()):
+        return None
+    voxels = np.empty(math.prod(shape) * dtype.itemsize, dtype=np.uint8)
+    check_image_file(path, into=voxels)
+    array = voxels.view(dtype).reshape(shape)
+    if not dtype.isnative:
+        array = array.astype(native)
+    return Volume(
+        array=array,
+        spacing=tuple(float(s) for s in reversed(reader.GetSpacing())),
+        origin=tuple(float(o) for o in reader.GetOrigin()),
+        direction=tuple(float(d) for d in reader.GetDirection()),
+    )
 
 
 def read_volume(path: str | Path, *, allow_4d: bool = False, max_bytes: int | None = MAX_IMAGE_BYTES) -> Volume:
@@ -420,6 +496,9 @@ def read_volume(path: str | Path, *, allow_4d: bool = False, max_bytes: int | No
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
     check_header_size(read_header(path), path, max_bytes)
+    direct = _read_nifti_direct(path)
+    if direct is not None:
+        return direct
     check_image_file(path)
     try:
         image = sitk.ReadImage(str(path))
