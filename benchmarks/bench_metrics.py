@@ -217,7 +217,13 @@ def main() -> None:
           f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     import importlib.metadata as md
 
-    versions = {p: md.version(p) for p in ("numpy", "scipy", "SimpleITK", "torch", "surface-distance", "monai", "nnunetv2")}
+    def version(p: str) -> str:
+        try:
+            return md.version(p)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    versions = {p: version(p) for p in ("numpy", "scipy", "SimpleITK", "torch", "surface-distance", "monai", "nnunetv2")}
     versions["python"] = platform.python_version()
     versions["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "")
     print("versions:", ", ".join(f"{k} {v}" for k, v in versions.items()))
