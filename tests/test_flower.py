@@ -39,6 +39,12 @@ def test_run_config_and_records() -> None:
     assert s.sites == ("A", "B") and s.rounds == 2 and s.local_epochs == 3 and s.iterations == 250
     with pytest.raises(ValueError, match="distinct"):
         ServerSettings.from_run_config({"sites": "A,A", "rounds": 1, "out": "/tmp/x"})
+    # the shared plans' target spacing travels in the run config; the finest site's grid by default
+    assert s.plan_spacing == "finest"
+    assert ServerSettings.from_run_config({"sites": "A", "rounds": 1, "out": "/tmp/x",
+                                           "plan-spacing": "pooled"}).plan_spacing == "pooled"
+    with pytest.raises(ValueError, match="plan spacing must be one of finest, pooled, got 'median'"):
+        ServerSettings.from_run_config({"sites": "A", "rounds": 1, "out": "/tmp/x", "plan-spacing": "median"})
     w = {"b": np.arange(3, dtype=np.float64), "a": np.ones((2, 2), np.float32), "n": np.array([7], np.int64)}
     back = record_to_weights(weights_to_record(w))
     assert sorted(back) == ["a", "b", "n"]
@@ -169,6 +175,10 @@ def test_cli_engine_options_checked(tmp_path: Path) -> None:
     res = runner.invoke(main, ["fl", "coordinator", "--work", str(tmp_path / "w")])
     assert res.exit_code != 0 and "--engine storage needs --storage, --keys, --sites, --rounds" in res.output
     assert "Traceback" not in res.output
+    for command in ("coordinator", "simulate"):
+        res = runner.invoke(main, ["fl", command, "--work", str(tmp_path / "w"), "--plan-spacing", "median"])
+        assert res.exit_code != 0 and res.output.strip() == ("Error: Invalid value for '--plan-spacing': 'median' "
+                                                             "is not one of 'finest', 'pooled'."), res.output
 
 
 def test_cli_without_flower_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

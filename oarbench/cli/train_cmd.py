@@ -242,13 +242,16 @@ def _exchange(storage: str, storage_options: str | None, keys_dir: Path, identit
               help="storage: fedavg, median (coordinate-wise) or trimmed:F (trimmed mean, 0 <= F < 0.5).")
 @click.option("--max-step", type=float, default=1.3, show_default=True,
               help="storage: refuse an update farther from the global model than this times its norm.")
+@click.option("--plan-spacing", type=click.Choice(["finest", "pooled"]), default="finest", show_default=True,
+              help="Target spacing of the shared plans: the finest site's, axis by axis, or nnU-Net's median over "
+                   "all sites' cases (docs/training.md).")
 @user_errors
 def coordinator(engine: str, storage: str | None, storage_options: str | None, keys_dir: Path | None,
                 superlink: str | None, root_certificates: Path | None, sites: str | None, rounds: int | None,
                 federation: str, work: Path, configuration: str, poll: float, verbose: bool,
                 quorum: int | None, timeout: float | None, width: str, local_epochs: int, iterations: int,
                 signing_key: Path | None, roster: Path | None,
-                weighting: str, aggregator: str, max_step: float) -> None:
+                weighting: str, aggregator: str, max_step: float, plan_spacing: str) -> None:
     """Merge fingerprints, publish plans, aggregate rounds; restartable (storage) or one signed Flower run."""
     _logging(verbose)
     if engine == "flower":
@@ -261,7 +264,8 @@ def coordinator(engine: str, storage: str | None, storage_options: str | None, k
                                  rounds=int(str(rounds)),
                                  local_epochs=local_epochs, iterations=iterations, configuration=configuration,
                                  width=width, timeout_s=timeout if timeout is not None else 24 * 3600.0,
-                                 signing_key=Path(str(signing_key)), roster=Path(str(roster)))
+                                 signing_key=Path(str(signing_key)), roster=Path(str(roster)),
+                                 plan_spacing=plan_spacing)
         except RuntimeError as exc:
             raise click.ClickException(" ".join(str(exc).split())) from None
         click.echo(f"final federated model: {summary['model']}")
@@ -276,7 +280,7 @@ def coordinator(engine: str, storage: str | None, storage_options: str | None, k
     cfg = FederationConfig(_sites(str(sites)), int(str(rounds)), quorum=quorum, timeout_s=timeout, poll_s=poll)
     model = nnunet_coordinator(_exchange(str(storage), storage_options, Path(str(keys_dir)), COORDINATOR,
                                          federation, work), cfg, work, configuration=configuration, width=width,
-                               plans_timeout_s=timeout, weighting=weighting, rules=rules)
+                               plans_timeout_s=timeout, weighting=weighting, rules=rules, plan_spacing=plan_spacing)
     click.echo(f"final federated model: {model}")
 
 
@@ -452,11 +456,14 @@ def register_cmd(setup_dir: Path, site: str, public_key: Path, control_port: int
 @click.option("--configuration", default="3d_fullres", show_default=True)
 @click.option("--device", type=_DEVICES, default="cpu", show_default=True)
 @click.option("--poll", type=click.FloatRange(min=0.01), default=0.5, show_default=True)
+@click.option("--plan-spacing", type=click.Choice(["finest", "pooled"]), default="finest", show_default=True,
+              help="Target spacing of the shared plans: the finest site's, axis by axis, or nnU-Net's median over "
+                   "all sites' cases (docs/training.md).")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
 def simulate(engine: str, storage: str | None, storage_options: str | None, keys_dir: Path | None, datasets: tuple[str, ...],
              work: Path, rounds: int, local_epochs: int, iterations: int, width: str, configuration: str,
-             device: str, poll: float, verbose: bool) -> None:
+             device: str, poll: float, plan_spacing: str, verbose: bool) -> None:
     """Run the coordinator and every site on this machine."""
     from oarbench.train.exchange import generate_keys
     from oarbench.train.federated import FederationConfig, nnunet_simulate
@@ -473,7 +480,7 @@ def simulate(engine: str, storage: str | None, storage_options: str | None, keys
 
         try:
             summary = run_local(pairs, work, rounds=rounds, local_epochs=local_epochs, iterations=iterations,
-                                configuration=configuration, width=width, device=device)
+                                configuration=configuration, width=width, device=device, plan_spacing=plan_spacing)
         except RuntimeError as exc:
             raise click.ClickException(" ".join(str(exc).split())) from None
         click.echo(f"{COORDINATOR_LABEL}: {summary['model']}")
@@ -487,6 +494,6 @@ def simulate(engine: str, storage: str | None, storage_options: str | None, keys
     cfg = FederationConfig(tuple(pairs), rounds, poll_s=poll)
     models = nnunet_simulate(url, keys, pairs, work, cfg, storage_options=_storage_options(storage_options),
                              local_epochs=local_epochs, iterations=iterations, configuration=configuration,
-                             width=width, device=device)
+                             width=width, device=device, plan_spacing=plan_spacing)
     for party, folder in sorted(models.items()):
         click.echo(f"{party}: {folder}")

@@ -81,14 +81,51 @@ def step_plan(spec: dict) -> dict:
     from oarbench.train.harmonise import PLANS_KEY
 
     planner = ExperimentPlanner(spec["dataset"], plans_name=spec.get("plans_name", "nnUNetPlans"))
+    record = None
+    if spec.get("spacing_groups"):
+        record = _finest_site_spacing(planner, spec["spacing_groups"])
     plans = json.loads(json.dumps(planner.plan_experiment(), default=float))
     pre = Path(os.environ["nnUNet_preprocessed"]) / spec["dataset"]
     orientation = _load_json(pre / "dataset_fingerprint.json").get(PLANS_KEY)
     if orientation:
         # the orientation the cases were brought to travels with the plans into every model folder
         plans[PLANS_KEY] = orientation
+    if record is not None:
+        plans[SPACING_KEY] = record
+    if orientation or record is not None:
         _save_json(plans, pre / f"{spec.get('plans_name', 'nnUNetPlans')}.json")
     return {"plans": plans}
+
+
+#: plans.json key recording how a federation's target spacing was chosen.
+SPACING_KEY = "oarbench_target_spacing"
+
+
+def _finest_site_spacing(planner: Any, groups: list) -> dict:
+    """Set the planner's target spacing to the finest of the sites' own targets, axis by axis.
+
+    ``groups``: ``[[site, cases], ...]`` in the order the merged fingerprint lists
+    the sites' cases. Each site's target is what nnU-Net's rule
+    (``determine_fullres_target_spacing``: the median, or the 10th percentile on a
+    much coarser axis) gives for that site's cases alone, so a federation of one
+    site plans exactly as that site would on its own.
+    """
+    import numpy as np
+
+    full = planner.dataset_fingerprint
+    per_site: dict[str, list[float]] = {}
+    start = 0
+    for site, n in groups:
+        planner.dataset_fingerprint = dict(full, spacings=full["spacings"][start:start + int(n)],
+                                           shapes_after_crop=full["shapes_after_crop"][start:start + int(n)])
+        per_site[str(site)] = [float(v) for v in planner.determine_fullres_target_spacing()]
+        start += int(n)
+    if start != len(full["spacings"]):
+        raise ValueError(f"the sites' case counts add up to {start}, the fingerprint lists {len(full['spacings'])}")
+    planner.dataset_fingerprint = full
+    target = [float(v) for v in np.min(np.array(list(per_site.values())), axis=0)]
+    planner.overwrite_target_spacing = target
+    return {"policy": "finest", "sites": per_site, "target": target}
 
 
 def step_preprocess(spec: dict) -> dict:

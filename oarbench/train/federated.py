@@ -81,6 +81,8 @@ __all__ = [
     "make_shared_plans",
     "merge_site_messages",
     "nnunet_plans",
+    "PLAN_SPACINGS",
+    "check_plan_spacing",
     "fetch_plans",
     "frozen_counts",
     "latest_global_round",
@@ -358,18 +360,45 @@ def merge_site_messages(bodies: Mapping[str, Mapping[str, Any]]) -> tuple[dict[s
                          f"{ {s: str(o)[:20] for s, o in orientations.items()} }")
     if orientations[sites[0]]:
         merged["oarbench_orientation"] = str(orientations[sites[0]])
+    # which cases are whose (merged lists them site by site): the plans' target spacing may follow the sites
+    merged[SITE_CASES_KEY] = [[s, int(bodies[s]["num_cases"])] for s in sites]
     header = {k: ref[k] for k in ("labels", "channel_names", "file_ending")}
     header["numTraining"] = int(sum(bodies[s]["num_cases"] for s in sites))
     return merged, header
 
 
+#: Merged-fingerprint key: ``[[site, cases], ...]`` in the order its per-case lists hold the sites.
+SITE_CASES_KEY = "oarbench_site_cases"
+
+#: How the federation's target spacing is chosen (docs/training.md, "The federation's target spacing").
+PLAN_SPACINGS = ("finest", "pooled")
+
+
+def check_plan_spacing(policy: str) -> str:
+    if policy not in PLAN_SPACINGS:
+        raise ValueError(f"plan spacing must be one of {', '.join(PLAN_SPACINGS)}, got {policy!r}")
+    return policy
+
+
 def nnunet_plans(merged: Mapping[str, Any], header: Mapping[str, Any], *, configuration: str = "3d_fullres",
-                 width: str = "default") -> dict[str, Any]:
-    """nnU-Net's default plans for the merged fingerprint, with the network width applied."""
+                 width: str = "default", spacing: str = "finest") -> dict[str, Any]:
+    """nnU-Net's default plans for the merged fingerprint, with the network width applied.
+
+    ``spacing``: ``"finest"`` plans at the finest of the sites' own target
+    spacings, axis by axis (each site's target by nnU-Net's rule on its cases
+    alone), so no site's images are coarsened; ``"pooled"`` is nnU-Net's rule on
+    all cases together (the median, which lies between the sites' grids).
+    """
     from oarbench.train import nnunet as nn
     from oarbench.train._plans import reduce_width
 
-    plans = nn.plan_from_fingerprint(dict(merged), dict(header), name=FEDERATED_DATASET)
+    check_plan_spacing(spacing)
+    groups = merged.get(SITE_CASES_KEY) if spacing == "finest" else None
+    if spacing == "finest" and not groups:
+        raise ValueError("the merged fingerprint does not say which cases are whose; it cannot plan at the finest "
+                         "site's spacing")
+    fingerprint = {k: v for k, v in merged.items() if k != SITE_CASES_KEY}
+    plans = nn.plan_from_fingerprint(fingerprint, dict(header), name=FEDERATED_DATASET, spacing_groups=groups)
     return reduce_width(plans, configuration, width)
 
 
@@ -793,11 +822,13 @@ def nnunet_coordinator(
     plans_timeout_s: float | None = None,
     weighting: str = "cases",
     rules: AggregationRules | None = None,
+    plan_spacing: str = "finest",
 ) -> Path:
     """The coordinator of a federated nnU-Net: shared plans, rounds, final model folder.
 
     Returns the final model folder ``work/model`` (dataset.json, plans.json,
-    fold_all/checkpoint_final.pth). Restartable at any point.
+    fold_all/checkpoint_final.pth). Restartable at any point. ``plan_spacing``:
+    the target spacing of the shared plans (:func:`nnunet_plans`).
     """
     from oarbench.train import nnunet as nn
 
@@ -805,8 +836,9 @@ def nnunet_coordinator(
     work.mkdir(parents=True, exist_ok=True)
 
     def plan(merged: dict[str, Any], header: dict[str, Any]) -> dict[str, Any]:
-        return nnunet_plans(merged, header, configuration=configuration, width=width)
+        return nnunet_plans(merged, header, configuration=configuration, width=width, spacing=plan_spacing)
 
+    check_plan_spacing(plan_spacing)
     plans = make_shared_plans(exchange, config, plan, timeout_s=plans_timeout_s, weighting=weighting)
     header = shared_dataset_header(exchange, config)
 
@@ -950,6 +982,7 @@ def nnunet_simulate(
     num_processes: int = 1,
     options: TrainerOptions | None = None,
     threads: int | None = None,
+    plan_spacing: str = "finest",
 ) -> dict[str, Path]:
     """A coordinator and one site per dataset on this machine, in threads (nnU-Net steps run in child processes).
 
@@ -975,7 +1008,8 @@ def nnunet_simulate(
 
     jobs: dict[str, Callable[[], Path]] = {
         COORDINATOR: lambda: nnunet_coordinator(ex(COORDINATOR), config, work / COORDINATOR,
-                                                configuration=configuration, width=width),
+                                                configuration=configuration, width=width,
+                                                plan_spacing=plan_spacing),
     }
     for site, ds in datasets.items():
         jobs[site] = (lambda s=site, d=ds: nnunet_site(

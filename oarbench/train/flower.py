@@ -142,6 +142,8 @@ class ServerSettings:
     sites: names of the sites that must take part (every one, in every round).
     rounds, local_epochs, iterations: the schedule (as ``oarbench fl --engine storage``).
     configuration, width: nnU-Net configuration and network width.
+    plan_spacing: the shared plans' target spacing (``"finest"`` or ``"pooled"``,
+    :func:`oarbench.train.federated.nnunet_plans`).
     out: the server's output folder (plans, global weights, model folder, logs).
     seed: seed of the initial weights.
     timeout_s: longest wait for SuperNodes and for one round's replies.
@@ -158,6 +160,7 @@ class ServerSettings:
     timeout_s: float = 24 * 3600.0
     rules: AggregationRules = field(default_factory=AggregationRules)
     options: Any = None  # TrainerOptions sent to every site (None: nnU-Net's defaults, harmonised)
+    plan_spacing: str = "finest"
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> "ServerSettings":
@@ -166,11 +169,14 @@ class ServerSettings:
             raise ValueError(f"run config 'sites' must name distinct sites, got {cfg['sites']!r}")
         if not str(cfg.get("out", "")):
             raise ValueError("run config 'out' (the server's output folder) is empty")
+        from oarbench.train.federated import check_plan_spacing
+
+        check_plan_spacing(str(cfg.get("plan-spacing", "finest")))
         return cls(sites=sites, rounds=int(cfg["rounds"]), out=Path(str(cfg["out"])),
                    local_epochs=int(cfg.get("local-epochs", 1)), iterations=int(cfg.get("iterations", 250)),
                    configuration=str(cfg.get("configuration", "3d_fullres")), width=str(cfg.get("width", "default")),
                    seed=int(cfg.get("seed", 0)), timeout_s=float(cfg.get("timeout", 24 * 3600.0)),
-                   options=options_from_run_config(cfg))
+                   options=options_from_run_config(cfg), plan_spacing=str(cfg.get("plan-spacing", "finest")))
 
     def options_json(self) -> str:
         """The trainer options as the messages carry them (JSON)."""
@@ -257,7 +263,7 @@ def nnunet_server_steps() -> ServerSteps:
     from oarbench.train.federated import nnunet_plans
 
     def plan(merged: dict[str, Any], header: dict[str, Any], st: ServerSettings) -> dict[str, Any]:
-        return nnunet_plans(merged, header, configuration=st.configuration, width=st.width)
+        return nnunet_plans(merged, header, configuration=st.configuration, width=st.width, spacing=st.plan_spacing)
 
     def initial(plans: dict[str, Any], header: dict[str, Any], st: ServerSettings) -> dict[str, np.ndarray]:
         f = nn.initial_weights(plans, header, st.out / "initial.safetensors", configuration=st.configuration,
@@ -891,6 +897,7 @@ def run_local(
     federation: LocalFlowerFederation | None = None,
     options: Any = None,
     threads: int | None = None,
+    plan_spacing: str = "finest",
 ) -> dict[str, Any]:
     """A whole federation through Flower on this machine: SuperLink, one SuperNode per dataset, one run.
 
@@ -922,7 +929,7 @@ def run_local(
         summary = coordinate(fed.control_address, fed.tls.ca, work, sites=list(datasets), rounds=rounds,
                              local_epochs=local_epochs, iterations=iterations, configuration=configuration,
                              width=width, seed=seed, timeout_s=timeout_s, signing_key=fed.signing_key,
-                             roster=roster, options=options)
+                             roster=roster, options=options, plan_spacing=plan_spacing)
         summary["site_models"] = {s: str(work / "sites" / s / "model") for s in summary["site_models_written"]}
         return summary
     finally:
@@ -992,7 +999,8 @@ def add_to_roster(path: str | Path, site: str, public_key: str | Path, node_id: 
 def coordinate(superlink: str, root_certificates: str | Path, work: str | Path, *, sites: Sequence[str],
                rounds: int, local_epochs: int = 1, iterations: int = 250, configuration: str = "3d_fullres",
                width: str = "default", seed: int = 0, timeout_s: float = 24 * 3600.0,
-               signing_key: str | Path, roster: str | Path, options: Any = None) -> dict[str, Any]:
+               signing_key: str | Path, roster: str | Path, options: Any = None,
+               plan_spacing: str = "finest") -> dict[str, Any]:
     """Coordinator side: sign the Flower App with ``signing_key``, submit it to the SuperLink's Control API
     (``superlink``, on the coordinator's machine) with the signed ``roster`` file, and wait for it.
 
@@ -1006,8 +1014,10 @@ def coordinate(superlink: str, root_certificates: str | Path, work: str | Path, 
     """
     require_flower()
     from oarbench.train import nnunet as nn
+    from oarbench.train.federated import check_plan_spacing
     from oarbench.train.flower_trust import load_roster, load_signing_key
 
+    check_plan_spacing(plan_spacing)
     from cryptography.hazmat.primitives import serialization
 
     work = Path(work).resolve()
@@ -1026,7 +1036,7 @@ def coordinate(superlink: str, root_certificates: str | Path, work: str | Path, 
     (out / "summary.json").unlink(missing_ok=True)
     cfg = {"sites": ",".join(sites), "rounds": rounds, "local-epochs": local_epochs, "iterations": iterations,
            "configuration": configuration, "width": width, "seed": seed, "timeout": float(timeout_s), "out": str(out),
-           "roster": json.dumps(doc, sort_keys=True), **options_to_run_config(options)}
+           "roster": json.dumps(doc, sort_keys=True), "plan-spacing": plan_spacing, **options_to_run_config(options)}
     cfg_file = work / "run-config.json"
     nn._atomic_text(cfg_file, json.dumps(cfg))
     res = subprocess.run([sys.executable, "-m", "oarbench.train.flower_link", "submit", str(app), "coordinator",

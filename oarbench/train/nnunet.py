@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 __all__ = [
     "NnunetPaths",
@@ -212,9 +212,18 @@ def extract_fingerprint(paths: NnunetPaths, name: str, *, num_processes: int = 2
     return _run("fingerprint", paths, {"dataset": name, "num_processes": num_processes})["fingerprint"]
 
 
-def plan(paths: NnunetPaths, name: str, *, plans_name: str = "nnUNetPlans") -> dict[str, Any]:
-    """Run nnU-Net's default ExperimentPlanner on the stored fingerprint; return the plans."""
-    return _run("plan", paths, {"dataset": name, "plans_name": plans_name})["plans"]
+def plan(paths: NnunetPaths, name: str, *, plans_name: str = "nnUNetPlans",
+         spacing_groups: Sequence[tuple[str, int]] | None = None) -> dict[str, Any]:
+    """Run nnU-Net's default ExperimentPlanner on the stored fingerprint; return the plans.
+
+    ``spacing_groups`` (``(site, cases)`` in the fingerprint's case order): plan at
+    the finest of the sites' own target spacings, axis by axis, instead of the
+    median over all cases (plans.json ``oarbench_target_spacing`` records both).
+    """
+    spec: dict[str, Any] = {"dataset": name, "plans_name": plans_name}
+    if spacing_groups:
+        spec["spacing_groups"] = [[str(s), int(n)] for s, n in spacing_groups]
+    return _run("plan", paths, spec)["plans"]
 
 
 def preprocess(paths: NnunetPaths, name: str, *, plans_name: str = "nnUNetPlans",
@@ -226,21 +235,29 @@ def preprocess(paths: NnunetPaths, name: str, *, plans_name: str = "nnUNetPlans"
 
 
 def plan_and_preprocess(paths: NnunetPaths, name: str, *, configurations: tuple[str, ...] = ("3d_fullres",),
-                        num_processes: int = 2, verify: bool = True) -> dict[str, Any]:
-    """``nnUNetv2_plan_and_preprocess -d ID -c CONFIG -np N -npfp N [--verify_dataset_integrity]``."""
-    res = _run("plan_and_preprocess", paths, {
+                        num_processes: int = 2, verify: bool = True,
+                        spacing_groups: Sequence[tuple[str, int]] | None = None) -> dict[str, Any]:
+    """``nnUNetv2_plan_and_preprocess -d ID -c CONFIG -np N -npfp N [--verify_dataset_integrity]``.
+
+    ``spacing_groups``: as :func:`plan` (cases in nnU-Net's order, sorted by name).
+    """
+    spec: dict[str, Any] = {
         "dataset": name, "dataset_id": _dataset_id(name), "plans_name": "nnUNetPlans", "verify": bool(verify),
-        "configurations": list(configurations), "num_processes": num_processes})
+        "configurations": list(configurations), "num_processes": num_processes}
+    if spacing_groups:
+        spec["spacing_groups"] = [[str(s), int(n)] for s, n in spacing_groups]
+    res = _run("plan_and_preprocess", paths, spec)
     return res["plans"]
 
 
 def plan_from_fingerprint(fingerprint: Mapping[str, Any], dataset_header: Mapping[str, Any], *, name: str,
-                          plans_name: str = "nnUNetPlans") -> dict[str, Any]:
+                          plans_name: str = "nnUNetPlans",
+                          spacing_groups: Sequence[tuple[str, int]] | None = None) -> dict[str, Any]:
     """Plans from a (merged) fingerprint and a dataset.json header, without any image.
 
     Used by the federated coordinator. The planner gets a raw dataset folder
     holding only a dataset.json (reader fixed to SimpleITKIO, a placeholder
-    case list it never opens) and the fingerprint.
+    case list it never opens) and the fingerprint. ``spacing_groups``: as :func:`plan`.
     """
     with tempfile.TemporaryDirectory(prefix="oarbench-plan-") as tmp:
         paths = NnunetPaths.under(tmp).make()
@@ -254,7 +271,7 @@ def plan_from_fingerprint(fingerprint: Mapping[str, Any], dataset_header: Mappin
         pre = Path(paths.preprocessed) / name
         pre.mkdir()
         (pre / "dataset_fingerprint.json").write_text(json.dumps(fingerprint))
-        return plan(paths, name, plans_name=plans_name)
+        return plan(paths, name, plans_name=plans_name, spacing_groups=spacing_groups)
 
 
 def install_plans(paths: NnunetPaths, name: str, plans: Mapping[str, Any], *, plans_name: str = "nnUNetPlans",
