@@ -14,14 +14,19 @@ runs, so repeat a row to see how much a number moves by itself before reading a 
 local models do not depend on the federated settings: rows that share the local schedule retrain
 them the same way, and their numbers agreeing across rows is that check. The rows (``ROWS``) differ from the quick schedule in one setting each:
 
-* ``today``: no site harmonisation (nnU-Net reads the arrays as stored; centre B is x/y flipped);
-* ``harmonised``: the quick schedule as shipped (every case in LPS before nnU-Net sees it);
-* ``optimizer_reset``: harmonised, and each federated site starts every round with a fresh AdamW
-  (no moments carried over from its previous round; FedAvg averages the weights only, so a kept
-  optimizer applies moments gathered on the site's own pre-averaging trajectory);
-* ``rounds6x2``, ``rounds4x3``: harmonised, 6 rounds of 2 local epochs / 4 rounds of 3 (the same
-  12 epochs of 100 iterations per site);
-* ``longer``: harmonised, 10 epochs of 150 iterations (the earlier, longer schedule of docs/demo.md).
+* ``today``: no site harmonisation (nnU-Net reads the arrays as stored; centre B is x/y flipped),
+  and the federated plans at nnU-Net's median spacing over both centres' cases (``pooled``);
+* ``harmonised``: every case in LPS before nnU-Net sees it, plans still at the pooled median spacing;
+* ``optimizer_reset``: as ``harmonised``, and each federated site starts every round with a fresh
+  AdamW (no moments carried over from its previous round; FedAvg averages the weights only, so a
+  kept optimizer applies moments gathered on the site's own pre-averaging trajectory);
+* ``longer``: as ``harmonised``, 10 epochs of 150 iterations (the earlier, longer schedule);
+* ``finest_spacing``: the quick schedule as shipped (harmonised, and the federated plans at the
+  finest centre's spacing, centre A's 2.8 mm pixels, instead of the median 3.4 mm);
+* ``rounds24x50``: as shipped, 24 rounds of one epoch of 50 iterations (the same 1,200 iterations
+  per site, averaged twice as often);
+* ``rounds6x2``, ``rounds4x3``: as shipped, 6 rounds of 2 local epochs / 4 rounds of 3 (the same
+  12 epochs of 100 iterations per site).
 
 Afterwards it prints, and writes to ``OUT/ablation.md`` and ``OUT/ablation.csv``, one row per
 ablation row, model and centre: the median DSC over the test cases of Liver, Spleen, Kidney_L,
@@ -43,17 +48,24 @@ ORGANS = ("Liver", "Spleen", "Kidney_L", "Kidney_R", "Stomach")
 
 #: Row name -> overrides of ``TrainSettings.schedule("quick", ...)``.
 ROWS: dict[str, dict[str, object]] = {
-    "today": {"harmonise": False},
-    "harmonised": {},
-    "optimizer_reset": {"optimizer_state": "reset"},
+    "today": {"harmonise": False, "plan_spacing": "pooled"},
+    "harmonised": {"plan_spacing": "pooled"},
+    "optimizer_reset": {"optimizer_state": "reset", "plan_spacing": "pooled"},
+    "longer": {"epochs": 10, "iterations": 150, "plan_spacing": "pooled"},
+    "finest_spacing": {},
+    "rounds24x50": {"epochs": 24, "iterations": 50, "rounds": 24},
     "rounds6x2": {"rounds": 6, "local_epochs": 2},
     "rounds4x3": {"rounds": 4, "local_epochs": 3},
-    "longer": {"epochs": 10, "iterations": 150},
 }
 
 
-def run_row(name: str, out: Path, engine: str, workers: int) -> dict[str, float]:
-    """One ``demo --train`` with the row's settings into ``out/name``; returns its step timings."""
+def run_row(name: str, out: Path, engine: str, workers: int, reuse_local: str | None = None) -> dict[str, float]:
+    """One ``demo --train`` with the row's settings into ``out/name``; returns its step timings.
+
+    ``reuse_local``: a finished row whose local models this row links to instead of training
+    them again (they do not depend on the federated settings; ``demo`` refuses them if the local
+    schedule differs). Only the federated model trains then, so the row's time is not a whole run's.
+    """
     from oarbench.demo import TrainSettings, run_demo
 
     row_dir = out / name
@@ -61,6 +73,13 @@ def run_row(name: str, out: Path, engine: str, workers: int) -> dict[str, float]
         print(f"[ablation] {name}: done before, reused", flush=True)
         return {}
     row_dir.mkdir(parents=True, exist_ok=True)
+    if reuse_local:
+        (row_dir / "models").mkdir(exist_ok=True)
+        for local in sorted((out / reuse_local / "models").glob("local-*")):
+            link = row_dir / "models" / local.name
+            if not link.exists():
+                link.symlink_to(local.resolve(), target_is_directory=True)
+        (row_dir / "reused_local.txt").write_text(f"{reuse_local}\n")
     settings = TrainSettings.schedule("quick", engine=engine, **ROWS[name])
     (row_dir / "settings.json").write_text(json.dumps(settings.training_key(), indent=1))
     t0 = time.perf_counter()
@@ -121,6 +140,8 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     ap.add_argument("--engine", choices=("storage", "flower"), default="storage")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--reuse-local", default=None, metavar="ROW",
+                    help="link the local models of this finished row instead of training them (federated rows only)")
     args = ap.parse_args()
     names = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in names if r not in ROWS]
@@ -129,7 +150,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"[ablation] {len(names)} row(s), engine {args.engine}, {os.cpu_count()} CPU(s)", flush=True)
     for name in names:
-        run_row(name, args.out, args.engine, args.workers)
+        run_row(name, args.out, args.engine, args.workers, args.reuse_local)
     table = summarise(args.out, names)
     if not len(table):
         sys.exit("no row finished")

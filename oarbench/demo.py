@@ -57,6 +57,9 @@ class TrainSettings:
     ``harmonise``: bring every case to the canonical orientation before nnU-Net sees it
     (:mod:`oarbench.train.harmonise`; off reproduces training on the arrays as stored).
     ``optimizer_state``: ``"kept"`` or ``"reset"`` across federated rounds (:class:`TrainerOptions`).
+    ``plan_spacing``: the federated model's target spacing, ``"finest"`` (the finest site's
+    grid) or ``"pooled"`` (nnU-Net's median over both centres' cases;
+    :func:`oarbench.train.federated.nnunet_plans`).
     ``robustness_cases``: test cases per centre scored under ``conditions``;
     ``curve_cases``: test cases per centre scored for the learning curves (0: none).
     """
@@ -74,6 +77,7 @@ class TrainSettings:
     foreground_oversampling: float | None = QUICK_FOREGROUND
     harmonise: bool = True
     optimizer_state: str = "kept"
+    plan_spacing: str = "finest"
     device: str = "cpu"
     mirroring: bool = False
     conditions: tuple[str, ...] = ("flip_lr", "prone", "rot_z+10")
@@ -88,6 +92,8 @@ class TrainSettings:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.robustness_cases < 0 or self.curve_cases < 0:
             raise ValueError("robustness_cases and curve_cases must be at least 0")
+        if self.plan_spacing not in ("finest", "pooled"):
+            raise ValueError(f"plan_spacing must be 'finest' or 'pooled', got {self.plan_spacing!r}")
 
     @classmethod
     def schedule(cls, name: str, **overrides: Any) -> "TrainSettings":
@@ -115,12 +121,20 @@ class TrainSettings:
                               optimizer=self.optimizer, foreground_oversampling=self.foreground_oversampling,
                               harmonise=self.harmonise, optimizer_state=self.optimizer_state)
 
-    def training_key(self) -> dict[str, Any]:
-        """What a trained model depends on: a re-run reuses models only when this matches."""
-        return {k: getattr(self, k) for k in ("epochs", "iterations", "rounds", "local_epochs", "width",
-                                               "configuration", "augmentation", "batch_size", "initial_lr",
-                                               "optimizer", "foreground_oversampling", "harmonise", "optimizer_state",
-                                               "engine")}
+    def training_key(self, federated: bool = True) -> dict[str, Any]:
+        """What a trained model depends on: a re-run reuses models only when this matches.
+
+        A local model (``federated=False``) does not depend on the federated settings
+        (:data:`FEDERATED_ONLY`), so a run that changes only those reuses the local models.
+        """
+        keys = ("epochs", "iterations", "rounds", "local_epochs", "width", "configuration", "augmentation",
+                "batch_size", "initial_lr", "optimizer", "foreground_oversampling", "harmonise", "optimizer_state",
+                "plan_spacing", "engine")
+        return {k: getattr(self, k) for k in keys if federated or k not in FEDERATED_ONLY}
+
+
+#: Settings only a federated model depends on.
+FEDERATED_ONLY = ("rounds", "local_epochs", "optimizer_state", "plan_spacing", "engine")
 
 
 def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings: TrainSettings,
@@ -143,17 +157,17 @@ def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings:
 
     from oarbench.io import atomic_write_text
 
-    key = settings.training_key()
     folders: dict[str, Path] = {}
     todo = []
     for model in study.models:
+        key = settings.training_key(federated=len(model.trained_on) > 1)
         work = out_dir / model.name
         done_marker = work / "model_folder.txt"
         key_file = work / "training.json"
         if key_file.is_file() or done_marker.is_file():
             old = json.loads(key_file.read_text()) if key_file.is_file() else {}
-            if old != key:
-                diff = sorted(k for k in key if old.get(k) != key[k])
+            diff = sorted(k for k in key if old.get(k, "unrecorded") != key[k])
+            if diff:
                 raise ValueError(f"{work}: holds a model trained with other settings ({', '.join(diff)} differ); "
                                  "use another --out, or delete that folder to retrain")
         if done_marker.is_file():
@@ -171,7 +185,8 @@ def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings:
     for model in todo:
         work = out_dir / model.name
         work.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(work / "training.json", json.dumps(key, indent=1))
+        atomic_write_text(work / "training.json",
+                          json.dumps(settings.training_key(federated=len(model.trained_on) > 1), indent=1))
         kind = (f"local nnU-Net on centre {model.trained_on[0]}" if len(model.trained_on) == 1 else
                 f"federated nnU-Net across {', '.join(model.trained_on)} ({settings.engine} engine)")
         log(f"[demo]   {model.name}: {kind}")
@@ -212,7 +227,7 @@ def _train_model(model: Any, datasets: dict[str, Path], work: Path, settings: Tr
                             rounds=settings.rounds, local_epochs=settings.local_epochs,
                             iterations=settings.iterations, configuration=settings.configuration,
                             width=settings.width, device=settings.device, options=settings.options(),
-                            num_processes=threads, threads=threads)
+                            num_processes=threads, threads=threads, plan_spacing=settings.plan_spacing)
         return Path(summary["model"])
     keys = work / "keys"
     if not (keys / "roster.json").is_file():
@@ -224,7 +239,7 @@ def _train_model(model: Any, datasets: dict[str, Path], work: Path, settings: Tr
         FederationConfig(tuple(model.trained_on), rounds=settings.rounds, poll_s=0.5),
         local_epochs=settings.local_epochs, iterations=settings.iterations,
         configuration=settings.configuration, width=settings.width, device=settings.device,
-        options=settings.options(), num_processes=threads, threads=threads)
+        options=settings.options(), num_processes=threads, threads=threads, plan_spacing=settings.plan_spacing)
     return Path(parties["coordinator"])
 
 

@@ -77,7 +77,10 @@ def test_models_train_at_the_same_time_sharing_the_cores(tmp_path: Path, monkeyp
     assert set(calls.values()) == {max(1, (os.cpu_count() or 1) // 4)}
     for name, folder in folders.items():
         assert Path((tmp_path / "models" / name / "model_folder.txt").read_text()) == folder.resolve()
-        assert json.loads((tmp_path / "models" / name / "training.json").read_text()) == settings.training_key()
+        key = settings.training_key(federated=name == "fl")
+        assert json.loads((tmp_path / "models" / name / "training.json").read_text()) == key
+    assert "plan_spacing" not in settings.training_key(federated=False)
+    assert settings.training_key()["plan_spacing"] == "finest"
     # a re-run reuses them; another schedule is refused, naming what differs
     calls.clear()
     assert train_models(_study(tmp_path), datasets, tmp_path / "models", settings, log=lambda _: None) == folders
@@ -85,6 +88,23 @@ def test_models_train_at_the_same_time_sharing_the_cores(tmp_path: Path, monkeyp
     other = TrainSettings.schedule("quick", iterations=7)
     with pytest.raises(ValueError, match=r"other settings \(iterations differ\)"):
         train_models(_study(tmp_path), datasets, tmp_path / "models", other, log=lambda _: None)
+    # a change of a federated setting retrains the federated model only: the local models are reused
+    pooled = TrainSettings.schedule("quick", plan_spacing="pooled")
+    with pytest.raises(ValueError, match=r"models/fl: holds a model trained with other settings \(plan_spacing differ"):
+        train_models(_study(tmp_path), datasets, tmp_path / "models", pooled, log=lambda _: None)
+    import shutil
+
+    shutil.rmtree(tmp_path / "models" / "fl")
+
+    def fake_alone(model, datasets, work, settings, threads):
+        calls[model.name] = threads
+        (work / "model").mkdir(parents=True)
+        return work / "model"
+
+    monkeypatch.setattr(demo, "_train_model", fake_alone)
+    again = train_models(_study(tmp_path), datasets, tmp_path / "models", pooled, log=lambda _: None)
+    assert list(calls) == ["fl"] and again["local-A"] == folders["local-A"]
+    assert json.loads((tmp_path / "models" / "fl" / "training.json").read_text())["plan_spacing"] == "pooled"
 
 
 def test_a_failing_model_fails_the_run(tmp_path: Path, monkeypatch) -> None:
