@@ -20,10 +20,12 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd  # imported where used: a process pool forks before it (docs/performance.md)
 
 from oarbench import __version__
 from oarbench import storage
@@ -178,6 +180,8 @@ def read_patients(path: str | Path | None) -> tuple[tuple[str, str], ...]:
     """
     if path is None:
         return ()
+    import pandas as pd
+
     path = Path(path)
     try:
         meta = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -649,9 +653,12 @@ def _evaluate_jobs(
         done[(job.tag, case)] = result[1]
         bar.update(1)
 
+    work = [(case, ref, pred, options) for _, case, ref, pred in todo]
     try:
-        executor.map(_work, [(case, ref, pred, options) for _, case, ref, pred in todo],
-                     on_result=finished, name="evaluate")
+        if isinstance(executor, LocalExecutor):
+            executor.map(_work, work, on_result=finished, name="evaluate", while_running=_import_tables_library)
+        else:
+            executor.map(_work, work, on_result=finished, name="evaluate")
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
@@ -663,6 +670,8 @@ def _evaluate_jobs(
                 rows.append({"study": job.study, "centre": job.centre, "model": job.model,
                              "condition": job.condition, "case": case, "patient": patient_of.get(case, case),
                              **row})
+
+    import pandas as pd
 
     table = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
     check_keys(table, "results table")
@@ -733,6 +742,19 @@ def resolution_warnings(table: pd.DataFrame) -> list[str]:
     return out
 
 
+def _import_tables_library() -> None:
+    """Import pandas in a background thread while the pool's workers score the cases.
+
+    The table is built only after the workers finish; importing pandas then would add its
+    import time (about 0.3 s) to every run. The workers are forked before this is called
+    (``LocalExecutor.map``), so no worker inherits a half-finished import.
+    """
+    import importlib
+    import threading
+
+    threading.Thread(target=importlib.import_module, args=("pandas",), name="import-pandas", daemon=True).start()
+
+
 def summarise(table: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS, bootstrap: Any = "default") -> pd.DataFrame:
     """Per study x centre x model x condition x structure: status counts and
     median, IQR and mean of each metric, with bootstrap 95 % intervals of the
@@ -744,6 +766,8 @@ def summarise(table: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS, boo
     ``bootstrap``: a :class:`oarbench.stats.BootstrapOptions` (default: 2000
     resamples, seed 12345), or ``None`` for no intervals.
     """
+    import pandas as pd
+
     from oarbench.stats.bootstrap import BootstrapOptions, cluster_bootstrap_ci
 
     boot = BootstrapOptions() if isinstance(bootstrap, str) else bootstrap
@@ -758,6 +782,7 @@ def summarise(table: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS, boo
         for status in ("ok", "missed", "hallucinated", "absent", "missing"):
             row[f"n_{status}"] = int(counts.get(status, 0))
         used = group[group["status"].isin(["ok", "missed", "hallucinated"])]
+        clusters = (used["patient"] if "patient" in used.columns else used["case"]).astype(str).to_numpy()
         for metric in metrics:
             values = used[metric].to_numpy(dtype=float)
             if len(values) == 0:
@@ -773,7 +798,6 @@ def summarise(table: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS, boo
             row[f"{metric}_q1"] = q1
             row[f"{metric}_q3"] = q3
             row[f"{metric}_mean"] = mean
-            clusters = (used["patient"] if "patient" in used.columns else used["case"]).astype(str).to_numpy()
             for stat in ("median", "mean"):
                 lo = hi = math.nan
                 if boot is not None and len(values):

@@ -93,7 +93,10 @@ class LocalExecutor:
         return f"LocalExecutor(workers={self.workers})"
 
     def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], *, on_result: OnResult | None = None,
-            name: str = "task") -> list[Any]:
+            name: str = "task", while_running: Callable[[], Any] | None = None) -> list[Any]:
+        """``while_running``: called once in this process when the pool's workers are started and
+        every task is submitted (not called when the tasks run in this process), so this
+        process can do its own work while it would otherwise only wait."""
         results: list[Any] = [None] * len(tasks)
         if self.workers == 1 or len(tasks) <= 1:
             for i, task in enumerate(tasks):
@@ -105,6 +108,8 @@ class LocalExecutor:
             futures = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
             pending = set(futures)
             try:
+                if while_running is not None:
+                    while_running()
                 while pending:
                     finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for fut in sorted(finished, key=futures.__getitem__):

@@ -24,9 +24,10 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd  # imported where used (oarbench.evaluate imports this module before its pool forks)
 
 from oarbench import storage
 from oarbench.metrics import RESULT_COLUMNS
@@ -117,6 +118,8 @@ def restore_cells(df: pd.DataFrame) -> pd.DataFrame:
 
 def _map_cells(values: pd.Series, fn: Any) -> pd.Series:
     """``values`` with ``fn`` applied to each distinct text (a few names in a long table: fast)."""
+    import pandas as pd
+
     original = values
     values = values.astype(object)
     changed = {}
@@ -132,6 +135,8 @@ def _map_cells(values: pd.Series, fn: Any) -> pd.Series:
 
 
 def _is_text(values: pd.Series) -> bool:
+    import pandas as pd
+
     return values.dtype == object or isinstance(values.dtype, (pd.StringDtype, pd.CategoricalDtype))
 
 
@@ -271,6 +276,8 @@ def read_table(url: str | Path, *, columns: Sequence[str] | None = None, what: s
     column, has an empty key (:func:`check_keys`) or (a local file) does not
     match the sha256 its run record names (:func:`oarbench.io.check_output_set`).
     """
+    import pandas as pd
+
     text = str(url).rstrip("/")
     if "://" not in text:
         from oarbench.io import check_output_set  # the tables of one run, not a mixed set

@@ -101,6 +101,19 @@ def test_local_executor_order_callbacks_errors(workers: int) -> None:
     assert sorted(seen) == [(i, i * i) for i in range(7)]
     with pytest.raises(ValueError, match="case 3: bad input"):
         ex.map(_fail_on_three, list(range(6)))
+    # the caller's own work while a pool runs: once, only with a pool, in this process, after the workers started
+    calls: list[int] = []
+    assert ex.map(_square, [1, 2, 3], while_running=lambda: calls.append(os.getpid())) == [1, 4, 9]
+    assert calls == ([] if workers == 1 else [os.getpid()])
+
+
+def test_evaluate_imports_pandas_only_after_the_workers_fork() -> None:
+    """A forked worker never inherits a half-done import: the evaluate path imports pandas after the pool
+    started (in a background thread), not at import time."""
+    code = ("import sys, oarbench.evaluate, oarbench.tables, oarbench.cli.evaluate_cmd; "
+            "print('pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_dask_executor_order_callbacks_errors_window(cluster) -> None:

@@ -19,6 +19,7 @@ seeded from ``seed``.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -113,6 +114,20 @@ def _check_values(values: Sequence[float] | np.ndarray, name: str) -> np.ndarray
     return v
 
 
+@functools.lru_cache(maxsize=8)
+def _cluster_draws(seed: int, n_clusters: int, n_resamples: int) -> np.ndarray:
+    """How often each of ``n_clusters`` patients is drawn in each resample (read-only).
+
+    It depends only on the seed and the two counts, so every metric and statistic of a
+    group, and every group with as many patients, shares one draw (as before, when each
+    call drew it again from the same seed).
+    """
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n_clusters, np.full(n_clusters, 1.0 / n_clusters), size=n_resamples)
+    counts.setflags(write=False)
+    return counts
+
+
 def cluster_bootstrap_ci(
     values: Sequence[float] | np.ndarray,
     clusters: Sequence[object] | np.ndarray,
@@ -144,8 +159,7 @@ def cluster_bootstrap_ci(
     n_clusters = int(cl.max()) + 1 if cl.size else 0
     if options.n_resamples == 0 or n_clusters < options.min_clusters:
         return math.nan, math.nan
-    rng = np.random.default_rng(options.seed)
-    counts = rng.multinomial(n_clusters, np.full(n_clusters, 1.0 / n_clusters), size=options.n_resamples)
+    counts = _cluster_draws(options.seed, n_clusters, options.n_resamples)
     order = np.argsort(v, kind="stable")
     v, cl = v[order], cl[order]
     weights = counts[:, cl].astype(np.int64)  # resample x scan, in sorted order of the values
