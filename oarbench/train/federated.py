@@ -20,7 +20,8 @@ completed round and carry on.
 Shared plans: before round 0 each site uploads its nnU-Net dataset
 fingerprint (a summary: per-case spacing and shape after cropping, foreground
 intensity statistics), the coordinator merges them with
-:func:`merge_fingerprints`, plans once and publishes one signed plans file.
+:func:`merge_fingerprints`, plans once and publishes one signed plans file
+(at the finest site's target spacing by default, :func:`nnunet_plans`).
 
 The local training step is a plain callable (:class:`LocalTraining`), so the
 protocol runs with a tiny numpy model in tests and with nnU-Net for real.
