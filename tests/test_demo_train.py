@@ -51,7 +51,13 @@ def _tiny_config(tmp_path: Path) -> Path:
 def test_demo_train_end_to_end(tmp_path):
     from oarbench.demo import TrainSettings, run_demo
 
-    settings = dataclasses.replace(TrainSettings.schedule("quick", epochs=TEST_EPOCHS, iterations=TEST_ITERATIONS),
+    # The federated plans at nnU-Net's median spacing: in this reduced study centre B (4 mm pixels) is the
+    # finer one, so the default plans (the finest site's grid) would upsample centre A's 5.6 mm images, and at
+    # 360 iterations that federated model stayed below the local models on the centre each did not see
+    # (measured: liver 0.565 on A, 0.526 on B against local-A's 0.589 on B; docs/demo.md, "Tests"). The
+    # default plans are tested by tests/test_plan_spacing.py and the Flower deployment test.
+    settings = dataclasses.replace(TrainSettings.schedule("quick", epochs=TEST_EPOCHS, iterations=TEST_ITERATIONS,
+                                                          plan_spacing="pooled"),
                                    conditions=("flip_lr",), robustness_cases=1, curve_cases=2)
     assert settings.rounds * settings.local_epochs == settings.epochs  # fl sites follow the local schedule
     out = tmp_path / "demo"

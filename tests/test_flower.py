@@ -45,6 +45,15 @@ def test_run_config_and_records() -> None:
                                            "plan-spacing": "pooled"}).plan_spacing == "pooled"
     with pytest.raises(ValueError, match="plan spacing must be one of finest, pooled, got 'median'"):
         ServerSettings.from_run_config({"sites": "A", "rounds": 1, "out": "/tmp/x", "plan-spacing": "median"})
+    # Flower refuses a run config key the app does not declare: every key the coordinator sends is declared
+    import tomllib
+
+    from oarbench.train.flower import _PYPROJECT, options_to_run_config
+
+    declared = set(tomllib.loads(_PYPROJECT)["tool"]["flwr"]["app"]["config"])
+    sent = {"sites", "rounds", "local-epochs", "iterations", "configuration", "width", "seed", "timeout", "out",
+            "roster", "plan-spacing", *options_to_run_config(None)}
+    assert sent <= declared, sorted(sent - declared)
     w = {"b": np.arange(3, dtype=np.float64), "a": np.ones((2, 2), np.float32), "n": np.array([7], np.int64)}
     back = record_to_weights(weights_to_record(w))
     assert sorted(back) == ["a", "b", "n"]

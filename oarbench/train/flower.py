@@ -620,6 +620,7 @@ optimizer = "sgd"
 foreground-oversampling = -1.0
 harmonise = true
 optimizer-state = "kept"
+plan-spacing = "finest"
 """
 
 
