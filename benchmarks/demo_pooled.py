@@ -35,6 +35,8 @@ from pathlib import Path
 
 ORGANS = ("Liver", "Spleen", "Kidney_L", "Kidney_R", "Stomach")
 POOLED = "Dataset903_Pooled"
+#: The demo study's raw dataset of each centre.
+DATASETS = {"A": "Dataset901_CentreA", "B": "Dataset902_CentreB"}
 
 
 def pooled_dataset(study: Path, out: Path) -> Path:
@@ -42,7 +44,7 @@ def pooled_dataset(study: Path, out: Path) -> Path:
     raw = out / "raw" / POOLED
     if (raw / "dataset.json").is_file():
         return raw
-    sources = {"A": study / "nnUNet_raw" / "Dataset901_CentreA", "B": study / "nnUNet_raw" / "Dataset902_CentreB"}
+    sources = {c: study / "nnUNet_raw" / ds for c, ds in DATASETS.items()}
     meta = json.loads((sources["A"] / "dataset.json").read_text())
     n = 0
     for sub in ("imagesTr", "labelsTr"):
@@ -65,10 +67,10 @@ def dsc_table(study: Path, predictions: dict[str, Path]) -> list[dict[str, objec
 
     from oarbench.io import read_volume
 
-    labels = json.loads((study / "nnUNet_raw" / "Dataset901_CentreA" / "dataset.json").read_text())["labels"]
+    labels = json.loads((study / "nnUNet_raw" / DATASETS["A"] / "dataset.json").read_text())["labels"]
     rows = []
     for centre, folder in predictions.items():
-        ds = {"A": "Dataset901_CentreA", "B": "Dataset902_CentreB"}[centre]
+        ds = DATASETS[centre]
         values: dict[str, list[float]] = {o: [] for o in ORGANS}
         for ref_file in sorted((study / "nnUNet_raw" / ds / "labelsTs").glob("*.nii.gz")):
             ref = np.asarray(read_volume(ref_file).array)
@@ -109,7 +111,7 @@ def main() -> None:
     summary = {"model_folder": str(res.model_folder)}
     trained = time.perf_counter() - t0
     preds = {}
-    for centre, ds in (("A", "Dataset901_CentreA"), ("B", "Dataset902_CentreB")):
+    for centre, ds in DATASETS.items():
         preds[centre] = args.out / "predictions" / centre
         predict(summary["model_folder"], args.study / "nnUNet_raw" / ds / "imagesTs", preds[centre])
     rows = dsc_table(args.study, preds)

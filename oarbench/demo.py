@@ -92,8 +92,9 @@ class TrainSettings:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.robustness_cases < 0 or self.curve_cases < 0:
             raise ValueError("robustness_cases and curve_cases must be at least 0")
-        if self.plan_spacing not in ("finest", "pooled"):
-            raise ValueError(f"plan_spacing must be 'finest' or 'pooled', got {self.plan_spacing!r}")
+        from oarbench.train._plans import check_plan_spacing
+
+        check_plan_spacing(self.plan_spacing)
 
     @classmethod
     def schedule(cls, name: str, **overrides: Any) -> "TrainSettings":

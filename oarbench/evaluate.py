@@ -653,12 +653,11 @@ def _evaluate_jobs(
         done[(job.tag, case)] = result[1]
         bar.update(1)
 
-    work = [(case, ref, pred, options) for _, case, ref, pred in todo]
+    # a local pool lets this process import pandas while its workers score the cases
+    meanwhile = {"while_running": _import_tables_library} if isinstance(executor, LocalExecutor) else {}
     try:
-        if isinstance(executor, LocalExecutor):
-            executor.map(_work, work, on_result=finished, name="evaluate", while_running=_import_tables_library)
-        else:
-            executor.map(_work, work, on_result=finished, name="evaluate")
+        executor.map(_work, [(case, ref, pred, options) for _, case, ref, pred in todo],
+                     on_result=finished, name="evaluate", **meanwhile)
     finally:
         bar.close()
     elapsed = time.perf_counter() - start

@@ -10,8 +10,13 @@ from typing import Any
 import click
 
 from oarbench.cli._common import user_errors
+from oarbench.train._plans import PLAN_SPACINGS
 
 _WIDTHS = click.Choice(["default", "small", "tiny"])
+_plan_spacing_option = click.option(
+    "--plan-spacing", type=click.Choice(list(PLAN_SPACINGS)), default="finest", show_default=True,
+    help="Target spacing of the shared plans: the finest site's, axis by axis, or nnU-Net's median over all sites' "
+         "cases (docs/training.md).")
 _DEVICES = click.Choice(["cpu", "cuda"])
 _ENGINES = click.Choice(["storage", "flower"])
 COORDINATOR_LABEL = "coordinator"
@@ -242,9 +247,7 @@ def _exchange(storage: str, storage_options: str | None, keys_dir: Path, identit
               help="storage: fedavg, median (coordinate-wise) or trimmed:F (trimmed mean, 0 <= F < 0.5).")
 @click.option("--max-step", type=float, default=1.3, show_default=True,
               help="storage: refuse an update farther from the global model than this times its norm.")
-@click.option("--plan-spacing", type=click.Choice(["finest", "pooled"]), default="finest", show_default=True,
-              help="Target spacing of the shared plans: the finest site's, axis by axis, or nnU-Net's median over "
-                   "all sites' cases (docs/training.md).")
+@_plan_spacing_option
 @user_errors
 def coordinator(engine: str, storage: str | None, storage_options: str | None, keys_dir: Path | None,
                 superlink: str | None, root_certificates: Path | None, sites: str | None, rounds: int | None,
@@ -456,9 +459,7 @@ def register_cmd(setup_dir: Path, site: str, public_key: Path, control_port: int
 @click.option("--configuration", default="3d_fullres", show_default=True)
 @click.option("--device", type=_DEVICES, default="cpu", show_default=True)
 @click.option("--poll", type=click.FloatRange(min=0.01), default=0.5, show_default=True)
-@click.option("--plan-spacing", type=click.Choice(["finest", "pooled"]), default="finest", show_default=True,
-              help="Target spacing of the shared plans: the finest site's, axis by axis, or nnU-Net's median over "
-                   "all sites' cases (docs/training.md).")
+@_plan_spacing_option
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors
 def simulate(engine: str, storage: str | None, storage_options: str | None, keys_dir: Path | None, datasets: tuple[str, ...],

@@ -1,11 +1,22 @@
-"""Plans edits that need neither torch nor nnU-Net (network width)."""
+"""Plans edits and choices that need neither torch nor nnU-Net (network width, target spacing policy)."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any, Mapping
 
-__all__ = ["WIDTHS", "reduce_width"]
+__all__ = ["PLAN_SPACINGS", "WIDTHS", "check_plan_spacing", "reduce_width"]
+
+#: How a federation's target spacing is chosen (docs/training.md, "The federation's target spacing"):
+#: the finest site's, axis by axis, or nnU-Net's rule on all sites' cases together.
+PLAN_SPACINGS = ("finest", "pooled")
+
+
+def check_plan_spacing(policy: str) -> str:
+    """``policy`` if it is one of :data:`PLAN_SPACINGS`, else ValueError."""
+    if policy not in PLAN_SPACINGS:
+        raise ValueError(f"plan spacing must be one of {', '.join(PLAN_SPACINGS)}, got {policy!r}")
+    return policy
 
 #: Network widths: ``None`` keeps the planned features; otherwise (base, cap):
 #: stage i gets min(base * 2**i, cap) features.

@@ -44,6 +44,7 @@ import numpy as np
 if TYPE_CHECKING:
     from oarbench.train.nnunet import TrainerOptions
 
+from oarbench.train._plans import PLAN_SPACINGS, check_plan_spacing
 from oarbench.train.aggregate import (
     MAX_CASES,
     MAX_INTENSITY,
@@ -370,16 +371,6 @@ def merge_site_messages(bodies: Mapping[str, Mapping[str, Any]]) -> tuple[dict[s
 
 #: Merged-fingerprint key: ``[[site, cases], ...]`` in the order its per-case lists hold the sites.
 SITE_CASES_KEY = "oarbench_site_cases"
-
-#: How the federation's target spacing is chosen (docs/training.md, "The federation's target spacing").
-PLAN_SPACINGS = ("finest", "pooled")
-
-
-def check_plan_spacing(policy: str) -> str:
-    if policy not in PLAN_SPACINGS:
-        raise ValueError(f"plan spacing must be one of {', '.join(PLAN_SPACINGS)}, got {policy!r}")
-    return policy
-
 
 def nnunet_plans(merged: Mapping[str, Any], header: Mapping[str, Any], *, configuration: str = "3d_fullres",
                  width: str = "default", spacing: str = "finest") -> dict[str, Any]:

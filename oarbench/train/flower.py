@@ -169,14 +169,14 @@ class ServerSettings:
             raise ValueError(f"run config 'sites' must name distinct sites, got {cfg['sites']!r}")
         if not str(cfg.get("out", "")):
             raise ValueError("run config 'out' (the server's output folder) is empty")
-        from oarbench.train.federated import check_plan_spacing
+        from oarbench.train._plans import check_plan_spacing
 
-        check_plan_spacing(str(cfg.get("plan-spacing", "finest")))
         return cls(sites=sites, rounds=int(cfg["rounds"]), out=Path(str(cfg["out"])),
                    local_epochs=int(cfg.get("local-epochs", 1)), iterations=int(cfg.get("iterations", 250)),
                    configuration=str(cfg.get("configuration", "3d_fullres")), width=str(cfg.get("width", "default")),
                    seed=int(cfg.get("seed", 0)), timeout_s=float(cfg.get("timeout", 24 * 3600.0)),
-                   options=options_from_run_config(cfg), plan_spacing=str(cfg.get("plan-spacing", "finest")))
+                   options=options_from_run_config(cfg),
+                   plan_spacing=check_plan_spacing(str(cfg.get("plan-spacing", "finest"))))
 
     def options_json(self) -> str:
         """The trainer options as the messages carry them (JSON)."""
@@ -1015,11 +1015,12 @@ def coordinate(superlink: str, root_certificates: str | Path, work: str | Path, 
     """
     require_flower()
     from oarbench.train import nnunet as nn
-    from oarbench.train.federated import check_plan_spacing
+    from oarbench.train._plans import check_plan_spacing
     from oarbench.train.flower_trust import load_roster, load_signing_key
 
-    check_plan_spacing(plan_spacing)
     from cryptography.hazmat.primitives import serialization
+
+    check_plan_spacing(plan_spacing)
 
     work = Path(work).resolve()
     key = load_signing_key(signing_key)

@@ -212,6 +212,10 @@ def extract_fingerprint(paths: NnunetPaths, name: str, *, num_processes: int = 2
     return _run("fingerprint", paths, {"dataset": name, "num_processes": num_processes})["fingerprint"]
 
 
+def _spacing_groups(groups: Sequence[tuple[str, int]]) -> list[list[Any]]:
+    return [[str(site), int(n)] for site, n in groups]
+
+
 def plan(paths: NnunetPaths, name: str, *, plans_name: str = "nnUNetPlans",
          spacing_groups: Sequence[tuple[str, int]] | None = None) -> dict[str, Any]:
     """Run nnU-Net's default ExperimentPlanner on the stored fingerprint; return the plans.
@@ -222,7 +226,7 @@ def plan(paths: NnunetPaths, name: str, *, plans_name: str = "nnUNetPlans",
     """
     spec: dict[str, Any] = {"dataset": name, "plans_name": plans_name}
     if spacing_groups:
-        spec["spacing_groups"] = [[str(s), int(n)] for s, n in spacing_groups]
+        spec["spacing_groups"] = _spacing_groups(spacing_groups)
     return _run("plan", paths, spec)["plans"]
 
 
@@ -245,7 +249,7 @@ def plan_and_preprocess(paths: NnunetPaths, name: str, *, configurations: tuple[
         "dataset": name, "dataset_id": _dataset_id(name), "plans_name": "nnUNetPlans", "verify": bool(verify),
         "configurations": list(configurations), "num_processes": num_processes}
     if spacing_groups:
-        spec["spacing_groups"] = [[str(s), int(n)] for s, n in spacing_groups]
+        spec["spacing_groups"] = _spacing_groups(spacing_groups)
     res = _run("plan_and_preprocess", paths, spec)
     return res["plans"]
 
