@@ -82,11 +82,25 @@ DAMAGES = {
     "gzip trailer cut by 4 bytes": lambda data: data[:-4],
     "complete gzip, voxel data 1000 bytes short": lambda data: gzip.compress(gzip.decompress(data)[:-1000]),
     "crc damaged": lambda data: data[:-8] + bytes([data[-8] ^ 0xFF]) + data[-7:],
+    "deflate data damaged": lambda data: data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1:],
 }
 
 
+@pytest.fixture(params=["isal", "gzip"])
+def inflate(request, monkeypatch):
+    """Each damage is read through both gzip readers oarbench may use (ISA-L's where installed)."""
+    from oarbench import io
+
+    if request.param == "isal":
+        igzip = pytest.importorskip("isal.igzip")
+        monkeypatch.setattr(io, "_GZIP", igzip)
+    else:
+        monkeypatch.setattr(io, "_GZIP", gzip)
+    return request.param
+
+
 @pytest.mark.parametrize("damage", list(DAMAGES))
-def test_damaged_prediction_is_refused_not_scored(study, tmp_path, damage):
+def test_damaged_prediction_is_refused_not_scored(study, tmp_path, damage, inflate):
     ref, pred, labels = study
     # Large enough that SimpleITK reads every cut below without complaint (the missing voxels as 0).
     big = np.zeros((24, 48, 48), np.uint8)

@@ -132,3 +132,18 @@ def test_damaged_files_are_still_refused_on_the_direct_path(tmp_path):
     path.write_bytes(path.read_bytes()[:-8])
     with pytest.raises(ValueError, match="cannot read image"):
         read_volume(path)
+
+
+def test_isal_and_gzip_read_the_same_voxels(tmp_path, monkeypatch):
+    """ISA-L's inflate (the default where installed) and the standard gzip module give the same volume."""
+    igzip = pytest.importorskip("isal.igzip")
+    assert io._gzip_module() is igzip  # installed: the faster reader is the one used
+    rng = np.random.default_rng(5)
+    arr = rng.integers(0, 20, size=(30, 64, 64), dtype=np.uint8)
+    path = tmp_path / "labels.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(path), useCompression=True)
+    fast = read_volume(path)
+    monkeypatch.setattr(io, "_GZIP", gzip)
+    plain = read_volume(path)
+    _same(fast, plain)
+    _same(fast, _sitk(path))
