@@ -1,6 +1,6 @@
 """The demo's federated-versus-local gap, one change at a time: ``oarbench demo --train`` per ablation row.
 
-Run by hand (not a test, not in CI); each row is a whole ``demo --train`` (about 20 minutes on a
+Run by hand (not a test, not in CI); each row is a whole ``demo --train`` (about 30 minutes on a
 quiet 2-core CPU), so run it on a machine with nothing else running, as the timings in
 docs/demo.md were::
 
@@ -12,7 +12,9 @@ global weights (seed 0), and each training call's data order (seeded from the ru
 epoch it starts at, docs/training.md). Only the thread scheduling of the 2 cores differs between
 runs, so repeat a row to see how much a number moves by itself before reading a difference. The
 local models do not depend on the federated settings: rows that share the local schedule retrain
-them the same way, and their numbers agreeing across rows is that check. The rows (``ROWS``) differ from the quick schedule in one setting each:
+them the same way, and their numbers agreeing across rows is that check. The rows (``ROWS``) differ in one setting each from the row before
+them. The first five ran before the quick schedule took its present length; they pin that earlier
+schedule (``EARLIER``: 12 epochs of 100 iterations, 12 federated rounds of one epoch):
 
 * ``today``: no site harmonisation (nnU-Net reads the arrays as stored; centre B is x/y flipped),
   and the federated plans at nnU-Net's median spacing over both centres' cases (``pooled``);
@@ -21,12 +23,15 @@ them the same way, and their numbers agreeing across rows is that check. The row
   AdamW (no moments carried over from its previous round; FedAvg averages the weights only, so a
   kept optimizer applies moments gathered on the site's own pre-averaging trajectory);
 * ``longer``: as ``harmonised``, 10 epochs of 150 iterations (the earlier, longer schedule);
-* ``finest_spacing``: the quick schedule as shipped (harmonised, and the federated plans at the
-  finest centre's spacing, centre A's 2.8 mm pixels, instead of the median 3.4 mm);
-* ``rounds24x50``: as shipped, 24 rounds of one epoch of 50 iterations (the same 1,200 iterations
-  per site, averaged twice as often);
-* ``rounds6x2``, ``rounds4x3``: as shipped, 6 rounds of 2 local epochs / 4 rounds of 3 (the same
-  12 epochs of 100 iterations per site).
+* ``finest_spacing``: as ``harmonised``, and the federated plans at the finest centre's spacing
+  (centre A's 2.8 mm pixels) instead of the median 3.4 mm;
+* ``rounds24x50``: the quick schedule as shipped: as ``finest_spacing`` with the same 1,200 iterations
+  per model cut into 24 epochs of 50, so the federated sites average twice as often (24 rounds of
+  one epoch);
+* ``rounds12x2``: as shipped, 12 rounds of 2 local epochs (averaging every 100 iterations as in
+  ``finest_spacing``, with the shipped local models: run with ``--reuse-local rounds24x50``, it
+  tells the averaging interval apart from the local schedule's finer epochs);
+* ``rounds48x25``: as shipped with 48 epochs of 25 iterations (averaging every 25 iterations).
 
 Afterwards it prints, and writes to ``OUT/ablation.md`` and ``OUT/ablation.csv``, one row per
 ablation row, model and centre: the median DSC over the test cases of Liver, Spleen, Kidney_L,
@@ -46,16 +51,19 @@ from pathlib import Path
 
 ORGANS = ("Liver", "Spleen", "Kidney_L", "Kidney_R", "Stomach")
 
+#: The quick schedule's length before it was cut into shorter rounds (the first five rows ran with it).
+EARLIER = {"epochs": 12, "iterations": 100, "rounds": 12}
+
 #: Row name -> overrides of ``TrainSettings.schedule("quick", ...)``.
 ROWS: dict[str, dict[str, object]] = {
-    "today": {"harmonise": False, "plan_spacing": "pooled"},
-    "harmonised": {"plan_spacing": "pooled"},
-    "optimizer_reset": {"optimizer_state": "reset", "plan_spacing": "pooled"},
-    "longer": {"epochs": 10, "iterations": 150, "plan_spacing": "pooled"},
-    "finest_spacing": {},
-    "rounds24x50": {"epochs": 24, "iterations": 50, "rounds": 24},
-    "rounds6x2": {"rounds": 6, "local_epochs": 2},
-    "rounds4x3": {"rounds": 4, "local_epochs": 3},
+    "today": {**EARLIER, "harmonise": False, "plan_spacing": "pooled"},
+    "harmonised": {**EARLIER, "plan_spacing": "pooled"},
+    "optimizer_reset": {**EARLIER, "optimizer_state": "reset", "plan_spacing": "pooled"},
+    "longer": {"epochs": 10, "iterations": 150, "rounds": 10, "plan_spacing": "pooled"},
+    "finest_spacing": dict(EARLIER),
+    "rounds24x50": {},
+    "rounds12x2": {"rounds": 12, "local_epochs": 2},
+    "rounds48x25": {"epochs": 48, "iterations": 25, "rounds": 48},
 }
 
 

@@ -17,7 +17,7 @@ local model on that model's own centre:
   the local steps of a round, the optimizer state), which the federated settings can address.
 
 ``--iterations`` per epoch (12 epochs): 200 gives the pooled model as many gradient steps as the
-two federated sites take together (2 x 12 x 100); 100 as many as one local model.
+two federated sites take together (2 x 1,200); 100 as many as one local model.
 
 Prints the median DSC of Liver, Spleen, Kidney_L, Kidney_R and Stomach on each centre's test cases,
 and writes them to ``OUT/pooled.csv``. Both centres' cases are harmonised to LPS before nnU-Net sees

@@ -198,15 +198,18 @@ def check_inside(path: Path, folder: Path) -> None:
 # NIfTI datatype codes of floating-point voxels -> numpy type (docs/evaluate.md, "Damaged files").
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}
 _CHUNK = 1 << 22
+#: The module :func:`_gzip_module` chose (set on first use; tests set it to compare the two).
+_GZIP: Any = None
+
 
 def _gzip_module() -> Any:
     """The module that opens .gz files: ``isal.igzip`` where installed, else the standard ``gzip``.
 
     ISA-L's inflate gives the same bytes and checks the same CRC-32 and length trailer as zlib's,
-    about 1.7x faster on label maps (docs/performance.md, "Reading"); both raise EOFError on a
-    truncated stream and ``gzip.BadGzipFile`` on a bad trailer or magic number, and a damaged
-    deflate block raises :data:`_GZIP_ERRORS`' last member (tests/test_io_direct.py runs the damaged
-    files through both modules).
+    several times faster on label maps (docs/performance.md, "After reading .nii.gz through ISA-L's
+    inflate"). A truncated stream raises EOFError and a bad trailer or magic number
+    ``gzip.BadGzipFile`` in both; a damaged deflate block raises zlib's or ISA-L's own error
+    (:func:`_gzip_errors`). tests/test_damaged_inputs.py reads every damage through both modules.
     """
     global _GZIP
     if _GZIP is None:
@@ -227,10 +230,6 @@ def _gzip_errors() -> tuple[type[BaseException], ...]:
 
         errors += (isal_zlib.error,)
     return errors
-
-
-_GZIP: Any = None
-
 
 
 def _nifti_layout(header: bytes, path: Path) -> tuple[int, int, int, str | None]:
