@@ -142,8 +142,10 @@ def test_isal_and_gzip_read_the_same_voxels(tmp_path, monkeypatch):
     arr = rng.integers(0, 20, size=(30, 64, 64), dtype=np.uint8)
     path = tmp_path / "labels.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(arr), str(path), useCompression=True)
+    used = _direct_used(monkeypatch)
     fast = read_volume(path)
     monkeypatch.setattr(io, "_GZIP", gzip)
     plain = read_volume(path)
+    assert used == [True, True]  # both readings decompressed the file themselves (not SimpleITK's fallback)
     _same(fast, plain)
     _same(fast, _sitk(path))
