@@ -31,7 +31,8 @@ schedule (``EARLIER``: 12 epochs of 100 iterations, 12 federated rounds of one e
 * ``rounds12x2``: as shipped, 12 rounds of 2 local epochs (averaging every 100 iterations as in
   ``finest_spacing``, with the shipped local models: run with ``--reuse-local rounds24x50``, it
   tells the averaging interval apart from the local schedule's finer epochs);
-* ``rounds48x25``: as shipped with 48 epochs of 25 iterations (averaging every 25 iterations).
+* ``rounds48x25``: as shipped with 48 epochs of 25 iterations for every model (averaging every 25
+  iterations).
 
 Afterwards it prints, and writes to ``OUT/ablation.md`` and ``OUT/ablation.csv``, one row per
 ablation row, model and centre: the median DSC over the test cases of Liver, Spleen, Kidney_L,
