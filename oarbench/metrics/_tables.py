@@ -86,32 +86,34 @@ def _bourke_index(code: int) -> int:
     return index
 
 
-def _triangles(code: int) -> list[np.ndarray]:
-    """Triangles (3x3 arrays of vertex positions in voxel units) for a code."""
-    if bin(code).count("1") > 4:
-        code = 255 - code
-    packed = _TRIANGLES[_bourke_index(code)]
-    if packed == "-":
-        return []
+@lru_cache(maxsize=1)
+def _triangle_normals() -> tuple[np.ndarray, ...]:
+    """Per code, the normals (rows) of its triangles in voxel units: half the cross product of
+    two edges, the same for every spacing. Exact whatever the order of operations: vertices lie
+    on multiples of 1/2, so every value is a multiple of 1/8."""
     corners = np.asarray(BOURKE_CORNERS, dtype=np.float64)
-    tris = []
-    for t in range(0, len(packed), 3):
-        verts = [corners[list(CUBE_EDGES[int(ch, 16)])].mean(axis=0) for ch in packed[t : t + 3]]
-        tris.append(np.stack(verts))
-    return tris
+    midpoints = corners[np.asarray(CUBE_EDGES)].mean(axis=1)  # (12, 3): the vertex on each edge
+    normals = []
+    for code in range(256):
+        packed = _TRIANGLES[_bourke_index(255 - code if bin(code).count("1") > 4 else code)]
+        if packed == "-":
+            normals.append(np.zeros((0, 3)))
+            continue
+        tri = midpoints[[int(ch, 16) for ch in packed]].reshape(-1, 3, 3)
+        normals.append(0.5 * np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]))
+    return tuple(normals)
 
 
 @lru_cache(maxsize=64)
 def _surfel_area_table_cached(spacing: tuple[float, float, float]) -> np.ndarray:
     s = np.asarray(spacing, dtype=np.float64)
+    faces = np.array([s[1] * s[2], s[0] * s[2], s[0] * s[1]])
     table = np.zeros(256, dtype=np.float64)
-    for code in range(256):
+    for code, normals in enumerate(_triangle_normals()):
         area = 0.0
-        for tri in _triangles(code):
-            # Normal in voxel units (exact: coordinates are multiples of 1/2),
-            # then each component scaled by the area of its face of the voxel.
-            n = 0.5 * np.cross(tri[1] - tri[0], tri[2] - tri[0])
-            area += float(np.linalg.norm(n * np.array([s[1] * s[2], s[0] * s[2], s[0] * s[1]])))
+        for n in normals:
+            # Each normal component scaled by the area of its face of the voxel.
+            area += float(np.linalg.norm(n * faces))
         table[code] = area
     table.flags.writeable = False
     return table
