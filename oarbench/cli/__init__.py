@@ -58,6 +58,7 @@ class _LazyGroup(click.Group):
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Benchmark CT organ-at-risk auto-contouring models (local vs federated)."""
-    from oarbench.cli._common import one_line_warnings
+    from oarbench.cli._common import one_line_warnings, stop_children_on_sigterm
 
     ctx.with_resource(one_line_warnings())
+    ctx.with_resource(stop_children_on_sigterm())

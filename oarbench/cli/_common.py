@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import signal
+import sys
+import threading
 import warnings
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -37,6 +41,99 @@ def one_line_warnings() -> Iterator[None]:
         yield
     finally:
         warnings.showwarning = previous
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (its children, their children, ...), read from /proc; [] where
+    there is no /proc."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue  # ended meanwhile
+        # the command name may hold spaces and parentheses: the fields after the last ')' are fixed
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+#: Exit status of a command ended by SIGTERM (128 + the signal's number, as a shell reports it).
+TERMINATED_EXIT = 128 + signal.SIGTERM
+
+
+#: Seconds a command ended by SIGTERM has for its clean-up before it exits regardless.
+SIGTERM_GRACE_S = 10.0
+
+
+def _stop_descendants(sig: int = signal.SIGTERM) -> int:
+    stopped = 0
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+            stopped += 1
+    return stopped
+
+
+def _stop_the_rest() -> None:
+    import time
+
+    deadline = time.monotonic() + SIGTERM_GRACE_S
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        _stop_descendants()
+    _stop_descendants(signal.SIGKILL)
+    os._exit(TERMINATED_EXIT)
+
+
+@contextlib.contextmanager
+def stop_children_on_sigterm() -> Iterator[None]:
+    """While a command runs, SIGTERM (``kill``, a batch scheduler's time limit) ends it the way
+    Ctrl-C does for a terminal's whole process group: every process it started (pool workers,
+    nnU-Net and Flower processes, and theirs) gets SIGTERM too, the command's own clean-up runs,
+    and it exits with status 143 and one line on stderr; processes started during the clean-up are
+    stopped too, and after :data:`SIGTERM_GRACE_S` seconds whatever is left is killed and the
+    command exits. Outputs are written atomically, so a re-run resumes. Python's default would end this process alone and leave its children running.
+    Only in the main thread (signal handlers live there); the previous handler is restored on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    owner = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        if os.getpid() != owner:  # a forked worker inherited the handler: end as Python's default would
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        stopped = _stop_descendants()
+        print(f"oarbench: terminated (SIGTERM); stopped {stopped} child process(es); "
+              "run the same command again to resume", file=sys.stderr, flush=True)
+        # Threads of the command may still start a process (the next round) or wait on one that
+        # ignores SIGTERM: stop those too, and end after the grace time whatever still runs.
+        threading.Thread(target=_stop_the_rest, name="sigterm-watchdog", daemon=True).start()
+        raise SystemExit(TERMINATED_EXIT)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def user_errors(func: F) -> F:
