@@ -102,6 +102,15 @@ def test_demo_train_end_to_end(tmp_path):
     untrained = dsc[fl_liver["iteration"] == 0].median()
     trained = dsc[fl_liver["iteration"] == TEST_EPOCHS * TEST_ITERATIONS].median()
     assert trained >= untrained + 0.3, (untrained, trained)
+    # each model's last curve point is its final weights on the first test cases, so it must give the DSC
+    # that evaluate found on the predictions of those cases (nnU-Net's prediction from the image files,
+    # mapped back to the case's grid)
+    last = curves.groupby("model")["iteration"].transform("max") == curves["iteration"]
+    both = curves[last].merge(table[table["condition"] == "original"], on=["model", "centre", "case", "structure"],
+                              suffixes=("_curve", "_evaluate"))
+    assert set(both["model"]) == {"local-A", "local-B", "fl"} and len(both) == len(curves[last])
+    # (metrics.csv keeps 10 significant digits)
+    assert (both["dsc_curve"].fillna(0.0) - both["dsc_evaluate"].fillna(0.0)).abs().max() < 1e-9, both
     # ... and so is its liver DSC in the evaluated table (every test case of both centres)
     fl_table = table[(table["model"] == "fl") & (table["structure"] == "Liver")]
     assert fl_table["dsc"].fillna(0.0).median() >= untrained + 0.3
