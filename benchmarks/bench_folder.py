@@ -2,7 +2,7 @@
 
 Run by hand (not a test), after ``make_case.py``::
 
-    python benchmarks/bench_folder.py --folder /tmp/oarbench-bench/folder [--repeats 2]
+    python benchmarks/bench_folder.py --folder /tmp/oarbench-bench/folder [--repeats 2] [--warmup 1]
 
 Both tools run as fresh commands on the same folder pair (``labelsTr`` =
 references, ``predictions``), so both pay interpreter start-up, imports, file
@@ -15,9 +15,11 @@ reading and metrics, as a user would:
   runs) with ``SimpleITKIO`` and N processes, called from a fresh interpreter
   with nnU-Net's environment variables set for that process only.
 
-Before the timed runs every file of the folder pair is read once, so that neither tool pays for
-files the page cache has dropped (the first command after other heavy work on the machine would,
-and only that one). Reports the median wall time per command and the throughput in cases per second.
+Before the timed runs every file of the folder pair is read once, and each command runs once
+untimed (``--warmup``), so that neither tool pays for files the page cache has dropped, its own
+libraries included (the first command after other heavy work on the machine would, and only that
+one); then the two tools' commands alternate, round by round, as in ``bench_metrics.py``. Reports
+the median wall time per command and the throughput in cases per second.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=Path("/tmp/oarbench-bench/folder"))
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each command first")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
@@ -75,26 +78,28 @@ def main() -> None:
             (tmp_path / var).mkdir()
             nn_env[var] = str(tmp_path / var)
         for workers in args.workers:
-            walls = []
-            for _ in range(args.repeats):
-                wall, _ = run([sys.executable, "-m", "oarbench", "evaluate", "--reference", str(ref_dir),
-                               "--prediction", str(pred_dir), "--labels", str(args.folder / "dataset.json"),
-                               "--out", str(tmp_path / "oarbench-out"), "--device", "cpu", "--force", "--quiet",
-                               "--workers", str(workers)])
+            ours = [sys.executable, "-m", "oarbench", "evaluate", "--reference", str(ref_dir),
+                    "--prediction", str(pred_dir), "--labels", str(args.folder / "dataset.json"),
+                    "--out", str(tmp_path / "oarbench-out"), "--device", "cpu", "--force", "--quiet",
+                    "--workers", str(workers)]
+            theirs = [sys.executable, "-c", NNUNET_CHILD, str(ref_dir), str(pred_dir), str(tmp_path / "summary.json"),
+                      str(workers)]
+            for _ in range(args.warmup):
+                run(ours)
+                run(theirs, env=nn_env)
+            walls, nn_walls, calls = [], [], []
+            for _ in range(args.repeats):  # alternated: a change of the machine's speed hits both tools
+                wall, _ = run(ours)
                 walls.append(wall)
+                wall, out = run(theirs, env=nn_env)
+                nn_walls.append(wall)
+                calls.append(json.loads(out.strip().splitlines()[-1])["call_s"])
             name = f"oarbench evaluate, all metrics, --workers {workers}"
             results[name] = {"wall_s": statistics.median(walls)}
             print(f"{name}: {[round(w, 2) for w in walls]} s")
-
-            walls, calls = [], []
-            for _ in range(args.repeats):
-                wall, out = run([sys.executable, "-c", NNUNET_CHILD, str(ref_dir), str(pred_dir),
-                                 str(tmp_path / "summary.json"), str(workers)], env=nn_env)
-                walls.append(wall)
-                calls.append(json.loads(out.strip().splitlines()[-1])["call_s"])
             name = f"nnU-Net compute_metrics_on_folder, Dice only, {workers} process{'es' if workers > 1 else ''}"
-            results[name] = {"wall_s": statistics.median(walls), "call_s": statistics.median(calls)}
-            print(f"{name}: {[round(w, 2) for w in walls]} s (function call alone {[round(c, 2) for c in calls]} s)")
+            results[name] = {"wall_s": statistics.median(nn_walls), "call_s": statistics.median(calls)}
+            print(f"{name}: {[round(w, 2) for w in nn_walls]} s (function call alone {[round(c, 2) for c in calls]} s)")
 
     print()
     print(f"{'command':62s} {'median s':>9s} {'cases/s':>8s}")
