@@ -22,9 +22,10 @@ SCRIPT = textwrap.dedent("""
     import multiprocessing, subprocess, sys, threading, time
     from oarbench.cli._common import stop_children_on_sigterm
 
-    def train():
-        subprocess.run([sys.executable, "-c",
-                        "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(120)'])"])
+    CHILD = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(120)'])"
+
+    def train():  # a child process with a child of its own
+        subprocess.run([sys.executable, "-c", CHILD])
 
     if __name__ == "__main__":
         with stop_children_on_sigterm():

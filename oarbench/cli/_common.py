@@ -107,8 +107,9 @@ def stop_children_on_sigterm() -> Iterator[None]:
     nnU-Net and Flower processes, and theirs) gets SIGTERM too, the command's own clean-up runs,
     and it exits with status 143 and one line on stderr; processes started during the clean-up are
     stopped too, and after :data:`SIGTERM_GRACE_S` seconds whatever is left is killed and the
-    command exits. Outputs are written atomically, so a re-run resumes. Python's default would end this process alone and leave its children running.
-    Only in the main thread (signal handlers live there); the previous handler is restored on exit.
+    command exits. Outputs are written atomically, so a re-run resumes. Python's default would end
+    this process alone and leave its children running. Only in the main thread (signal handlers
+    live there); the previous handler is restored on exit.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
