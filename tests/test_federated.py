@@ -260,3 +260,34 @@ def test_privacy_only_summaries_and_encrypted_weights_in_storage(fed: dict[str, 
         else:
             assert size < 4000, rel  # fingerprints and plans: small JSON summaries
     assert stems == allowed
+
+
+def test_a_failing_party_ends_the_nnunet_simulation_instead_of_hanging(tmp_path: Path) -> None:
+    """A site whose step fails (here: its dataset folder is missing) ends the run with that site's error; the
+    coordinator and the other site stop waiting for it (before, the coordinator waited for its fingerprint forever)."""
+    import time
+
+    from oarbench.train.exchange import generate_keys
+    from oarbench.train.federated import FederationConfig, nnunet_simulate
+
+    generate_keys(tmp_path / "keys", ["A", "B"])
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            nnunet_simulate(storage.as_uri(), tmp_path / "keys", {"A": tmp_path / "missing-A",
+                                                                   "B": tmp_path / "missing-B"},
+                            tmp_path / "parties", FederationConfig(("A", "B"), rounds=1, poll_s=0.05))
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            outcome["error"] = exc
+
+    start = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the simulation still waits for the failed sites"
+    assert time.monotonic() - start < 60
+    error = outcome["error"]
+    assert "missing-" in str(error), error  # the failing site's own error, not the coordinator's stop

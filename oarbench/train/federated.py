@@ -300,7 +300,12 @@ def publish_fingerprint(exchange: Exchange, fingerprint: Mapping[str, Any], data
         log.info("%s: fingerprint already uploaded (restart); keeping the committed one", me)
 
 
-def _wait(what: str, poll: Callable[[], Any], poll_s: float, timeout_s: float | None) -> Any:
+class Stopped(RuntimeError):
+    """A party of a federation run on one machine gave up waiting because another party failed."""
+
+
+def _wait(what: str, poll: Callable[[], Any], poll_s: float, timeout_s: float | None,
+          stop: threading.Event | None = None) -> Any:
     start = time.monotonic()
     while True:
         got = poll()
@@ -308,6 +313,8 @@ def _wait(what: str, poll: Callable[[], Any], poll_s: float, timeout_s: float | 
             return got
         if timeout_s is not None and time.monotonic() - start > timeout_s:
             raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        if stop is not None and stop.is_set():
+            raise Stopped(f"stopped waiting for {what}: another party failed")
         time.sleep(poll_s)
 
 
@@ -401,6 +408,7 @@ def make_shared_plans(
     *,
     timeout_s: float | None = None,
     weighting: str = "cases",
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Coordinator side: wait for all sites' fingerprints, merge, plan once, publish signed plans.
 
@@ -432,7 +440,7 @@ def make_shared_plans(
             raise ValueError("; ".join(sorted(bad.values())))
         return bodies if len(bodies) == len(config.sites) else None
 
-    bodies = _wait("all sites' fingerprints", poll, config.poll_s, timeout_s)
+    bodies = _wait("all sites' fingerprints", poll, config.poll_s, timeout_s, stop)
     merged, header = merge_site_messages(bodies)
     plans = plan(merged, header)
     counts = {s: int(bodies[s]["num_cases"]) for s in sorted(bodies)}
@@ -482,9 +490,11 @@ def frozen_counts(exchange: Exchange) -> tuple[dict[str, int], dict[str, int]] |
     return dict(msg["case_counts"]), dict(msg["weights"])
 
 
-def fetch_plans(exchange: Exchange, *, poll_s: float = 1.0, timeout_s: float | None = None) -> dict[str, Any]:
+def fetch_plans(exchange: Exchange, *, poll_s: float = 1.0, timeout_s: float | None = None,
+                stop: threading.Event | None = None) -> dict[str, Any]:
     """Site side: wait for the coordinator's signed plans and return them."""
-    got = _wait("the coordinator's plans", lambda: exchange.get_valid("plans", -1, "plans"), poll_s, timeout_s)
+    got = _wait("the coordinator's plans", lambda: exchange.get_valid("plans", -1, "plans"), poll_s, timeout_s,
+                stop)
     return _plans_message(got)["plans"]
 
 
@@ -815,12 +825,14 @@ def nnunet_coordinator(
     weighting: str = "cases",
     rules: AggregationRules | None = None,
     plan_spacing: str = "finest",
+    stop: threading.Event | None = None,
 ) -> Path:
     """The coordinator of a federated nnU-Net: shared plans, rounds, final model folder.
 
     Returns the final model folder ``work/model`` (dataset.json, plans.json,
     fold_all/checkpoint_final.pth). Restartable at any point. ``plan_spacing``:
-    the target spacing of the shared plans (:func:`nnunet_plans`).
+    the target spacing of the shared plans (:func:`nnunet_plans`). ``stop``: an event
+    that ends every wait with :class:`Stopped` (another party on this machine failed).
     """
     from oarbench.train import nnunet as nn
 
@@ -831,14 +843,16 @@ def nnunet_coordinator(
         return nnunet_plans(merged, header, configuration=configuration, width=width, spacing=plan_spacing)
 
     check_plan_spacing(plan_spacing)
-    plans = make_shared_plans(exchange, config, plan, timeout_s=plans_timeout_s, weighting=weighting)
+    plans = make_shared_plans(exchange, config, plan, timeout_s=plans_timeout_s, weighting=weighting, stop=stop)
     header = shared_dataset_header(exchange, config)
 
     def init() -> Weights:
         f = nn.initial_weights(plans, header, work / "initial.safetensors", configuration=configuration, seed=seed)
         return tensors_from_bytes(f.read_bytes())
 
-    run_coordinator(exchange, config, init, rules=rules)
+    run_coordinator(exchange, config, init, rules=rules, stop=stop)
+    if stop is not None and stop.is_set():
+        raise Stopped("coordinator stopped before the final round: another party failed")
     got = exchange.get("global", config.rounds, "global")
     if got is None:  # pragma: no cover - run_coordinator returns only after publishing it
         raise RuntimeError(f"{exchange.url}: final global model missing")
@@ -933,13 +947,15 @@ def nnunet_site(
     options: TrainerOptions | None = None,
     threads: int | None = None,
     timeout_s: float | None = None,
+    stop: threading.Event | None = None,
 ) -> Path:
     """One site of a federated nnU-Net: fingerprint, shared plans, local rounds, final model folder.
 
     Images never leave ``dataset_dir``; the site uploads its fingerprint and
     its encrypted weights only. Returns ``work/model`` holding the final
     global model. Restartable at any point. ``timeout_s`` bounds each wait
-    for the coordinator's plans or global model (None: wait forever).
+    for the coordinator's plans or global model (None: wait forever); ``stop``
+    ends every wait with :class:`Stopped` (another party on this machine failed).
     """
     site = NnunetSite(Path(dataset_dir), Path(work), configuration=configuration, device=device,
                       num_processes=num_processes, options=options, threads=threads)
@@ -948,11 +964,12 @@ def nnunet_site(
         body = site.fingerprint_message()
         publish_fingerprint(exchange, body["fingerprint"], body["dataset"], body["num_cases"])
     plans = fetch_plans(exchange, poll_s=config.poll_s,
-                        timeout_s=plans_timeout_s if plans_timeout_s is not None else timeout_s)
+                        timeout_s=plans_timeout_s if plans_timeout_s is not None else timeout_s, stop=stop)
     site.install_plans(plans)
-    final = run_site(exchange, config, site.trainer(config.rounds, local_epochs, iterations), timeout_s=timeout_s)
-    if final is None:  # pragma: no cover - only with a stop event
-        raise RuntimeError("site stopped before the final round")
+    final = run_site(exchange, config, site.trainer(config.rounds, local_epochs, iterations), timeout_s=timeout_s,
+                     stop=stop)
+    if final is None:  # only with a stop event
+        raise Stopped("site stopped before the final round: another party failed")
     got = exchange.get("global", config.rounds, "global")
     return site.write_model(plans, final, got.header.num_cases if got is not None else 0)
 
@@ -998,17 +1015,19 @@ def nnunet_simulate(
         return Exchange(url, load_keyring(keys, name), federation=federation, storage_options=storage_options,
                         audit=AuditLog(work / name / "audit.jsonl", name))
 
+    # a party that fails ends the others' waits (the coordinator would otherwise wait for it forever)
+    stop = threading.Event()
     jobs: dict[str, Callable[[], Path]] = {
         COORDINATOR: lambda: nnunet_coordinator(ex(COORDINATOR), config, work / COORDINATOR,
                                                 configuration=configuration, width=width,
-                                                plan_spacing=plan_spacing),
+                                                plan_spacing=plan_spacing, stop=stop),
     }
     for site, ds in datasets.items():
         jobs[site] = (lambda s=site, d=ds: nnunet_site(
             ex(s), config, d, work / s, local_epochs=local_epochs, iterations=iterations,
             configuration=configuration, device=device, num_processes=num_processes, options=options,
-            threads=threads))
-    return _run_threads(jobs)
+            threads=threads, stop=stop))
+    return _run_threads(jobs, stop=stop)
 
 
 def _run_threads(jobs: Mapping[str, Callable[[], Any]], stop: threading.Event | None = None) -> dict[str, Any]:
