@@ -95,6 +95,7 @@ __all__ = [
     "NnunetSite",
     "nnunet_site",
     "nnunet_simulate",
+    "Stopped",
 ]
 
 log = logging.getLogger(__name__)
