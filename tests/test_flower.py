@@ -298,7 +298,8 @@ def test_trainer_options_reach_the_site_trainer_through_the_messages(tmp_path: P
     counts = {"A": 2, "B": 3}
 
     class FakeSite:
-        def __init__(self, dataset_dir, work, *, configuration, device, num_processes, options, threads):
+        def __init__(self, dataset_dir, work, *, configuration, device, num_processes, options, threads,
+                     step_server=None):
             self.site, self.work, self.options = Path(dataset_dir).name, Path(work), options
             seen.append(("site", self.site, options))
 

@@ -261,3 +261,95 @@ def test_optimizer_state_kept_or_reset_across_rounds(tmp_path: Path) -> None:
         assert ck["current_epoch"] == 2
         steps[state] = {int(v["step"]) for v in ck["optimizer_state"]["state"].values()}
     assert steps == {"kept": {2}, "reset": {1}}
+
+
+@pytest.mark.slow
+@pytest.mark.nnunet
+def test_step_server_trains_the_same_weights_as_fresh_processes(tmp_path: Path) -> None:
+    """Two federated-style rounds (start from given weights, resume the optimizer) trained by a step
+    server give the same weight bytes as the same rounds in a fresh process each; the server ran them
+    (its log holds both epochs) and is still listening afterwards."""
+    pytest.importorskip("nnunetv2")
+    from oarbench.train.nnunet import NnunetPaths, StepServer, TrainerOptions, link_dataset, plan_and_preprocess, train
+
+    ds = make_dataset(tmp_path / "raw", "Dataset504_Server", n=2, seed=5)
+    paths = NnunetPaths.under(tmp_path / "site").make()
+    name = link_dataset(ds, paths)
+    plan_and_preprocess(paths, name, verify=False)
+    kw = dict(fold="all", epochs=2, iterations=2, val_iterations=1, width="tiny",
+              options=TrainerOptions(optimizer="adam"), threads=1)
+
+    def two_rounds(tag: str, server: str | None) -> list[bytes]:
+        w0, w1 = tmp_path / f"{tag}0.safetensors", tmp_path / f"{tag}1.safetensors"
+        r0 = train(paths, name, stop_after_epoch=1, weights_out=w0, server=server, **kw)
+        train(paths, name, stop_after_epoch=2, resume_from=r0.checkpoint, initial_weights_file=w0, weights_out=w1,
+              server=server, **kw)
+        return [w0.read_bytes(), w1.read_bytes()]
+
+    fresh = two_rounds("fresh", None)
+    log = tmp_path / "server.log"
+    with StepServer(paths, threads=1, log_file=log) as server:
+        served = two_rounds("served", server.socket)
+        assert server.proc.poll() is None
+    assert served == fresh
+    text = log.read_text()
+    assert "Epoch 0" in text and "Epoch 1" in text
+
+
+@pytest.mark.slow
+@pytest.mark.nnunet
+def test_step_server_reports_a_failed_step_and_then_lets_clients_fall_back(tmp_path: Path) -> None:
+    """A step that fails in the server raises in the client with the error in one line; the server ends,
+    and the next client learns at once that it must train in a fresh process (None)."""
+    pytest.importorskip("nnunetv2")
+    import time
+
+    from oarbench.train.nnunet import NnunetPaths, StepServer, _call_server
+
+    paths = NnunetPaths.under(tmp_path / "site").make()
+    with StepServer(paths, threads=1, log_file=tmp_path / "server.log") as server:
+        with pytest.raises(RuntimeError, match=r"nnU-Net step 'train' failed: \w+Error"):
+            _call_server(server.socket, "train", {"dataset": "Dataset999_Missing", "plans_name": "nnUNetPlans",
+                                                  "configuration": "2d", "width": "tiny", "fold": "all"})
+        assert server.proc.wait(timeout=30) == 1
+        t0 = time.monotonic()
+        assert _call_server(server.socket, "train", {}) is None
+        assert time.monotonic() - t0 < 5
+    with StepServer(paths, threads=1) as server:
+        with pytest.raises(RuntimeError, match="is not served"):
+            _call_server(server.socket, "predict", {})
+
+
+def test_no_step_server_means_a_fresh_process(tmp_path: Path) -> None:
+    """A socket in a folder that does not exist (the server was closed) answers None at once."""
+    from oarbench.train.nnunet import _call_server
+
+    assert _call_server(str(tmp_path / "gone" / "socket"), "train", {}) is None
+
+
+@pytest.mark.slow
+@pytest.mark.nnunet
+def test_skipping_the_pseudo_dice_leaves_the_weights_bit_for_bit(tmp_path: Path) -> None:
+    """Three epochs with nnU-Net's validation at every epoch end and three without its forward passes
+    give the same weight bytes (the validation batches are still drawn); without it the log's pseudo Dice
+    is NaN, and progress.png is drawn at the schedule's last epoch."""
+    pytest.importorskip("nnunetv2")
+    import torch
+
+    from oarbench.train.nnunet import NnunetPaths, TrainerOptions, link_dataset, plan_and_preprocess, train
+
+    ds = make_dataset(tmp_path / "raw", "Dataset505_Dice", n=2, seed=6)
+    paths = NnunetPaths.under(tmp_path / "site").make()
+    name = link_dataset(ds, paths)
+    plan_and_preprocess(paths, name, verify=False)
+    out = {}
+    for dice in (True, False):
+        w = tmp_path / f"dice_{dice}.safetensors"
+        r = train(paths, name, fold="all", epochs=3, iterations=2, val_iterations=2, width="tiny", weights_out=w,
+                  options=TrainerOptions(optimizer="adam", pseudo_dice=dice), threads=1)
+        ck = torch.load(r.checkpoint, map_location="cpu", weights_only=False)
+        out[dice] = (w.read_bytes(), ck["logging"]["mean_fg_dice"], (r.model_folder / "fold_all" / "progress.png"))
+    assert out[True][0] == out[False][0]
+    assert len(out[False][1]) == 3 and all(np.isnan(v) for v in out[False][1])
+    assert not any(np.isnan(v) for v in out[True][1])
+    assert out[False][2].is_file()

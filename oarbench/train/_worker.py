@@ -210,6 +210,7 @@ def step_train(spec: dict) -> dict:
         snapshot_dir=spec.get("snapshot_dir"),
         optimizer=spec.get("optimizer", "sgd"),
         foreground_oversampling=spec.get("foreground_oversampling"),
+        pseudo_dice=spec.get("pseudo_dice", True),
     )
     trainer.initialize()
     if resume_from:
@@ -381,9 +382,80 @@ STEPS = {
 }
 
 
+#: Steps a step server (:func:`serve`) runs: a federated site's rounds, one after another.
+SERVED_STEPS = ("train",)
+
+
+def serve(socket_path: str) -> int:
+    """Run training steps sent over a Unix socket, one at a time, until the parent ends.
+
+    A client connects, sends one line (the path of a spec JSON file), and reads one
+    line back: ``ok`` once the step's result is written, or ``error ...``. Each step
+    builds its trainer and seeds its generators as a fresh worker process does; what
+    the server saves is the imports (Python, torch, nnU-Net: seconds of CPU per
+    round). After a failed step the server ends (a step that raised may leave state
+    behind); clients then fall back to a fresh process. The socket is created
+    readable by this user only; the server ends when its parent process does or on
+    a ``quit`` line.
+    """
+    import socket
+    import traceback
+
+    import torch  # noqa: F401  (the imports a step needs, paid once, before the first client)
+
+    from oarbench.train import trainer  # noqa: F401
+
+    parent = os.getppid()
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o077)
+    try:
+        srv.bind(socket_path)
+    finally:
+        os.umask(old)
+    srv.listen(1)
+    srv.settimeout(1.0)
+    try:
+        while os.getppid() == parent:
+            try:
+                conn, _ = srv.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                conn.settimeout(None)
+                line = conn.makefile("r").readline().strip()
+                if line == "quit":
+                    return 0
+                if not line:
+                    continue
+                try:
+                    spec = _load_json(line)
+                    if spec.get("step") not in SERVED_STEPS:
+                        raise ValueError(f"step {spec.get('step')!r} is not served (only {', '.join(SERVED_STEPS)})")
+                    _save_json(STEPS[spec["step"]](spec), spec["result"])
+                except Exception as exc:  # reported to the client in one line, the traceback to the log
+                    traceback.print_exc()
+                    sys.stdout.flush()
+                    message = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:2000]
+                    conn.sendall(f"error {message}\n".encode())
+                    return 1
+                sys.stdout.flush()
+                conn.sendall(b"ok\n")
+        return 0
+    finally:
+        srv.close()
+        try:
+            os.unlink(socket_path)
+        except OSError:
+            pass
+        # tells clients at once that no server will listen here again
+        Path(os.path.dirname(socket_path), "ended").touch()
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "--serve":
+        return serve(argv[1])
     if len(argv) != 1:
-        print("usage: python -m oarbench.train._worker SPEC.json", file=sys.stderr)
+        print("usage: python -m oarbench.train._worker SPEC.json | --serve SOCKET", file=sys.stderr)
         return 2
     spec = _load_json(argv[0])
     result = STEPS[spec["step"]](spec)

@@ -879,6 +879,7 @@ class NnunetSite:
     num_processes: int = 2
     options: TrainerOptions | None = None  # nnU-Net's defaults when None
     threads: int | None = None  # CPU threads of each training process (None: torch's default)
+    step_server: str | None = None  # a StepServer's socket that trains the rounds (None: a process per round)
 
     def __post_init__(self) -> None:
         from oarbench.train import nnunet as nn
@@ -920,7 +921,15 @@ class NnunetSite:
         return nn.NnunetSiteTraining(self.paths, self.name, self.work / "rounds", rounds=rounds,
                                      local_epochs=local_epochs, iterations=iterations,
                                      configuration=self.configuration, device=self.device,
-                                     options=self.options or nn.TrainerOptions(), threads=self.threads)
+                                     options=self.options or nn.TrainerOptions(), threads=self.threads,
+                                     server=self.step_server)
+
+    def start_step_server(self) -> Any:
+        """A :class:`oarbench.train.nnunet.StepServer` for this site's rounds (close it when done)."""
+        from oarbench.train import nnunet as nn
+
+        (self.work / "rounds").mkdir(parents=True, exist_ok=True)
+        return nn.StepServer(self.paths, threads=self.threads, log_file=self.work / "rounds" / "train.log")
 
     def write_model(self, plans: Mapping[str, Any], final: Mapping[str, np.ndarray], num_training: int) -> Path:
         """Write the final global weights as an nnU-Net model folder ``work/model``."""
@@ -961,14 +970,17 @@ def nnunet_site(
     site = NnunetSite(Path(dataset_dir), Path(work), configuration=configuration, device=device,
                       num_processes=num_processes, options=options, threads=threads)
     me = exchange.keyring.identity
-    if exchange.get_valid("fingerprint", -1, me) is None:
-        body = site.fingerprint_message()
-        publish_fingerprint(exchange, body["fingerprint"], body["dataset"], body["num_cases"])
-    plans = fetch_plans(exchange, poll_s=config.poll_s,
-                        timeout_s=plans_timeout_s if plans_timeout_s is not None else timeout_s, stop=stop)
-    site.install_plans(plans)
-    final = run_site(exchange, config, site.trainer(config.rounds, local_epochs, iterations), timeout_s=timeout_s,
-                     stop=stop)
+    # one process trains every round (its imports paid once, while the site waits for the plans)
+    with site.start_step_server() as server:
+        site.step_server = server.socket
+        if exchange.get_valid("fingerprint", -1, me) is None:
+            body = site.fingerprint_message()
+            publish_fingerprint(exchange, body["fingerprint"], body["dataset"], body["num_cases"])
+        plans = fetch_plans(exchange, poll_s=config.poll_s,
+                            timeout_s=plans_timeout_s if plans_timeout_s is not None else timeout_s, stop=stop)
+        site.install_plans(plans)
+        final = run_site(exchange, config, site.trainer(config.rounds, local_epochs, iterations),
+                         timeout_s=timeout_s, stop=stop)
     if final is None:  # only with a stop event
         raise Stopped("site stopped before the final round: another party failed")
     got = exchange.get("global", config.rounds, "global")

@@ -191,6 +191,7 @@ _RUN_CONFIG_OPTIONS: dict[str, tuple[str, Any]] = {
     "augmentation": ("augmentation", None), "initial-lr": ("initial_lr", 0.0), "batch-size": ("batch_size", 0),
     "optimizer": ("optimizer", None), "foreground-oversampling": ("foreground_oversampling", -1.0),
     "harmonise": ("harmonise", None), "optimizer-state": ("optimizer_state", None),
+    "pseudo-dice": ("pseudo_dice", None),
 }
 
 
@@ -215,11 +216,11 @@ def options_from_run_config(cfg: Mapping[str, Any]) -> Any:
         if key not in cfg:
             continue
         value = cfg[key]
-        if name == "harmonise":
+        if name in ("harmonise", "pseudo_dice"):
             if not isinstance(value, bool):
                 text = str(value).strip().lower()
                 if text not in ("true", "false"):
-                    raise ValueError(f"run config 'harmonise' must be true or false, got {str(value)[:20]!r}")
+                    raise ValueError(f"run config {key!r} must be true or false, got {str(value)[:20]!r}")
                 value = text == "true"
         elif none is not None and value == none:
             value = None
@@ -506,7 +507,8 @@ def _site_from_context(context: Any, config: Any = None) -> Any:
     return federated.NnunetSite(Path(str(cfg["dataset"])), Path(str(cfg["work"])),
                                 configuration=str(cfg.get("configuration", "3d_fullres")),
                                 device=str(cfg.get("device", "cpu")), num_processes=int(cfg.get("processes", 1)),
-                                options=options, threads=int(cfg["threads"]) if cfg.get("threads") else None)
+                                options=options, threads=int(cfg["threads"]) if cfg.get("threads") else None,
+                                step_server=str(cfg["step-server"]) if cfg.get("step-server") else None)
 
 
 def client_query(content: Any, context: Any) -> Any:
@@ -620,6 +622,7 @@ optimizer = "sgd"
 foreground-oversampling = -1.0
 harmonise = true
 optimizer-state = "kept"
+pseudo-dice = true
 plan-spacing = "finest"
 """
 
@@ -843,12 +846,12 @@ class LocalFlowerFederation:
     def start_supernode(self, name: str, private_key: Path, *, site: str, dataset: str | Path, work: str | Path,
                         device: str = "cpu", configuration: str = "3d_fullres", processes: int = 1,
                         max_retries: int | None = None, trusted_entities: Path | None = None,
-                        threads: int | None = None) -> subprocess.Popen[bytes]:
+                        threads: int | None = None, step_server: str | None = None) -> subprocess.Popen[bytes]:
         """Start one hospital's SuperNode (the command of :func:`supernode_command`), trusting the coordinator's key."""
         args = supernode_command(self.address, self.tls.ca, private_key, site=site, dataset=dataset, work=work,
                                  device=device, configuration=configuration, processes=processes,
                                  port=_free_port(), trusted_entities=trusted_entities or self.trusted_entities,
-                                 threads=threads)
+                                 threads=threads, step_server=step_server)
         if max_retries is not None:
             args += ["--max-retries", str(max_retries)]
         return self._start(f"supernode-{name}", args)
@@ -911,6 +914,7 @@ def run_local(
     work = Path(work).resolve()
     own = federation is None
     fed = federation or LocalFlowerFederation(work / "flower")
+    servers: dict[str, Any] = {}
     try:
         if own:
             fed.start_superlink()
@@ -924,8 +928,11 @@ def run_local(
             pubs[site] = pub
         roster = fed.roster(pubs, work / "roster.json")
         for site, ds in datasets.items():
+            # one process on this machine trains the site's every round (its imports paid once)
+            servers[site] = _site_step_server(work / "sites" / site, threads)
             fed.start_supernode(site, keys / site, site=site, dataset=ds, work=work / "sites" / site, device=device,
-                                configuration=configuration, processes=num_processes, threads=threads)
+                                configuration=configuration, processes=num_processes, threads=threads,
+                                step_server=servers[site].socket)
         # the coordinator's own path: write the Flower App, sign it, submit it to the SuperLink, wait
         summary = coordinate(fed.control_address, fed.tls.ca, work, sites=list(datasets), rounds=rounds,
                              local_epochs=local_epochs, iterations=iterations, configuration=configuration,
@@ -936,6 +943,17 @@ def run_local(
     finally:
         if own:
             fed.stop()
+        for server in servers.values():
+            server.close()
+
+
+def _site_step_server(site_work: Path, threads: int | None) -> Any:
+    """A :class:`oarbench.train.nnunet.StepServer` for the nnU-Net folders the site's ClientApp uses."""
+    from oarbench.train import nnunet as nn
+
+    (site_work / "rounds").mkdir(parents=True, exist_ok=True)
+    return nn.StepServer(nn.NnunetPaths.under(site_work.resolve() / "nnunet").make(), threads=threads,
+                         log_file=site_work / "rounds" / "train.log")
 
 
 # --------------------------------------------------------------------------- deployment across machines
@@ -1059,18 +1077,22 @@ def coordinate(superlink: str, root_certificates: str | Path, work: str | Path, 
 def supernode_command(superlink: str, root_certificates: str | Path, auth_key: str | Path, *, site: str,
                       dataset: str | Path, work: str | Path, device: str = "cpu", configuration: str = "3d_fullres",
                       processes: int = 1, port: int = 9094, trusted_entities: str | Path,
-                      threads: int | None = None) -> list[str]:
+                      threads: int | None = None, step_server: str | None = None) -> list[str]:
     """The ``flower-supernode`` command line of one hospital (outbound connection to the SuperLink only).
 
     ``trusted_entities``: the file naming the coordinator's app-signing key
     (:func:`oarbench.train.flower_trust.write_trusted_entities`); the SuperNode
     runs only Flower Apps signed with it. ``threads``: CPU threads of the site's
-    training processes (default: torch's, one per core).
+    training processes (default: torch's, one per core). ``step_server``: the socket
+    of a :class:`oarbench.train.nnunet.StepServer` on the SuperNode's machine that
+    trains the rounds (without one, each round trains in a fresh process).
     """
     node_config = {"site": site, "dataset": str(Path(dataset).resolve()), "work": str(Path(work).resolve()),
                    "device": device, "configuration": configuration, "processes": processes}
     if threads:
         node_config["threads"] = int(threads)
+    if step_server:
+        node_config["step-server"] = str(step_server)
     return [_flower_bin("flower-supernode"), "--superlink", superlink, "--root-certificates",
             str(Path(root_certificates).resolve()), "--auth-supernode-private-key", str(Path(auth_key).resolve()),
             "--trusted-entities", str(Path(trusted_entities).resolve()),

@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 
 __all__ = [
     "NnunetPaths",
+    "StepServer",
     "TrainResult",
     "TrainerOptions",
     "nnunet_env",
@@ -106,10 +107,110 @@ def nnunet_env(paths: NnunetPaths, *, base: Mapping[str, str] | None = None, thr
     return env
 
 
+class StepServer:
+    """One child process that runs a site's training steps one after another (:func:`_worker.serve`).
+
+    A federated site trains once per round. In a fresh process per round every
+    round pays Python's, torch's and nnU-Net's imports again (about 5 s of CPU on
+    a 2-core machine, against about 25 s of training in the demo's quick schedule).
+    The server pays them once. Every step still builds its trainer and seeds its
+    generators as a fresh process does, so the weights are the same bit for bit
+    (tests/test_train_nnunet.py::test_step_server_trains_the_same_weights_as_fresh_processes).
+
+    ``socket``: the Unix socket's path (in a new folder only this user can
+    enter), for :func:`train` (``server=``) or a Flower SuperNode's node config.
+    Use as a context manager, or call :meth:`close`; the server also ends when
+    the process that started it does.
+    """
+
+    def __init__(self, paths: NnunetPaths, *, threads: int | None = None, log_file: Path | None = None) -> None:
+        _require_nnunet()
+        self._dir = tempfile.mkdtemp(prefix="oarbench-steps-")
+        self.socket = os.path.join(self._dir, "socket")
+        out = open(log_file, "a") if log_file else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "oarbench.train._worker", "--serve", self.socket],
+                env=nnunet_env(paths, training=True, threads=threads), stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT)
+        finally:
+            if log_file:
+                out.close()
+
+    def close(self) -> None:
+        """End the server (it finishes the step it is running first only if that step ends within 5 s)."""
+        import shutil
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> "StepServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+#: Seconds a client waits for a step server to start listening before it trains in a fresh process.
+SERVER_START_S = 120.0
+
+
+def _call_server(server: str, step: str, spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Run ``step`` in the step server at socket ``server``; its result, or None when no server answers.
+
+    None (the caller runs the step in a fresh process instead): the socket did not
+    appear within :data:`SERVER_START_S`, or refused the connection (the server
+    ended). A server that took the step and failed raises RuntimeError.
+    """
+    import socket
+
+    deadline = time.monotonic() + SERVER_START_S
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        while True:
+            try:
+                sock.connect(server)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                folder = os.path.dirname(server)
+                if (not os.path.isdir(folder) or os.path.exists(os.path.join(folder, "ended"))
+                        or time.monotonic() > deadline):
+                    return None
+                time.sleep(0.1)
+        with tempfile.TemporaryDirectory(prefix="oarbench-nnunet-") as tmp:
+            spec_path = Path(tmp) / "spec.json"
+            result_path = Path(tmp) / "result.json"
+            spec_path.write_text(json.dumps(dict(spec, step=step, result=str(result_path))))
+            sock.sendall(f"{spec_path}\n".encode())
+            reply = sock.makefile("r").readline().strip()
+            if reply == "ok":
+                return json.loads(result_path.read_text())
+            if reply.startswith("error "):
+                raise RuntimeError(f"nnU-Net step {step!r} failed: {reply[6:]}")
+            raise RuntimeError(f"nnU-Net step {step!r}: the step server ended during the step (killed?)")
+    finally:
+        sock.close()
+
+
 def _run(step: str, paths: NnunetPaths, spec: Mapping[str, Any], *, log_file: Path | None = None,
-         threads: int | None = None) -> dict[str, Any]:
-    """Run one worker step in a child process (``threads``: its CPU threads); return its JSON result."""
+         threads: int | None = None, server: str | None = None) -> dict[str, Any]:
+    """Run one worker step in a child process (``threads``: its CPU threads); return its JSON result.
+
+    ``server``: the socket of a :class:`StepServer` started for the same folders and
+    threads, which runs the step instead when it answers (its output goes to the
+    server's log).
+    """
     _require_nnunet()
+    if server:
+        result = _call_server(server, step, spec)
+        if result is not None:
+            return result
     with tempfile.TemporaryDirectory(prefix="oarbench-nnunet-") as tmp:
         spec_path = Path(tmp) / "spec.json"
         result_path = Path(tmp) / "result.json"
@@ -354,6 +455,10 @@ class TrainerOptions:
         SGD momentum or AdamW moments, from its checkpoint of the previous round) or
         ``"reset"`` (a fresh optimizer every round; the epoch counter and the learning-rate
         schedule still continue).
+    pseudo_dice: nnU-Net's validation at every epoch end, on the fold's validation
+        cases (fold ``all``: its own training cases), logged as the pseudo Dice.
+        ``False`` skips its forward passes but still draws its batches, so the
+        trained weights are the same bit for bit; the log shows NaN.
     """
 
     augmentation: str = "default"
@@ -363,6 +468,7 @@ class TrainerOptions:
     foreground_oversampling: float | None = None
     harmonise: bool = True
     optimizer_state: str = "kept"
+    pseudo_dice: bool = True
 
     def __post_init__(self) -> None:
         if self.augmentation not in ("default", "light"):
@@ -379,11 +485,13 @@ class TrainerOptions:
             raise ValueError(f"harmonise must be True or False, got {self.harmonise!r}")
         if self.optimizer_state not in ("kept", "reset"):
             raise ValueError(f"optimizer_state must be 'kept' or 'reset', got {self.optimizer_state!r}")
+        if not isinstance(self.pseudo_dice, bool):
+            raise ValueError(f"pseudo_dice must be True or False, got {self.pseudo_dice!r}")
 
     def spec(self) -> dict[str, Any]:
         return {"augmentation": self.augmentation, "initial_lr": self.initial_lr, "batch_size": self.batch_size,
                 "optimizer": self.optimizer, "foreground_oversampling": self.foreground_oversampling,
-                "optimizer_state": self.optimizer_state}
+                "optimizer_state": self.optimizer_state, "pseudo_dice": self.pseudo_dice}
 
     def to_json(self) -> str:
         """Every option as a JSON object (what the Flower engine's messages carry)."""
@@ -459,6 +567,7 @@ def train(
     options: TrainerOptions = TrainerOptions(),
     snapshot_dir: str | Path | None = None,
     threads: int | None = None,
+    server: str | None = None,
 ) -> TrainResult:
     """Train one configuration and fold with :class:`oarbench.train.trainer.OarbenchTrainer`.
 
@@ -487,6 +596,10 @@ def train(
     threads:
         CPU threads of the training process (default: torch's, one per core); set it
         when several trainings share the machine.
+    server:
+        The socket of a :class:`StepServer` for ``paths`` (and ``threads``) that runs
+        the step instead of a fresh process (the same weights; the output goes to the
+        server's log, not ``log_file``).
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -501,7 +614,7 @@ def train(
         "validate": bool(validate), "seed": seed, "save_every": 50, **options.spec(),
         "snapshot_dir": str(Path(snapshot_dir).resolve()) if snapshot_dir else None,
     }
-    r = _run("train", paths, spec, log_file=log_file, threads=threads)
+    r = _run("train", paths, spec, log_file=log_file, threads=threads, server=server)
     return TrainResult(Path(r["model_folder"]), Path(r["checkpoint"]), int(r["epochs_done"]), int(r["iterations"]),
                        float(r["seconds"]), int(r["num_cases"]), float(r["step_seconds"]))
 
@@ -637,6 +750,7 @@ class NnunetSiteTraining:
     fold: int | str = "all"
     options: TrainerOptions = TrainerOptions()
     threads: int | None = None
+    server: str | None = None  # a StepServer's socket for these folders and threads
     seconds: list[float] = field(default_factory=list)
 
     def __call__(self, round_: int, global_weights: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
@@ -664,7 +778,8 @@ class NnunetSiteTraining:
                     epochs=self.rounds * self.local_epochs, iterations=self.iterations, width=self.width,
                     device=self.device, initial_weights_file=g, resume_from=resume,
                     stop_after_epoch=(round_ + 1) * self.local_epochs, weights_out=u,
-                    log_file=self.work / "train.log", options=self.options, threads=self.threads)
+                    log_file=self.work / "train.log", options=self.options, threads=self.threads,
+                    server=self.server)
         self.seconds.append(res.seconds)
         _atomic_text(done, json.dumps({"global_sha256": g_sha, "num_cases": res.num_cases,
                                        "seconds": res.seconds, "step_seconds": res.step_seconds}))
