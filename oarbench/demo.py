@@ -29,6 +29,8 @@ QUICK_BATCH = 8
 QUICK_LR = 0.01
 QUICK_OPTIMIZER = "adam"
 QUICK_FOREGROUND = 1.0
+#: Iterations between two points of the quick schedule's learning curves (every other epoch).
+QUICK_CURVE_EVERY = 100
 
 
 #: Named training schedules of ``oarbench demo --train`` (docs/demo.md). ``quick`` trains on a
@@ -40,10 +42,11 @@ QUICK_FOREGROUND = 1.0
 SCHEDULES: dict[str, dict[str, Any]] = {
     "quick": dict(configuration="2d", width="tiny", epochs=QUICK_EPOCHS, iterations=QUICK_ITERATIONS,
                   rounds=QUICK_EPOCHS, local_epochs=1, augmentation="light", batch_size=QUICK_BATCH,
-                  initial_lr=QUICK_LR, optimizer=QUICK_OPTIMIZER, foreground_oversampling=QUICK_FOREGROUND),
+                  initial_lr=QUICK_LR, optimizer=QUICK_OPTIMIZER, foreground_oversampling=QUICK_FOREGROUND,
+                  curve_every=QUICK_CURVE_EVERY, pseudo_dice=False),
     "full": dict(configuration="3d_fullres", width="default", epochs=1000, iterations=250, rounds=100,
                  local_epochs=10, augmentation="default", batch_size=None, initial_lr=None, optimizer="sgd",
-                 foreground_oversampling=None),
+                 foreground_oversampling=None, curve_every=25_000, pseudo_dice=True),
 }
 
 
@@ -59,11 +62,15 @@ class TrainSettings:
     ``harmonise``: bring every case to the canonical orientation before nnU-Net sees it
     (:mod:`oarbench.train.harmonise`; off reproduces training on the arrays as stored).
     ``optimizer_state``: ``"kept"`` or ``"reset"`` across federated rounds (:class:`TrainerOptions`).
+    ``pseudo_dice``: nnU-Net's validation forward passes at every epoch end (the same
+    weights either way; :class:`TrainerOptions`); the quick schedule skips them.
     ``plan_spacing``: the federated model's target spacing, ``"finest"`` (the finest site's
     grid) or ``"pooled"`` (nnU-Net's median over both centres' cases;
     :func:`oarbench.train.federated.nnunet_plans`).
     ``robustness_cases``: test cases per centre scored under ``conditions``;
-    ``curve_cases``: test cases per centre scored for the learning curves (0: none).
+    ``curve_cases``: test cases per centre scored for the learning curves (0: none);
+    ``curve_every``: iterations between two points of a curve (the weights after every
+    epoch or round where the iteration count is a multiple of it, and the final weights).
     """
 
     epochs: int = QUICK_EPOCHS
@@ -86,6 +93,8 @@ class TrainSettings:
     robustness_cases: int = 2
     engine: str = "storage"
     curve_cases: int = 3
+    curve_every: int = QUICK_CURVE_EVERY
+    pseudo_dice: bool = False
 
     def __post_init__(self) -> None:
         if min(self.epochs, self.iterations, self.rounds, self.local_epochs) < 1:
@@ -94,6 +103,8 @@ class TrainSettings:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.robustness_cases < 0 or self.curve_cases < 0:
             raise ValueError("robustness_cases and curve_cases must be at least 0")
+        if self.curve_every < 1:
+            raise ValueError("curve_every must be at least 1")
         from oarbench.train._plans import check_plan_spacing
 
         check_plan_spacing(self.plan_spacing)
@@ -122,7 +133,8 @@ class TrainSettings:
 
         return TrainerOptions(augmentation=self.augmentation, initial_lr=self.initial_lr, batch_size=self.batch_size,
                               optimizer=self.optimizer, foreground_oversampling=self.foreground_oversampling,
-                              harmonise=self.harmonise, optimizer_state=self.optimizer_state)
+                              harmonise=self.harmonise, optimizer_state=self.optimizer_state,
+                              pseudo_dice=self.pseudo_dice)
 
     def training_key(self, federated: bool = True) -> dict[str, Any]:
         """What a trained model depends on: a re-run reuses models only when this matches.
@@ -251,7 +263,17 @@ CURVE_STRUCTURES = ("Liver", "Spleen", "Kidney_L", "Kidney_R", "Stomach")
 
 
 def _snapshots(model: Any, models_dir: Path, settings: TrainSettings) -> list[tuple[int, Path]]:
-    """(iterations per site, weights file) of a trained model, in training order."""
+    """(iterations per site, weights file) of a trained model's learning-curve points, in training order.
+
+    Every ``settings.curve_every`` iterations (from 0, the federated model's initial
+    weights), and the last weights.
+    """
+    every = _all_snapshots(model, models_dir, settings)
+    return [(i, f) for k, (i, f) in enumerate(every) if i % settings.curve_every == 0 or k == len(every) - 1]
+
+
+def _all_snapshots(model: Any, models_dir: Path, settings: TrainSettings) -> list[tuple[int, Path]]:
+    """(iterations per site, weights file) of every snapshot a trained model left, in training order."""
     import json
 
     work = models_dir / model.name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -20,7 +21,9 @@ def test_quick_schedule_options_and_key() -> None:
     assert quick.rounds * quick.local_epochs == quick.epochs  # federated sites follow the local schedule
     opts = quick.options()
     assert opts == TrainerOptions(augmentation="light", initial_lr=quick.initial_lr, batch_size=quick.batch_size,
-                                  optimizer="adam", foreground_oversampling=1.0)
+                                  optimizer="adam", foreground_oversampling=1.0, pseudo_dice=False)
+    # skipping the validation's forward passes leaves the weights as they are: not part of the key
+    assert "pseudo_dice" not in quick.training_key()
     assert opts.spec()["foreground_oversampling"] == 1.0
     # a model trained with another oversampling is another model
     assert "foreground_oversampling" in quick.training_key()
@@ -123,3 +126,34 @@ def test_a_failing_model_fails_the_run(tmp_path: Path, monkeypatch) -> None:
     assert not (tmp_path / "models" / "local-B" / "model_folder.txt").exists()
     assert (tmp_path / "models" / "local-A" / "model_folder.txt").is_file()
     assert (tmp_path / "models" / "fl" / "model_folder.txt").is_file()
+
+
+def test_learning_curve_points_every_curve_every_iterations_and_the_last(tmp_path):
+    """The curves predict the snapshots at multiples of ``curve_every`` iterations and the final
+    weights: for a local model's epochs and for a federated model's rounds (initial weights at 0)."""
+
+    from oarbench.demo import _snapshots
+
+    settings = TrainSettings.schedule("quick", epochs=5, iterations=50)  # 5 rounds of one epoch
+    assert settings.curve_every == 100
+    snaps = tmp_path / "local-A" / "snapshots"
+    snaps.mkdir(parents=True)
+    for epoch in range(1, 6):
+        (snaps / f"epoch_{epoch:05d}.safetensors").write_bytes(b"")
+        (snaps / f"epoch_{epoch:05d}.json").write_text(json.dumps({"iterations": epoch * 50}))
+    local = SimpleNamespace(name="local-A", trained_on=("A",))
+    assert [i for i, _ in _snapshots(local, tmp_path, settings)] == [100, 200, 250]
+    rounds = tmp_path / "fl" / "parties" / "A" / "rounds"
+    rounds.mkdir(parents=True)
+    for r in range(5):
+        (rounds / f"global_{r:05d}.safetensors").write_bytes(b"")
+    (tmp_path / "fl" / "parties" / "coordinator").mkdir()
+    (tmp_path / "fl" / "parties" / "coordinator" / "final.safetensors").write_bytes(b"")
+    fl = SimpleNamespace(name="fl", trained_on=("A", "B"))
+    points = _snapshots(fl, tmp_path, settings)
+    assert [i for i, _ in points] == [0, 100, 200, 250]
+    assert points[-1][1].name == "final.safetensors"
+    every = _snapshots(fl, tmp_path, dataclasses.replace(settings, curve_every=50))
+    assert [i for i, _ in every] == [0, 50, 100, 150, 200, 250]
+    with pytest.raises(ValueError, match="curve_every"):
+        dataclasses.replace(settings, curve_every=0)

@@ -58,7 +58,8 @@ def test_demo_train_end_to_end(tmp_path):
     # default plans are tested by tests/test_plan_spacing.py and the Flower deployment test.
     settings = dataclasses.replace(TrainSettings.schedule("quick", epochs=TEST_EPOCHS, iterations=TEST_ITERATIONS,
                                                           plan_spacing="pooled"),
-                                   conditions=("flip_lr",), robustness_cases=1, curve_cases=2)
+                                   conditions=("flip_lr",), robustness_cases=1, curve_cases=2,
+                                   curve_every=TEST_ITERATIONS)
     assert settings.rounds * settings.local_epochs == settings.epochs  # fl sites follow the local schedule
     out = tmp_path / "demo"
     outputs = run_demo(out, config=_tiny_config(tmp_path), workers=1, train=settings, log=lambda _: None)
