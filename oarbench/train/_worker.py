@@ -398,6 +398,7 @@ def serve(socket_path: str) -> int:
     readable by this user only; the server ends when its parent process does or on
     a ``quit`` line.
     """
+    import gc
     import socket
     import traceback
 
@@ -432,6 +433,9 @@ def serve(socket_path: str) -> int:
                     if spec.get("step") not in SERVED_STEPS:
                         raise ValueError(f"step {spec.get('step')!r} is not served (only {', '.join(SERVED_STEPS)})")
                     _save_json(STEPS[spec["step"]](spec), spec["result"])
+                    # a step's trainer holds reference cycles (network, optimizer, data loaders): free them
+                    # now, or every round's stay in memory until a full collection and slow the next rounds
+                    gc.collect()
                 except Exception as exc:  # reported to the client in one line, the traceback to the log
                     traceback.print_exc()
                     sys.stdout.flush()
