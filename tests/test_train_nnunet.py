@@ -291,6 +291,11 @@ def test_step_server_trains_the_same_weights_as_fresh_processes(tmp_path: Path) 
     with StepServer(paths, threads=1, log_file=log) as server:
         served = two_rounds("served", server.socket)
         assert server.proc.poll() is None
+        # the socket lies in a folder only this user can enter, and is this user's only
+        import stat
+
+        assert stat.S_IMODE(os.stat(os.path.dirname(server.socket)).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(server.socket).st_mode) & 0o077 == 0
     assert served == fresh
     text = log.read_text()
     assert "Epoch 0" in text and "Epoch 1" in text
