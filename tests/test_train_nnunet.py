@@ -337,7 +337,7 @@ def test_no_step_server_means_a_fresh_process(tmp_path: Path) -> None:
 def test_skipping_the_pseudo_dice_leaves_the_weights_bit_for_bit(tmp_path: Path) -> None:
     """Three epochs with nnU-Net's validation at every epoch end and three without its forward passes
     give the same weight bytes (the validation batches are still drawn); without it the log's pseudo Dice
-    is NaN, and progress.png is drawn at the schedule's last epoch."""
+    is NaN, no checkpoint_best.pth is written, and progress.png is drawn at the schedule's last epoch."""
     pytest.importorskip("nnunetv2")
     import torch
 
@@ -354,6 +354,10 @@ def test_skipping_the_pseudo_dice_leaves_the_weights_bit_for_bit(tmp_path: Path)
                   options=TrainerOptions(optimizer="adam", pseudo_dice=dice), threads=1)
         ck = torch.load(r.checkpoint, map_location="cpu", weights_only=False)
         out[dice] = (w.read_bytes(), ck["logging"]["mean_fg_dice"], (r.model_folder / "fold_all" / "progress.png"))
+        best = r.model_folder / "fold_all" / "checkpoint_best.pth"
+        assert best.is_file() == dice  # without the pseudo Dice no epoch is "best"
+        if best.is_file():
+            best.unlink()
     assert out[True][0] == out[False][0]
     assert len(out[False][1]) == 3 and all(np.isnan(v) for v in out[False][1])
     assert not any(np.isnan(v) for v in out[True][1])

@@ -103,7 +103,8 @@ class OarbenchTrainer(nnUNetTrainer):
         pseudo_dice: nnU-Net's validation at every epoch end (the pseudo Dice in the log).
             ``False`` still draws the validation batches, so the data order of
             the training batches stays that of a run that validates (the same
-            weights, bit for bit), but skips their forward pass and logs NaN.
+            weights, bit for bit), but skips their forward pass, logs NaN and
+            writes no checkpoint_best.pth (there is no best epoch to pick).
         snapshot_dir: save the weights after every epoch there
             (``epoch_<NNNNN>.safetensors`` and ``epoch_<NNNNN>.json`` with the
             epoch's mean training loss and the iterations done).
@@ -124,6 +125,9 @@ class OarbenchTrainer(nnUNetTrainer):
             self.oversample_foreground_percent = float(foreground_oversampling)
         self.augmentation = augmentation
         self.pseudo_dice = bool(pseudo_dice)
+        if not self.pseudo_dice:
+            # no pseudo Dice, no "best" epoch: nnU-Net would write the first epoch as checkpoint_best.pth
+            self._best_ema = float("inf")
         self.optimizer_name = optimizer
         self.snapshot_dir = snapshot_dir
         self.num_epochs = int(num_epochs)
