@@ -157,6 +157,13 @@ class StepServer:
         self.close()
 
 
+def _write_spec(folder: Path, step: str, spec: Mapping[str, Any]) -> tuple[Path, Path]:
+    """Write a worker step's spec file in ``folder``; (spec file, the result file the worker will write)."""
+    spec_path, result_path = folder / "spec.json", folder / "result.json"
+    spec_path.write_text(json.dumps(dict(spec, step=step, result=str(result_path))))
+    return spec_path, result_path
+
+
 #: Seconds a client waits for a step server to start listening before it trains in a fresh process.
 SERVER_START_S = 120.0
 
@@ -184,9 +191,7 @@ def _call_server(server: str, step: str, spec: Mapping[str, Any]) -> dict[str, A
                     return None
                 time.sleep(0.1)
         with tempfile.TemporaryDirectory(prefix="oarbench-nnunet-") as tmp:
-            spec_path = Path(tmp) / "spec.json"
-            result_path = Path(tmp) / "result.json"
-            spec_path.write_text(json.dumps(dict(spec, step=step, result=str(result_path))))
+            spec_path, result_path = _write_spec(Path(tmp), step, spec)
             sock.sendall(f"{spec_path}\n".encode())
             reply = sock.makefile("r").readline().strip()
             if reply == "ok":
@@ -212,9 +217,7 @@ def _run(step: str, paths: NnunetPaths, spec: Mapping[str, Any], *, log_file: Pa
         if result is not None:
             return result
     with tempfile.TemporaryDirectory(prefix="oarbench-nnunet-") as tmp:
-        spec_path = Path(tmp) / "spec.json"
-        result_path = Path(tmp) / "result.json"
-        spec_path.write_text(json.dumps(dict(spec, step=step, result=str(result_path))))
+        spec_path, result_path = _write_spec(Path(tmp), step, spec)
         out = open(log_file, "a") if log_file else None
         try:
             proc = subprocess.run(
