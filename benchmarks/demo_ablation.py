@@ -26,14 +26,17 @@ schedule (``EARLIER``: 12 epochs of 100 iterations, 12 federated rounds of one e
 * ``longer``: as ``harmonised``, 10 epochs of 150 iterations (the earlier, longer schedule);
 * ``finest_spacing``: as ``harmonised``, and the federated plans at the finest centre's spacing
   (centre A's 2.8 mm pixels) instead of the median 3.4 mm;
-* ``rounds24x50``: the quick schedule as shipped: as ``finest_spacing`` with the same 1,200 iterations
+* ``rounds24x50``: as ``finest_spacing`` with the same 1,200 iterations
   per model cut into 24 epochs of 50, so the federated sites average twice as often (24 rounds of
   one epoch);
-* ``rounds12x2``: as shipped, 12 rounds of 2 local epochs (averaging every 100 iterations as in
-  ``finest_spacing``, with the shipped local models: run with ``--reuse-local rounds24x50``, it
+* ``rounds12x2``: as ``rounds24x50``, 12 rounds of 2 local epochs (averaging every 100 iterations as in
+  ``finest_spacing``, with ``rounds24x50``'s local models: run with ``--reuse-local rounds24x50``, it
   tells the averaging interval apart from the local schedule's finer epochs);
-* ``rounds48x25``: as shipped with 48 epochs of 25 iterations for every model (averaging every 25
-  iterations).
+* ``rounds48x25``: as ``rounds24x50`` with 48 epochs of 25 iterations for every model (averaging
+  every 25 iterations);
+* ``bf16``: the quick schedule as shipped: as ``rounds24x50``, with the training steps' forward
+  passes in bfloat16 where the CPU computes it natively (``precision="auto"``); the rows above
+  trained in float32 (``FP32``).
 
 Afterwards it prints, and writes to ``OUT/ablation.md`` and ``OUT/ablation.csv``, one row per
 ablation row, model and centre: the median DSC over the test cases of Liver, Spleen, Kidney_L,
@@ -56,16 +59,20 @@ ORGANS = ("Liver", "Spleen", "Kidney_L", "Kidney_R", "Stomach")
 #: The quick schedule's length before it was cut into shorter rounds (the first five rows ran with it).
 EARLIER = {"epochs": 12, "iterations": 100, "rounds": 12}
 
+#: The rows before ``bf16`` trained in float32 throughout.
+FP32 = {"precision": "fp32"}
+
 #: Row name -> overrides of ``TrainSettings.schedule("quick", ...)``.
 ROWS: dict[str, dict[str, object]] = {
-    "today": {**EARLIER, "harmonise": False, "plan_spacing": "pooled"},
-    "harmonised": {**EARLIER, "plan_spacing": "pooled"},
-    "optimizer_reset": {**EARLIER, "optimizer_state": "reset", "plan_spacing": "pooled"},
-    "longer": {"epochs": 10, "iterations": 150, "rounds": 10, "plan_spacing": "pooled"},
-    "finest_spacing": dict(EARLIER),
-    "rounds24x50": {},
-    "rounds12x2": {"rounds": 12, "local_epochs": 2},
-    "rounds48x25": {"epochs": 48, "iterations": 25, "rounds": 48},
+    "today": {**EARLIER, **FP32, "harmonise": False, "plan_spacing": "pooled"},
+    "harmonised": {**EARLIER, **FP32, "plan_spacing": "pooled"},
+    "optimizer_reset": {**EARLIER, **FP32, "optimizer_state": "reset", "plan_spacing": "pooled"},
+    "longer": {**FP32, "epochs": 10, "iterations": 150, "rounds": 10, "plan_spacing": "pooled"},
+    "finest_spacing": {**EARLIER, **FP32},
+    "rounds24x50": dict(FP32),
+    "rounds12x2": {**FP32, "rounds": 12, "local_epochs": 2},
+    "rounds48x25": {**FP32, "epochs": 48, "iterations": 25, "rounds": 48},
+    "bf16": {},
 }
 
 

@@ -29,6 +29,9 @@ QUICK_BATCH = 8
 QUICK_LR = 0.01
 QUICK_OPTIMIZER = "adam"
 QUICK_FOREGROUND = 1.0
+#: The quick schedule's training arithmetic: bfloat16 forward passes where the CPU has native
+#: bfloat16 instructions (docs/demo.md, "Schedules"), float32 elsewhere.
+QUICK_PRECISION = "auto"
 #: Iterations between two points of the quick schedule's learning curves (every other epoch).
 QUICK_CURVE_EVERY = 100
 
@@ -43,10 +46,10 @@ SCHEDULES: dict[str, dict[str, Any]] = {
     "quick": dict(configuration="2d", width="tiny", epochs=QUICK_EPOCHS, iterations=QUICK_ITERATIONS,
                   rounds=QUICK_EPOCHS, local_epochs=1, augmentation="light", batch_size=QUICK_BATCH,
                   initial_lr=QUICK_LR, optimizer=QUICK_OPTIMIZER, foreground_oversampling=QUICK_FOREGROUND,
-                  curve_every=QUICK_CURVE_EVERY, pseudo_dice=False),
+                  curve_every=QUICK_CURVE_EVERY, pseudo_dice=False, precision=QUICK_PRECISION),
     "full": dict(configuration="3d_fullres", width="default", epochs=1000, iterations=250, rounds=100,
                  local_epochs=10, augmentation="default", batch_size=None, initial_lr=None, optimizer="sgd",
-                 foreground_oversampling=None, curve_every=25_000, pseudo_dice=True),
+                 foreground_oversampling=None, curve_every=25_000, pseudo_dice=True, precision="fp32"),
 }
 
 
@@ -64,6 +67,8 @@ class TrainSettings:
     ``optimizer_state``: ``"kept"`` or ``"reset"`` across federated rounds (:class:`TrainerOptions`).
     ``pseudo_dice``: nnU-Net's validation forward passes at every epoch end (the same
     weights either way; :class:`TrainerOptions`); the quick schedule skips them.
+    ``precision``: the training step's forward pass on a CPU (:class:`TrainerOptions`); the
+    quick schedule's ``auto`` runs it in bfloat16 where the CPU computes it natively.
     ``plan_spacing``: the federated model's target spacing, ``"finest"`` (the finest site's
     grid) or ``"pooled"`` (nnU-Net's median over both centres' cases;
     :func:`oarbench.train.federated.nnunet_plans`).
@@ -95,6 +100,7 @@ class TrainSettings:
     curve_cases: int = 3
     curve_every: int = QUICK_CURVE_EVERY
     pseudo_dice: bool = False
+    precision: str = QUICK_PRECISION
 
     def __post_init__(self) -> None:
         if min(self.epochs, self.iterations, self.rounds, self.local_epochs) < 1:
@@ -134,7 +140,7 @@ class TrainSettings:
         return TrainerOptions(augmentation=self.augmentation, initial_lr=self.initial_lr, batch_size=self.batch_size,
                               optimizer=self.optimizer, foreground_oversampling=self.foreground_oversampling,
                               harmonise=self.harmonise, optimizer_state=self.optimizer_state,
-                              pseudo_dice=self.pseudo_dice)
+                              pseudo_dice=self.pseudo_dice, precision=self.precision)
 
     def training_key(self, federated: bool = True) -> dict[str, Any]:
         """What a trained model depends on: a re-run reuses models only when this matches.
@@ -144,7 +150,7 @@ class TrainSettings:
         """
         keys = ("epochs", "iterations", "rounds", "local_epochs", "width", "configuration", "augmentation",
                 "batch_size", "initial_lr", "optimizer", "foreground_oversampling", "harmonise", "optimizer_state",
-                "plan_spacing", "engine")
+                "plan_spacing", "engine", "precision")
         return {k: getattr(self, k) for k in keys if federated or k not in FEDERATED_ONLY}
 
 

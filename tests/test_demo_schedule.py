@@ -21,9 +21,11 @@ def test_quick_schedule_options_and_key() -> None:
     assert quick.rounds * quick.local_epochs == quick.epochs  # federated sites follow the local schedule
     opts = quick.options()
     assert opts == TrainerOptions(augmentation="light", initial_lr=quick.initial_lr, batch_size=quick.batch_size,
-                                  optimizer="adam", foreground_oversampling=1.0, pseudo_dice=False)
+                                  optimizer="adam", foreground_oversampling=1.0, pseudo_dice=False, precision="auto")
     # skipping the validation's forward passes leaves the weights as they are: not part of the key
     assert "pseudo_dice" not in quick.training_key()
+    # the arithmetic changes the weights: a model trained in float32 is not reused by a bfloat16 run
+    assert quick.training_key()["precision"] == quick.training_key(federated=False)["precision"] == "auto"
     assert opts.spec()["foreground_oversampling"] == 1.0
     # a model trained with another oversampling is another model
     assert "foreground_oversampling" in quick.training_key()
@@ -91,6 +93,13 @@ def test_models_train_at_the_same_time_sharing_the_cores(tmp_path: Path, monkeyp
     other = TrainSettings.schedule("quick", iterations=7)
     with pytest.raises(ValueError, match=r"other settings \(iterations differ\)"):
         train_models(_study(tmp_path), datasets, tmp_path / "models", other, log=lambda _: None)
+    # a folder whose training.json predates the recorded arithmetic (trained in float32) is refused too
+    key_file = tmp_path / "models" / "local-A" / "training.json"
+    recorded = key_file.read_text()
+    key_file.write_text(json.dumps({k: v for k, v in json.loads(recorded).items() if k != "precision"}))
+    with pytest.raises(ValueError, match=r"models/local-A: holds a model trained with other settings \(precision differ"):
+        train_models(_study(tmp_path), datasets, tmp_path / "models", settings, log=lambda _: None)
+    key_file.write_text(recorded)
     # a change of a federated setting retrains the federated model only: the local models are reused
     pooled = TrainSettings.schedule("quick", plan_spacing="pooled")
     with pytest.raises(ValueError, match=r"models/fl: holds a model trained with other settings \(plan_spacing differ"):

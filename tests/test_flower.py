@@ -284,7 +284,7 @@ def test_trainer_options_reach_the_site_trainer_through_the_messages(tmp_path: P
     quick = TrainSettings.schedule("quick", optimizer_state="reset")
     opts = quick.options()
     assert opts != TrainerOptions() and opts.optimizer == "adam" and opts.batch_size == 8
-    assert opts.optimizer_state == "reset" and opts.harmonise is True
+    assert opts.optimizer_state == "reset" and opts.harmonise is True and opts.precision == "auto"
     line = _run_config({"sites": "A,B", "rounds": 2, "local-epochs": 1, "iterations": quick.iterations,
                         "out": str(tmp_path / "srv"), **options_to_run_config(opts)})
     settings = ServerSettings.from_run_config(parse_config_args([line]))

@@ -211,6 +211,7 @@ def step_train(spec: dict) -> dict:
         optimizer=spec.get("optimizer", "sgd"),
         foreground_oversampling=spec.get("foreground_oversampling"),
         pseudo_dice=spec.get("pseudo_dice", True),
+        precision=spec.get("precision", "fp32"),
     )
     trainer.initialize()
     if resume_from:
@@ -240,6 +241,7 @@ def step_train(spec: dict) -> dict:
         "iterations": iterations,
         "num_cases": len(trainer.get_tr_and_val_datasets()[0].identifiers),
         "step_seconds": float(getattr(trainer, "step_seconds", 0.0)),
+        "precision": trainer.precision,
     }
 
 

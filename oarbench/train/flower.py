@@ -191,7 +191,7 @@ _RUN_CONFIG_OPTIONS: dict[str, tuple[str, Any]] = {
     "augmentation": ("augmentation", None), "initial-lr": ("initial_lr", 0.0), "batch-size": ("batch_size", 0),
     "optimizer": ("optimizer", None), "foreground-oversampling": ("foreground_oversampling", -1.0),
     "harmonise": ("harmonise", None), "optimizer-state": ("optimizer_state", None),
-    "pseudo-dice": ("pseudo_dice", None),
+    "pseudo-dice": ("pseudo_dice", None), "precision": ("precision", None),
 }
 
 
@@ -623,6 +623,7 @@ foreground-oversampling = -1.0
 harmonise = true
 optimizer-state = "kept"
 pseudo-dice = true
+precision = "fp32"
 plan-spacing = "finest"
 """
 

@@ -462,6 +462,10 @@ class TrainerOptions:
         cases (fold ``all``: its own training cases), logged as the pseudo Dice.
         ``False`` skips its forward passes but still draws its batches, so the
         trained weights are the same bit for bit; the log shows NaN.
+    precision: arithmetic of the training step's forward pass on a CPU: ``"fp32"``
+        (nnU-Net's), ``"bf16"`` (bfloat16 autocast; the loss, gradients and weights stay
+        float32) or ``"auto"`` (bf16 where the CPU computes bfloat16 natively, AMX or
+        AVX512-BF16, else fp32). On CUDA nnU-Net's own float16 autocast either way.
     """
 
     augmentation: str = "default"
@@ -472,6 +476,7 @@ class TrainerOptions:
     harmonise: bool = True
     optimizer_state: str = "kept"
     pseudo_dice: bool = True
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.augmentation not in ("default", "light"):
@@ -490,11 +495,14 @@ class TrainerOptions:
             raise ValueError(f"optimizer_state must be 'kept' or 'reset', got {self.optimizer_state!r}")
         if not isinstance(self.pseudo_dice, bool):
             raise ValueError(f"pseudo_dice must be True or False, got {self.pseudo_dice!r}")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {str(self.precision)[:20]!r}")
 
     def spec(self) -> dict[str, Any]:
         return {"augmentation": self.augmentation, "initial_lr": self.initial_lr, "batch_size": self.batch_size,
                 "optimizer": self.optimizer, "foreground_oversampling": self.foreground_oversampling,
-                "optimizer_state": self.optimizer_state, "pseudo_dice": self.pseudo_dice}
+                "optimizer_state": self.optimizer_state, "pseudo_dice": self.pseudo_dice,
+                "precision": self.precision}
 
     def to_json(self) -> str:
         """Every option as a JSON object (what the Flower engine's messages carry)."""

@@ -46,6 +46,10 @@ AUGMENTATIONS = ("default", "light")
 #: Optimizer choices of :class:`OarbenchTrainer`.
 OPTIMIZERS = ("sgd", "adam")
 
+#: Arithmetic of the training step's forward pass on a CPU (:meth:`OarbenchTrainer.train_step`);
+#: ``auto``: bf16 where the CPU computes bfloat16 natively (:func:`native_bf16`), else fp32.
+PRECISIONS = ("fp32", "bf16", "auto")
+
 #: ``light`` augmentation: rotation range (radians, each axis) and scaling range.
 LIGHT_ROTATION = (-15.0 / 180.0 * np.pi, 15.0 / 180.0 * np.pi)
 LIGHT_SCALING = (0.85, 1.2)
@@ -76,6 +80,7 @@ class OarbenchTrainer(nnUNetTrainer):
         optimizer: str = "sgd",
         foreground_oversampling: float | None = None,
         pseudo_dice: bool = True,
+        precision: str = "fp32",
     ) -> None:
         """Set the schedule.
 
@@ -105,6 +110,10 @@ class OarbenchTrainer(nnUNetTrainer):
             the training batches stays that of a run that validates (the same
             weights, bit for bit), but skips their forward pass, logs NaN and
             writes no checkpoint_best.pth (there is no best epoch to pick).
+        precision: ``"fp32"`` (nnU-Net's on a CPU), ``"bf16"``: on a CPU the
+            forward pass of each training step under bfloat16 autocast
+            (:meth:`train_step`), or ``"auto"``: bf16 where :func:`native_bf16`, else
+            fp32; on CUDA nnU-Net's own float16 autocast either way.
         snapshot_dir: save the weights after every epoch there
             (``epoch_<NNNNN>.safetensors`` and ``epoch_<NNNNN>.json`` with the
             epoch's mean training loss and the iterations done).
@@ -125,6 +134,11 @@ class OarbenchTrainer(nnUNetTrainer):
             self.oversample_foreground_percent = float(foreground_oversampling)
         self.augmentation = augmentation
         self.pseudo_dice = bool(pseudo_dice)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if precision == "auto":
+            precision = "bf16" if native_bf16() else "fp32"
+        self.precision = precision
         if not self.pseudo_dice:
             # no pseudo Dice, no "best" epoch: nnU-Net would write the first epoch as checkpoint_best.pth
             self._best_ema = float("inf")
@@ -233,12 +247,35 @@ class OarbenchTrainer(nnUNetTrainer):
             os.replace(stem + ".json.tmp", stem + ".json")
 
     def train_step(self, batch: dict) -> dict:
-        """nnU-Net's training step, timed (``step_seconds``, ``step_count``) for the docs' per-iteration figures."""
+        """nnU-Net's training step, timed (``step_seconds``, ``step_count``) for the docs' per-iteration figures.
+
+        With ``precision="bf16"`` on a CPU the network's forward pass runs under
+        bfloat16 autocast (nnU-Net autocasts only on CUDA, to float16); the loss,
+        the gradients and the weights stay float32.
+        """
         t0 = time.perf_counter()
-        out = super().train_step(batch)
+        if getattr(self, "precision", "fp32") == "bf16" and self.device.type == "cpu":
+            out = self._train_step_bf16(batch)
+        else:
+            out = super().train_step(batch)
         self.step_seconds = getattr(self, "step_seconds", 0.0) + time.perf_counter() - t0
         self.step_count = getattr(self, "step_count", 0) + 1
         return out
+
+    def _train_step_bf16(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device)
+        target = batch["target"]
+        target = [t.to(self.device) for t in target] if isinstance(target, list) else target.to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = self.network(data)
+        # the loss in float32: its Dice sums run over whole patches
+        output = [o.float() for o in output] if isinstance(output, (list, tuple)) else output.float()
+        loss = self.loss(output, target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
 
     def run_training(self) -> None:
         """Train from ``current_epoch`` up to ``stop_after_epoch`` (keeping the full LR schedule)."""
@@ -248,6 +285,8 @@ class OarbenchTrainer(nnUNetTrainer):
         if not self.was_initialized:
             self.initialize()  # the LR scheduler is built here, from the full schedule length
         self.num_epochs = min(stop, full)
+        if self.device.type == "cpu":
+            self.print_to_log_file(f"oarbench: the training steps' forward passes in {getattr(self, 'precision', 'fp32')}")
         try:
             super().run_training()
         finally:
@@ -266,6 +305,18 @@ class OarbenchTrainer(nnUNetTrainer):
             ckpt["trainer_name"] = "nnUNetTrainer"
             ckpt["oarbench_trainer"] = type(self).__name__
             torch.save(ckpt, filename)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively: x86 with AVX512-BF16 or AMX (torch's CPU
+    capability check). Elsewhere bfloat16 autocast is emulated or unsupported, and no faster
+    than float32, so ``auto`` keeps float32 there."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(bool(check()) for check in checks if check is not None)
+    except RuntimeError:
+        return False
 
 
 def state_to_arrays(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
