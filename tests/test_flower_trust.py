@@ -621,3 +621,44 @@ def test_server_app_verifies_the_roster_in_the_run_config(tmp_path: Path, fake_m
     assert grid.sent == []
     with pytest.raises(RuntimeError, match="carries no coordinator key"):
         make_server_app("")._main(grid, SimpleNamespace(run_config=cfg))
+
+
+# --------------------------------------------------------------------------- Flower's telemetry
+
+_TELEMETRY_PROBE = """
+import json, sys, urllib.request
+calls = []
+urllib.request.urlopen = lambda request, timeout=None: calls.append(request.full_url) or (_ for _ in ()).throw(
+    OSError("no network in this probe"))
+from flwr.supercore.telemetry import EventType, event
+try:
+    result = event(EventType.RUN_SUPERNODE_ENTER).result(timeout=30)
+except OSError as exc:
+    result = "error: " + str(exc)
+print(json.dumps({"calls": calls, "result": result}))
+"""
+
+
+def _telemetry_probe(env: dict[str, str]) -> dict:
+    """Flower's own telemetry code in a child process with ``env``, ``urlopen`` recorded instead of sent."""
+    out = subprocess.run([sys.executable, "-c", _TELEMETRY_PROBE], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_flower_processes_oarbench_starts_send_no_telemetry(tmp_path: Path, monkeypatch) -> None:
+    """Every Flower process oarbench starts (SuperLink, SuperNodes, the signed submission, ``flwr supernode
+    register``) gets its environment from ``flower_env``: there Flower's telemetry code makes no request. With
+    the environment as flwr defaults it (the control) the same code posts to Flower's server; a user who sets
+    the variable himself keeps his choice."""
+    from oarbench.train.flower import TELEMETRY_ENV, flower_env
+
+    monkeypatch.delenv(TELEMETRY_ENV, raising=False)
+    env = flower_env(tmp_path / "flwr-home")
+    assert env[TELEMETRY_ENV] == "0"
+    assert _telemetry_probe(env) == {"calls": [], "result": "disabled"}
+    plain = {k: v for k, v in env.items() if k != TELEMETRY_ENV}
+    sent = _telemetry_probe(plain)
+    assert sent["calls"] and all(url.startswith("https://telemetry.flower.ai/") for url in sent["calls"]), sent
+    monkeypatch.setenv(TELEMETRY_ENV, "1")
+    assert flower_env(tmp_path / "flwr-home")[TELEMETRY_ENV] == "1"

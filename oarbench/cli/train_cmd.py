@@ -316,7 +316,7 @@ def site(engine: str, storage: str | None, storage_options: str | None, keys_dir
     if engine == "flower":
         import subprocess
 
-        from oarbench.train.flower import flower_env, require_flower, supernode_command
+        from oarbench.train.flower import TELEMETRY_ENV, flower_env, require_flower, supernode_command
 
         require_flower()
         _need(engine, superlink=superlink, root_certificates=root_certificates, auth_key=auth_key,
@@ -327,8 +327,9 @@ def site(engine: str, storage: str | None, storage_options: str | None, keys_dir
         cmd = supernode_command(str(superlink), Path(str(root_certificates)), Path(str(auth_key)), site=site,
                                 dataset=dataset_dir, work=work, device=device, configuration=configuration,
                                 port=port, trusted_entities=Path(str(trusted_entities)))
-        click.echo(f"SuperNode of site {site}: {' '.join(cmd)}")
-        code = subprocess.call(cmd, env=flower_env(work / "flwr-home"))
+        env = flower_env(work / "flwr-home")
+        click.echo(f"SuperNode of site {site}: {TELEMETRY_ENV}={env[TELEMETRY_ENV]} {' '.join(cmd)}")
+        code = subprocess.call(cmd, env=env)
         if code != 0:
             raise click.ClickException(f"flower-supernode exited with code {code}")
         return

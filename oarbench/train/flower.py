@@ -746,10 +746,18 @@ def write_connection(flwr_home: str | Path, name: str, address: str, root_certif
     return path
 
 
+#: Flower's switch for its usage telemetry (on by default in flwr: every SuperLink, SuperNode, ServerApp and
+#: ClientApp process posts events with the machine's platform details to telemetry.flower.ai).
+TELEMETRY_ENV = "FLWR_TELEMETRY_ENABLED"
+
+
 def flower_env(flwr_home: str | Path) -> dict[str, str]:
-    """Environment for Flower's processes: ``FLWR_HOME``, and this Python's scripts first on ``PATH``."""
-    return dict(os.environ, FLWR_HOME=str(Path(flwr_home).resolve()),
-                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    """Environment for Flower's processes: ``FLWR_HOME``, this Python's scripts first on ``PATH``, and Flower's
+    telemetry off (``FLWR_TELEMETRY_ENABLED=0``) unless the caller's environment sets that variable itself."""
+    env = dict(os.environ, FLWR_HOME=str(Path(flwr_home).resolve()),
+               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    env.setdefault(TELEMETRY_ENV, "0")
+    return env
 
 
 def _run_config(values: Mapping[str, Any]) -> str:
