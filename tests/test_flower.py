@@ -62,6 +62,32 @@ def test_run_config_and_records() -> None:
         np.testing.assert_array_equal(back[k], w[k])
 
 
+def test_weights_travel_as_one_buffer_and_anything_else_is_refused() -> None:
+    """A round's weights are a few Flower objects, not one per tensor (each object is a request of its own on
+    every hop), and a record that is not one safetensors buffer is refused as a malformed reply."""
+    pytest.importorskip("flwr")
+    from flwr.app import Array, ArrayRecord, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from oarbench.train.flower import record_to_weights, weights_to_record
+
+    rng = np.random.default_rng(0)
+    w = {f"layer{i:03d}.weight": rng.normal(size=(8, 8, 3, 3)).astype(np.float32) for i in range(108)}
+    packed = RecordDict({"global": weights_to_record(w)})
+    per_tensor = RecordDict({"global": ArrayRecord(array_dict={k: Array(v) for k, v in w.items()})})
+    assert len(get_all_nested_objects(packed)) <= 5 < 200 < len(get_all_nested_objects(per_tensor))
+    back = record_to_weights(packed["global"])
+    assert sorted(back) == sorted(w) and all(np.array_equal(back[k], w[k]) for k in w)
+    with pytest.raises(ValueError, match="one 'safetensors' entry"):
+        record_to_weights(per_tensor["global"])
+    junk = ArrayRecord(array_dict={"safetensors": Array(np.frombuffer(b"\xff" * 64, dtype=np.uint8))})
+    with pytest.raises(ValueError, match="not a safetensors buffer"):
+        record_to_weights(junk)
+    wide = ArrayRecord(array_dict={"safetensors": Array(np.zeros(8, np.float32))})
+    with pytest.raises(ValueError, match="must be bytes"):
+        record_to_weights(wide)
+
+
 @pytest.mark.slow
 @pytest.mark.nnunet
 @pytest.mark.flower

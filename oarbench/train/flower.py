@@ -100,16 +100,40 @@ def require_flower() -> None:
 # --------------------------------------------------------------------------- records
 
 
+#: The one entry of a weights record: every tensor in one safetensors buffer (:func:`weights_to_record`).
+WEIGHTS_KEY = "safetensors"
+
+
 def weights_to_record(weights: Mapping[str, np.ndarray]) -> Any:
-    """Named numpy arrays as a Flower ``ArrayRecord`` (sorted names)."""
+    """Named numpy arrays as a Flower ``ArrayRecord`` holding one safetensors buffer (sorted names).
+
+    Flower sends every Array of a record as objects of their own, one request each: the demo's
+    108 tensors made a message of 218 objects and took seconds to cross each hop of a round.
+    One buffer is a handful of objects; safetensors carries no code and is what the storage
+    engine's objects hold too.
+    """
     from flwr.app import Array, ArrayRecord
 
-    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(weights[k])) for k in sorted(weights)})
+    from oarbench.train.exchange import tensors_to_bytes
+
+    data = tensors_to_bytes({k: weights[k] for k in sorted(weights)})
+    return ArrayRecord(array_dict={WEIGHTS_KEY: Array(np.frombuffer(data, dtype=np.uint8))})
 
 
 def record_to_weights(record: Any) -> dict[str, np.ndarray]:
-    """Inverse of :func:`weights_to_record`."""
-    return {k: np.asarray(record[k].numpy()) for k in record.keys()}
+    """Inverse of :func:`weights_to_record`; ValueError for any other record."""
+    from oarbench.train.exchange import tensors_from_bytes
+
+    keys = list(record.keys())
+    if keys != [WEIGHTS_KEY]:
+        raise ValueError(f"weights record must hold one {WEIGHTS_KEY!r} entry, got {[str(k)[:30] for k in keys[:5]]}")
+    buf = np.asarray(record[WEIGHTS_KEY].numpy())
+    if buf.dtype != np.uint8 or buf.ndim != 1:
+        raise ValueError(f"weights record: {WEIGHTS_KEY!r} must be bytes (1-D uint8), got {buf.dtype} {buf.shape}")
+    try:
+        return tensors_from_bytes(buf.tobytes())
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error type for a malformed buffer
+        raise ValueError(f"weights record: not a safetensors buffer ({str(exc)[:200]})") from None
 
 
 def _describe(content: Any) -> dict[str, Any]:
@@ -120,7 +144,13 @@ def _describe(content: Any) -> dict[str, Any]:
         entries: dict[str, Any] = {}
         for k in rec.keys():
             v = rec[k]
-            if kind == "ArrayRecord":
+            if kind == "ArrayRecord" and k == WEIGHTS_KEY:  # the tensors inside the buffer
+                try:
+                    entries.update({n: {"dtype": str(a.dtype), "shape": list(a.shape)}
+                                    for n, a in record_to_weights(rec).items()})
+                except ValueError as exc:
+                    entries[k] = {"error": str(exc)[:200]}
+            elif kind == "ArrayRecord":
                 entries[k] = {"dtype": str(v.dtype), "shape": list(v.shape)}
             elif isinstance(v, (bytes, str)):
                 entries[k] = {"type": type(v).__name__, "size": len(v)}
@@ -751,12 +781,20 @@ def write_connection(flwr_home: str | Path, name: str, address: str, root_certif
 TELEMETRY_ENV = "FLWR_TELEMETRY_ENABLED"
 
 
+#: How often a SuperExec asks for a new task (seconds; flwr's default 1).
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+
+
 def flower_env(flwr_home: str | Path) -> dict[str, str]:
-    """Environment for Flower's processes: ``FLWR_HOME``, this Python's scripts first on ``PATH``, and Flower's
-    telemetry off (``FLWR_TELEMETRY_ENABLED=0``) unless the caller's environment sets that variable itself."""
+    """Environment for Flower's processes: ``FLWR_HOME``, this Python's scripts first on ``PATH``, Flower's
+    telemetry off (``FLWR_TELEMETRY_ENABLED=0``) and the SuperExec's task poll every 0.25 s, each unless the
+    caller's environment sets that variable itself."""
     env = dict(os.environ, FLWR_HOME=str(Path(flwr_home).resolve()),
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     env.setdefault(TELEMETRY_ENV, "0")
+    # a SuperNode's SuperExec looks for a new ClientApp task every second by default (flwr's
+    # run_superexec.py); a quarter of a second takes most of that wait out of every message
+    env.setdefault(SUPEREXEC_POLL_ENV, "0.25")
     return env
 
 
