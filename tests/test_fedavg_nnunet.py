@@ -15,26 +15,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("nnunetv2")
 
-ARCH = {
-    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-    "arch_kwargs": {
-        "n_stages": 4,
-        "features_per_stage": [8, 16, 32, 64],
-        "conv_op": "torch.nn.modules.conv.Conv2d",
-        "kernel_sizes": [[3, 3]] * 4,
-        "strides": [[1, 1], [2, 2], [2, 2], [2, 2]],
-        "n_conv_per_stage": [2, 2, 2, 2],
-        "n_conv_per_stage_decoder": [2, 2, 2],
-        "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    },
-    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-}
+from tests._unet import plain_conv_unet  # noqa: E402
+
+ARCH = plain_conv_unet([8, 16, 32, 64])
 
 
 def _network(seed: int):

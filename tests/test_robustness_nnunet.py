@@ -13,6 +13,8 @@ import json
 import numpy as np
 import pytest
 
+from tests._unet import plain_conv_unet
+
 from oarbench.io import Volume, read_volume, write_volume
 from oarbench.labels import LabelMap
 
@@ -20,26 +22,7 @@ pytestmark = [pytest.mark.nnunet, pytest.mark.slow]
 
 
 def _plans() -> dict:
-    arch = {
-        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-        "arch_kwargs": {
-            "n_stages": 3,
-            "features_per_stage": [4, 8, 16],
-            "conv_op": "torch.nn.modules.conv.Conv3d",
-            "kernel_sizes": [[3, 3, 3]] * 3,
-            "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
-            "n_conv_per_stage": [1, 1, 1],
-            "n_conv_per_stage_decoder": [1, 1],
-            "conv_bias": True,
-            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-            "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-            "dropout_op": None,
-            "dropout_op_kwargs": None,
-            "nonlin": "torch.nn.LeakyReLU",
-            "nonlin_kwargs": {"inplace": True},
-        },
-        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
-    }
+    arch = plain_conv_unet([4, 8, 16], dim=3, convs=1)
     resample = {"is_seg": False, "order": 1, "order_z": 0, "force_separate_z": None}
     return {
         "dataset_name": "Dataset999_Tiny",

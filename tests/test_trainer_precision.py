@@ -18,26 +18,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("nnunetv2")
 
+from tests._unet import plain_conv_unet  # noqa: E402
+
 from oarbench.train import trainer as trainer_module  # noqa: E402
 from oarbench.train.nnunet import TrainerOptions  # noqa: E402
 from oarbench.train.trainer import OarbenchTrainer  # noqa: E402
 
-ARCH_KWARGS = {
-    "n_stages": 3,
-    "features_per_stage": [8, 16, 32],
-    "conv_op": "torch.nn.modules.conv.Conv2d",
-    "kernel_sizes": [[3, 3]] * 3,
-    "strides": [[1, 1], [2, 2], [2, 2]],
-    "n_conv_per_stage": [2, 2, 2],
-    "n_conv_per_stage_decoder": [2, 2],
-    "conv_bias": True,
-    "norm_op": "torch.nn.modules.instancenorm.InstanceNorm2d",
-    "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-    "dropout_op": None,
-    "dropout_op_kwargs": None,
-    "nonlin": "torch.nn.LeakyReLU",
-    "nonlin_kwargs": {"inplace": True},
-}
+ARCH = plain_conv_unet([8, 16, 32])
 CLASSES = 4
 
 
@@ -46,9 +33,8 @@ def _bare_trainer(precision: str) -> tuple[OarbenchTrainer, list]:
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     torch.manual_seed(3)
-    net = get_network_from_plans("dynamic_network_architectures.architectures.unet.PlainConvUNet", ARCH_KWARGS,
-                                 ["conv_op", "norm_op", "dropout_op", "nonlin"], 1, CLASSES, allow_init=True,
-                                 deep_supervision=True)
+    net = get_network_from_plans(ARCH["network_class_name"], ARCH["arch_kwargs"], ARCH["_kw_requires_import"], 1,
+                                 CLASSES, allow_init=True, deep_supervision=True)
     seen: list = []
     first_conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
     first_conv.register_forward_hook(lambda module, args, out: seen.append(("conv", out.dtype)))
