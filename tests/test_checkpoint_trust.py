@@ -92,3 +92,37 @@ def test_robustness_cli_offers_the_trust_flag():
 
     result = CliRunner().invoke(main, ["robustness", "--help"])
     assert result.exit_code == 0 and "--trust-checkpoint" in result.output
+
+
+def test_checkpoints_load_from_two_threads_at_once(tmp_path, monkeypatch):
+    """PyTorch's allowed globals are one set per process: a thread leaving ``safe_globals`` removes them
+    while another thread still loads (seen as a sporadic "not model data (numpy...scalar)" refusal when
+    two predictors loaded in threads). Each load here holds the file open for 0.3 s, the second starting
+    0.1 s after the first; both must load, and each must still see the numpy types it needs at the end."""
+    import threading
+    import time
+
+    from oarbench.robustness import predictors
+
+    torch.save(_nnunet_like_checkpoint(), tmp_path / "c.pth")
+    real_load = torch.load
+    seen: list[bool] = []
+
+    def slow_load(*args, **kwargs):
+        time.sleep(0.3)
+        seen.append(any(getattr(g, "__name__", "") == "scalar" for g in torch.serialization.get_safe_globals()))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", slow_load)
+    results: list = []
+
+    def load() -> None:
+        results.append(predictors.load_checkpoint(tmp_path / "c.pth")["_best_ema"])
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    threads[0].start()
+    time.sleep(0.1)
+    threads[1].start()
+    for t in threads:
+        t.join(timeout=30)
+    assert seen == [True, True] and results == [0.55, 0.55]

@@ -27,6 +27,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -416,6 +417,11 @@ def _checkpoint_globals() -> list[Any]:
     return allowed
 
 
+#: PyTorch keeps the globals a ``weights_only`` load may build in one set for the whole process, and
+#: ``safe_globals`` removes its own on exit: two threads loading at once would take them from each other.
+_CHECKPOINT_LOCK = threading.Lock()
+
+
 def load_checkpoint(path: str | Path, *, trust: bool = False) -> Any:
     """Load an nnU-Net checkpoint (``.pth``) on the CPU without running code from it.
 
@@ -435,7 +441,7 @@ def load_checkpoint(path: str | Path, *, trust: bool = False) -> Any:
     if trust:
         return torch.load(path, map_location="cpu", weights_only=False)
     try:
-        with torch.serialization.safe_globals(_checkpoint_globals()):
+        with _CHECKPOINT_LOCK, torch.serialization.safe_globals(_checkpoint_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
