@@ -45,6 +45,18 @@ def make_dataset(root: Path, name: str, n: int, seed: int, offset: float = 0.0) 
     return d
 
 
+def planned_site(tmp_path: Path, name: str, seed: int):
+    """A two-case dataset linked into a site's nnU-Net folders and planned and preprocessed there:
+    ``(paths, dataset name)``."""
+    from oarbench.train.nnunet import NnunetPaths, link_dataset, plan_and_preprocess
+
+    ds = make_dataset(tmp_path / "raw", name, n=2, seed=seed)
+    paths = NnunetPaths.under(tmp_path / "site").make()
+    dataset = link_dataset(ds, paths)
+    plan_and_preprocess(paths, dataset, verify=False)
+    return paths, dataset
+
+
 def _check_predictions(pred_dir: Path, inputs: list[Path]) -> None:
     import SimpleITK as sitk
 
@@ -243,12 +255,9 @@ def test_optimizer_state_kept_or_reset_across_rounds(tmp_path: Path) -> None:
 
     import torch
 
-    from oarbench.train.nnunet import NnunetPaths, TrainerOptions, link_dataset, plan_and_preprocess, train
+    from oarbench.train.nnunet import TrainerOptions, train
 
-    ds = make_dataset(tmp_path / "raw", "Dataset503_Opt", n=2, seed=4)
-    paths = NnunetPaths.under(tmp_path / "site").make()
-    name = link_dataset(ds, paths)
-    plan_and_preprocess(paths, name, verify=False)
+    paths, name = planned_site(tmp_path, "Dataset503_Opt", seed=4)
     kw = dict(fold="all", epochs=2, iterations=1, val_iterations=1, width="tiny")
     r0 = train(paths, name, stop_after_epoch=1, options=TrainerOptions(optimizer="adam"), **kw)
     ckpt0 = tmp_path / "round0.pth"
@@ -270,12 +279,9 @@ def test_step_server_trains_the_same_weights_as_fresh_processes(tmp_path: Path) 
     server give the same weight bytes as the same rounds in a fresh process each; the server ran them
     (its log holds both epochs) and is still listening afterwards."""
     pytest.importorskip("nnunetv2")
-    from oarbench.train.nnunet import NnunetPaths, StepServer, TrainerOptions, link_dataset, plan_and_preprocess, train
+    from oarbench.train.nnunet import StepServer, TrainerOptions, train
 
-    ds = make_dataset(tmp_path / "raw", "Dataset504_Server", n=2, seed=5)
-    paths = NnunetPaths.under(tmp_path / "site").make()
-    name = link_dataset(ds, paths)
-    plan_and_preprocess(paths, name, verify=False)
+    paths, name = planned_site(tmp_path, "Dataset504_Server", seed=5)
     kw = dict(fold="all", epochs=2, iterations=2, val_iterations=1, width="tiny",
               options=TrainerOptions(optimizer="adam"), threads=1)
 
@@ -341,12 +347,9 @@ def test_skipping_the_pseudo_dice_leaves_the_weights_bit_for_bit(tmp_path: Path)
     pytest.importorskip("nnunetv2")
     import torch
 
-    from oarbench.train.nnunet import NnunetPaths, TrainerOptions, link_dataset, plan_and_preprocess, train
+    from oarbench.train.nnunet import TrainerOptions, train
 
-    ds = make_dataset(tmp_path / "raw", "Dataset505_Dice", n=2, seed=6)
-    paths = NnunetPaths.under(tmp_path / "site").make()
-    name = link_dataset(ds, paths)
-    plan_and_preprocess(paths, name, verify=False)
+    paths, name = planned_site(tmp_path, "Dataset505_Dice", seed=6)
     out = {}
     for dice in (True, False):
         w = tmp_path / f"dice_{dice}.safetensors"
@@ -373,12 +376,9 @@ def test_bf16_precision_reaches_the_training_process_and_keeps_float32_weights(t
     pytest.importorskip("nnunetv2")
     from safetensors.numpy import load_file
 
-    from oarbench.train.nnunet import NnunetPaths, TrainerOptions, link_dataset, plan_and_preprocess, train
+    from oarbench.train.nnunet import TrainerOptions, train
 
-    ds = make_dataset(tmp_path / "raw", "Dataset506_Precision", n=2, seed=7)
-    paths = NnunetPaths.under(tmp_path / "site").make()
-    name = link_dataset(ds, paths)
-    plan_and_preprocess(paths, name, verify=False)
+    paths, name = planned_site(tmp_path, "Dataset506_Precision", seed=7)
     out = {}
     for run, precision in (("fp32", "fp32"), ("bf16", "bf16"), ("fp32 again", "fp32")):
         w = tmp_path / f"{run}.safetensors"
