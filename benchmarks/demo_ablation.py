@@ -8,7 +8,7 @@ docs/demo.md were::
 
 Every row trains local-A, local-B and the federated model from scratch into ``OUT/<row>/``, with
 the same seeds: the phantoms' (cases/demo.toml: every row generates the same study), the initial
-global weights (seed 0), and each training call's data order (seeded from the run's seed and the
+global weights (seed 0 unless the row sets another), and each training call's data order (seeded from the run's seed and the
 epoch it starts at, docs/training.md). Training is deterministic on the CPU for given seeds: a
 repeated row gave byte-identical weights and equal metrics (docs/demo.md), so a difference between
 rows is the rows' settings, through the training trajectory they change. The
@@ -36,7 +36,11 @@ schedule (``EARLIER``: 12 epochs of 100 iterations, 12 federated rounds of one e
   every 25 iterations);
 * ``bf16``: the quick schedule as shipped: as ``rounds24x50``, with the training steps' forward
   passes in bfloat16 where the CPU computes it natively (``precision="auto"``); the rows above
-  trained in float32 (``FP32``).
+  trained in float32 (``FP32``);
+* ``bf16_seed1``, ``bf16_seed2``: ``bf16`` with another training seed (``TrainSettings.seed``: every
+  model's initial weights, the federated model's initial global weights and every training call's
+  data order); the phantoms are the same study. They tell one training run's spread apart from
+  what a setting changes.
 
 Afterwards it prints, and writes to ``OUT/ablation.md`` and ``OUT/ablation.csv``, one row per
 ablation row, model and centre: the median DSC over the test cases of Liver, Spleen, Kidney_L,
@@ -73,6 +77,8 @@ ROWS: dict[str, dict[str, object]] = {
     "rounds12x2": {**FP32, "rounds": 12, "local_epochs": 2},
     "rounds48x25": {**FP32, "epochs": 48, "iterations": 25, "rounds": 48},
     "bf16": {},
+    "bf16_seed1": {"seed": 1},
+    "bf16_seed2": {"seed": 2},
 }
 
 

@@ -69,6 +69,8 @@ class TrainSettings:
     weights either way; :class:`TrainerOptions`); the quick schedule skips them.
     ``precision``: the training step's forward pass on a CPU (:class:`TrainerOptions`); the
     quick schedule's ``auto`` runs it in bfloat16 where the CPU computes it natively.
+    ``seed``: every model's training seed (:class:`TrainerOptions`: a local model's initial
+    weights, the federated model's initial global weights, every training call's data order).
     ``plan_spacing``: the federated model's target spacing, ``"finest"`` (the finest site's
     grid) or ``"pooled"`` (nnU-Net's median over both centres' cases;
     :func:`oarbench.train.federated.nnunet_plans`).
@@ -101,6 +103,7 @@ class TrainSettings:
     curve_every: int = QUICK_CURVE_EVERY
     pseudo_dice: bool = False
     precision: str = QUICK_PRECISION
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if min(self.epochs, self.iterations, self.rounds, self.local_epochs) < 1:
@@ -111,6 +114,8 @@ class TrainSettings:
             raise ValueError("robustness_cases and curve_cases must be at least 0")
         if self.curve_every < 1:
             raise ValueError("curve_every must be at least 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {str(self.seed)[:20]!r}")
         from oarbench.train._plans import check_plan_spacing
 
         check_plan_spacing(self.plan_spacing)
@@ -140,7 +145,7 @@ class TrainSettings:
         return TrainerOptions(augmentation=self.augmentation, initial_lr=self.initial_lr, batch_size=self.batch_size,
                               optimizer=self.optimizer, foreground_oversampling=self.foreground_oversampling,
                               harmonise=self.harmonise, optimizer_state=self.optimizer_state,
-                              pseudo_dice=self.pseudo_dice, precision=self.precision)
+                              pseudo_dice=self.pseudo_dice, precision=self.precision, seed=self.seed)
 
     def training_key(self, federated: bool = True) -> dict[str, Any]:
         """What a trained model depends on: a re-run reuses models only when this matches.
@@ -150,12 +155,16 @@ class TrainSettings:
         """
         keys = ("epochs", "iterations", "rounds", "local_epochs", "width", "configuration", "augmentation",
                 "batch_size", "initial_lr", "optimizer", "foreground_oversampling", "harmonise", "optimizer_state",
-                "plan_spacing", "engine", "precision")
+                "plan_spacing", "engine", "precision", "seed")
         return {k: getattr(self, k) for k in keys if federated or k not in FEDERATED_ONLY}
 
 
 #: Settings only a federated model depends on.
 FEDERATED_ONLY = ("rounds", "local_epochs", "optimizer_state", "plan_spacing", "engine")
+
+#: Settings recorded in training.json only since a later version, with the value every model
+#: trained before then had: a folder that lacks one was trained with that value.
+RECORDED_LATER = {"seed": 0}
 
 
 def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings: TrainSettings,
@@ -187,7 +196,7 @@ def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings:
         key_file = work / "training.json"
         if key_file.is_file() or done_marker.is_file():
             old = json.loads(key_file.read_text()) if key_file.is_file() else {}
-            diff = sorted(k for k in key if old.get(k, "unrecorded") != key[k])
+            diff = sorted(k for k in key if old.get(k, RECORDED_LATER.get(k, "unrecorded")) != key[k])
             if diff:
                 raise ValueError(f"{work}: holds a model trained with other settings ({', '.join(diff)} differ); "
                                  "use another --out, or delete that folder to retrain")

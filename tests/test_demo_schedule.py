@@ -34,6 +34,36 @@ def test_quick_schedule_options_and_key() -> None:
     assert SCHEDULES["full"]["foreground_oversampling"] is None
 
 
+def test_the_training_seed_reaches_the_trainer_options_and_the_key() -> None:
+    """The demo's seed is every model's (local and federated: both keys hold it) and travels in the trainer
+    options, which both engines hand to the sites; a seed that is not a 32-bit count is refused."""
+    s = TrainSettings.schedule("quick", seed=3)
+    assert s.options().seed == 3 and TrainSettings.schedule("quick").options().seed == 0
+    assert s.training_key()["seed"] == s.training_key(federated=False)["seed"] == 3
+    assert json.loads(s.options().to_json())["seed"] == 3
+    assert TrainerOptions.from_json(s.options().to_json()) == s.options()
+    for bad in (-1, 2**32, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            TrainSettings.schedule("quick", seed=bad)
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            TrainerOptions(seed=bad)
+
+
+def test_demo_train_seed_needs_train_and_reaches_the_settings(tmp_path: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    import oarbench.demo as demo
+    from oarbench.cli import main
+
+    got = {}
+    monkeypatch.setattr(demo, "run_demo", lambda out, **kw: got.update(kw) or {"report": out / "report.html"})
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--train-seed", "2"])
+    assert result.exit_code == 2 and "--train-seed need --train" in result.output
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--train", "--train-seed", "2"])
+    assert result.exit_code == 0, result.output
+    assert got["train"] == TrainSettings.schedule("quick", seed=2)
+
+
 def test_schedule_overrides_keep_fl_sites_on_the_local_schedule() -> None:
     s = TrainSettings.schedule("quick", epochs=4, iterations=20)
     assert (s.epochs, s.rounds, s.local_epochs, s.iterations) == (4, 4, 1, 20)
@@ -99,6 +129,13 @@ def test_models_train_at_the_same_time_sharing_the_cores(tmp_path: Path, monkeyp
     key_file.write_text(json.dumps({k: v for k, v in json.loads(recorded).items() if k != "precision"}))
     with pytest.raises(ValueError, match=r"models/local-A: holds a model trained with other settings \(precision differ"):
         train_models(_study(tmp_path), datasets, tmp_path / "models", settings, log=lambda _: None)
+    # a folder whose training.json predates the recorded seed was trained with seed 0: reused at seed 0 only
+    key_file.write_text(json.dumps({k: v for k, v in json.loads(recorded).items() if k != "seed"}))
+    assert train_models(_study(tmp_path), datasets, tmp_path / "models", settings, log=lambda _: None) == folders
+    assert calls == {}
+    seeded = TrainSettings.schedule("quick", seed=1)
+    with pytest.raises(ValueError, match=r"models/local-A: holds a model trained with other settings \(seed differ"):
+        train_models(_study(tmp_path), datasets, tmp_path / "models", seeded, log=lambda _: None)
     key_file.write_text(recorded)
     # a change of a federated setting retrains the federated model only: the local models are reused
     pooled = TrainSettings.schedule("quick", plan_spacing="pooled")

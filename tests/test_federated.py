@@ -291,3 +291,35 @@ def test_a_failing_party_ends_the_nnunet_simulation_instead_of_hanging(tmp_path:
     assert time.monotonic() - start < 60
     error = outcome["error"]
     assert "missing-" in str(error), error  # the failing site's own error, not the coordinator's stop
+
+
+def test_the_trainer_options_seed_seeds_the_coordinator_and_reaches_every_site(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """nnunet_simulate gives the options' seed to the coordinator (the initial global weights) and passes the
+    options, seed included, to every site's trainer (its data order); without options both are seed 0."""
+    pytest.importorskip("nnunetv2")
+    from oarbench.train import federated
+    from oarbench.train.exchange import generate_keys
+    from oarbench.train.nnunet import TrainerOptions
+
+    generate_keys(tmp_path / "keys", ["A", "B"])
+    seen: dict[str, object] = {}
+
+    def coordinator(exchange, config, work, **kw):
+        seen["coordinator"] = kw["seed"]
+        return Path(work)
+
+    def site(exchange, config, dataset_dir, work, **kw):
+        seen[Path(dataset_dir).name] = kw["options"]
+        return Path(work)
+
+    monkeypatch.setattr(federated, "nnunet_coordinator", coordinator)
+    monkeypatch.setattr(federated, "nnunet_site", site)
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    for options, seed in ((TrainerOptions(seed=7), 7), (None, 0)):
+        seen.clear()
+        federated.nnunet_simulate(storage.as_uri(), tmp_path / "keys", {"A": tmp_path / "A", "B": tmp_path / "B"},
+                                  tmp_path / "parties", FederationConfig(("A", "B"), rounds=1, poll_s=FAST),
+                                  options=options)
+        assert seen == {"coordinator": seed, "A": options, "B": options}

@@ -393,3 +393,26 @@ def test_bf16_precision_reaches_the_training_process_and_keeps_float32_weights(t
         assert {a.dtype for a in load_file(str(w)).values()} == {np.dtype(np.float32)}
     assert out["fp32"] == out["fp32 again"]
     assert out["bf16"] != out["fp32"]
+
+
+@pytest.mark.slow
+@pytest.mark.nnunet
+def test_the_options_seed_sets_the_training_and_an_explicit_seed_overrides_it(tmp_path: Path) -> None:
+    """``TrainerOptions(seed=...)`` reaches the training process: from the same start weights (a federated
+    round's case, so only the data order can differ) another seed trains other weights, and ``train(seed=...)``
+    wins over the options' seed: the same bytes as the options' seed 1, from another call."""
+    pytest.importorskip("nnunetv2")
+    from oarbench.train.nnunet import TrainerOptions, train
+
+    paths, name = planned_site(tmp_path, "Dataset507_Seed", seed=8)
+    kw = dict(fold="all", epochs=1, iterations=2, val_iterations=1, width="tiny", threads=1)
+    start = tmp_path / "start.safetensors"
+    train(paths, name, weights_out=start, options=TrainerOptions(optimizer="adam", pseudo_dice=False), **kw)
+    out = {}
+    for run, options_seed, seed in (("0", 0, None), ("1", 1, None), ("0 then 1", 0, 1)):
+        w = tmp_path / f"seed {run}.safetensors"
+        train(paths, name, initial_weights_file=start, weights_out=w, seed=seed,
+              options=TrainerOptions(optimizer="adam", pseudo_dice=False, seed=options_seed), **kw)
+        out[run] = w.read_bytes()
+    assert out["1"] == out["0 then 1"]
+    assert out["0"] != out["1"]

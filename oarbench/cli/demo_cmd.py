@@ -26,18 +26,22 @@ from oarbench.cli._common import user_errors
 @click.option("--width", type=click.Choice(["tiny", "small", "default"]), default=None, help="--train: network width [schedule's].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="--train: training and inference device.")
 @click.option("--engine", type=click.Choice(["storage", "flower"]), default="storage", show_default=True, help="--train: federated engine (flower: a SuperLink and SuperNodes on loopback; needs the flower extra).")
+@click.option("--train-seed", type=click.IntRange(min=0, max=2**32 - 1), default=None,
+              help="--train: seed of every model's training (initial weights, data order) [0].")
 @user_errors
 def demo(out: Path, config: Path | None, workers: int, force: bool, train: bool, schedule: str, epochs: int | None,
-         iterations: int | None, rounds: int | None, width: str | None, device: str, engine: str) -> None:
+         iterations: int | None, rounds: int | None, width: str | None, device: str, engine: str,
+         train_seed: int | None) -> None:
     """Synthetic two-centre study: evaluate, false-positive kidneys, statistics, gallery, report."""
     from oarbench.demo import TrainSettings, run_demo
 
     settings = None
     if train:
         settings = TrainSettings.schedule(schedule, epochs=epochs, iterations=iterations, rounds=rounds,
-                                          width=width, device=device, engine=engine)
-    elif (any(v is not None for v in (epochs, iterations, rounds, width)) or schedule != "quick" or device != "cpu"
-          or engine != "storage"):
-        raise click.UsageError("--schedule, --epochs, --iterations, --rounds, --width, --device and --engine need --train")
+                                          width=width, device=device, engine=engine, seed=train_seed)
+    elif (any(v is not None for v in (epochs, iterations, rounds, width, train_seed)) or schedule != "quick"
+          or device != "cpu" or engine != "storage"):
+        raise click.UsageError("--schedule, --epochs, --iterations, --rounds, --width, --device, --engine and "
+                               "--train-seed need --train")
     outputs = run_demo(out, config=config, workers=workers, force=force, train=settings, log=click.echo)
     click.echo(f"report: {outputs['report']}")

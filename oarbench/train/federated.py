@@ -1014,7 +1014,8 @@ def nnunet_simulate(
     ``keys`` is a folder made by :func:`oarbench.train.exchange.generate_keys` (one key folder per party).
     Each party appends to its audit log ``work/<party>/audit.jsonl``.
     Returns the final model folders by party (``"coordinator"`` and each site);
-    all hold the same weights.
+    all hold the same weights. ``options.seed`` seeds the coordinator's initial weights
+    and every site's data order.
     """
     from oarbench.train.exchange import load_keyring
 
@@ -1033,6 +1034,7 @@ def nnunet_simulate(
     jobs: dict[str, Callable[[], Path]] = {
         COORDINATOR: lambda: nnunet_coordinator(ex(COORDINATOR), config, work / COORDINATOR,
                                                 configuration=configuration, width=width,
+                                                seed=options.seed if options is not None else 0,
                                                 plan_spacing=plan_spacing, stop=stop),
     }
     for site, ds in datasets.items():

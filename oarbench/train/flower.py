@@ -44,7 +44,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -175,7 +175,8 @@ class ServerSettings:
     plan_spacing: the shared plans' target spacing (``"finest"`` or ``"pooled"``,
     :func:`oarbench.train.federated.nnunet_plans`).
     out: the server's output folder (plans, global weights, model folder, logs).
-    seed: seed of the initial weights.
+    seed: the run's seed: the initial global weights, and every site's data order (it is
+        ``options.seed`` too, which the ``train`` messages carry).
     timeout_s: longest wait for SuperNodes and for one round's replies.
     """
 
@@ -201,11 +202,11 @@ class ServerSettings:
             raise ValueError("run config 'out' (the server's output folder) is empty")
         from oarbench.train._plans import check_plan_spacing
 
+        options = options_from_run_config(cfg)
         return cls(sites=sites, rounds=int(cfg["rounds"]), out=Path(str(cfg["out"])),
                    local_epochs=int(cfg.get("local-epochs", 1)), iterations=int(cfg.get("iterations", 250)),
                    configuration=str(cfg.get("configuration", "3d_fullres")), width=str(cfg.get("width", "default")),
-                   seed=int(cfg.get("seed", 0)), timeout_s=float(cfg.get("timeout", 24 * 3600.0)),
-                   options=options_from_run_config(cfg),
+                   seed=options.seed, timeout_s=float(cfg.get("timeout", 24 * 3600.0)), options=options,
                    plan_spacing=check_plan_spacing(str(cfg.get("plan-spacing", "finest"))))
 
     def options_json(self) -> str:
@@ -221,7 +222,7 @@ _RUN_CONFIG_OPTIONS: dict[str, tuple[str, Any]] = {
     "augmentation": ("augmentation", None), "initial-lr": ("initial_lr", 0.0), "batch-size": ("batch_size", 0),
     "optimizer": ("optimizer", None), "foreground-oversampling": ("foreground_oversampling", -1.0),
     "harmonise": ("harmonise", None), "optimizer-state": ("optimizer_state", None),
-    "pseudo-dice": ("pseudo_dice", None), "precision": ("precision", None),
+    "pseudo-dice": ("pseudo_dice", None), "precision": ("precision", None), "seed": ("seed", None),
 }
 
 
@@ -258,6 +259,10 @@ def options_from_run_config(cfg: Mapping[str, Any]) -> Any:
             value = int(value)
         elif name in ("initial_lr", "foreground_oversampling"):
             value = float(value)
+        elif name == "seed":
+            if isinstance(value, bool) or not (isinstance(value, int) or str(value).strip().isdigit()):
+                raise ValueError(f"run config 'seed' must be a non-negative integer, got {str(value)[:20]!r}")
+            value = int(value)
         else:
             value = str(value)
         values[name] = value
@@ -943,7 +948,7 @@ def run_local(
     width: str = "default",
     device: str = "cpu",
     num_processes: int = 1,
-    seed: int = 0,
+    seed: int | None = None,
     timeout_s: float = 24 * 3600.0,
     federation: LocalFlowerFederation | None = None,
     options: Any = None,
@@ -954,6 +959,7 @@ def run_local(
 
     Returns the server's summary (``WORK/server/summary.json``) with the model
     folders: ``"model"`` (the server's) and ``"site_models"`` (by site).
+    ``seed``: the run's seed (:func:`coordinate`; default ``options.seed``).
     With ``federation`` given (already started), only the SuperNodes and the
     run are added to it.
     """
@@ -1064,7 +1070,7 @@ def add_to_roster(path: str | Path, site: str, public_key: str | Path, node_id: 
 
 def coordinate(superlink: str, root_certificates: str | Path, work: str | Path, *, sites: Sequence[str],
                rounds: int, local_epochs: int = 1, iterations: int = 250, configuration: str = "3d_fullres",
-               width: str = "default", seed: int = 0, timeout_s: float = 24 * 3600.0,
+               width: str = "default", seed: int | None = None, timeout_s: float = 24 * 3600.0,
                signing_key: str | Path, roster: str | Path, options: Any = None,
                plan_spacing: str = "finest") -> dict[str, Any]:
     """Coordinator side: sign the Flower App with ``signing_key``, submit it to the SuperLink's Control API
@@ -1072,6 +1078,8 @@ def coordinate(superlink: str, root_certificates: str | Path, work: str | Path, 
 
     ``options`` (:class:`oarbench.train.nnunet.TrainerOptions`, default nnU-Net's) reach
     every site's trainer in the ``train`` messages, as the storage engine passes them.
+    ``seed`` (default ``options.seed``) seeds the initial global weights and, as the
+    options' seed, every site's data order.
 
     The ServerApp runs at the SuperLink, so ``work`` must be a folder on the
     SuperLink's machine (the coordinator runs both). Returns the server's summary.
@@ -1086,6 +1094,9 @@ def coordinate(superlink: str, root_certificates: str | Path, work: str | Path, 
     from cryptography.hazmat.primitives import serialization
 
     check_plan_spacing(plan_spacing)
+    options = options or nn.TrainerOptions()
+    if seed is not None:
+        options = replace(options, seed=seed)
 
     work = Path(work).resolve()
     key = load_signing_key(signing_key)
@@ -1102,7 +1113,7 @@ def coordinate(superlink: str, root_certificates: str | Path, work: str | Path, 
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
     cfg = {"sites": ",".join(sites), "rounds": rounds, "local-epochs": local_epochs, "iterations": iterations,
-           "configuration": configuration, "width": width, "seed": seed, "timeout": float(timeout_s), "out": str(out),
+           "configuration": configuration, "width": width, "timeout": float(timeout_s), "out": str(out),
            "roster": json.dumps(doc, sort_keys=True), "plan-spacing": plan_spacing, **options_to_run_config(options)}
     cfg_file = work / "run-config.json"
     nn._atomic_text(cfg_file, json.dumps(cfg))

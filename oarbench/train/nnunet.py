@@ -466,6 +466,11 @@ class TrainerOptions:
         (nnU-Net's), ``"bf16"`` (bfloat16 autocast; the loss, gradients and weights stay
         float32) or ``"auto"`` (bf16 where the CPU computes bfloat16 natively, AMX or
         AVX512-BF16, else fp32). On CUDA nnU-Net's own float16 autocast either way.
+    seed: the training's seed: a model trained from scratch draws its initial weights
+        from it, and every training call draws its batches and augmentation from
+        generators seeded by it and the epoch the call starts at (a federated model's
+        initial weights are the coordinator's: :func:`oarbench.train.federated.nnunet_simulate`
+        and the Flower run take them from this seed too).
     """
 
     augmentation: str = "default"
@@ -477,6 +482,7 @@ class TrainerOptions:
     optimizer_state: str = "kept"
     pseudo_dice: bool = True
     precision: str = "fp32"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.augmentation not in ("default", "light"):
@@ -497,12 +503,14 @@ class TrainerOptions:
             raise ValueError(f"pseudo_dice must be True or False, got {self.pseudo_dice!r}")
         if self.precision not in ("fp32", "bf16", "auto"):
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {str(self.precision)[:20]!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {str(self.seed)[:20]!r}")
 
     def spec(self) -> dict[str, Any]:
         return {"augmentation": self.augmentation, "initial_lr": self.initial_lr, "batch_size": self.batch_size,
                 "optimizer": self.optimizer, "foreground_oversampling": self.foreground_oversampling,
                 "optimizer_state": self.optimizer_state, "pseudo_dice": self.pseudo_dice,
-                "precision": self.precision}
+                "precision": self.precision, "seed": self.seed}
 
     def to_json(self) -> str:
         """Every option as a JSON object (what the Flower engine's messages carry)."""
@@ -573,7 +581,7 @@ def train(
     stop_after_epoch: int | None = None,
     weights_out: str | Path | None = None,
     validate: bool = False,
-    seed: int = 0,
+    seed: int | None = None,
     log_file: Path | None = None,
     options: TrainerOptions = TrainerOptions(),
     snapshot_dir: str | Path | None = None,
@@ -598,8 +606,11 @@ def train(
         epoch, write the trained weights (safetensors).
     validate:
         Run nnU-Net's final validation (predicts the fold's validation cases).
+    seed:
+        The training's seed (initial weights, every epoch's data order); default
+        ``options.seed``.
     options:
-        Augmentation, learning rate and batch size (:class:`TrainerOptions`).
+        Augmentation, learning rate, batch size, seed (:class:`TrainerOptions`).
     snapshot_dir:
         Save the weights after every epoch there (``epoch_<NNNNN>.safetensors``, one
         entry per distinct tensor, and ``epoch_<NNNNN>.json`` with the epoch's mean
@@ -622,7 +633,8 @@ def train(
         "initial_weights": str(initial_weights_file) if initial_weights_file else None,
         "resume_from": str(resume_from) if resume_from else None,
         "stop_after_epoch": stop_after_epoch, "weights_out": str(weights_out) if weights_out else None,
-        "validate": bool(validate), "seed": seed, "save_every": 50, **options.spec(),
+        "validate": bool(validate), "save_every": 50, **options.spec(),
+        "seed": options.seed if seed is None else int(seed),
         "snapshot_dir": str(Path(snapshot_dir).resolve()) if snapshot_dir else None,
     }
     r = _run("train", paths, spec, log_file=log_file, threads=threads, server=server)
