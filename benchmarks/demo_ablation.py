@@ -40,7 +40,11 @@ schedule (``EARLIER``: 12 epochs of 100 iterations, 12 federated rounds of one e
 * ``bf16_seed1``, ``bf16_seed2``: ``bf16`` with another training seed (``TrainSettings.seed``: every
   model's initial weights, the federated model's initial global weights and every training call's
   data order); the phantoms are the same study. They tell one training run's spread apart from
-  what a setting changes.
+  what a setting changes;
+* ``momentum_reset``: as ``bf16``, each federated site zeroes its optimizer's first moment (AdamW's
+  ``exp_avg``) at the start of every round and keeps the rest (step count, second moment): the site
+  no longer carries its own pre-averaging direction into the new global weights, and its steps keep
+  their size (a fresh AdamW, ``optimizer_reset``, restarts both). Run with ``--reuse-local bf16``.
 
 Afterwards it prints, and writes to ``OUT/ablation.md`` and ``OUT/ablation.csv``, one row per
 ablation row, model and centre: the median DSC over the test cases of Liver, Spleen, Kidney_L,
@@ -79,6 +83,7 @@ ROWS: dict[str, dict[str, object]] = {
     "bf16": {},
     "bf16_seed1": {"seed": 1},
     "bf16_seed2": {"seed": 2},
+    "momentum_reset": {"optimizer_state": "momentum_reset"},
 }
 
 

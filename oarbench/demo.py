@@ -64,7 +64,8 @@ class TrainSettings:
     named schedules of :data:`SCHEDULES`.
     ``harmonise``: bring every case to the canonical orientation before nnU-Net sees it
     (:mod:`oarbench.train.harmonise`; off reproduces training on the arrays as stored).
-    ``optimizer_state``: ``"kept"`` or ``"reset"`` across federated rounds (:class:`TrainerOptions`).
+    ``optimizer_state``: ``"kept"``, ``"reset"`` or ``"momentum_reset"`` across federated rounds
+    (:class:`TrainerOptions`).
     ``pseudo_dice``: nnU-Net's validation forward passes at every epoch end (the same
     weights either way; :class:`TrainerOptions`); the quick schedule skips them.
     ``precision``: the training step's forward pass on a CPU (:class:`TrainerOptions`); the

@@ -249,7 +249,8 @@ def test_data_seed_depends_on_seed_and_epoch() -> None:
 @pytest.mark.nnunet
 def test_optimizer_state_kept_or_reset_across_rounds(tmp_path: Path) -> None:
     """Two federated rounds of one AdamW step each: a kept optimizer has taken 2 steps after round 1,
-    a reset one 1 (its moments start again); the epoch counter continues either way."""
+    a reset one 1 (its moments start again), a momentum_reset one 2 with only its first moment restarted;
+    the epoch counter continues either way."""
     pytest.importorskip("nnunetv2")
     import shutil
 
@@ -262,14 +263,26 @@ def test_optimizer_state_kept_or_reset_across_rounds(tmp_path: Path) -> None:
     r0 = train(paths, name, stop_after_epoch=1, options=TrainerOptions(optimizer="adam"), **kw)
     ckpt0 = tmp_path / "round0.pth"
     shutil.copyfile(r0.checkpoint, ckpt0)
-    steps = {}
-    for state in ("kept", "reset"):
+    steps, moments = {}, {}
+    for state in ("kept", "reset", "momentum_reset"):
         r1 = train(paths, name, stop_after_epoch=2, resume_from=ckpt0,
                    options=TrainerOptions(optimizer="adam", optimizer_state=state), **kw)
         ck = torch.load(r1.checkpoint, map_location="cpu", weights_only=False)
         assert ck["current_epoch"] == 2
         steps[state] = {int(v["step"]) for v in ck["optimizer_state"]["state"].values()}
-    assert steps == {"kept": {2}, "reset": {1}}
+        moments[state] = ck["optimizer_state"]["state"]
+    assert steps == {"kept": {2}, "reset": {1}, "momentum_reset": {2}}
+    # momentum_reset zeroes the first moment only: round 1's step sees the same gradient g as the kept
+    # optimizer (same weights, same seeded batch), so the second moments are equal and the first moments
+    # differ by exactly the carried-over part, beta1 * m0 (kept: 0.9 m0 + 0.1 g; momentum_reset: 0.1 g)
+    m0 = torch.load(ckpt0, map_location="cpu", weights_only=False)["optimizer_state"]["state"]
+    assert any(float(v["exp_avg"].abs().max()) > 0 for v in m0.values())
+    for i, kept in moments["kept"].items():
+        again = moments["momentum_reset"][i]
+        assert torch.equal(kept["exp_avg_sq"], again["exp_avg_sq"])
+        torch.testing.assert_close(kept["exp_avg"] - again["exp_avg"], 0.9 * m0[i]["exp_avg"], rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="optimizer_state must be one of kept, reset, momentum_reset"):
+        TrainerOptions(optimizer_state="averaged")
 
 
 @pytest.mark.slow

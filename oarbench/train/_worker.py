@@ -219,6 +219,12 @@ def step_train(spec: dict) -> dict:
         if spec.get("optimizer_state", "kept") == "reset":
             # a fresh optimizer (no momentum or moments); the epoch counter and poly schedule continue
             trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+        elif spec.get("optimizer_state") == "momentum_reset":
+            # the first moment only: AdamW's step count and second moment (its step sizes) stay
+            for state in trainer.optimizer.state.values():
+                for key in ("exp_avg", "momentum_buffer"):
+                    if state.get(key) is not None:
+                        state[key].zero_()
     if spec.get("initial_weights"):
         state = arrays_to_state(_load_arrays(spec["initial_weights"]), trainer.network)
         trainer.network.load_state_dict(state)

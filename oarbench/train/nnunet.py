@@ -439,6 +439,10 @@ def initial_weights(plans: Mapping[str, Any], dataset_json: Mapping[str, Any], o
     return Path(out)
 
 
+#: What a federated site does with its optimizer state between rounds (:class:`TrainerOptions`).
+OPTIMIZER_STATES = ("kept", "reset", "momentum_reset")
+
+
 @dataclass(frozen=True)
 class TrainerOptions:
     """Trainer settings beyond the schedule length (``None``: nnU-Net's own).
@@ -457,7 +461,9 @@ class TrainerOptions:
     optimizer_state: federated rounds: ``"kept"`` (each site resumes its own optimizer state,
         SGD momentum or AdamW moments, from its checkpoint of the previous round) or
         ``"reset"`` (a fresh optimizer every round; the epoch counter and the learning-rate
-        schedule still continue).
+        schedule still continue) or ``"momentum_reset"`` (kept, but the first moment, AdamW's
+        ``exp_avg`` or SGD's momentum buffer, set to zero: the site's own pre-averaging
+        direction is dropped, its step-size statistics kept).
     pseudo_dice: nnU-Net's validation at every epoch end, on the fold's validation
         cases (fold ``all``: its own training cases), logged as the pseudo Dice.
         ``False`` skips its forward passes but still draws its batches, so the
@@ -497,8 +503,9 @@ class TrainerOptions:
             raise ValueError(f"foreground_oversampling must be in [0, 1], got {self.foreground_oversampling}")
         if not isinstance(self.harmonise, bool):
             raise ValueError(f"harmonise must be True or False, got {self.harmonise!r}")
-        if self.optimizer_state not in ("kept", "reset"):
-            raise ValueError(f"optimizer_state must be 'kept' or 'reset', got {self.optimizer_state!r}")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(f"optimizer_state must be one of {', '.join(OPTIMIZER_STATES)}, "
+                             f"got {str(self.optimizer_state)[:20]!r}")
         if not isinstance(self.pseudo_dice, bool):
             raise ValueError(f"pseudo_dice must be True or False, got {self.pseudo_dice!r}")
         if self.precision not in ("fp32", "bf16", "auto"):
