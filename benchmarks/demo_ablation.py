@@ -44,7 +44,11 @@ schedule (``EARLIER``: 12 epochs of 100 iterations, 12 federated rounds of one e
 * ``momentum_reset``: as ``bf16``, each federated site zeroes its optimizer's first moment (AdamW's
   ``exp_avg``) at the start of every round and keeps the rest (step count, second moment): the site
   no longer carries its own pre-averaging direction into the new global weights, and its steps keep
-  their size (a fresh AdamW, ``optimizer_reset``, restarts both). Run with ``--reuse-local bf16``.
+  their size (a fresh AdamW, ``optimizer_reset``, restarts both). Run with ``--reuse-local bf16``;
+* ``warmup``, ``warmup_seed1``, ``warmup_seed2``: ``bf16`` and its two other seeds with a linear
+  learning-rate warm-up over every model's first 100 iterations (``TrainSettings.warmup``): the
+  learning curves showed every model sitting on an early plateau for some hundred iterations, and
+  the run's outcome following which model left it first.
 
 Afterwards it prints, and writes to ``OUT/ablation.md`` and ``OUT/ablation.csv``, one row per
 ablation row, model and centre: the median DSC over the test cases of Liver, Spleen, Kidney_L,
@@ -70,6 +74,9 @@ EARLIER = {"epochs": 12, "iterations": 100, "rounds": 12}
 #: The rows before ``bf16`` trained in float32 throughout.
 FP32 = {"precision": "fp32"}
 
+#: Iterations of learning-rate warm-up in the ``warmup`` rows (two epochs of the quick schedule).
+WARMUP = 100
+
 #: Row name -> overrides of ``TrainSettings.schedule("quick", ...)``.
 ROWS: dict[str, dict[str, object]] = {
     "today": {**EARLIER, **FP32, "harmonise": False, "plan_spacing": "pooled"},
@@ -84,6 +91,9 @@ ROWS: dict[str, dict[str, object]] = {
     "bf16_seed1": {"seed": 1},
     "bf16_seed2": {"seed": 2},
     "momentum_reset": {"optimizer_state": "momentum_reset"},
+    "warmup": {"warmup": WARMUP},
+    "warmup_seed1": {"warmup": WARMUP, "seed": 1},
+    "warmup_seed2": {"warmup": WARMUP, "seed": 2},
 }
 
 

@@ -70,6 +70,8 @@ class TrainSettings:
     weights either way; :class:`TrainerOptions`); the quick schedule skips them.
     ``precision``: the training step's forward pass on a CPU (:class:`TrainerOptions`); the
     quick schedule's ``auto`` runs it in bfloat16 where the CPU computes it natively.
+    ``warmup``: iterations of linear learning-rate warm-up at the start of every model's
+    schedule (:class:`TrainerOptions`; 0: none).
     ``seed``: every model's training seed (:class:`TrainerOptions`: a local model's initial
     weights, the federated model's initial global weights, every training call's data order).
     ``plan_spacing``: the federated model's target spacing, ``"finest"`` (the finest site's
@@ -105,6 +107,7 @@ class TrainSettings:
     pseudo_dice: bool = False
     precision: str = QUICK_PRECISION
     seed: int = 0
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         if min(self.epochs, self.iterations, self.rounds, self.local_epochs) < 1:
@@ -145,7 +148,8 @@ class TrainSettings:
         return TrainerOptions(augmentation=self.augmentation, initial_lr=self.initial_lr, batch_size=self.batch_size,
                               optimizer=self.optimizer, foreground_oversampling=self.foreground_oversampling,
                               harmonise=self.harmonise, optimizer_state=self.optimizer_state,
-                              pseudo_dice=self.pseudo_dice, precision=self.precision, seed=self.seed)
+                              pseudo_dice=self.pseudo_dice, precision=self.precision, seed=self.seed,
+                              warmup=self.warmup)
 
     def training_key(self, federated: bool = True) -> dict[str, Any]:
         """What a trained model depends on: a re-run reuses models only when this matches.
@@ -155,7 +159,7 @@ class TrainSettings:
         """
         keys = ("epochs", "iterations", "rounds", "local_epochs", "width", "configuration", "augmentation",
                 "batch_size", "initial_lr", "optimizer", "foreground_oversampling", "harmonise", "optimizer_state",
-                "plan_spacing", "engine", "precision", "seed")
+                "plan_spacing", "engine", "precision", "seed", "warmup")
         return {k: getattr(self, k) for k in keys if federated or k not in FEDERATED_ONLY}
 
 
@@ -164,7 +168,7 @@ FEDERATED_ONLY = ("rounds", "local_epochs", "optimizer_state", "plan_spacing", "
 
 #: Settings recorded in training.json only since a later version, with the value every model
 #: trained before then had: a folder that lacks one was trained with that value.
-RECORDED_LATER = {"seed": 0}
+RECORDED_LATER = {"seed": 0, "warmup": 0}
 
 
 def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings: TrainSettings,

@@ -212,6 +212,7 @@ def step_train(spec: dict) -> dict:
         foreground_oversampling=spec.get("foreground_oversampling"),
         pseudo_dice=spec.get("pseudo_dice", True),
         precision=spec.get("precision", "fp32"),
+        warmup=int(spec.get("warmup", 0)),
     )
     trainer.initialize()
     if resume_from:

@@ -223,6 +223,7 @@ _RUN_CONFIG_OPTIONS: dict[str, tuple[str, Any]] = {
     "optimizer": ("optimizer", None), "foreground-oversampling": ("foreground_oversampling", -1.0),
     "harmonise": ("harmonise", None), "optimizer-state": ("optimizer_state", None),
     "pseudo-dice": ("pseudo_dice", None), "precision": ("precision", None), "seed": ("seed", None),
+    "warmup": ("warmup", None),
 }
 
 
@@ -259,9 +260,9 @@ def options_from_run_config(cfg: Mapping[str, Any]) -> Any:
             value = int(value)
         elif name in ("initial_lr", "foreground_oversampling"):
             value = float(value)
-        elif name == "seed":
+        elif name in ("seed", "warmup"):
             if isinstance(value, bool) or not (isinstance(value, int) or str(value).strip().isdigit()):
-                raise ValueError(f"run config 'seed' must be a non-negative integer, got {str(value)[:20]!r}")
+                raise ValueError(f"run config {key!r} must be a non-negative integer, got {str(value)[:20]!r}")
             value = int(value)
         else:
             value = str(value)
@@ -659,6 +660,7 @@ harmonise = true
 optimizer-state = "kept"
 pseudo-dice = true
 precision = "fp32"
+warmup = 0
 plan-spacing = "finest"
 """
 

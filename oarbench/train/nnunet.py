@@ -477,6 +477,9 @@ class TrainerOptions:
         generators seeded by it and the epoch the call starts at (a federated model's
         initial weights are the coordinator's: :func:`oarbench.train.federated.nnunet_simulate`
         and the Flower run take them from this seed too).
+    warmup: iterations of linear learning-rate warm-up at the schedule's start (0: none,
+        nnU-Net's); a federated site counts them from the first round, so its schedule is
+        the local model's (:meth:`oarbench.train.trainer.OarbenchTrainer.configure`).
     """
 
     augmentation: str = "default"
@@ -489,6 +492,7 @@ class TrainerOptions:
     pseudo_dice: bool = True
     precision: str = "fp32"
     seed: int = 0
+    warmup: int = 0
 
     def __post_init__(self) -> None:
         if self.augmentation not in ("default", "light"):
@@ -512,12 +516,14 @@ class TrainerOptions:
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {str(self.precision)[:20]!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be an integer in [0, 2**32), got {str(self.seed)[:20]!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative number of iterations, got {str(self.warmup)[:20]!r}")
 
     def spec(self) -> dict[str, Any]:
         return {"augmentation": self.augmentation, "initial_lr": self.initial_lr, "batch_size": self.batch_size,
                 "optimizer": self.optimizer, "foreground_oversampling": self.foreground_oversampling,
                 "optimizer_state": self.optimizer_state, "pseudo_dice": self.pseudo_dice,
-                "precision": self.precision, "seed": self.seed}
+                "precision": self.precision, "seed": self.seed, "warmup": self.warmup}
 
     def to_json(self) -> str:
         """Every option as a JSON object (what the Flower engine's messages carry)."""

@@ -81,6 +81,7 @@ class OarbenchTrainer(nnUNetTrainer):
         foreground_oversampling: float | None = None,
         pseudo_dice: bool = True,
         precision: str = "fp32",
+        warmup: int = 0,
     ) -> None:
         """Set the schedule.
 
@@ -114,6 +115,10 @@ class OarbenchTrainer(nnUNetTrainer):
             forward pass of each training step under bfloat16 autocast
             (:meth:`train_step`), or ``"auto"``: bf16 where :func:`native_bf16`, else
             fp32; on CUDA nnU-Net's own float16 autocast either way.
+        warmup: iterations of linear learning-rate warm-up at the schedule's start:
+            iteration ``i`` (counted from the schedule's first, across epochs and
+            federated rounds) steps with the epoch's poly learning rate times
+            ``(i + 1) / warmup`` while ``i < warmup``; 0 (nnU-Net's) none.
         snapshot_dir: save the weights after every epoch there
             (``epoch_<NNNNN>.safetensors`` and ``epoch_<NNNNN>.json`` with the
             epoch's mean training loss and the iterations done).
@@ -142,6 +147,9 @@ class OarbenchTrainer(nnUNetTrainer):
         if not self.pseudo_dice:
             # no pseudo Dice, no "best" epoch: nnU-Net would write the first epoch as checkpoint_best.pth
             self._best_ema = float("inf")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be a non-negative number of iterations, got {str(warmup)[:20]!r}")
+        self.warmup = warmup
         self.optimizer_name = optimizer
         self.snapshot_dir = snapshot_dir
         self.num_epochs = int(num_epochs)
@@ -246,6 +254,26 @@ class OarbenchTrainer(nnUNetTrainer):
                 json.dump(info, fh)
             os.replace(stem + ".json.tmp", stem + ".json")
 
+    def on_train_epoch_start(self) -> None:
+        """nnU-Net's epoch start (it sets the epoch's poly learning rate); the warm-up counts from here."""
+        super().on_train_epoch_start()
+        self._epoch_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self._epoch_step = 0
+
+    def _warm_up(self) -> None:
+        """Scale this iteration's learning rate during the warm-up (:meth:`configure`)."""
+        warmup = getattr(self, "warmup", 0)
+        step = getattr(self, "_epoch_step", None)
+        if not warmup or step is None:
+            return
+        i = self.current_epoch * self.num_iterations_per_epoch + step
+        self._epoch_step = step + 1
+        if i > warmup:  # the epoch's rate was restored at iteration ``warmup``
+            return
+        factor = min(1.0, (i + 1) / warmup)
+        for group, lr in zip(self.optimizer.param_groups, self._epoch_lrs):
+            group["lr"] = lr * factor
+
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's training step, timed (``step_seconds``, ``step_count``) for the docs' per-iteration figures.
 
@@ -254,6 +282,7 @@ class OarbenchTrainer(nnUNetTrainer):
         the gradients and the weights stay float32.
         """
         t0 = time.perf_counter()
+        self._warm_up()
         if getattr(self, "precision", "fp32") == "bf16" and self.device.type == "cpu":
             out = self._train_step_bf16(batch)
         else:
