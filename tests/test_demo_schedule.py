@@ -49,6 +49,18 @@ def test_the_training_seed_reaches_the_trainer_options_and_the_key() -> None:
             TrainerOptions(seed=bad)
 
 
+def test_the_warmup_reaches_the_trainer_options_and_both_keys() -> None:
+    """The warm-up is every model's (a federated site counts it from its first round, so both keys hold it)
+    and travels in the trainer options; a warm-up that is not a count of iterations is refused."""
+    s = TrainSettings.schedule("quick", warmup=40)
+    assert s.options().warmup == 40
+    assert s.training_key()["warmup"] == s.training_key(federated=False)["warmup"] == 40
+    assert json.loads(s.options().to_json())["warmup"] == 40
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="warmup must be a non-negative number of iterations"):
+            TrainSettings.schedule("quick", warmup=bad)
+
+
 def test_demo_train_seed_needs_train_and_reaches_the_settings(tmp_path: Path, monkeypatch) -> None:
     from click.testing import CliRunner
 
@@ -129,13 +141,17 @@ def test_models_train_at_the_same_time_sharing_the_cores(tmp_path: Path, monkeyp
     key_file.write_text(json.dumps({k: v for k, v in json.loads(recorded).items() if k != "precision"}))
     with pytest.raises(ValueError, match=r"models/local-A: holds a model trained with other settings \(precision differ"):
         train_models(_study(tmp_path), datasets, tmp_path / "models", settings, log=lambda _: None)
-    # a folder whose training.json predates the recorded seed was trained with seed 0: reused at seed 0 only
-    key_file.write_text(json.dumps({k: v for k, v in json.loads(recorded).items() if k != "seed"}))
+    # a folder whose training.json predates the recorded seed and warm-up was trained with seed 0 and no
+    # warm-up: reused with those only
+    key_file.write_text(json.dumps({k: v for k, v in json.loads(recorded).items() if k not in ("seed", "warmup")}))
     assert train_models(_study(tmp_path), datasets, tmp_path / "models", settings, log=lambda _: None) == folders
     assert calls == {}
     seeded = TrainSettings.schedule("quick", seed=1)
     with pytest.raises(ValueError, match=r"models/local-A: holds a model trained with other settings \(seed differ"):
         train_models(_study(tmp_path), datasets, tmp_path / "models", seeded, log=lambda _: None)
+    warmed = TrainSettings.schedule("quick", warmup=100)
+    with pytest.raises(ValueError, match=r"models/local-A: holds a model trained with other settings \(warmup differ"):
+        train_models(_study(tmp_path), datasets, tmp_path / "models", warmed, log=lambda _: None)
     key_file.write_text(recorded)
     # a change of a federated setting retrains the federated model only: the local models are reused
     pooled = TrainSettings.schedule("quick", plan_spacing="pooled")

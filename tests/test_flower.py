@@ -307,11 +307,11 @@ def test_trainer_options_reach_the_site_trainer_through_the_messages(tmp_path: P
                                        options_to_run_config, serve)
     from oarbench.train.nnunet import TrainerOptions
 
-    quick = TrainSettings.schedule("quick", optimizer_state="reset", seed=5)
+    quick = TrainSettings.schedule("quick", optimizer_state="reset", seed=5, warmup=30)
     opts = quick.options()
     assert opts != TrainerOptions() and opts.optimizer == "adam" and opts.batch_size == 8
     assert opts.optimizer_state == "reset" and opts.harmonise is True and opts.precision == "auto"
-    assert opts.seed == 5
+    assert opts.seed == 5 and opts.warmup == 30
     line = _run_config({"sites": "A,B", "rounds": 2, "local-epochs": 1, "iterations": quick.iterations,
                         "out": str(tmp_path / "srv"), **options_to_run_config(opts)})
     settings = ServerSettings.from_run_config(parse_config_args([line]))
@@ -319,6 +319,8 @@ def test_trainer_options_reach_the_site_trainer_through_the_messages(tmp_path: P
     assert settings.seed == 5  # the run's seed: the initial global weights and, in the options, the data order
     with pytest.raises(ValueError, match="run config 'seed' must be a non-negative integer"):
         ServerSettings.from_run_config({"sites": "A", "rounds": 1, "out": "/tmp/x", "seed": "x"})
+    with pytest.raises(ValueError, match="run config 'warmup' must be a non-negative integer"):
+        ServerSettings.from_run_config({"sites": "A", "rounds": 1, "out": "/tmp/x", "warmup": "ten"})
     # nnU-Net's own choices (None) survive the run config, which holds no null
     plain = ServerSettings.from_run_config(parse_config_args([_run_config(
         {"sites": "A", "rounds": 1, "out": "/tmp/x", **options_to_run_config(TrainerOptions(harmonise=False))})]))

@@ -410,6 +410,36 @@ def test_bf16_precision_reaches_the_training_process_and_keeps_float32_weights(t
 
 @pytest.mark.slow
 @pytest.mark.nnunet
+def test_the_warmup_reaches_the_training_process_and_changes_the_weights(tmp_path: Path) -> None:
+    """``TrainerOptions(warmup=3)`` reaches the trainer in the nnU-Net worker process: its log names each
+    epoch's warm-up iterations and rates (0.01 times 1/3 and 2/3 in the first epoch of two iterations, the
+    second epoch's poly rate 0.01 * 0.5 ** 0.9 times 3/3 for its first), and it trains other weights than
+    the same call without it."""
+    pytest.importorskip("nnunetv2")
+    from oarbench.train.nnunet import TrainerOptions, train
+
+    paths, name = planned_site(tmp_path, "Dataset508_Warmup", seed=9)
+    out = {}
+    for warmup in (0, 3):
+        w = tmp_path / f"warmup{warmup}.safetensors"
+        r = train(paths, name, fold="all", epochs=2, iterations=2, val_iterations=1, width="tiny", weights_out=w,
+                  options=TrainerOptions(optimizer="adam", pseudo_dice=False, initial_lr=0.01, warmup=warmup),
+                  threads=1)
+        logs = sorted((r.model_folder / "fold_all").glob("training_log_*.txt"))
+        lines = [line.split(": ", 1)[1].strip() for line in logs[-1].read_text().splitlines() if "warm-up" in line]
+        for log in logs:
+            log.unlink()  # the next run writes its own
+        out[warmup] = (w.read_bytes(), lines)
+    assert out[0][1] == []
+    poly = 0.01 * 0.5 ** 0.9
+    assert out[3][1] == [f"oarbench: learning-rate warm-up, iterations 1-2 of 3: learning rate {0.01 / 3:.6g} to "
+                         f"{0.02 / 3:.6g}",
+                         f"oarbench: learning-rate warm-up, iterations 3-3 of 3: learning rate {poly:.6g} to {poly:.6g}"]
+    assert out[3][0] != out[0][0]
+
+
+@pytest.mark.slow
+@pytest.mark.nnunet
 def test_the_options_seed_sets_the_training_and_an_explicit_seed_overrides_it(tmp_path: Path) -> None:
     """``TrainerOptions(seed=...)`` reaches the training process: from the same start weights (a federated
     round's case, so only the data order can differ) another seed trains other weights, and ``train(seed=...)``

@@ -259,6 +259,13 @@ class OarbenchTrainer(nnUNetTrainer):
         super().on_train_epoch_start()
         self._epoch_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self._epoch_step = 0
+        warmup = getattr(self, "warmup", 0)
+        first = self.current_epoch * self.num_iterations_per_epoch
+        if first < warmup:
+            last = min(first + self.num_iterations_per_epoch, warmup)  # 1-based, the epoch's last warm-up iteration
+            lr = self._epoch_lrs[0]
+            self.print_to_log_file(f"oarbench: learning-rate warm-up, iterations {first + 1}-{last} of {warmup}: "
+                                   f"learning rate {lr * (first + 1) / warmup:.6g} to {lr * last / warmup:.6g}")
 
     def _warm_up(self) -> None:
         """Scale this iteration's learning rate during the warm-up (:meth:`configure`)."""
@@ -268,9 +275,9 @@ class OarbenchTrainer(nnUNetTrainer):
             return
         i = self.current_epoch * self.num_iterations_per_epoch + step
         self._epoch_step = step + 1
-        if i > warmup:  # the epoch's rate was restored at iteration ``warmup``
+        if i >= warmup:  # the last warm-up iteration ran at the epoch's rate (factor 1)
             return
-        factor = min(1.0, (i + 1) / warmup)
+        factor = (i + 1) / warmup
         for group, lr in zip(self.optimizer.param_groups, self._epoch_lrs):
             group["lr"] = lr * factor
 
