@@ -336,30 +336,33 @@ def learning_curves(study: Any, models: dict[str, Path], models_dir: Path, out_d
         return pd.DataFrame(columns=columns)
     values = {name: study.labels.value(name) for name in CURVE_STRUCTURES if name in study.labels.names}
     centres = {c.name: c for c in study.centres}
-    jobs = []
-    for model in study.models:
+    jobs = []  # one per model and centre: a federated model's two centres are two jobs the workers share
+    for order, model in enumerate(study.models):
         snaps = _snapshots(model, models_dir, settings)
-        cases = []
         for centre_name in model.trained_on:
             centre = centres[centre_name]
             images, refs = find_cases(centre.images, images=True), find_cases(centre.reference)
-            for case in sorted(set(images) & set(refs))[: settings.curve_cases]:
-                cases.append({"case": case, "centre": centre_name, "image": str(images[case]),
-                              "label": str(refs[case])})
-        if snaps and cases:
-            jobs.append((model.name, snaps, cases))
+            cases = [{"case": case, "centre": centre_name, "image": str(images[case]), "label": str(refs[case])}
+                     for case in sorted(set(images) & set(refs))[: settings.curve_cases]]
+            if snaps and cases:
+                jobs.append((order, model.name, snaps, cases))
+    # the largest jobs first, so that no worker is left with a long one at the end
+    jobs.sort(key=lambda job: len(job[2]) * len(job[3]), reverse=True)
     threads = _threads_per_worker(workers)
 
-    def score(job: tuple[str, list, list]) -> list[dict[str, Any]]:
-        name, snaps, cases = job
-        return [{"model": name, **row} for row in snapshot_dsc(
+    def score(job: tuple[int, str, list, list]) -> list[dict[str, Any]]:
+        order, name, snaps, cases = job
+        return [{"order": order, "model": name, **row} for row in snapshot_dsc(
             models[name], snaps, cases, values, configuration=settings.configuration, device=settings.device,
             threads=threads)]
 
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # each job predicts in its own process
-        rows = [row for rows_of_model in pool.map(score, jobs) for row in rows_of_model]
+        rows = [row for rows_of_job in pool.map(score, jobs) for row in rows_of_job]
+    # the study's model order, then iterations; within an iteration the centres in the model's order
+    rows.sort(key=lambda row: (row["order"], row["iteration"],
+                               study.models[row["order"]].trained_on.index(row["centre"])))
     table = pd.DataFrame(rows, columns=columns)
     from oarbench.tables import csv_text
 
