@@ -1,11 +1,12 @@
-"""Plans edits and choices that need neither torch nor nnU-Net (network width, target spacing policy)."""
+"""Plans edits and choices that need neither torch nor nnU-Net (network width, target spacing policy,
+learning-rate warm-up)."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any, Mapping
 
-__all__ = ["PLAN_SPACINGS", "WIDTHS", "check_plan_spacing", "reduce_width"]
+__all__ = ["PLAN_SPACINGS", "WIDTHS", "check_plan_spacing", "check_warmup", "reduce_width"]
 
 #: How a federation's target spacing is chosen (docs/training.md, "The federation's target spacing"):
 #: the finest site's, axis by axis, or nnU-Net's rule on all sites' cases together.
@@ -17,6 +18,13 @@ def check_plan_spacing(policy: str) -> str:
     if policy not in PLAN_SPACINGS:
         raise ValueError(f"plan spacing must be one of {', '.join(PLAN_SPACINGS)}, got {policy!r}")
     return policy
+
+
+def check_warmup(warmup: Any) -> int:
+    """``warmup`` (iterations of learning-rate warm-up) if it is a non-negative integer, else ValueError."""
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative number of iterations, got {str(warmup)[:20]!r}")
+    return warmup
 
 #: Network widths: ``None`` keeps the planned features; otherwise (base, cap):
 #: stage i gets min(base * 2**i, cap) features.

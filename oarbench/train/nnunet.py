@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from oarbench.train._plans import check_warmup
+
 __all__ = [
     "NnunetPaths",
     "StepServer",
@@ -516,8 +518,7 @@ class TrainerOptions:
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {str(self.precision)[:20]!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be an integer in [0, 2**32), got {str(self.seed)[:20]!r}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup must be a non-negative number of iterations, got {str(self.warmup)[:20]!r}")
+        check_warmup(self.warmup)
 
     def spec(self) -> dict[str, Any]:
         return {"augmentation": self.augmentation, "initial_lr": self.initial_lr, "batch_size": self.batch_size,

@@ -29,7 +29,7 @@ from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTansform
 from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from oarbench.train._plans import WIDTHS, reduce_width
+from oarbench.train._plans import WIDTHS, check_warmup, reduce_width
 
 __all__ = [
     "AUGMENTATIONS",
@@ -147,9 +147,7 @@ class OarbenchTrainer(nnUNetTrainer):
         if not self.pseudo_dice:
             # no pseudo Dice, no "best" epoch: nnU-Net would write the first epoch as checkpoint_best.pth
             self._best_ema = float("inf")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup must be a non-negative number of iterations, got {str(warmup)[:20]!r}")
-        self.warmup = warmup
+        self.warmup = check_warmup(warmup)
         self.optimizer_name = optimizer
         self.snapshot_dir = snapshot_dir
         self.num_epochs = int(num_epochs)
