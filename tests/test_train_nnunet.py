@@ -289,21 +289,31 @@ def test_optimizer_state_kept_or_reset_across_rounds(tmp_path: Path) -> None:
 @pytest.mark.nnunet
 def test_step_server_trains_the_same_weights_as_fresh_processes(tmp_path: Path) -> None:
     """Two federated-style rounds (start from given weights, resume the optimizer) trained by a step
-    server give the same weight bytes as the same rounds in a fresh process each; the server ran them
-    (its log holds both epochs) and is still listening afterwards."""
+    server give the weights of the same rounds in a fresh process each, to float rounding: every
+    weight within 1e-5 of the fresh one plus 1e-4 of its size. (Bit for bit on the AMD EPYC and Xeon
+    hosts we ran it on; one CI host's served weights differed in their last bits.) The tolerance is
+    a real test: the second round with another data seed differs from the fresh one by far more.
+    The server ran the rounds (its log holds both epochs) and is still listening afterwards."""
     pytest.importorskip("nnunetv2")
+    from safetensors.numpy import load
+
     from oarbench.train.nnunet import StepServer, TrainerOptions, train
 
     paths, name = planned_site(tmp_path, "Dataset504_Server", seed=5)
     kw = dict(fold="all", epochs=2, iterations=2, val_iterations=1, width="tiny",
               options=TrainerOptions(optimizer="adam"), threads=1)
 
-    def two_rounds(tag: str, server: str | None) -> list[bytes]:
+    def two_rounds(tag: str, server: str | None, seed: int | None = None) -> list[dict[str, np.ndarray]]:
         w0, w1 = tmp_path / f"{tag}0.safetensors", tmp_path / f"{tag}1.safetensors"
         r0 = train(paths, name, stop_after_epoch=1, weights_out=w0, server=server, **kw)
         train(paths, name, stop_after_epoch=2, resume_from=r0.checkpoint, initial_weights_file=w0, weights_out=w1,
-              server=server, **kw)
-        return [w0.read_bytes(), w1.read_bytes()]
+              server=server, seed=seed, **kw)
+        return [load(w0.read_bytes()), load(w1.read_bytes())]
+
+    def worst(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+        """The largest |a - b| / (1e-5 + 1e-4 |b|) over all weights: at most 1 means the same to rounding."""
+        assert a.keys() == b.keys()
+        return max(float(np.max(np.abs(a[k] - b[k]) / (1e-5 + 1e-4 * np.abs(b[k])), initial=0.0)) for k in a)
 
     fresh = two_rounds("fresh", None)
     log = tmp_path / "server.log"
@@ -315,7 +325,11 @@ def test_step_server_trains_the_same_weights_as_fresh_processes(tmp_path: Path) 
 
         assert stat.S_IMODE(os.stat(os.path.dirname(server.socket)).st_mode) == 0o700
         assert stat.S_IMODE(os.stat(server.socket).st_mode) & 0o077 == 0
-    assert served == fresh
+    assert worst(served[0], fresh[0]) <= 1.0
+    assert worst(served[1], fresh[1]) <= 1.0
+    reseeded = two_rounds("reseeded", None, seed=1)
+    assert worst(reseeded[0], fresh[0]) <= 1.0  # the same first round
+    assert worst(reseeded[1], fresh[1]) > 100.0  # another data order in the second
     text = log.read_text()
     assert "Epoch 0" in text and "Epoch 1" in text
 
