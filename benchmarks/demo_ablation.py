@@ -49,6 +49,12 @@ schedule (``EARLIER``: 12 epochs of 100 iterations, 12 federated rounds of one e
   learning-rate warm-up over every model's first 100 iterations (``TrainSettings.warmup``): the
   learning curves showed every model sitting on an early plateau for some hundred iterations, and
   the run's outcome following which model left it first.
+* ``server_momentum``, ``server_momentum_seed1``, ``server_momentum_seed2``: ``bf16`` and its two
+  other seeds with server momentum 0.5 at the coordinator (FedAvgM with server learning rate 1,
+  ``TrainSettings.server_momentum``): every new global model is the round's average plus half the
+  global model's last step, so the federated model moves further per round along a direction both
+  sites keep agreeing on. The local models are those rows' (run with ``--reuse-local bf16``, and so
+  on).
 
 Afterwards it prints, and writes to ``OUT/ablation.md`` and ``OUT/ablation.csv``, one row per
 ablation row, model and centre: the median DSC over the test cases of Liver, Spleen, Kidney_L,
@@ -74,6 +80,8 @@ EARLIER = {"epochs": 12, "iterations": 100, "rounds": 12}
 #: The rows before ``bf16`` trained in float32 throughout.
 FP32 = {"precision": "fp32"}
 
+#: The coordinator's momentum in the ``server_momentum`` rows (each global step half carried into the next).
+SERVER_MOMENTUM = 0.5
 #: Iterations of learning-rate warm-up in the ``warmup`` rows (two epochs of the quick schedule).
 WARMUP = 100
 
@@ -94,6 +102,9 @@ ROWS: dict[str, dict[str, object]] = {
     "warmup": {"warmup": WARMUP},
     "warmup_seed1": {"warmup": WARMUP, "seed": 1},
     "warmup_seed2": {"warmup": WARMUP, "seed": 2},
+    "server_momentum": {"server_momentum": SERVER_MOMENTUM},
+    "server_momentum_seed1": {"server_momentum": SERVER_MOMENTUM, "seed": 1},
+    "server_momentum_seed2": {"server_momentum": SERVER_MOMENTUM, "seed": 2},
 }
 
 

@@ -74,6 +74,8 @@ class TrainSettings:
     schedule (:class:`TrainerOptions`; 0: none).
     ``seed``: every model's training seed (:class:`TrainerOptions`: a local model's initial
     weights, the federated model's initial global weights, every training call's data order).
+    ``server_momentum``: the federated coordinator's momentum (0: plain FedAvg;
+    :func:`oarbench.train.aggregate.server_momentum_step`), on both engines.
     ``plan_spacing``: the federated model's target spacing, ``"finest"`` (the finest site's
     grid) or ``"pooled"`` (nnU-Net's median over both centres' cases;
     :func:`oarbench.train.federated.nnunet_plans`).
@@ -108,6 +110,7 @@ class TrainSettings:
     precision: str = QUICK_PRECISION
     seed: int = 0
     warmup: int = 0
+    server_momentum: float = 0.0
 
     def __post_init__(self) -> None:
         if min(self.epochs, self.iterations, self.rounds, self.local_epochs) < 1:
@@ -121,6 +124,9 @@ class TrainSettings:
         from oarbench.train._plans import check_plan_spacing
 
         check_plan_spacing(self.plan_spacing)
+        from oarbench.train.aggregate import check_server_momentum
+
+        check_server_momentum(self.server_momentum)
         self.options()  # the trainer options check their own values (the seed among them) now, not at training
 
     @classmethod
@@ -159,16 +165,16 @@ class TrainSettings:
         """
         keys = ("epochs", "iterations", "rounds", "local_epochs", "width", "configuration", "augmentation",
                 "batch_size", "initial_lr", "optimizer", "foreground_oversampling", "harmonise", "optimizer_state",
-                "plan_spacing", "engine", "precision", "seed", "warmup")
+                "plan_spacing", "engine", "precision", "seed", "warmup", "server_momentum")
         return {k: getattr(self, k) for k in keys if federated or k not in FEDERATED_ONLY}
 
 
 #: Settings only a federated model depends on.
-FEDERATED_ONLY = ("rounds", "local_epochs", "optimizer_state", "plan_spacing", "engine")
+FEDERATED_ONLY = ("rounds", "local_epochs", "optimizer_state", "plan_spacing", "engine", "server_momentum")
 
 #: Settings recorded in training.json only since a later version, with the value every model
 #: trained before then had: a folder that lacks one was trained with that value.
-RECORDED_LATER = {"seed": 0, "warmup": 0}
+RECORDED_LATER = {"seed": 0, "warmup": 0, "server_momentum": 0.0}
 
 
 def train_models(study: Any, datasets: dict[str, Path], out_dir: Path, settings: TrainSettings,
@@ -261,7 +267,8 @@ def _train_model(model: Any, datasets: dict[str, Path], work: Path, settings: Tr
                             rounds=settings.rounds, local_epochs=settings.local_epochs,
                             iterations=settings.iterations, configuration=settings.configuration,
                             width=settings.width, device=settings.device, options=settings.options(),
-                            num_processes=threads, threads=threads, plan_spacing=settings.plan_spacing)
+                            num_processes=threads, threads=threads, plan_spacing=settings.plan_spacing,
+                            server_momentum=settings.server_momentum)
         return Path(summary["model"])
     keys = work / "keys"
     if not (keys / "roster.json").is_file():
@@ -270,7 +277,8 @@ def _train_model(model: Any, datasets: dict[str, Path], work: Path, settings: Tr
     storage.mkdir(parents=True, exist_ok=True)
     parties = nnunet_simulate(
         storage.as_uri(), keys, {c: datasets[c] for c in model.trained_on}, work / "parties",
-        FederationConfig(tuple(model.trained_on), rounds=settings.rounds, poll_s=0.5),
+        FederationConfig(tuple(model.trained_on), rounds=settings.rounds, poll_s=0.5,
+                         server_momentum=settings.server_momentum),
         local_epochs=settings.local_epochs, iterations=settings.iterations,
         configuration=settings.configuration, width=settings.width, device=settings.device,
         options=settings.options(), num_processes=threads, threads=threads, plan_spacing=settings.plan_spacing)

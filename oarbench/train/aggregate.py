@@ -36,7 +36,8 @@ norm bound against ``g`` applies.
 
 The combination (:func:`combine`) is FedAvg by default, or a robust
 aggregator: the coordinate-wise median or trimmed mean of the accepted
-updates (``rules.aggregator``).
+updates (``rules.aggregator``). A coordinator may add server momentum to it
+(:func:`server_momentum_step`, off by default).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ __all__ = [
     "check_fingerprint_body",
     "aggregate",
     "combine",
+    "check_server_momentum",
+    "server_momentum_step",
     "fedavg_weights",
     "parse_weighting",
     "weights_norm",
@@ -275,6 +278,44 @@ def combine(updates: Sequence[tuple[Mapping[str, np.ndarray], int]], rules: Aggr
         if np.issubdtype(first.dtype, np.integer) or first.dtype == np.bool_:
             acc = np.rint(acc)
         out[name] = acc.astype(first.dtype)
+    return out
+
+
+def check_server_momentum(beta: Any) -> float:
+    """``beta`` as a float in ``[0, 1)``; ``ValueError`` otherwise."""
+    try:
+        value = float(beta)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(beta, bool) or not 0.0 <= value < 1.0:
+        raise ValueError(f"server momentum must be a number with 0 <= beta < 1, got {str(beta)[:40]!r}")
+    return value
+
+
+def server_momentum_step(combined: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray],
+                         previous: Mapping[str, np.ndarray] | None, beta: float) -> Weights:
+    """The next global model with server momentum: ``combined + beta * (current - previous)``.
+
+    FedAvgM (Hsu, Qi and Brown 2019, arXiv:1909.06335) with server learning rate 1:
+    the server's momentum buffer after round ``t`` is the global model's last step
+    ``g_t - g_(t-1)``, so the next global is the round's combination (FedAvg or a robust
+    aggregator) plus ``beta`` times that step. The step is taken from the two published
+    global models themselves (``current`` and ``previous``), so a coordinator that resumes
+    from storage continues exactly where it stopped. ``previous`` None (the first round)
+    or ``beta`` 0 returns the combination unchanged. Floating tensors only, accumulated
+    in float64 and cast back; other tensors keep the combination's values.
+    """
+    beta = check_server_momentum(beta)
+    if previous is None or beta == 0.0:
+        return dict(combined)
+    out: Weights = {}
+    for name, value in combined.items():
+        arr = np.asarray(value)
+        if not _is_float(arr):
+            out[name] = arr
+            continue
+        step = np.asarray(current[name], np.float64) - np.asarray(previous[name], np.float64)
+        out[name] = (arr.astype(np.float64) + beta * step).astype(arr.dtype)
     return out
 
 

@@ -53,12 +53,14 @@ from oarbench.train.aggregate import (
     Weights,
     check_case_count,
     check_fingerprint_body,
+    check_server_momentum,
     check_tensors,
     check_update,
     combine,
     fedavg,
     fedavg_weights,
     parse_weighting,
+    server_momentum_step,
     weights_norm,
 )
 from oarbench.train.exchange import (
@@ -128,6 +130,10 @@ class FederationConfig:
         decrypt) of a party's own latest object while it waits; a cheaper check
         (manifest, ciphertext size) runs at every poll. A missing or damaged
         own object is written again.
+    server_momentum: the coordinator's momentum ``beta`` (0 <= beta < 1; 0, the
+        default, is plain FedAvg): each new global model is the round's average
+        plus ``beta`` times the last global step
+        (:func:`oarbench.train.aggregate.server_momentum_step`).
     """
 
     sites: tuple[str, ...]
@@ -136,6 +142,7 @@ class FederationConfig:
     timeout_s: float | None = None
     poll_s: float = 1.0
     recheck_s: float = 60.0
+    server_momentum: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.sites:
@@ -146,6 +153,7 @@ class FederationConfig:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if self.quorum is not None and not 1 <= self.quorum <= len(self.sites):
             raise ValueError(f"quorum must be between 1 and {len(self.sites)}, got {self.quorum}")
+        check_server_momentum(self.server_momentum)
 
     @property
     def min_sites(self) -> int:
@@ -610,6 +618,7 @@ def run_coordinator(
         weights = fedavg_weights(counts, weighting)
     results: list[RoundResult] = []
     stepped: set[tuple[int, str]] = set()  # (round, site) whose step size was logged
+    previous: Weights | None = None  # the global model of the round before (server momentum)
     while current < config.rounds:
         started = time.monotonic()
         got = exchange.get("global", current, "global")
@@ -681,6 +690,15 @@ def run_coordinator(
             time.sleep(config.poll_s)
         order = sorted(valid)
         new = combine([valid[s] for s in order], rules)
+        if config.server_momentum and current > 0:
+            if previous is None:  # resumed: the last step from storage
+                before = exchange.get_valid("global", current - 1, "global")
+                if before is None:
+                    raise RuntimeError(f"round {current}: the global model of round {current - 1} fails "
+                                       "verification, so the server momentum cannot continue")
+                previous = tensors_from_bytes(before.payload)
+            new = server_momentum_step(new, global_w, previous, config.server_momentum)
+        previous = global_w
         total = sum(counts[s] for s in order)
         sha = _publish_global(exchange, current + 1, new, parent=global_sha, num_cases=min(total, MAX_CASES))
         res = RoundResult(

@@ -50,7 +50,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from oarbench.train.aggregate import AggregationRules, aggregate, check_fingerprint_body
+from oarbench.train.aggregate import (AggregationRules, aggregate, check_fingerprint_body, check_server_momentum,
+                                      server_momentum_step)
 
 __all__ = [
     "FLOWER_HINT",
@@ -192,6 +193,7 @@ class ServerSettings:
     rules: AggregationRules = field(default_factory=AggregationRules)
     options: Any = None  # TrainerOptions sent to every site (None: nnU-Net's defaults, harmonised)
     plan_spacing: str = "finest"
+    server_momentum: float = 0.0  # oarbench.train.aggregate.server_momentum_step (0: plain FedAvg)
 
     @classmethod
     def from_run_config(cls, cfg: Mapping[str, Any]) -> "ServerSettings":
@@ -207,13 +209,21 @@ class ServerSettings:
                    local_epochs=int(cfg.get("local-epochs", 1)), iterations=int(cfg.get("iterations", 250)),
                    configuration=str(cfg.get("configuration", "3d_fullres")), width=str(cfg.get("width", "default")),
                    seed=options.seed, timeout_s=float(cfg.get("timeout", 24 * 3600.0)), options=options,
-                   plan_spacing=check_plan_spacing(str(cfg.get("plan-spacing", "finest"))))
+                   plan_spacing=check_plan_spacing(str(cfg.get("plan-spacing", "finest"))),
+                   server_momentum=_run_config_momentum(cfg.get("server-momentum", 0.0)))
 
     def options_json(self) -> str:
         """The trainer options as the messages carry them (JSON)."""
         from oarbench.train.nnunet import TrainerOptions
 
         return (self.options or TrainerOptions()).to_json()
+
+
+def _run_config_momentum(value: Any) -> float:
+    try:
+        return check_server_momentum(value)
+    except ValueError as exc:
+        raise ValueError(f"run config 'server-momentum': {exc}") from None
 
 
 #: Trainer options in the Flower run config (kebab-case) -> (TrainerOptions field, the value that stands
@@ -437,6 +447,7 @@ def serve(grid: Any, settings: ServerSettings, steps: ServerSteps | None = None,
     # 3. rounds
     global_w = steps.initial(plans, header, settings)
     first = global_w  # the bound's reference: no site can move it (oarbench.train.aggregate)
+    previous = None  # the global model of the round before (server momentum)
     sha = _save_weights(out / "global_00000.safetensors", global_w)
     rounds_log = []
     for r in range(settings.rounds):
@@ -465,7 +476,8 @@ def serve(grid: Any, settings: ServerSettings, steps: ServerSteps | None = None,
                             reference=first)
         except ValueError as exc:
             raise RuntimeError(f"round {r}: {exc}; failed sites: {failed}") from None
-        global_w = agg.weights
+        previous, global_w = global_w, server_momentum_step(agg.weights, global_w, previous,
+                                                            settings.server_momentum)
         sha = _save_weights(out / f"global_{r + 1:05d}.safetensors", global_w)
         rounds_log.append({"round": r, "contributors": [list(c) for c in agg.contributors],
                            "rejected": dict(agg.rejected), "failed": failed, "global_sha256": sha})
@@ -662,6 +674,7 @@ pseudo-dice = true
 precision = "fp32"
 warmup = 0
 plan-spacing = "finest"
+server-momentum = 0.0
 """
 
 
@@ -956,6 +969,7 @@ def run_local(
     options: Any = None,
     threads: int | None = None,
     plan_spacing: str = "finest",
+    server_momentum: float = 0.0,
 ) -> dict[str, Any]:
     """A whole federation through Flower on this machine: SuperLink, one SuperNode per dataset, one run.
 
@@ -992,7 +1006,8 @@ def run_local(
         summary = coordinate(fed.control_address, fed.tls.ca, work, sites=list(datasets), rounds=rounds,
                              local_epochs=local_epochs, iterations=iterations, configuration=configuration,
                              width=width, seed=seed, timeout_s=timeout_s, signing_key=fed.signing_key,
-                             roster=roster, options=options, plan_spacing=plan_spacing)
+                             roster=roster, options=options, plan_spacing=plan_spacing,
+                             server_momentum=server_momentum)
         summary["site_models"] = {s: str(work / "sites" / s / "model") for s in summary["site_models_written"]}
         return summary
     finally:
@@ -1074,14 +1089,15 @@ def coordinate(superlink: str, root_certificates: str | Path, work: str | Path, 
                rounds: int, local_epochs: int = 1, iterations: int = 250, configuration: str = "3d_fullres",
                width: str = "default", seed: int | None = None, timeout_s: float = 24 * 3600.0,
                signing_key: str | Path, roster: str | Path, options: Any = None,
-               plan_spacing: str = "finest") -> dict[str, Any]:
+               plan_spacing: str = "finest", server_momentum: float = 0.0) -> dict[str, Any]:
     """Coordinator side: sign the Flower App with ``signing_key``, submit it to the SuperLink's Control API
     (``superlink``, on the coordinator's machine) with the signed ``roster`` file, and wait for it.
 
     ``options`` (:class:`oarbench.train.nnunet.TrainerOptions`, default nnU-Net's) reach
     every site's trainer in the ``train`` messages, as the storage engine passes them.
     ``seed`` (default ``options.seed``) seeds the initial global weights and, as the
-    options' seed, every site's data order.
+    options' seed, every site's data order. ``server_momentum``: the server's momentum
+    (:func:`oarbench.train.aggregate.server_momentum_step`; 0: plain FedAvg).
 
     The ServerApp runs at the SuperLink, so ``work`` must be a folder on the
     SuperLink's machine (the coordinator runs both). Returns the server's summary.
@@ -1096,6 +1112,7 @@ def coordinate(superlink: str, root_certificates: str | Path, work: str | Path, 
     from cryptography.hazmat.primitives import serialization
 
     check_plan_spacing(plan_spacing)
+    server_momentum = check_server_momentum(server_momentum)
     options = options or nn.TrainerOptions()
     if seed is not None:
         options = replace(options, seed=seed)
@@ -1116,7 +1133,8 @@ def coordinate(superlink: str, root_certificates: str | Path, work: str | Path, 
     (out / "summary.json").unlink(missing_ok=True)
     cfg = {"sites": ",".join(sites), "rounds": rounds, "local-epochs": local_epochs, "iterations": iterations,
            "configuration": configuration, "width": width, "timeout": float(timeout_s), "out": str(out),
-           "roster": json.dumps(doc, sort_keys=True), "plan-spacing": plan_spacing, **options_to_run_config(options)}
+           "roster": json.dumps(doc, sort_keys=True), "plan-spacing": plan_spacing, "server-momentum": server_momentum,
+           **options_to_run_config(options)}
     cfg_file = work / "run-config.json"
     nn._atomic_text(cfg_file, json.dumps(cfg))
     res = subprocess.run([sys.executable, "-m", "oarbench.train.flower_link", "submit", str(app), "coordinator",
