@@ -628,7 +628,7 @@ def run_demo(
         gallery_table = pd.concat([table, robustness[robustness["condition"] != "original"]], ignore_index=True)
     criteria = FailureCriteria(k=gallery_k)
     build_gallery(gallery_table, PathResolver.from_study(study_toml), results / "gallery", criteria=criteria,
-                  source=str(results / "metrics.csv"))
+                  source=str(results / "metrics.csv"), workers=workers)
     outputs["gallery"] = results / "gallery"
     done()
 

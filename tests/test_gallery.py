@@ -408,6 +408,33 @@ def test_cli_gallery_with_study_toml(tmp_path):
     _check_montage(out)
 
 
+def test_gallery_workers_draw_the_same_files(tmp_path):
+    """Three montages (two, one and one tiles) drawn by three worker processes are the files one
+    process draws, byte for byte, index and HTML included."""
+    from oarbench.cli import main
+
+    rng = np.random.default_rng(6)
+    write_lr_case(tmp_path, rng)
+    paths = write_lr_case(tmp_path, rng, name="case2")
+    rows = [dict(study="s", centre="A", model="m1", condition="original", case=case, structure=structure, label=3,
+                 status="ok", dsc=0.0, hd95=40.0, msd=30.0)
+            for structure, cases in (("Kidney_L", ("case1", "case2")), ("Kidney_R", ("case1",)), ("Spleen", ("case2",)))
+            for case in cases]
+    results = tmp_path / "metrics.csv"
+    pd.DataFrame(rows).to_csv(results, index=False)
+    files = {}
+    for workers in ("1", "3"):
+        out = tmp_path / f"out{workers}"
+        res = CliRunner().invoke(main, ["gallery", str(results), "--images", str(paths["images"]), "--reference",
+                                        str(paths["reference"]), "--predictions", str(tmp_path / "preds/{model}/{centre}"),
+                                        "--out", str(out), "--workers", workers, "--no-progress"])
+        assert res.exit_code == 0, res.output
+        assert "drew 4 tiles in 3 montages" in res.output
+        files[workers] = {f.name: f.read_bytes() for f in sorted((out / "gallery").iterdir())}
+    assert {"Kidney_L.png", "Kidney_R.png", "Spleen.png", "index.csv", "index.html"} <= set(files["1"])
+    assert files["3"] == files["1"]
+
+
 def test_cli_gallery_usage_errors(tmp_path):
     from oarbench.cli import main
 

@@ -66,11 +66,13 @@ def _tile_progress(enabled: bool):  # -> callable(done, total)
 @click.option("--small-island-voxels", default=10, show_default=True, type=click.IntRange(min=0),
               help="Count reference islands (connected components) of at most this many voxels in index.csv.")
 @click.option("--ncols", default=4, show_default=True, type=click.IntRange(min=1), help="Tiles per montage row.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes that draw the montages (the same files with any number).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @user_errors
 def gallery(results: Path, study: Path | None, images: str | None, reference: str | None, predictions: str | None,
             out_dir: Path, k: int, dsc_below: float | None, hd95_above: float | None, drop_above: float | None,
-            small_island_voxels: int, ncols: int, no_progress: bool) -> None:
+            small_island_voxels: int, ncols: int, workers: int, no_progress: bool) -> None:
     """Draw failure-case montages (OUT/gallery/STRUCTURE.png, index.csv, index.html) from RESULTS.csv
     (or a metrics.parquet dataset).
 
@@ -90,7 +92,8 @@ def gallery(results: Path, study: Path | None, images: str | None, reference: st
     table = _read_table(results, "results table")
     criteria = FailureCriteria(dsc_below=dsc_below, hd95_above=hd95_above, drop_above=drop_above, k=k)
     result = build_gallery(table, resolver, out_dir / "gallery", criteria=criteria, ncols=ncols, source=str(results),
-                           small_island_voxels=small_island_voxels, progress=_tile_progress(not no_progress))
+                           small_island_voxels=small_island_voxels, progress=_tile_progress(not no_progress),
+                           workers=workers)
     drawn = int(result.index["drawn"].sum()) if len(result.index) else 0
     if not len(result.index):
         click.echo(f"no failures: {criteria.describe()}")

@@ -153,6 +153,7 @@ def build_gallery(
     dpi: int = 100,
     source: str = "results table",
     progress: Any = None,
+    workers: int = 1,
 ) -> GalleryResult:
     """Select failure cases, draw them and write the gallery folder.
 
@@ -182,9 +183,12 @@ def build_gallery(
         Resolution of the montages.
     progress:
         Optional callable ``progress(done, total)``.
+    workers:
+        Processes that draw the montages (one structure each, the largest first);
+        1 draws them in this process. The files are the same either way.
     """
+    from oarbench.executors import LocalExecutor
     from oarbench.io import atomic_write_text
-    from oarbench.plots import montage_figure, save_png
 
     out = Path(out_dir)
     crit = criteria if criteria is not None else FailureCriteria()
@@ -221,11 +225,12 @@ def build_gallery(
             lst.append(tile)
             rec.update(montage=f"{_safe_name(str(row['structure']))}.png", panel=len(lst), plane=tile.plane, slice_index=tile.slice_index)
         records.append(rec)
-    for structure, tiles in tiles_by_structure.items():
-        fig = montage_figure(tiles, ncols=ncols, title=f"{structure}: failure cases ({len(tiles)})")
-        path = out / f"{_safe_name(structure)}.png"
-        save_png(fig, path, dpi=dpi)
-        montages[structure] = path
+    drawing = [(tiles, ncols, f"{structure}: failure cases ({len(tiles)})", out / f"{_safe_name(structure)}.png", dpi)
+               for structure, tiles in tiles_by_structure.items()]
+    order = sorted(range(len(drawing)), key=lambda j: -len(drawing[j][0]))  # the largest montages first
+    LocalExecutor(max(1, workers)).map(_draw_montage, [drawing[j] for j in order])
+    for structure, task in zip(tiles_by_structure, drawing):
+        montages[structure] = task[3]
     index = pd.DataFrame.from_records(records)
     if index.empty:
         index = pd.DataFrame(columns=["structure", "centre", "model", "condition", "case", "status", "dsc", "hd95", "dsc_drop", "reason", "drawn", "note", "montage", "panel", "plane", "slice_index", "ref_islands", "ref_small_islands", "ref_smallest_island_voxels"])
@@ -233,6 +238,14 @@ def build_gallery(
     atomic_write_text(out / "index.html", _index_html(index, montages, crit))
     atomic_write_text(out / SELECTION_FILE, json.dumps({**crit.as_dict(), "small_island_voxels": int(small_island_voxels)}, indent=2) + "\n")
     return GalleryResult(out, montages, index)
+
+
+def _draw_montage(task: tuple[list[Tile], int, str, Path, int]) -> Path:
+    """Draw one structure's montage and write it (a task of :func:`build_gallery`'s workers)."""
+    from oarbench.plots import montage_figure, save_png
+
+    tiles, ncols, title, path, dpi = task
+    return save_png(montage_figure(tiles, ncols=ncols, title=title), path, dpi=dpi)
 
 
 def _index_html(index: pd.DataFrame, montages: Mapping[str, Path], criteria: FailureCriteria) -> str:
