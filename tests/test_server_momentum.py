@@ -169,3 +169,27 @@ def test_flower_run_config_refuses_a_bad_momentum() -> None:
     with pytest.raises(ValueError, match="run config 'server-momentum': server momentum must be a number"):
         ServerSettings.from_run_config({"sites": "A", "rounds": 1, "out": "/tmp/x", "server-momentum": 1.5})
     assert ServerSettings.from_run_config({"sites": "A", "rounds": 1, "out": "/tmp/x"}).server_momentum == 0.0
+
+
+def test_a_resumed_coordinator_refuses_a_tampered_previous_global(fed, tmp_path: Path) -> None:
+    """A bucket writer without keys flips one byte of the round-1 global model after two rounds. The
+    coordinator resumed for a third round needs that model's step for the momentum: it stops with the
+    round and the reason, and publishes no third global model from a step it cannot verify."""
+    from oarbench.train.exchange import COORDINATOR, Exchange, load_keyring
+    from oarbench.train.federated import FederationConfig, simulate
+
+    sites = {"A": (fed["A"], _AddConstant(0.25, 2)), "B": (fed["B"], _AddConstant(0.5, 3))}
+    counts = {"A": 2, "B": 3}
+    simulate(fed[COORDINATOR], sites, FederationConfig(("A", "B"), rounds=2, poll_s=0.02, server_momentum=BETA),
+             _init, case_counts=counts)
+    (ciphertext,) = sorted(Path(tmp_path / "bucket").glob("round_00001/global/global.*.bin"))
+    data = bytearray(ciphertext.read_bytes())
+    data[40] ^= 0x01
+    ciphertext.write_bytes(bytes(data))
+    # a coordinator started again (its own exchange, nothing verified in memory)
+    restarted = Exchange(str(tmp_path / "bucket"), load_keyring(tmp_path / "keys", COORDINATOR))
+    with pytest.raises(RuntimeError, match="round 2: the global model of round 1 fails verification, so the "
+                                           "server momentum cannot continue"):
+        simulate(restarted, sites, FederationConfig(("A", "B"), rounds=3, poll_s=0.02, server_momentum=BETA,
+                                                           timeout_s=30), _init, case_counts=counts)
+    assert not list(Path(tmp_path / "bucket").glob("round_00003/global/*"))

@@ -26,6 +26,7 @@ def check_warmup(warmup: Any) -> int:
         raise ValueError(f"warmup must be a non-negative number of iterations, got {str(warmup)[:20]!r}")
     return warmup
 
+
 #: Network widths: ``None`` keeps the planned features; otherwise (base, cap):
 #: stage i gets min(base * 2**i, cap) features.
 WIDTHS: dict[str, tuple[int, int] | None] = {"default": None, "tiny": (8, 64), "small": (16, 128)}
